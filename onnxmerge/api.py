@@ -1,0 +1,134 @@
+"""The Python API: `merge` runs the whole pipeline of DESIGN.md, "Flow of one merge".
+
+    load + check -> reconcile versions -> normalise (fold constants, drop Identity/Dropout, fold
+    BatchNorm) -> layer view + alignment -> combine -> method passes -> cleanup -> verify -> save
+
+>>> from onnxmerge.api import merge
+>>> result = merge(["a.onnx", "b.onnx"], "merged.onnx", method="pack")
+>>> result.info.tasks[0].outputs          # {'logits': 'a/logits'}
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+import onnxmerge
+from onnxmerge import verify
+from onnxmerge.alignment import parse_pairs
+from onnxmerge.contract import MergedInfo, TaskInfo, write_metadata
+from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.loading import file_sha256, load_model, reconcile_versions
+from onnxmerge.pass_manager import Pass, PassManager
+from onnxmerge.registry import get_method
+from onnxmerge.saving import check_output_path, save_atomic
+from onnxmerge.state import MergeState, Task
+from onnxmerge.passes.align_layers import AlignLayersPass
+from onnxmerge.passes.cleanup import CleanupGraphPass
+from onnxmerge.passes.combine_graphs import CombineGraphsPass
+from onnxmerge.passes.fold_batchnorm import FoldBatchNormPass
+from onnxmerge.passes.fold_constants import FoldConstantsPass
+from onnxmerge.passes.remove_identity import RemoveIdentityPass
+
+TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class MergeResult:
+    model: onnx.ModelProto
+    info: MergedInfo
+    state: MergeState
+    path: Path | None = None
+
+
+def normalise_passes() -> list[Pass]:
+    return [FoldConstantsPass(), RemoveIdentityPass(), FoldBatchNormPass()]
+
+
+def task_names(paths: list[Path], names: list[str] | None) -> list[str]:
+    """Tasks are named after the input files (their stems) unless names are given."""
+    if names is None:
+        names = [re.sub(r"[^A-Za-z0-9_.-]", "_", p.stem) or "task" for p in paths]
+        if names and names[0][0].isdigit():
+            names = [f"t{n}" if n[0].isdigit() else n for n in names]
+    if len(names) != len(paths):
+        raise UsageError(f"--names: {len(names)} name(s) for {len(paths)} model(s)")
+    for n in names:
+        if not TASK_NAME.match(n):
+            raise UsageError(f"--names: {n!r} is not a valid task name (letters, digits, _ . -; not starting with a digit)")
+    if len(set(names)) != len(names):
+        raise UsageError(f"task names must differ ({', '.join(names)}): give --names")
+    return names
+
+
+def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: int | None = None) -> MergeState:
+    """Load, check and version-reconcile the input models into a fresh MergeState."""
+    paths = [Path(p) for p in inputs]
+    names = task_names(paths, names)
+    models = {str(p): load_model(p) for p in paths}
+    models, opset, ir_version = reconcile_versions(models, opset)
+    # each task imports its own copy: graphsurgeon's lazily loaded constants keep pointing at the
+    # model's TensorProtos and rename them on export, so two tasks from one file must not share them
+    tasks = [Task(name=n, original=models[str(p)], graph=gs.import_onnx(_copy(models[str(p)])), path=p,
+                  sha256=file_sha256(p)) for n, p in zip(names, paths)]
+    return MergeState(tasks=tasks, opset=opset, ir_version=ir_version)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def merge(
+    inputs: list[str | Path],
+    output: str | Path | None = None,
+    *,
+    method: str = "auto",
+    names: list[str] | None = None,
+    separate_inputs: bool = False,
+    align: str | list[tuple[int, int]] | None = None,
+    opset: int | None = None,
+    verify_passes: bool = False,
+    dump_dir: str | Path | None = None,
+    progress: bool = False,
+    params: dict[str, Any] | None = None,
+) -> MergeResult:
+    """Merge the models at `inputs` with `method` and (if `output` is given) save the result atomically."""
+    if len(inputs) < 2:
+        raise UsageError("give at least two models to merge")
+    if output is not None:
+        check_output_path(output, inputs)
+    chosen = get_method(method)
+    method_params = chosen.parameters(params or {})
+    pairs = parse_pairs(align) if isinstance(align, str) else align
+
+    state = load_tasks(inputs, names, opset)
+    state.method, state.params = chosen.name, dict(method_params)
+    pipeline = [*normalise_passes(), AlignLayersPass(pairs), CombineGraphsPass(separate_inputs),
+                *chosen.passes(method_params), CleanupGraphPass()]
+    state = PassManager(pipeline, verify=verify_passes, dump_dir=dump_dir, progress=progress).run(state)
+
+    fidelity = verify.compare(state)
+    if chosen.exact:
+        bad = {t: d for t, d in fidelity.items() if not d <= verify.EXACT_TOL}
+        if bad:
+            raise MergeError(f"method {chosen.name} must reproduce the originals but differs by {bad}: this is a bug")
+    model = verify.combined_model(state)
+    info = MergedInfo(
+        version=onnxmerge.__version__,
+        method=chosen.name,
+        params=state.params,
+        tasks=[TaskInfo(t.name, str(t.path), t.sha256, t.input_map, t.output_map) for t in state.tasks],
+        fidelity={"max_rel_diff_random_inputs": fidelity, "alignment": [a.to_dict() for a in state.alignments]},
+    )
+    write_metadata(model, info)
+    model.producer_name, model.producer_version = "onnxmerge", onnxmerge.__version__
+    onnx.checker.check_model(model)
+    path = save_atomic(model, output) if output is not None else None
+    return MergeResult(model, info, state, path)

@@ -1,0 +1,84 @@
+"""The merged model's contract with its users (DESIGN.md, "The merged model").
+
+A merged model carries, in `metadata_props`:
+
+    onnxmerge.version   the onnxmerge version that wrote it
+    onnxmerge.method    the method's registry name (pack, zipper, codebook, mtz)
+    onnxmerge.params    JSON: the method's parameters
+    onnxmerge.tasks     JSON: a list of {name, source, sha256, inputs, outputs}, where inputs and
+                        outputs map each original tensor name to its name in the merged model
+    onnxmerge.fidelity  JSON: the measured fidelity (max abs difference to the originals per task, ...)
+
+Outputs are named `<task>/<original name>`; inputs are shared (original name kept) when the tasks take
+the same input, else `<task>/<original name>`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from onnxmerge.errors import MergeError
+
+PREFIX = "onnxmerge."
+
+
+@dataclass
+class TaskInfo:
+    name: str
+    source: str
+    sha256: str
+    inputs: dict[str, str]  # original input name -> merged input name
+    outputs: dict[str, str]  # original output name -> merged output name
+
+
+@dataclass
+class MergedInfo:
+    version: str
+    method: str
+    params: dict[str, Any]
+    tasks: list[TaskInfo]
+    fidelity: dict[str, Any] = field(default_factory=dict)
+
+    def task(self, name: str) -> TaskInfo:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        known = ", ".join(t.name for t in self.tasks)
+        raise MergeError(f"no task named {name!r} in the merged model (tasks: {known})")
+
+
+def write_metadata(model: onnx.ModelProto, info: MergedInfo) -> None:
+    """Replace the onnxmerge entries of `model.metadata_props` with `info`."""
+    keep = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    values = {
+        "version": info.version,
+        "method": info.method,
+        "params": json.dumps(info.params, sort_keys=True),
+        "tasks": json.dumps([t.__dict__ for t in info.tasks]),
+        "fidelity": json.dumps(info.fidelity, sort_keys=True),
+    }
+    for key, value in values.items():
+        model.metadata_props.add(key=PREFIX + key, value=value)
+
+
+def read_metadata(model: onnx.ModelProto, path: str = "model") -> MergedInfo:
+    """The onnxmerge metadata of a merged model; a one-line error if it has none."""
+    props = {p.key[len(PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
+    if "tasks" not in props:
+        raise MergeError(f"{path}: not a model written by onnxmerge (no onnxmerge.tasks metadata)")
+    try:
+        return MergedInfo(
+            version=props.get("version", ""),
+            method=props.get("method", ""),
+            params=json.loads(props.get("params", "{}")),
+            tasks=[TaskInfo(**t) for t in json.loads(props["tasks"])],
+            fidelity=json.loads(props.get("fidelity", "{}")),
+        )
+    except (ValueError, TypeError) as e:
+        raise MergeError(f"{path}: unreadable onnxmerge metadata ({e})") from None

@@ -1,0 +1,212 @@
+"""Latency as ratios of medians, measured in one process and one run.
+
+A shared, noisy machine makes absolute times meaningless from one run to the next, so speed is only
+ever reported as a ratio of medians taken side by side: every round runs each candidate once, in a
+rotating order, so that a burst of load from elsewhere hits all candidates alike.
+
+A *candidate* is a list of `Step`s (a session and its feeds) run one after another; one timing of the
+candidate is the wall time of the whole list. The originals in separate sessions are one candidate
+with one step per model; the merged model is a candidate with one step.
+
+Direction of the ratio: `ratio = median(baseline) / median(candidate)`, so a ratio above 1 means the
+candidate is faster than the baseline (1.35 = the baseline takes 1.35x the candidate's time).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tqdm import tqdm
+
+from onnxmerge.errors import MergeError
+
+_NP_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class Step:
+    """One `session.run(None, feeds)` inside a candidate."""
+
+    session: ort.InferenceSession
+    feeds: dict[str, np.ndarray]
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None
+                 ) -> ort.InferenceSession:
+    """A CPU session for `model`; threads=1: one intra-op and one inter-op thread, sequential
+    execution; another int: that many intra-op threads; None: onnxruntime's defaults."""
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(Path(model))
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def input_shape(arg, batch: int) -> tuple[int, ...]:
+    """The concrete shape of session input `arg` at `batch`: a symbolic first dim becomes `batch`;
+    any other symbolic dim, or a fixed first dim other than `batch`, is an error."""
+    shape = list(arg.shape)
+    if not shape:
+        return ()
+    if not isinstance(shape[0], int):
+        shape[0] = batch
+    elif shape[0] != batch:
+        raise MergeError(f"input {arg.name!r} has a fixed batch dim {shape[0]}, cannot run it at "
+                         f"batch {batch}")
+    if any(not isinstance(d, int) for d in shape[1:]):
+        raise MergeError(f"input {arg.name!r} has symbolic dims besides the batch: {arg.shape}")
+    return tuple(shape)
+
+
+def input_dtype(arg) -> type:
+    if arg.type not in _NP_TYPES:
+        raise MergeError(f"input {arg.name!r} has type {arg.type}, which onnxmerge cannot feed")
+    return _NP_TYPES[arg.type]
+
+
+def random_feeds(session: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for every input of `session` at `batch`: standard-normal floats, zeros otherwise."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for arg in session.get_inputs():
+        shape, dtype = input_shape(arg, batch), input_dtype(arg)
+        if np.issubdtype(dtype, np.floating):
+            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[arg.name] = np.zeros(shape, dtype)
+    return feeds
+
+
+def candidate(sessions: list[ort.InferenceSession], batch: int) -> list[Step]:
+    """The candidate that runs `sessions` one after another on random feeds at `batch`."""
+    return [Step(s, random_feeds(s, batch, seed=i)) for i, s in enumerate(sessions)]
+
+
+def _run(steps: list[Step]) -> float:
+    t0 = time.perf_counter()
+    for step in steps:
+        step.session.run(None, step.feeds)
+    return time.perf_counter() - t0
+
+
+def compare_latency(candidates: dict[str, list[Step]], baseline: str, *, min_rounds: int = 30,
+                    max_rounds: int | None = None, warmup: int = 3, budget_s: float = 2.0,
+                    progress: bool = True) -> dict[str, dict]:
+    """Time the candidates interleaved, round by round, and compare them to `baseline`.
+
+    Each round runs every candidate once (the order rotates from round to round). Rounds go on
+    until at least `min_rounds` are done and `budget_s` seconds have passed, or `max_rounds` are
+    done. Returns, per candidate: median_ms, p10_ms, p90_ms, q1_ms, q3_ms, runs, and
+    ratio = median(baseline) / median(candidate) (> 1: faster than the baseline), with
+    ratio_q1 / ratio_q3, the quartiles of the per-round paired ratios, as its spread.
+    """
+    if baseline not in candidates:
+        raise MergeError(f"baseline {baseline!r} is not one of the candidates {list(candidates)}")
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            _run(candidates[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    bar = tqdm(total=max_rounds, unit="round", desc="latency", disable=not progress, leave=False)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection in the middle of one timing is noise
+    try:
+        start = time.perf_counter()
+        rounds = 0
+        while max_rounds is None or rounds < max_rounds:
+            if rounds >= min_rounds and time.perf_counter() - start >= budget_s:
+                break
+            k = rounds % len(names)
+            for name in names[k:] + names[:k]:
+                times[name].append(_run(candidates[name]))
+            rounds += 1
+            bar.update(1)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        bar.close()
+    base = np.array(times[baseline])
+    result = {}
+    for name in names:
+        t = np.array(times[name])
+        p10, q1, med, q3, p90 = np.percentile(t, [10, 25, 50, 75, 90]) * 1e3
+        paired = np.percentile(base / t, [25, 75])
+        result[name] = {
+            "median_ms": float(med), "p10_ms": float(p10), "p90_ms": float(p90),
+            "q1_ms": float(q1), "q3_ms": float(q3), "runs": len(t),
+            "ratio": float(np.median(base) / np.median(t)),
+            "ratio_q1": float(paired[0]), "ratio_q3": float(paired[1]),
+        }
+    return result
+
+
+def latency_table(merged: onnx.ModelProto | str | os.PathLike,
+                  originals: list | dict, pack: onnx.ModelProto | str | os.PathLike | None = None, *,
+                  batch_sizes=(1, 32), threads=(1, None), budget_s: float = 1.0,
+                  min_rounds: int = 30, max_rounds: int | None = None, warmup: int = 3,
+                  progress: bool = True) -> list[dict]:
+    """One row per (batch size, thread setting): the merged model against the originals run one
+    after another in separate sessions and, if given, against `pack` in one session.
+
+    Row keys: batch, threads (an int or "default"), originals / merged / pack (compare_latency's
+    numbers for each, pack only when given), speedup_vs_originals = originals' median / merged
+    median, speedup_vs_pack = pack median / merged median (> 1: the merged model is faster).
+    """
+    models = list(originals.values()) if isinstance(originals, dict) else list(originals)
+    rows = []
+    for th in threads:
+        sessions = {
+            "originals": [make_session(m, th) for m in models],
+            "merged": [make_session(merged, th)],
+        }
+        if pack is not None:
+            sessions["pack"] = [make_session(pack, th)]
+        for batch in batch_sizes:
+            cands = {name: candidate(s, batch) for name, s in sessions.items()}
+            res = compare_latency(cands, "originals", min_rounds=min_rounds,
+                                  max_rounds=max_rounds, warmup=warmup, budget_s=budget_s,
+                                  progress=progress)
+            row = {"batch": batch, "threads": "default" if th is None else th}
+            row.update(res)
+            row["speedup_vs_originals"] = res["merged"]["ratio"]  # originals' median / merged median
+            if pack is not None:
+                row["speedup_vs_pack"] = res["pack"]["median_ms"] / res["merged"]["median_ms"]
+            rows.append(row)
+    return rows
+
+
+def machine_info() -> dict:
+    """The machine the timings come from: CPU model, core counts, onnxruntime and Python versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+    }

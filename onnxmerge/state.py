@@ -1,0 +1,61 @@
+"""The state a merge pipeline carries from pass to pass.
+
+A pass works on `MergeState`: before the tasks are combined, each `Task` holds its own normalised
+graph; after combining, `MergeState.graph` is the one multi-task graph and the task graphs stay as
+they were (they are the reference the merged graph is checked against).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from onnxmerge.alignment import Alignment
+    from onnxmerge.layers import Layer
+
+
+@dataclass
+class Task:
+    """One input model: its task name, where it came from and its (normalised) graph.
+
+    `original` is the model as loaded and checked (after opset reconciliation), before any rewrite;
+    it is the numerical reference for every exact pass.
+    """
+
+    name: str
+    original: onnx.ModelProto
+    graph: gs.Graph
+    path: Path | None = None
+    sha256: str = ""
+    layers: list[Layer] = field(default_factory=list)
+    # merged-graph tensor names of this task's inputs and outputs, keyed by the original names;
+    # filled in by the combining pass
+    input_map: dict[str, str] = field(default_factory=dict)
+    output_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class MergeState:
+    tasks: list[Task]
+    opset: int
+    ir_version: int
+    graph: gs.Graph | None = None  # the combined graph, once the tasks are combined
+    alignments: list[Alignment] = field(default_factory=list)  # each task against the first
+    method: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def combined(self) -> bool:
+        return self.graph is not None
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
