@@ -51,18 +51,23 @@ def normalise_passes() -> list[Pass]:
 
 
 def task_names(paths: list[Path], names: list[str] | None) -> list[str]:
-    """Tasks are named after the input files (their stems) unless names are given."""
+    """Tasks are named after the input files (their stems, made unique) unless names are given."""
     if names is None:
-        names = [re.sub(r"[^A-Za-z0-9_.-]", "_", p.stem) or "task" for p in paths]
-        if names and names[0][0].isdigit():
-            names = [f"t{n}" if n[0].isdigit() else n for n in names]
+        names = []
+        for p in paths:
+            stem = re.sub(r"[^A-Za-z0-9_.-]", "_", p.stem) or "task"
+            stem = f"t{stem}" if stem[0].isdigit() else stem
+            name, k = stem, 2
+            while name in names:
+                name, k = f"{stem}_{k}", k + 1
+            names.append(name)
     if len(names) != len(paths):
         raise UsageError(f"--names: {len(names)} name(s) for {len(paths)} model(s)")
     for n in names:
         if not TASK_NAME.match(n):
             raise UsageError(f"--names: {n!r} is not a valid task name (letters, digits, _ . -; not starting with a digit)")
     if len(set(names)) != len(names):
-        raise UsageError(f"task names must differ ({', '.join(names)}): give --names")
+        raise UsageError(f"--names: task names must differ ({', '.join(names)})")
     return names
 
 

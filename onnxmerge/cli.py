@@ -1,0 +1,240 @@
+"""The command line: `onnxmerge a.onnx b.onnx -o merged.onnx`, plus inspect, eval, demo and methods.
+
+Errors reach the user as one line naming the file and what is wrong, exit status 2 for usage errors
+and 1 for failures, no traceback unless --debug (DESIGN.md, "What bad input gets").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from onnxmerge.errors import OnnxMergeError, UsageError
+from onnxmerge.registry import METHODS
+
+COMMANDS = ("merge", "inspect", "eval", "demo", "methods")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2, as argparse does)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
+                   help="evaluation data per task (.npz, MNIST IDX folder, WAV folder); repeatable")
+    p.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    p.add_argument("--latency-budget", type=float, default=2.0, metavar="S",
+                   help="seconds of timing per latency setting (default 2)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxmerge", description="Merge well-trained ONNX networks into one multi-task model.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{merge,inspect,eval,demo,methods}")
+
+    p = sub.add_parser("merge", help="merge models (the default command: 'onnxmerge a.onnx b.onnx -o m.onnx')")
+    p.add_argument("inputs", nargs="+", metavar="MODEL.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="MERGED.onnx")
+    p.add_argument("--method", default="auto", choices=["auto", *METHODS],
+                   help="merging method (see 'onnxmerge methods'); auto picks the best available")
+    p.add_argument("--names", help="comma-separated task names (default: the input file names)")
+    p.add_argument("--separate-inputs", action="store_true", help="one input per task even when they agree")
+    p.add_argument("--align", metavar="PAIRS", help="layer mapping between the first two models, e.g. 0=0,1=2")
+    p.add_argument("--opset", type=int, help="target opset for all models (default: the highest among them)")
+    p.add_argument("--verify", action="store_true", help="check invariants and exactness after every pass")
+    p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass that changed it")
+    _report_args(p)
+    _common(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("inspect", help="print the layer view of a model, and the alignment of two")
+    p.add_argument("inputs", nargs="+", metavar="MODEL.onnx")
+    p.add_argument("--align", metavar="PAIRS", help="check a user mapping, e.g. 0=0,1=2")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("eval", help="evaluate a merged model against its originals")
+    p.add_argument("model", metavar="MERGED.onnx")
+    p.add_argument("--original", action="append", default=[], metavar="TASK=PATH",
+                   help="original model per task (default: the source path recorded in the model, if unchanged)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
+    _report_args(p)
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="merge the shipped example models and print the report")
+    p.add_argument("-o", "--out-dir", default="onnxmerge-demo", metavar="DIR",
+                   help="where to write the merged model and report (default ./onnxmerge-demo)")
+    p.add_argument("--method", default="auto", choices=["auto", *METHODS])
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    p.add_argument("--latency-budget", type=float, default=2.0, metavar="S")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list the merging methods")
+    _common(p)
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "merge")
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            build_parser().print_help()
+            return 2
+        return args.func(args) or 0
+    except OnnxMergeError as e:
+        if debug:
+            raise
+        print(f"onnxmerge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("onnxmerge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line by default, the traceback with --debug
+        if debug:
+            raise
+        print(f"onnxmerge: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def cmd_merge(args) -> int:
+    from onnxmerge.api import merge
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    data = _load_data(args.data)  # refuse bad data before any work
+    result = merge(args.inputs, args.output, method=args.method, names=names,
+                   separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
+                   verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet)
+    originals = {t.name: str(t.path) for t in result.state.tasks}
+    _print_report(result.model, args.output, originals, data, args)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from onnxmerge.alignment import Alignment, align, format_alignment, parse_pairs
+    from onnxmerge.api import load_tasks, normalise_passes
+    from onnxmerge.layers import format_layers, layer_view
+    from onnxmerge.pass_manager import PassManager
+
+    state = PassManager(normalise_passes()).run(load_tasks(args.inputs))
+    for t in state.tasks:
+        t.layers = layer_view(t.graph, t.name)
+    alignments = []
+    first = state.tasks[0]
+    for k, other in enumerate(state.tasks[1:]):
+        if args.align and k == 0:
+            al = Alignment.of(first.name, first.layers, other.name, other.layers, parse_pairs(args.align), "user")
+        else:
+            al = align(first.name, first.layers, other.name, other.layers)
+        alignments.append((al, other))
+    if args.json:
+        print(json.dumps({"models": {t.name: {"path": str(t.path), "layers": [l.to_dict() for l in t.layers]}
+                                     for t in state.tasks},
+                          "alignments": [al.to_dict() for al, _ in alignments]}, indent=2))
+        return 0
+    for t in state.tasks:
+        print(f"{t.path} (task {t.name}): {len(t.layers)} layers, opset {state.opset}")
+        print(format_layers(t.layers))
+        print()
+    for al, other in alignments:
+        print(format_alignment(al, first.layers, other.layers))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import onnx
+
+    from onnxmerge.contract import read_metadata
+    from onnxmerge.data import parse_task_paths
+    from onnxmerge.loading import file_sha256
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    info = read_metadata(_load_any(path), str(path))
+    originals = parse_task_paths(args.original)
+    for t in info.tasks:
+        if t.name not in originals and Path(t.source).is_file() and file_sha256(t.source) == t.sha256:
+            originals[t.name] = t.source
+    data = _load_data(args.data)
+    report = _print_report(None, path, originals, data, args, quiet_text=args.json)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from importlib.resources import files
+
+    from onnxmerge.api import merge
+
+    examples = files("onnxmerge.examples")
+    meta = json.loads((examples / "models.json").read_text())
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = [str(examples / m["file"]) for m in meta["models"]]
+    names = [m["task"] for m in meta["models"]]
+    args.data = [f"{m['task']}={examples / m['eval']}" for m in meta["models"]]
+    args.report = str(out_dir / "report.json")
+    output = out_dir / "merged.onnx"
+    print(f"onnxmerge demo: merging {', '.join(Path(m).name for m in models)} (method {args.method}) into {output}")
+    result = merge(models, output, method=args.method, names=names, progress=not args.quiet)
+    _print_report(result.model, output, dict(zip(names, models)), _load_data(args.data), args)
+    print(f"\nwrote {output} and {args.report}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from onnxmerge.registry import METHODS
+
+    for m in METHODS.values():
+        defaults = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "no parameters"
+        print(f"{m.name}: {m.summary}\n    paper: {m.paper}\n    {defaults}; exact: {'yes' if m.exact else 'no'}")
+    return 0
+
+
+def _load_data(items: list[str]) -> dict:
+    from onnxmerge.data import load_dataset, parse_task_paths
+
+    return {task: load_dataset(p) for task, p in parse_task_paths(items).items()}
+
+
+def _load_any(path: Path):
+    import onnx
+
+    from onnxmerge.errors import MergeError
+
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise MergeError(f"{path}: not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _print_report(model, path, originals: dict, data: dict, args, quiet_text: bool = False) -> dict:
+    from onnxmerge.report import build_report, format_report, write_report_json
+
+    report = build_report(model_path=path, model=model, originals=originals, data=data,
+                          latency=not args.no_latency, latency_budget_s=args.latency_budget,
+                          progress=not args.quiet)
+    if not quiet_text:
+        print(format_report(report))
+    if getattr(args, "report", None):
+        write_report_json(report, args.report)
+    return report
