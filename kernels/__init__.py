@@ -1,0 +1,41 @@
+"""The loader of onnxmerge's native `ai.onnxmerge` custom-op kernels (EConv, EFC).
+
+The kernels are C++ built against onnxruntime's headers (DESIGN.md, "Kernels"); until a build has
+put the shared library next to this file, they are unavailable and onnxmerge uses the portable form
+of every method, which runs in stock onnxruntime. `register` adds the library to a session's options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from onnxmerge.errors import MergeError
+
+DOMAIN = "ai.onnxmerge"
+LIBRARY = Path(__file__).with_name("libonnxmerge_kernels.so")
+
+
+def library_path() -> Path | None:
+    return LIBRARY if LIBRARY.is_file() else None
+
+
+def available() -> bool:
+    return library_path() is not None
+
+
+def unavailable_reason() -> str:
+    if available():
+        return ""
+    return (f"native kernels unavailable: {LIBRARY.name} is not built (it needs onnxruntime's C/C++ headers, "
+            "see ONNXRUNTIME_INCLUDE_DIR); the portable form of each method is used instead")
+
+
+def register(options: ort.SessionOptions) -> ort.SessionOptions:
+    """Register the ai.onnxmerge kernels in `options`; a one-line error if they are not built."""
+    path = library_path()
+    if path is None:
+        raise MergeError(unavailable_reason())
+    options.register_custom_ops_library(str(path))
+    return options

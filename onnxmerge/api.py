@@ -22,7 +22,9 @@ import onnxmerge
 from onnxmerge import verify
 from onnxmerge.alignment import parse_pairs
 from onnxmerge.contract import MergedInfo, TaskInfo, write_metadata
+from onnxmerge.data import check_fits
 from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.graphs import input_signature
 from onnxmerge.loading import file_sha256, load_model, reconcile_versions
 from onnxmerge.pass_manager import Pass, PassManager
 from onnxmerge.registry import get_method
@@ -84,6 +86,18 @@ def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: 
     return MergeState(tasks=tasks, opset=opset, ir_version=ir_version)
 
 
+def check_task_data(state: MergeState, data: dict) -> None:
+    """Refuse data for unknown tasks, or whose samples do not fit the task's input."""
+    for name, ds in data.items():
+        if name not in [t.name for t in state.tasks]:
+            raise UsageError(f"--data {name}=...: no task named {name!r} (tasks: {', '.join(t.name for t in state.tasks)})")
+        inputs = state.task(name).original.graph.input
+        if len(inputs) != 1:
+            raise MergeError(f"task {name!r} has {len(inputs)} inputs; data for one input only is supported")
+        elem, dims = input_signature(inputs[0])
+        check_fits(ds, dims, elem, where=f"task {name!r}", input_name=inputs[0].name)
+
+
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -103,8 +117,13 @@ def merge(
     dump_dir: str | Path | None = None,
     progress: bool = False,
     params: dict[str, Any] | None = None,
+    data: dict | None = None,
 ) -> MergeResult:
-    """Merge the models at `inputs` with `method` and (if `output` is given) save the result atomically."""
+    """Merge the models at `inputs` with `method` and (if `output` is given) save the result atomically.
+
+    `data` (task name -> onnxmerge.data.Dataset) is checked against the tasks' inputs before any pass
+    runs, so that a report or calibration does not fail after the work is done.
+    """
     if len(inputs) < 2:
         raise UsageError("give at least two models to merge")
     if output is not None:
@@ -114,6 +133,7 @@ def merge(
     pairs = parse_pairs(align) if isinstance(align, str) else align
 
     state = load_tasks(inputs, names, opset)
+    check_task_data(state, data or {})
     state.method, state.params = chosen.name, dict(method_params)
     pipeline = [*normalise_passes(), AlignLayersPass(pairs), CombineGraphsPass(separate_inputs),
                 *chosen.passes(method_params), CleanupGraphPass()]

@@ -121,9 +121,9 @@ def cmd_merge(args) -> int:
     data = _load_data(args.data)  # refuse bad data before any work
     result = merge(args.inputs, args.output, method=args.method, names=names,
                    separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
-                   verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet)
+                   verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data)
     originals = {t.name: str(t.path) for t in result.state.tasks}
-    _print_report(result.model, args.output, originals, data, args)
+    _print_report(result.model, args.output, result.info, originals, data, args)
     return 0
 
 
@@ -168,13 +168,18 @@ def cmd_eval(args) -> int:
     path = Path(args.model)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
-    info = read_metadata(_load_any(path), str(path))
+    model = _load_any(path)
+    info = read_metadata(model, str(path))
     originals = parse_task_paths(args.original)
     for t in info.tasks:
         if t.name not in originals and Path(t.source).is_file() and file_sha256(t.source) == t.sha256:
             originals[t.name] = t.source
     data = _load_data(args.data)
-    report = _print_report(None, path, originals, data, args, quiet_text=args.json)
+    missing = [t.name for t in info.tasks if t.name not in originals]
+    if missing and not args.no_latency:
+        raise UsageError(f"{path}: original model of task(s) {', '.join(missing)} not found (the recorded "
+                         "source is missing or changed): give --original TASK=PATH, or --no-latency")
+    report = _print_report(model, path, info, originals, data, args, quiet_text=args.json)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     return 0
@@ -196,7 +201,7 @@ def cmd_demo(args) -> int:
     output = out_dir / "merged.onnx"
     print(f"onnxmerge demo: merging {', '.join(Path(m).name for m in models)} (method {args.method}) into {output}")
     result = merge(models, output, method=args.method, names=names, progress=not args.quiet)
-    _print_report(result.model, output, dict(zip(names, models)), _load_data(args.data), args)
+    _print_report(result.model, output, result.info, dict(zip(names, models)), _load_data(args.data), args)
     print(f"\nwrote {output} and {args.report}")
     return 0
 
@@ -227,12 +232,20 @@ def _load_any(path: Path):
         raise MergeError(f"{path}: not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def _print_report(model, path, originals: dict, data: dict, args, quiet_text: bool = False) -> dict:
+def _print_report(model, path, info, originals: dict, data: dict, args, quiet_text: bool = False) -> dict:
+    """Build, print and (with --report) write the report of a merged model."""
+    from onnxmerge.api import merge
     from onnxmerge.report import build_report, format_report, write_report_json
 
-    report = build_report(model_path=path, model=model, originals=originals, data=data,
-                          latency=not args.no_latency, latency_budget_s=args.latency_budget,
-                          progress=not args.quiet)
+    pack = None
+    latency = not args.no_latency
+    if latency and info.method != "pack":
+        # the second latency reference: the same tasks side by side in one session
+        order = [t.name for t in info.tasks]
+        pack = merge([originals[n] for n in order], method="pack", names=order).model
+    report = build_report(merged_model=model, merged_path=path, info=info, originals=originals,
+                          pack_model=pack, data=data, latency=latency,
+                          latency_budget_s=args.latency_budget, progress=not args.quiet)
     if not quiet_text:
         print(format_report(report))
     if getattr(args, "report", None):

@@ -588,7 +588,7 @@ def check_fits(
     if not shape:
         raise MergeError(f"{where}: the model input {input_name} is a scalar; it needs a batch dimension")
     model_sample = shape[1:]
-    data_sample = dataset.sample_shape
+    data_sample = tuple(int(d) for d in dataset.x.shape[1:])
     ok = len(model_sample) == len(data_sample) and all(
         not isinstance(m, (int, np.integer)) or m <= 0 or int(m) == d for m, d in zip(model_sample, data_sample)
     )

@@ -23,24 +23,16 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnxmerge.contract import MergedInfo, TaskInfo
+from onnxmerge.data import Dataset, check_fits
 from onnxmerge.errors import MergeError
 from onnxmerge.latency import input_dtype, make_session
 
 
-def _shape_text(shape) -> str:
-    return "(" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in shape) + ")"
-
-
-def _fits(shape, x: np.ndarray) -> bool:
-    """Whether array `x` fits an input of `shape` (symbolic dims fit anything)."""
-    return len(shape) == x.ndim and all(not isinstance(d, int) or d == n
-                                        for d, n in zip(shape[1:], x.shape[1:]))
-
-
-def _check_fits(arg, x: np.ndarray, source: str, task: str) -> None:
-    if not _fits(arg.shape, x):
-        raise MergeError(f"{source}: data of shape {_shape_text(x.shape)} does not fit task {task!r}'s "
-                         f"input {arg.name!r} of shape {_shape_text(arg.shape)}")
+def _check_fits(arg, ds, task: str) -> None:
+    """`ds`: a Dataset, or a bare array of samples."""
+    if isinstance(ds, np.ndarray):
+        ds = Dataset(ds, None, "data", {})
+    check_fits(ds, arg.shape, arg.type, where=f"task {task!r}", input_name=arg.name)
 
 
 def _batches(session: ort.InferenceSession, output: str, x: np.ndarray, make_feeds, batch_size: int,
@@ -69,7 +61,7 @@ def run_task(session: ort.InferenceSession, info: TaskInfo, x: np.ndarray, batch
              on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """The task's first output on `x` (run in batches), with zeros fed to the other tasks' inputs."""
     arg = _task_input(session, info)
-    _check_fits(arg, x, "data", info.name)
+    _check_fits(arg, x, info.name)
     output = next(iter(info.outputs.values()))
     others = [a for a in session.get_inputs() if a.name != arg.name]
     for a in others:
@@ -93,7 +85,7 @@ def run_original(session: ort.InferenceSession, x: np.ndarray, batch_size: int =
     if len(inputs) != 1:
         raise MergeError(f"original model has {len(inputs)} inputs; evaluation supports one")
     arg = inputs[0]
-    _check_fits(arg, x, "data", "original")
+    _check_fits(arg, x, "original")
     dtype = input_dtype(arg)
     output = session.get_outputs()[0].name
     return _batches(session, output, x, lambda c: {arg.name: np.ascontiguousarray(c, dtype=dtype)},
@@ -120,17 +112,17 @@ def evaluate(merged_model: onnx.ModelProto | str | os.PathLike, info: MergedInfo
     for name, ds in data.items():
         if len(ds.x) == 0:
             raise MergeError(f"{ds.source}: no samples (task {name!r})")
-        _check_fits(_task_input(merged, tasks[name]), ds.x, ds.source, name)
+        _check_fits(_task_input(merged, tasks[name]), ds, name)
         if ds.y is not None and len(ds.y) != len(ds.x):
             raise MergeError(f"{ds.source}: {len(ds.y)} labels for {len(ds.x)} samples (task {name!r})")
         if originals is not None:
             if name not in originals:
                 raise MergeError(f"task {name!r}: no original model given to compare with")
             orig_sessions[name] = make_session(originals[name], threads)
-            _check_fits(orig_sessions[name].get_inputs()[0], ds.x, ds.source, name)
+            _check_fits(orig_sessions[name].get_inputs()[0], ds, name)
     total = sum(len(ds.x) for ds in data.values()) * (2 if originals is not None else 1)
     results = {}
-    with tqdm(total=total, unit="sample", desc="evaluate", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, unit="sample", desc="evaluate", disable=not progress, leave=False, delay=1.0) as bar:
         for name, ds in data.items():
             out = run_task(merged, tasks[name], ds.x, batch_size, bar.update)
             pred = _top1(out)

@@ -121,7 +121,8 @@ def compare_latency(candidates: dict[str, list[Step]], baseline: str, *, min_rou
         for name in names:
             _run(candidates[name])
     times: dict[str, list[float]] = {name: [] for name in names}
-    bar = tqdm(total=max_rounds, unit="round", desc="latency", disable=not progress, leave=False)
+    bar = tqdm(total=max_rounds, unit="round", desc="latency", disable=not progress, leave=False,
+               mininterval=0.5)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection in the middle of one timing is noise
     try:
@@ -168,6 +169,8 @@ def latency_table(merged: onnx.ModelProto | str | os.PathLike,
     """
     models = list(originals.values()) if isinstance(originals, dict) else list(originals)
     rows = []
+    bar = tqdm(total=len(threads) * len(batch_sizes), unit="row", desc="latency table",
+               disable=not progress, leave=False)
     for th in threads:
         sessions = {
             "originals": [make_session(m, th) for m in models],
@@ -179,13 +182,15 @@ def latency_table(merged: onnx.ModelProto | str | os.PathLike,
             cands = {name: candidate(s, batch) for name, s in sessions.items()}
             res = compare_latency(cands, "originals", min_rounds=min_rounds,
                                   max_rounds=max_rounds, warmup=warmup, budget_s=budget_s,
-                                  progress=progress)
+                                  progress=False)
             row = {"batch": batch, "threads": "default" if th is None else th}
             row.update(res)
             row["speedup_vs_originals"] = res["merged"]["ratio"]  # originals' median / merged median
             if pack is not None:
                 row["speedup_vs_pack"] = res["pack"]["median_ms"] / res["merged"]["median_ms"]
             rows.append(row)
+            bar.update(1)
+    bar.close()
     return rows
 
 

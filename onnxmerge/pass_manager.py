@@ -81,7 +81,7 @@ class PassManager:
         if self.dump_dir:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
         done: list[str] = []
-        bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress, leave=False)
+        bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress, leave=False, delay=1.0)
         for i, p in enumerate(bar):
             bar.set_postfix_str(p.name)
             try:

@@ -91,12 +91,12 @@ def build_report(*, merged_model: onnx.ModelProto, merged_path: str | os.PathLik
 
 # ---------------------------------------------------------------- text
 
-def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> str:
-    """Aligned columns: the first left-aligned, the rest right-aligned."""
+def _table(headers: list[str], rows: list[list[str]], left: int = 1, indent: str = "  ") -> str:
+    """Aligned columns: the first `left` columns left-aligned (text), the rest right-aligned (numbers)."""
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells):
-        parts = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        parts = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
         return (indent + "  ".join(parts)).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
@@ -128,7 +128,7 @@ def format_report(report: dict) -> str:
     out.append("Tasks")
     out.append(_table(["task", "source", "inputs", "outputs"], [
         [t["name"], t["source"], ", ".join(t["inputs"].values()), ", ".join(t["outputs"].values())]
-        for t in report["tasks"]]))
+        for t in report["tasks"]], left=4))
 
     sizes, ratios = report["sizes"], report["ratios"]
     out += ["", "Sizes (index = integer index tables; MACs at batch 1)"]
@@ -152,7 +152,7 @@ def format_report(report: dict) -> str:
             [[name, r["source"], _int(r["n"]), _pct(r["accuracy"]), _pct(r.get("original_accuracy")),
               _pct(r.get("agreement")),
               "-" if r.get("max_abs_diff") is None else f"{r['max_abs_diff']:.3g}"]
-             for name, r in ev.items()]))
+             for name, r in ev.items()], left=2))
 
     lat = report.get("latency")
     if lat:
@@ -166,10 +166,10 @@ def format_report(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def format_latency_rows(rows: list[dict]) -> str:
+def format_latency_rows(rows: list[dict], merged_label: str = "merged") -> str:
     """The latency table of `latency_table`'s rows as aligned text."""
     has_pack = any("pack" in r for r in rows)
-    headers = ["batch", "threads", "originals ms", "merged ms", "speed-up", "[q1-q3]"]
+    headers = ["batch", "threads", "originals ms", f"{merged_label} ms", "speed-up", "[q1-q3]"]
     if has_pack:
         headers[3:3] = ["pack ms"]
         headers.append("vs pack")
