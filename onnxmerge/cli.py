@@ -194,9 +194,9 @@ def cmd_demo(args) -> int:
     meta = json.loads((examples / "models.json").read_text())
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    models = [str(examples / m["file"]) for m in meta["models"]]
-    names = [m["task"] for m in meta["models"]]
-    args.data = [f"{m['task']}={examples / m['eval']}" for m in meta["models"]]
+    names = list(meta["models"])  # the task names: fashion_lenet, digits_lenet
+    models = [str(examples / m["file"]) for m in meta["models"].values()]
+    args.data = [f"{name}={examples / m['eval_file']}" for name, m in meta["models"].items()]
     args.report = str(out_dir / "report.json")
     output = out_dir / "merged.onnx"
     print(f"onnxmerge demo: merging {', '.join(Path(m).name for m in models)} (method {args.method}) into {output}")

@@ -83,7 +83,7 @@ class PassManager:
         done: list[str] = []
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress, leave=False, delay=1.0)
         for i, p in enumerate(bar):
-            bar.set_postfix_str(p.name)
+            bar.set_postfix_str(p.name, refresh=False)
             try:
                 result = p.call(state)
             except OnnxMergeError:

@@ -1,0 +1,80 @@
+"""Acceptance of `pack` on real trained models and real evaluation data: outputs equal the originals'.
+
+The models are trained by tools/train_models.py on MNIST / Fashion-MNIST / spoken digits and ship in
+tests/models and onnxmerge/examples, with evaluation subsets of the real test splits.
+"""
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import EXAMPLES, MODELS, shipped
+from onnxmerge.api import merge
+from onnxmerge.data import load_dataset
+from onnxmerge.evaluate import run_original, run_task
+from onnxmerge.graphs import session
+from onnxmerge.verify import EXACT_TOL
+
+PAIRS = {
+    "example pair": (EXAMPLES / "fashion_lenet.onnx", EXAMPLES / "digits_lenet.onnx",
+                     EXAMPLES / "fashion_eval.npz", EXAMPLES / "digits_eval.npz"),
+    "lenet + vgg": (MODELS / "lenet_mnist.onnx", MODELS / "vgg_fashion.onnx",
+                    MODELS / "mnist_eval.npz", MODELS / "fashion_eval.npz"),
+    "mobilenet pair": (MODELS / "mobilenet_mnist.onnx", MODELS / "mobilenet_fashion.onnx",
+                       MODELS / "mnist_eval.npz", MODELS / "fashion_eval.npz"),
+    "resnet pair": (MODELS / "resnet_mnist.onnx", MODELS / "resnet_fashion.onnx",
+                    MODELS / "mnist_eval.npz", MODELS / "fashion_eval.npz"),
+}
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=str)
+def test_pack_equals_originals_on_real_data(pair, tmp_path):
+    a, b, data_a, data_b = (shipped(p) for p in PAIRS[pair])
+    result = merge([a, b], tmp_path / "packed.onnx", method="pack", names=["a", "b"], verify_passes=True)
+    merged = session(onnx.load(str(tmp_path / "packed.onnx")), optimize=True)
+    for task, model, data in zip(result.info.tasks, (a, b), (data_a, data_b)):
+        x = load_dataset(data).x
+        got = run_task(merged, task, x)
+        ref = run_original(session(onnx.load(str(model)), optimize=True), x)
+        diff = float(np.max(np.abs(got - ref)))
+        # float rounding, relative to the logits' magnitude (up to ~40 here): folding BatchNorm
+        # reorders float32 arithmetic, as onnxruntime's own BN fusion does (the original model alone
+        # differs by ~2e-5 between onnxruntime's optimisation levels)
+        scale = max(1.0, float(np.max(np.abs(ref))))
+        assert diff <= EXACT_TOL * scale, f"{pair}, task {task.name}: max abs difference {diff:.3g} (scale {scale:.3g})"
+        assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+def test_real_models_exercise_the_normalisation():
+    """The shipped models carry BatchNormalization (the exporter kept it); packing folds all of it."""
+    for name in ("lenet_mnist", "mobilenet_mnist", "resnet_mnist"):
+        ops = {n.op_type for n in onnx.load(str(shipped(MODELS / f"{name}.onnx"))).graph.node}
+        assert "BatchNormalization" in ops, name
+    result = merge([MODELS / "resnet_mnist.onnx", MODELS / "resnet_fashion.onnx"], method="pack")
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Add") >= 4  # residual Adds stay
+
+
+def test_lenet_vgg_alignment_is_strictly_increasing_and_printed(capsys):
+    from onnxmerge.cli import main
+
+    result = merge([MODELS / "lenet_mnist.onnx", MODELS / "vgg_fashion.onnx"], method="pack")
+    pairs = result.info.fidelity["alignment"][0]["pairs"]
+    assert len(pairs) >= 3
+    assert all(i1 > i0 and j1 > j0 for (i0, j0), (i1, j1) in zip(pairs, pairs[1:]))
+    assert main(["inspect", str(MODELS / "lenet_mnist.onnx"), str(MODELS / "vgg_fashion.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert f"alignment (dp): {len(pairs)} pairs" in out
+    for i, j in pairs:
+        assert any(line.split()[:1] == [str(i)] and f"<->  {j}" in line for line in out.splitlines()), (i, j)
+
+
+def test_mobilenet_layers_are_depthwise():
+    from onnxmerge.api import load_tasks, normalise_passes
+    from onnxmerge.layers import layer_view
+    from onnxmerge.pass_manager import PassManager
+
+    state = PassManager(normalise_passes()).run(load_tasks([MODELS / "mobilenet_mnist.onnx"]))
+    layers = layer_view(state.tasks[0].graph)
+    assert sum(l.depthwise for l in layers) >= 3
+    assert {l.activation for l in layers if l.kind == "conv"} == {"ReLU6"}
