@@ -78,3 +78,25 @@ def test_mobilenet_layers_are_depthwise():
     layers = layer_view(state.tasks[0].graph)
     assert sum(l.depthwise for l in layers) >= 3
     assert {l.activation for l in layers if l.kind == "conv"} == {"ReLU6"}
+
+
+def test_example_pair_on_full_test_splits(tmp_path):
+    """Where ../shared/data exists (CI): the packed example pair on the whole real test splits keeps
+    each model's recorded accuracy exactly and agrees with the originals on every sample."""
+    import json
+
+    from onnxmerge.data import load_named, shared_data_dir
+    from onnxmerge.evaluate import evaluate
+
+    if shared_data_dir() is None:
+        pytest.skip("../shared/data not found: full-dataset test skipped")
+    meta = json.loads((EXAMPLES / "models.json").read_text())["models"]
+    result = merge([EXAMPLES / "fashion_lenet.onnx", EXAMPLES / "digits_lenet.onnx"], method="pack",
+                   names=["fashion_lenet", "digits_lenet"])
+    data = {"fashion_lenet": load_named("fashion-mnist", "test"), "digits_lenet": load_named("fsdd", "test")}
+    originals = {n: EXAMPLES / meta[n]["file"] for n in data}
+    res = evaluate(result.model, result.info, data, originals, progress=False)
+    for name, r in res.items():
+        assert r["n"] == meta[name]["accuracy"]["test_samples"]
+        assert r["agreement"] == 1.0
+        assert r["accuracy"] == r["original_accuracy"] == pytest.approx(meta[name]["accuracy"]["test_full"], abs=1e-4)
