@@ -25,7 +25,8 @@ from tqdm import tqdm
 from onnxmerge.contract import MergedInfo, TaskInfo
 from onnxmerge.data import Dataset, check_fits
 from onnxmerge.errors import MergeError
-from onnxmerge.latency import input_dtype, make_session
+from onnxmerge.graphs import input_dtype
+from onnxmerge.latency import make_session
 
 
 def _check_fits(arg, ds, task: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -20,25 +23,24 @@ def to_model(graph: gs.Graph, opset: int, ir_version: int) -> onnx.ModelProto:
     return model
 
 
-def session(model: onnx.ModelProto, *, optimize: bool = False, threads: int | None = 1) -> ort.InferenceSession:
-    """An onnxruntime CPU session; graph optimisations off by default, so a check sees the graph itself."""
+def session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None = 1,
+            optimize: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session.
+
+    threads=1: one intra-op and one inter-op thread, sequential execution; another int: that many
+    intra-op threads; None: onnxruntime's defaults. Graph optimisations are off unless `optimize`, so
+    that a check sees the graph itself (onnxsim's habit); timing and evaluation turn them on.
+    """
     so = ort.SessionOptions()
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
+    if threads is not None:
         so.intra_op_num_threads = threads
-        so.inter_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-NP_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32,
-}
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(Path(model))
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
 def input_signature(value: onnx.ValueInfoProto) -> tuple[int, tuple]:
@@ -48,17 +50,43 @@ def input_signature(value: onnx.ValueInfoProto) -> tuple[int, tuple]:
     return t.elem_type, dims
 
 
-def random_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded standard-normal inputs for every graph input; symbolic dims take `batch`."""
+_NP_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def input_shape(arg, batch: int) -> tuple[int, ...]:
+    """The concrete shape of session input `arg` at `batch`: a symbolic first dim becomes `batch`;
+    any other symbolic dim, or a fixed first dim other than `batch`, is an error."""
+    shape = list(arg.shape)
+    if not shape:
+        return ()
+    if not isinstance(shape[0], int):
+        shape[0] = batch
+    elif shape[0] != batch:
+        raise MergeError(f"input {arg.name!r} has a fixed batch dim {shape[0]}, cannot run it at "
+                         f"batch {batch}")
+    if any(not isinstance(d, int) for d in shape[1:]):
+        raise MergeError(f"input {arg.name!r} has symbolic dims besides the batch: {arg.shape}")
+    return tuple(shape)
+
+
+def input_dtype(arg) -> type:
+    if arg.type not in _NP_TYPES:
+        raise MergeError(f"input {arg.name!r} has type {arg.type}, which onnxmerge cannot feed")
+    return _NP_TYPES[arg.type]
+
+
+def random_feeds(sess: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded feeds for every input of `sess` at `batch`: standard-normal floats, zeros otherwise."""
     rng = np.random.default_rng(seed)
-    inits = {i.name for i in model.graph.initializer}
     feeds = {}
-    for value in model.graph.input:
-        if value.name in inits:
-            continue
-        elem, dims = input_signature(value)
-        if elem not in NP_TYPES:
-            raise MergeError(f"input {value.name}: element type {onnx.TensorProto.DataType.Name(elem)} is not supported")
-        shape = [batch if (d is None or d == 0) else d for d in dims]
-        feeds[value.name] = rng.standard_normal(shape).astype(NP_TYPES[elem])
+    for arg in sess.get_inputs():
+        shape, dtype = input_shape(arg, batch), input_dtype(arg)
+        if np.issubdtype(dtype, np.floating):
+            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[arg.name] = np.zeros(shape, dtype)
     return feeds

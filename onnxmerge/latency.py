@@ -27,13 +27,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnxmerge.errors import MergeError
-
-_NP_TYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
-}
-
+from onnxmerge.graphs import input_dtype, input_shape, random_feeds, session  # noqa: F401 (re-exported)
 
 @dataclass
 class Step:
@@ -45,50 +39,9 @@ class Step:
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None
                  ) -> ort.InferenceSession:
-    """A CPU session for `model`; threads=1: one intra-op and one inter-op thread, sequential
-    execution; another int: that many intra-op threads; None: onnxruntime's defaults."""
-    so = ort.SessionOptions()
-    if threads is not None:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(Path(model))
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
-def input_shape(arg, batch: int) -> tuple[int, ...]:
-    """The concrete shape of session input `arg` at `batch`: a symbolic first dim becomes `batch`;
-    any other symbolic dim, or a fixed first dim other than `batch`, is an error."""
-    shape = list(arg.shape)
-    if not shape:
-        return ()
-    if not isinstance(shape[0], int):
-        shape[0] = batch
-    elif shape[0] != batch:
-        raise MergeError(f"input {arg.name!r} has a fixed batch dim {shape[0]}, cannot run it at "
-                         f"batch {batch}")
-    if any(not isinstance(d, int) for d in shape[1:]):
-        raise MergeError(f"input {arg.name!r} has symbolic dims besides the batch: {arg.shape}")
-    return tuple(shape)
-
-
-def input_dtype(arg) -> type:
-    if arg.type not in _NP_TYPES:
-        raise MergeError(f"input {arg.name!r} has type {arg.type}, which onnxmerge cannot feed")
-    return _NP_TYPES[arg.type]
-
-
-def random_feeds(session: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Feeds for every input of `session` at `batch`: standard-normal floats, zeros otherwise."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for arg in session.get_inputs():
-        shape, dtype = input_shape(arg, batch), input_dtype(arg)
-        if np.issubdtype(dtype, np.floating):
-            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[arg.name] = np.zeros(shape, dtype)
-    return feeds
+    """A CPU session with onnxruntime's graph optimisations, as a deployment would run it
+    (threads as in `onnxmerge.graphs.session`)."""
+    return session(model, threads=threads, optimize=True)
 
 
 def candidate(sessions: list[ort.InferenceSession], batch: int) -> list[Step]:

@@ -61,15 +61,16 @@ def compare(state: MergeState, batch: int = 4, seed: int = 0) -> dict[str, float
     out = {}
     if state.combined:
         merged = combined_model(state)
-        feeds_all = random_feeds(merged, batch, seed)
-        results = dict(zip([o.name for o in merged.graph.output], session(merged).run(None, feeds_all)))
+        merged_sess = session(merged)
+        feeds_all = random_feeds(merged_sess, batch, seed)
+        results = dict(zip([o.name for o in merged.graph.output], merged_sess.run(None, feeds_all)))
     for task in state.tasks:
         ref_sess = session(task.original)
         if state.combined:
             feeds = {orig: feeds_all[merged_name] for orig, merged_name in task.input_map.items()}
             got = [results[task.output_map[o.name]] for o in task.original.graph.output]
         else:
-            feeds = random_feeds(task.original, batch, seed)
+            feeds = random_feeds(ref_sess, batch, seed)
             got = session(task_model(task, state)).run([o.name for o in task.original.graph.output], feeds)
         ref = ref_sess.run(None, feeds)
         out[task.name] = max(_rel_diff(g, r) for g, r in zip(got, ref))

@@ -21,7 +21,7 @@ def test_pack_two_models_shared_input_reproduces_both(tiny_pair, tmp_path):
     model = onnx.load(str(out))
     assert [i.name for i in model.graph.input] == ["input"]
     assert [o.name for o in model.graph.output] == ["tiny0/logits", "tiny1/logits"]
-    feeds = random_feeds(model, batch=5, seed=3)
+    feeds = random_feeds(session(model), batch=5, seed=3)
     got = run(model, feeds)
     for k, path in enumerate(tiny_pair):
         ref = run(onnx.load(str(path)), feeds)["logits"]
@@ -44,7 +44,7 @@ def test_pack_separate_inputs_and_three_models(tmp_path):
         onnx.save(conv_bn_model(seed=10 + k, channels=2 + k), str(paths[-1]))
     model = merge(paths, names=["x", "y", "z"], separate_inputs=True).model
     assert [i.name for i in model.graph.input] == ["x/input", "y/input", "z/input"]
-    feeds = random_feeds(model, batch=3)
+    feeds = random_feeds(session(model), batch=3)
     got = run(model, feeds)
     for name, path in zip("xyz", paths):
         ref = run(onnx.load(str(path)), {"input": feeds[f"{name}/input"]})["logits"]
