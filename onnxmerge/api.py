@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 import onnxmerge
 from onnxmerge import verify
 from onnxmerge.alignment import parse_pairs
+from onnxmerge.calibrate import CalibrationConfig, calibrate, config_dict
 from onnxmerge.contract import MergedInfo, TaskInfo, write_metadata
 from onnxmerge.data import check_fits
 from onnxmerge.errors import MergeError, UsageError
@@ -86,11 +87,11 @@ def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: 
     return MergeState(tasks=tasks, opset=opset, ir_version=ir_version)
 
 
-def check_task_data(state: MergeState, data: dict) -> None:
+def check_task_data(state: MergeState, data: dict, flag: str = "--data") -> None:
     """Refuse data for unknown tasks, or whose samples do not fit the task's input."""
     for name, ds in data.items():
         if name not in [t.name for t in state.tasks]:
-            raise UsageError(f"--data {name}=...: no task named {name!r} (tasks: {', '.join(t.name for t in state.tasks)})")
+            raise UsageError(f"{flag} {name}=...: no task named {name!r} (tasks: {', '.join(t.name for t in state.tasks)})")
         inputs = state.task(name).original.graph.input
         if len(inputs) != 1:
             raise MergeError(f"task {name!r} has {len(inputs)} inputs; data for one input only is supported")
@@ -118,11 +119,15 @@ def merge(
     progress: bool = False,
     params: dict[str, Any] | None = None,
     data: dict | None = None,
+    calib: dict | None = None,
+    calibration: CalibrationConfig | None = None,
 ) -> MergeResult:
     """Merge the models at `inputs` with `method` and (if `output` is given) save the result atomically.
 
     `data` (task name -> onnxmerge.data.Dataset) is checked against the tasks' inputs before any pass
-    runs, so that a report or calibration does not fail after the work is done.
+    runs, so that a report or calibration does not fail after the work is done. With `calib` (task
+    name -> Dataset) the merged model is calibrated against the originals as the last step
+    (onnxmerge.calibrate), with `calibration`'s settings.
     """
     if len(inputs) < 2:
         raise UsageError("give at least two models to merge")
@@ -134,6 +139,7 @@ def merge(
 
     state = load_tasks(inputs, names, opset)
     check_task_data(state, data or {})
+    check_task_data(state, calib or {}, flag="--calib")
     state.method, state.params = chosen.name, dict(method_params)
     pipeline = [*normalise_passes(), AlignLayersPass(pairs), CombineGraphsPass(separate_inputs),
                 *chosen.passes(method_params), CleanupGraphPass()]
@@ -149,9 +155,15 @@ def merge(
         version=onnxmerge.__version__,
         method=chosen.name,
         params=state.params,
-        tasks=[TaskInfo(t.name, str(t.path), t.sha256, t.input_map, t.output_map) for t in state.tasks],
+        tasks=[TaskInfo(t.name, str(t.path), t.sha256, t.input_map, t.output_map, t.layer_map) for t in state.tasks],
         fidelity={"max_rel_diff_random_inputs": fidelity, "alignment": [a.to_dict() for a in state.alignments]},
     )
+    if calib:
+        calibrated = calibrate(model, info, {t.name: t.original for t in state.tasks}, calib, calibration,
+                               progress=progress)
+        model = calibrated.model
+        info.params["calibration"] = config_dict(calibration or CalibrationConfig()) | calibrated.summary()
+        info.fidelity["measured_before_calibration"] = True
     write_metadata(model, info)
     model.producer_name, model.producer_version = "onnxmerge", onnxmerge.__version__
     onnx.checker.check_model(model)

@@ -11,10 +11,11 @@ import json
 import sys
 from pathlib import Path
 
+from onnxmerge.contract import read_metadata
 from onnxmerge.errors import OnnxMergeError, UsageError
 from onnxmerge.registry import METHODS
 
-COMMANDS = ("merge", "inspect", "eval", "demo", "methods")
+COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "methods")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +39,36 @@ def _report_args(p: argparse.ArgumentParser) -> None:
                    help="seconds of timing per latency setting (default 2)")
 
 
+def _calib_args(p: argparse.ArgumentParser, required: bool) -> None:
+    from onnxmerge.calibrate import CalibrationConfig
+
+    d = CalibrationConfig()
+    g = p.add_argument_group("calibration (fine-tuning against the original models; needs PyTorch)")
+    g.add_argument("--calib", action="append", default=[], required=required, metavar="TASK=PATH",
+                   help="calibration data per task (labels optional); repeatable" +
+                   ("" if required else "; given, the merged model is calibrated as the last step"))
+    g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps, all tasks together (default {d.steps})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    g.add_argument("--layer-loss-weight", type=float, default=d.layer_loss_weight,
+                   help=f"weight of the per-layer L1 output loss (default {d.layer_loss_weight})")
+    g.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help=f"weight of the soft-target distillation loss (default {d.distill_weight})")
+    g.add_argument("--temperature", type=float, default=d.temperature, help=f"distillation temperature (default {d.temperature})")
+    g.add_argument("--no-labels", action="store_true", help="label-free calibration even where the data has labels")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    g.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
+
+
+def _calib_config(args):
+    from onnxmerge.calibrate import CalibrationConfig
+
+    return CalibrationConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                             layer_loss_weight=args.layer_loss_weight, distill_weight=args.distill_weight,
+                             temperature=args.temperature, use_labels=not args.no_labels, seed=args.seed,
+                             device=args.device).validate()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxmerge", description="Merge well-trained ONNX networks into one multi-task model.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{merge,inspect,eval,demo,methods}")
@@ -54,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check invariants and exactness after every pass")
     p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass that changed it")
     _report_args(p)
+    _calib_args(p, required=False)
     _common(p)
     p.set_defaults(func=cmd_merge)
 
@@ -72,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     _report_args(p)
     _common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="fine-tune a merged model against its originals "
+                                         "(torchrun --standalone --nproc_per_node=N -m onnxmerge calibrate ... runs it data-parallel)")
+    p.add_argument("model", metavar="MERGED.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="CALIBRATED.onnx")
+    p.add_argument("--original", action="append", default=[], metavar="TASK=PATH",
+                   help="original model per task (default: the source path recorded in the model, if unchanged)")
+    _report_args(p)
+    _calib_args(p, required=True)
+    _common(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="merge the shipped example models and print the report")
     p.add_argument("-o", "--out-dir", default="onnxmerge-demo", metavar="DIR",
@@ -119,11 +162,45 @@ def cmd_merge(args) -> int:
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     data = _load_data(args.data)  # refuse bad data before any work
+    calib = _load_data(args.calib)
+    config = _calib_config(args) if calib else None
     result = merge(args.inputs, args.output, method=args.method, names=names,
                    separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
-                   verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data)
+                   verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
+                   calib=calib, calibration=config)
     originals = {t.name: str(t.path) for t in result.state.tasks}
     _print_report(result.model, args.output, result.info, originals, data, args)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from onnxmerge.calibrate import calibrate, config_dict, init_distributed
+    from onnxmerge.contract import write_metadata
+    from onnxmerge.evaluate import evaluate
+    from onnxmerge.saving import check_output_path, save_atomic
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    check_output_path(args.output, [path])
+    config = _calib_config(args)
+    model = _load_any(path)
+    info = read_metadata(model, str(path))
+    originals = _find_originals(info, args.original, path)
+    calib = _load_data(args.calib)
+    data = _load_data(args.data)
+    rank, world = init_distributed(config.device)
+    before = evaluate(model, info, data, progress=False) if data and rank == 0 else None
+    result = calibrate(model, info, originals, calib, config, progress=not args.quiet and rank == 0)
+    if rank != 0:
+        return 0  # one writer: the first process
+    info.params["calibration"] = config_dict(config) | result.summary()
+    info.fidelity["measured_before_calibration"] = True
+    write_metadata(result.model, info)
+    save_atomic(result.model, args.output)
+    _print_report(result.model, args.output, info, originals, data, args,
+                  extra={"calibration": {"config": config_dict(config), "summary": result.summary(),
+                                         "before": before}})
     return 0
 
 
@@ -161,24 +238,13 @@ def cmd_inspect(args) -> int:
 def cmd_eval(args) -> int:
     import onnx
 
-    from onnxmerge.contract import read_metadata
-    from onnxmerge.data import parse_task_paths
-    from onnxmerge.loading import file_sha256
-
     path = Path(args.model)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     model = _load_any(path)
     info = read_metadata(model, str(path))
-    originals = parse_task_paths(args.original)
-    for t in info.tasks:
-        if t.name not in originals and Path(t.source).is_file() and file_sha256(t.source) == t.sha256:
-            originals[t.name] = t.source
+    originals = _find_originals(info, args.original, path)
     data = _load_data(args.data)
-    missing = [t.name for t in info.tasks if t.name not in originals]
-    if missing and not args.no_latency:
-        raise UsageError(f"{path}: original model of task(s) {', '.join(missing)} not found (the recorded "
-                         "source is missing or changed): give --original TASK=PATH, or --no-latency")
     report = _print_report(model, path, info, originals, data, args, quiet_text=args.json)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -221,6 +287,22 @@ def _load_data(items: list[str]) -> dict:
     return {task: load_dataset(p) for task, p in parse_task_paths(items).items()}
 
 
+def _find_originals(info, given: list[str], path: Path) -> dict[str, str]:
+    """The original model of every task: --original TASK=PATH, else the recorded source if unchanged."""
+    from onnxmerge.data import parse_task_paths
+    from onnxmerge.loading import file_sha256
+
+    originals = parse_task_paths(given)
+    for t in info.tasks:
+        if t.name not in originals and Path(t.source).is_file() and file_sha256(t.source) == t.sha256:
+            originals[t.name] = t.source
+    missing = [t.name for t in info.tasks if t.name not in originals]
+    if missing:
+        raise UsageError(f"{path}: original model of task(s) {', '.join(missing)} not found (the recorded "
+                         "source is missing or changed): give --original TASK=PATH")
+    return originals
+
+
 def _load_any(path: Path):
     import onnx
 
@@ -232,7 +314,8 @@ def _load_any(path: Path):
         raise MergeError(f"{path}: not an ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def _print_report(model, path, info, originals: dict, data: dict, args, quiet_text: bool = False) -> dict:
+def _print_report(model, path, info, originals: dict, data: dict, args, quiet_text: bool = False,
+                  extra: dict | None = None) -> dict:
     """Build, print and (with --report) write the report of a merged model."""
     from onnxmerge.api import merge
     from onnxmerge.report import build_report, format_report, write_report_json
@@ -246,6 +329,7 @@ def _print_report(model, path, info, originals: dict, data: dict, args, quiet_te
     report = build_report(merged_model=model, merged_path=path, info=info, originals=originals,
                           pack_model=pack, data=data, latency=latency,
                           latency_budget_s=args.latency_budget, progress=not args.quiet)
+    report.update(extra or {})
     if not quiet_text:
         print(format_report(report))
     if getattr(args, "report", None):

@@ -5,8 +5,9 @@ A merged model carries, in `metadata_props`:
     onnxmerge.version   the onnxmerge version that wrote it
     onnxmerge.method    the method's registry name (pack, zipper, codebook, mtz)
     onnxmerge.params    JSON: the method's parameters
-    onnxmerge.tasks     JSON: a list of {name, source, sha256, inputs, outputs}, where inputs and
-                        outputs map each original tensor name to its name in the merged model
+    onnxmerge.tasks     JSON: a list of {name, source, sha256, inputs, outputs, layers}, where inputs,
+                        outputs and layers (the weight-bearing layers' output tensors) map each
+                        original tensor name to its name in the merged model
     onnxmerge.fidelity  JSON: the measured fidelity (max abs difference to the originals per task, ...)
 
 Outputs are named `<task>/<original name>`; inputs are shared (original name kept) when the tasks take
@@ -33,6 +34,8 @@ class TaskInfo:
     sha256: str
     inputs: dict[str, str]  # original input name -> merged input name
     outputs: dict[str, str]  # original output name -> merged output name
+    # original layer output tensor -> the merged tensor that stands for it (per-layer calibration loss)
+    layers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

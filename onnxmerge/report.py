@@ -154,6 +154,20 @@ def format_report(report: dict) -> str:
               "-" if r.get("max_abs_diff") is None else f"{r['max_abs_diff']:.3g}"]
              for name, r in ev.items()], left=2))
 
+    cal = report.get("calibration")
+    if cal:
+        cfg, summ = cal["config"], cal["summary"]
+        out += ["", f"Calibration: {summ['steps']} steps in {summ['seconds']:.1f} s on {summ['processes']} "
+                    f"process(es); lr {cfg['lr']}, batch {cfg['batch_size']}, layer-loss weight "
+                    f"{cfg['layer_loss_weight']}, distillation {cfg['distill_weight']} at T={cfg['temperature']}, "
+                    f"labels {'used where given' if cfg['use_labels'] else 'not used'}, seed {cfg['seed']}"]
+        before, after = cal.get("before") or {}, report.get("evaluation") or {}
+        rows = [[name, _pct(before.get(name, {}).get("accuracy")), _pct(after.get(name, {}).get("accuracy")),
+                 _pct(after.get(name, {}).get("original_accuracy")),
+                 f"{summ[name]['loss_first']:.4f}", f"{summ[name]['loss_last']:.4f}"]
+                for name in summ if isinstance(summ[name], dict)]
+        out.append(_table(["task", "acc before", "acc after", "original", "loss first", "loss last"], rows))
+
     lat = report.get("latency")
     if lat:
         out += ["", "Latency (median ms per run of all tasks; speed-up 1.35x = originals' median "

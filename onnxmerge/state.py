@@ -37,6 +37,8 @@ class Task:
     # filled in by the combining pass
     input_map: dict[str, str] = field(default_factory=dict)
     output_map: dict[str, str] = field(default_factory=dict)
+    # original layer output tensor -> merged tensor (methods that share a layer point it at the shared one)
+    layer_map: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -43,6 +43,7 @@ class CombineGraphsPass(Pass):
                 else:
                     inputs.append(tensor)
                     task.input_map[originals[k]] = tensor.name
+            task.layer_map = {l.output: prefix + l.output for l in task.layers}
             for tensor in graph.outputs:
                 task.output_map[tensor.name[len(prefix):]] = tensor.name
                 outputs.append(tensor)

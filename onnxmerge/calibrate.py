@@ -1,0 +1,269 @@
+"""Calibration: fine-tune a merged model in PyTorch against the original models, write it back to ONNX.
+
+Every method ends here (DESIGN.md, "Calibration"). The merged model becomes a `torch.nn.Module`
+(`onnxmerge.bridge`; a weight shared between tasks is one parameter), the originals are frozen
+teachers, and the tasks' batches are interleaved: step k trains task k mod T. The loss of a batch of
+task t is
+
+    L_t = w_ce * CE(z_t, y)                                     labels, where the data has them
+        + lambda * sum_l mean |F_l(x) - F*_l(x)|                per-layer output-preserving loss
+        + w_kd * T^2 * KL(softmax(z*_t / T) || softmax(z_t / T))  soft-target distillation
+
+where F_l / F*_l are the merged and the original output of aligned layer l (zipper paper eq. 2,
+NeuralMerger section 3.3, MTZ's light retraining) and z / z* the merged and original logits. Without
+labels the last two terms alone calibrate (label-free calibration, which none of the papers offers).
+Adam with a step decay (the learning rate is multiplied by `lr_gamma` every `lr_step` steps).
+
+Data-parallel: under `torchrun` (WORLD_SIZE > 1) every process takes an equal slice of each batch,
+and DistributedDataParallel averages the gradients, so N processes compute what one process computes
+on the whole batch, up to float summation order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxmerge.contract import MergedInfo, TaskInfo
+from onnxmerge.data import check_fits
+from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.graphs import input_signature
+
+
+@dataclass
+class CalibrationConfig:
+    steps: int = 300
+    lr: float = 1e-4
+    batch_size: int = 64
+    layer_loss_weight: float = 1.0  # lambda
+    distill_weight: float = 1.0  # w_kd
+    label_weight: float = 1.0  # w_ce
+    temperature: float = 2.0  # T
+    use_labels: bool = True  # False: label-free even where the data has labels
+    lr_step: int | None = None  # default: a third of the steps
+    lr_gamma: float = 0.3
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> CalibrationConfig:
+        checks = {"steps": self.steps >= 0, "lr": self.lr > 0, "batch_size": self.batch_size > 0,
+                  "temperature": self.temperature > 0, "lr_gamma": 0 < self.lr_gamma <= 1,
+                  "layer_loss_weight": self.layer_loss_weight >= 0, "distill_weight": self.distill_weight >= 0,
+                  "label_weight": self.label_weight >= 0}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise UsageError(f"calibration: invalid {', '.join(f'--{k.replace(chr(95), chr(45))}={getattr(self, k)}' for k in bad)}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"--device {self.device}: use cpu or cuda")
+        return self
+
+
+@dataclass
+class CalibrationResult:
+    model: onnx.ModelProto
+    history: list[dict[str, float]] = field(default_factory=list)  # per step: task, losses
+    seconds: float = 0.0
+    world_size: int = 1
+
+    def summary(self) -> dict[str, Any]:
+        """Mean losses per task over the first and the last tenth of the steps."""
+        out: dict[str, Any] = {"steps": len(self.history), "seconds": round(self.seconds, 2),
+                               "processes": self.world_size}
+        for task in sorted({h["task"] for h in self.history}):
+            rows = [h for h in self.history if h["task"] == task]
+            k = max(1, len(rows) // 10)
+            out[task] = {"loss_first": _mean(rows[:k], "loss"), "loss_last": _mean(rows[-k:], "loss")}
+        return out
+
+
+@dataclass
+class _TaskPlan:
+    info: TaskInfo
+    input: str  # merged input name
+    output: str  # merged logits name
+    teacher_input: str
+    teacher_output: str
+    layers: list[tuple[str, str]]  # (merged tensor, original tensor)
+    x: np.ndarray
+    y: np.ndarray | None
+
+
+def calibrate(model: onnx.ModelProto, info: MergedInfo, teachers: dict[str, onnx.ModelProto | str | Path],
+              calib: dict, config: CalibrationConfig | None = None, *, frozen: tuple[str, ...] = (),
+              progress: bool = True) -> CalibrationResult:
+    """Fine-tune `model` on `calib` (task -> Dataset) against `teachers` (task -> original model).
+
+    Returns the calibrated model (same graph, new initializer values). Runs data-parallel when
+    torch.distributed is initialised (see `init_distributed`).
+    """
+    torch, F = _torch()
+    from onnxmerge.bridge import OnnxModule
+
+    config = (config or CalibrationConfig()).validate()
+    if not calib:
+        raise UsageError("calibration needs data: give --calib TASK=PATH for at least one task")
+    rank, world = _rank_world(torch)
+    if config.batch_size % world:
+        raise UsageError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    torch.manual_seed(config.seed)
+
+    teacher_models = {name: _load(teachers[name], name) for name in calib if name in teachers}
+    plans = [_plan(model, info.task(name), teacher_models.get(name), ds, config) for name, ds in calib.items()]
+    student = OnnxModule(model, frozen=frozen).to(device).train()
+    teacher_modules = {p.info.name: OnnxModule(teacher_models[p.info.name], trainable=lambda _: False).to(device).eval()
+                       for p in plans}
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    if not trainable:
+        raise UsageError("calibration: every weight is frozen; nothing to train")
+    net = student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # every step trains one task, so the other tasks' parameters get no gradient in that step
+        net = DistributedDataParallel(student, find_unused_parameters=True)
+    optimizer = torch.optim.Adam(trainable, lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step or max(1, config.steps // 3),
+                                                gamma=config.lr_gamma)
+    rng = np.random.default_rng(config.seed)
+    orders = {p.info.name: _Batches(len(p.x), config.batch_size, rng) for p in plans}
+    shard = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
+
+    from tqdm import tqdm
+
+    history: list[dict[str, float]] = []
+    running: dict[str, float] = {}
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="calibrate", unit="step", disable=not progress or rank != 0, leave=False)
+    for step in bar:
+        plan = plans[step % len(plans)]
+        idx = orders[plan.info.name].next()
+        if len(idx) < config.batch_size:  # a data set smaller than one batch: every process the same
+            idx = np.resize(idx, config.batch_size)
+        idx = idx[shard]
+        x = torch.from_numpy(plan.x[idx]).to(device)
+        with torch.no_grad():
+            wanted = [plan.teacher_output] + [orig for _, orig in plan.layers]
+            ref = teacher_modules[plan.info.name]({plan.teacher_input: x}, wanted)
+        got = net({plan.input: x}, [plan.output] + [merged for merged, _ in plan.layers])
+        logits, ref_logits = got[plan.output], ref[plan.teacher_output]
+        terms = {}
+        if plan.y is not None and config.use_labels and config.label_weight > 0:
+            y = torch.from_numpy(plan.y[idx]).to(device)
+            terms["ce"] = config.label_weight * F.cross_entropy(logits, y)
+        if plan.layers and config.layer_loss_weight > 0:
+            terms["layer"] = config.layer_loss_weight * sum(
+                (got[m] - ref[o]).abs().mean() for m, o in plan.layers)
+        if config.distill_weight > 0:
+            t = config.temperature
+            terms["kd"] = config.distill_weight * t * t * F.kl_div(
+                F.log_softmax(logits / t, dim=1), F.log_softmax(ref_logits / t, dim=1),
+                log_target=True, reduction="batchmean")
+        if not terms:
+            raise UsageError(f"calibration of task {plan.info.name}: no loss term is on (no labels and zero weights)")
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:  # False when every weight of this task is frozen
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        record = {"step": step, "task": plan.info.name, "loss": loss.item()} | {k: v.item() for k, v in terms.items()}
+        history.append(record)
+        running[plan.info.name] = 0.9 * running.get(plan.info.name, record["loss"]) + 0.1 * record["loss"]
+        bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
+    bar.close()
+    calibrated = student.write_back(model)
+    onnx.checker.check_model(calibrated)
+    return CalibrationResult(calibrated, history, time.perf_counter() - start, world)
+
+
+def _teacher_input(model: onnx.ModelProto) -> str:
+    inits = {i.name for i in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in inits)
+
+
+def _plan(model: onnx.ModelProto, task: TaskInfo, teacher: onnx.ModelProto | None, ds, config) -> _TaskPlan:
+    if teacher is None:
+        raise MergeError(f"task {task.name!r}: no original model to calibrate against (give --original {task.name}=PATH)")
+    if len(task.inputs) != 1 or len(task.outputs) < 1:
+        raise MergeError(f"task {task.name!r}: calibration supports tasks with one input")
+    (orig_in, merged_in), = task.inputs.items()
+    graph_inputs = {i.name: i for i in model.graph.input}
+    elem, dims = input_signature(graph_inputs[merged_in])
+    check_fits(ds, dims, elem, where=f"--calib {task.name}", input_name=merged_in)
+    orig_out, merged_out = next(iter(task.outputs.items()))
+    tensors = _tensor_names(model)
+    teacher_tensors = _tensor_names(teacher)
+    layers = [(m, o) for o, m in task.layers.items() if m in tensors and o in teacher_tensors and o != orig_out]
+    y = ds.y if (ds.y is not None and config.use_labels) else None
+    return _TaskPlan(task, merged_in, merged_out, _teacher_input(teacher), orig_out, layers, np.ascontiguousarray(ds.x, np.float32),
+                     None if y is None else y.astype(np.int64))
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    return {o for n in model.graph.node for o in n.output}
+
+
+class _Batches:
+    """Seeded epochs of shuffled indices, handed out one batch at a time."""
+
+    def __init__(self, n: int, batch: int, rng: np.random.Generator):
+        self.n, self.batch, self.rng, self.order, self.pos = n, batch, rng, np.empty(0, np.int64), 0
+
+    def next(self) -> np.ndarray:
+        if self.pos >= len(self.order):
+            self.order, self.pos = self.rng.permutation(self.n), 0
+        idx = self.order[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return idx
+
+
+def init_distributed(device: str = "cpu") -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1), start the process group: gloo on CPU, nccl on CUDA."""
+    torch, _ = _torch()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return _rank_world(torch)
+
+
+def _rank_world(torch) -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _load(model, name: str) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    from onnxmerge.loading import load_model
+
+    return load_model(model)
+
+
+def _torch():
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        raise UsageError("calibration needs PyTorch: pip install torch==2.13.0 (the CPU build)") from None
+    return torch, F
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+
+
+def config_dict(config: CalibrationConfig) -> dict[str, Any]:
+    return asdict(config)
