@@ -118,7 +118,7 @@ def calibrate(model: onnx.ModelProto, info: MergedInfo, teachers: dict[str, onnx
 
     teacher_models = {name: _load(teachers[name], name) for name in calib if name in teachers}
     plans = [_plan(model, info.task(name), teacher_models.get(name), ds, config) for name, ds in calib.items()]
-    student = OnnxModule(model, frozen=frozen).to(device).train()
+    student = OnnxModule(model, frozen=frozen, trainable=trainable_names(model).__contains__).to(device).train()
     teacher_modules = {p.info.name: OnnxModule(teacher_models[p.info.name], trainable=lambda _: False).to(device).eval()
                        for p in plans}
     trainable = [p for p in student.parameters() if p.requires_grad]
@@ -183,6 +183,22 @@ def calibrate(model: onnx.ModelProto, info: MergedInfo, teachers: dict[str, onnx
     calibrated = student.write_back(model)
     onnx.checker.check_model(calibrated)
     return CalibrationResult(calibrated, history, time.perf_counter() - start, world)
+
+
+# Inputs (by position) that hold settings, not learned weights: Clip's bounds (ReLU6's 0 and 6),
+# BatchNormalization's running statistics, Pad's pads and value.
+_NOT_WEIGHTS = {"Clip": (1, 2), "BatchNormalization": (3, 4), "Pad": (1, 2, 3)}
+
+
+def trainable_names(model: onnx.ModelProto) -> set[str]:
+    """The initializers calibration trains: every float initializer except the settings above."""
+    floats = {i.name for i in model.graph.initializer if i.data_type in _FLOAT_TYPES}
+    floats |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    settings = {n.input[k] for n in model.graph.node for k in _NOT_WEIGHTS.get(n.op_type, ()) if k < len(n.input)}
+    return floats - settings
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 def _teacher_input(model: onnx.ModelProto) -> str:
@@ -263,6 +279,23 @@ def _torch():
 
 def _mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+
+
+def perturb_weights(model: onnx.ModelProto, sigma: float, seed: int = 0) -> onnx.ModelProto:
+    """A copy of `model` with Gaussian noise of `sigma` times each float weight tensor's own standard
+    deviation added to every trainable initializer: the damage the recovery experiment repairs."""
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    rng = np.random.default_rng(seed)
+    names = trainable_names(model)
+    for init in out.graph.initializer:
+        if init.name in names and init.data_type == onnx.TensorProto.FLOAT:
+            w = numpy_helper.to_array(init)
+            noisy = w + sigma * w.std() * rng.standard_normal(w.shape)
+            init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), init.name))
+    return out
 
 
 def config_dict(config: CalibrationConfig) -> dict[str, Any]:

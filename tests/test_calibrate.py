@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from conftest import MODELS, shipped
 from onnxmerge.api import merge
-from onnxmerge.calibrate import CalibrationConfig, calibrate
+from onnxmerge.calibrate import CalibrationConfig, calibrate, perturb_weights as perturb
 from onnxmerge.contract import read_metadata
 from onnxmerge.data import Dataset, load_dataset, load_named, shared_data_dir
 from onnxmerge.errors import MergeError, UsageError
@@ -24,18 +24,6 @@ NAMES = ["mnist", "fashion"]
 
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-
-
-def perturb(model: onnx.ModelProto, sigma: float, seed: int = 0) -> onnx.ModelProto:
-    """Gaussian noise of `sigma` times each weight tensor's own standard deviation."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    rng = np.random.default_rng(seed)
-    for init in out.graph.initializer:
-        if init.data_type == onnx.TensorProto.FLOAT:
-            w = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array((w + sigma * w.std() * rng.standard_normal(w.shape)).astype(np.float32), init.name))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +183,19 @@ def test_recovery_from_weight_noise(packed, labels, tolerance):
     noisy = perturb(result.model, sigma=0.5, seed=0)
     hurt = evaluate(noisy, result.info, test, progress=False)
     assert all(original[t]["accuracy"] - hurt[t]["accuracy"] >= 0.10 for t in NAMES), (original, hurt)
-    config = CalibrationConfig(steps=500, lr=1e-3, use_labels=labels)
+    config = CalibrationConfig(steps=500, lr=3e-3, use_labels=labels)
     out = calibrate(noisy, result.info, dict(zip(NAMES, PAIR)), calib, config, progress=False)
     healed = evaluate(out.model, result.info, test, progress=False)
     for t in NAMES:
         assert original[t]["accuracy"] - healed[t]["accuracy"] <= tolerance, (t, original[t], hurt[t], healed[t])
+
+
+def test_settings_are_not_trained():
+    """ReLU6's bounds (Clip inputs) are settings, not weights: calibration leaves them alone."""
+    from onnxmerge.calibrate import trainable_names
+
+    model = merge([MODELS / "mobilenet_mnist.onnx", MODELS / "mobilenet_fashion.onnx"], names=NAMES).model
+    clip_bounds = {i for n in model.graph.node if n.op_type == "Clip" for i in n.input[1:]}
+    assert clip_bounds and not clip_bounds & trainable_names(model)
+    convs = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    assert convs <= trainable_names(model)

@@ -18,18 +18,15 @@ The script prints the table and rewrites its own section of BENCHMARKS.md, betwe
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
 EXAMPLES = ROOT / "onnxmerge" / "examples"
 MODELS = {"fashion": EXAMPLES / "fashion_lenet.onnx", "digits": EXAMPLES / "digits_lenet.onnx"}
-BEGIN, END = "<!-- bench:latency_pack -->", "<!-- /bench:latency_pack -->"
-HEADER = ("# Benchmarks\n\nEach section below is written by the script it names; rerun the script "
-          "to update it instead of editing the figures.\n")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -39,7 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20, help="untimed runs of each candidate per row")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes")
     p.add_argument("--threads", default="1,default", help="comma-separated: thread counts or 'default'")
-    p.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md", help="file to update")
+    p.add_argument("--benchmarks", type=Path, default=BENCHMARKS, help="file to update")
     p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -62,7 +59,6 @@ def section(rows, machine, command, stats) -> str:
     orig_macs = sum(s["macs"] for s in stats["originals"].values())
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
-        BEGIN,
         "## Latency: `pack` against the originals run one after another",
         "",
         "Written by `tools/bench/latency_pack.py`; rerun it to update this section.",
@@ -82,25 +78,7 @@ def section(rows, machine, command, stats) -> str:
         "machine's load; compare ratios.",
         "",
         markdown_table(rows),
-        END,
     ])
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's section of `path` (or add it), writing atomically."""
-    old = path.read_text() if path.exists() else HEADER
-    if BEGIN in old and END in old:
-        start, stop = old.index(BEGIN), old.index(END) + len(END)
-        new = old[:start] + text + old[stop:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(new)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine['cpu']}, {machine['usable_cores']} usable cores, "
           f"onnxruntime {machine['onnxruntime']}")
     if not args.no_write:
-        write_section(args.benchmarks, section(rows, machine, command, stats))
+        write_section(args.benchmarks, "latency_pack", section(rows, machine, command, stats))
         print(f"updated {args.benchmarks}")
     return 0
 

@@ -1,0 +1,33 @@
+"""BENCHMARKS.md sections: each benchmark script owns the text between its two markers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+HEADER = ("# Benchmarks\n\nEach section below is written by the script it names; rerun the script "
+          "to update it instead of editing the figures.\n")
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace section `name` of `path` (or append it) with `body`, writing atomically."""
+    begin, end = markers(name)
+    text = f"{begin}\n{body.strip()}\n{end}"
+    old = path.read_text() if path.exists() else HEADER
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + text + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(new)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
