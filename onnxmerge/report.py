@@ -27,6 +27,7 @@ from onnxmerge.contract import MergedInfo
 from onnxmerge.evaluate import evaluate
 from onnxmerge.latency import latency_table, machine_info
 from onnxmerge.metrics import model_stats
+from onnxmerge.saving import write_text_atomic
 
 _SIZE_KEYS = ("params", "float_params", "index_params", "param_bytes", "file_bytes", "macs")
 
@@ -219,11 +220,4 @@ def _json_default(o):
 def write_report_json(report: dict, path: str | os.PathLike) -> None:
     """Write `report` as JSON to `path` atomically: a temporary file in the same folder, renamed."""
     path = Path(path)
-    text = json.dumps(report, indent=2, default=_json_default) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open() keeps the umask's mode
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(report, indent=2, default=_json_default) + "\n")
