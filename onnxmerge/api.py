@@ -141,8 +141,10 @@ def merge(
     check_task_data(state, data or {})
     check_task_data(state, calib or {}, flag="--calib")
     state.method, state.params = chosen.name, dict(method_params)
-    pipeline = [*normalise_passes(), AlignLayersPass(pairs), CombineGraphsPass(separate_inputs),
-                *chosen.passes(method_params), CleanupGraphPass()]
+    method_passes = chosen.passes(method_params)
+    pipeline = [*normalise_passes(), AlignLayersPass(pairs),
+                *[p for p in method_passes if p.stage == "task"], CombineGraphsPass(separate_inputs),
+                *[p for p in method_passes if p.stage != "task"], CleanupGraphPass()]
     state = PassManager(pipeline, verify=verify_passes, dump_dir=dump_dir, progress=progress).run(state)
 
     fidelity = verify.compare(state)

@@ -60,6 +60,26 @@ def _calib_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
 
 
+def _method_args(p: argparse.ArgumentParser) -> None:
+    """One flag per method parameter, generated from the registry (a new method touches one place)."""
+    seen = set()
+    for m in METHODS.values():
+        if not m.options:
+            continue
+        g = p.add_argument_group(f"method {m.name}")
+        for key, opt in m.options.items():
+            if key in seen:
+                continue
+            seen.add(key)
+            g.add_argument(f"--{key.replace('_', '-')}", dest=f"param_{key}", default=None, type=opt.parse,
+                           choices=opt.choices, help=f"{opt.help} (default {opt.default})")
+
+
+def _method_params(args) -> dict:
+    """The method parameters the user gave (the method's defaults fill in the rest)."""
+    return {k[len("param_"):]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+
+
 def _calib_config(args):
     from onnxmerge.calibrate import CalibrationConfig
 
@@ -84,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="target opset for all models (default: the highest among them)")
     p.add_argument("--verify", action="store_true", help="check invariants and exactness after every pass")
     p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass that changed it")
+    _method_args(p)
     _report_args(p)
     _calib_args(p, required=False)
     _common(p)
@@ -167,7 +188,7 @@ def cmd_merge(args) -> int:
     result = merge(args.inputs, args.output, method=args.method, names=names,
                    separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
                    verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
-                   calib=calib, calibration=config)
+                   calib=calib, calibration=config, params=_method_params(args))
     originals = {t.name: str(t.path) for t in result.state.tasks}
     _print_report(result.model, args.output, result.info, originals, data, args)
     return 0

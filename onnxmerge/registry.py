@@ -16,21 +16,39 @@ from onnxmerge.pass_manager import Pass
 
 
 @dataclass(frozen=True)
+class Option:
+    """A method parameter; the CLI flag `--<name with dashes>` is generated from it."""
+
+    default: Any
+    help: str
+    choices: tuple | None = None
+    parse: Callable[[str], Any] = str
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     paper: str
     summary: str
-    build: Callable[[dict[str, Any]], list[Pass]]
-    defaults: dict[str, Any] = field(default_factory=dict)
+    build: Callable[[dict[str, Any]], list[Pass]]  # passes: stage "task" ones run before combining
+    options: dict[str, Option] = field(default_factory=dict)
     exact: bool = False  # whether the method reproduces the originals to float rounding
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {k: o.default for k, o in self.options.items()}
 
     def passes(self, params: dict[str, Any]) -> list[Pass]:
         return self.build(self.parameters(params))
 
     def parameters(self, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(params) - set(self.defaults)
+        unknown = set(params) - set(self.options)
         if unknown:
             raise UsageError(f"method {self.name} takes no parameter(s) {', '.join(sorted(unknown))}")
+        for k, v in params.items():
+            choices = self.options[k].choices
+            if choices and v not in choices:
+                raise UsageError(f"--{k.replace('_', '-')} {v}: choose from {', '.join(map(str, choices))}")
         return {**self.defaults, **params}
 
 
@@ -64,4 +82,41 @@ register(Method(
     summary="all models in one graph and one session, sharing nothing but the input",
     build=lambda params: [],
     exact=True,
+))
+
+
+def _layers(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--share {text}: give a number of layers or all") from None
+
+
+def _zipper_passes(p: dict[str, Any]) -> list[Pass]:
+    from onnxmerge.passes.zip_layers import ZipLayersPass
+
+    passes: list[Pass] = []
+    if p["match"] == "hungarian":
+        from onnxmerge.passes.match_channels import MatchChannelsPass
+
+        passes.append(MatchChannelsPass(layers=p["share"]))
+    return passes + [ZipLayersPass(p["share"], p["depthwise"])]
+
+
+register(Method(
+    name="zipper",
+    paper="Wu, Chan, Chen, On Merging MobileNets for Efficient Multitask Inference (EMC2 2019)",
+    summary="same-architecture models share their first K layers (weights averaged, eq. 1), computed once",
+    build=_zipper_passes,
+    options={
+        "share": Option("all", "layers to share from the input on (a number, or all = all but the task heads)",
+                        parse=_layers),
+        "depthwise": Option("shared", "shared: depthwise layers shared too (saves compute); task: each task "
+                            "keeps its depthwise layers (the paper's variant; saves parameters only)",
+                            choices=("shared", "task")),
+        "match": Option("none", "hungarian: permute each model's channels to match the first's before averaging",
+                        choices=("none", "hungarian")),
+    },
 ))
