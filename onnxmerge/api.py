@@ -22,7 +22,7 @@ import onnxmerge
 from onnxmerge import verify
 from onnxmerge.alignment import parse_pairs
 from onnxmerge.calibrate import CalibrationConfig, calibrate, config_dict
-from onnxmerge.contract import MergedInfo, TaskInfo, write_metadata
+from onnxmerge.contract import MergedInfo, TaskInfo, read_metadata, write_metadata
 from onnxmerge.data import check_fits
 from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.graphs import input_signature
@@ -36,6 +36,7 @@ from onnxmerge.passes.cleanup import CleanupGraphPass
 from onnxmerge.passes.combine_graphs import CombineGraphsPass
 from onnxmerge.passes.fold_batchnorm import FoldBatchNormPass
 from onnxmerge.passes.fold_constants import FoldConstantsPass
+from onnxmerge.passes.load_weights import LoadWeightsPass
 from onnxmerge.passes.remove_identity import RemoveIdentityPass
 
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -121,13 +122,15 @@ def merge(
     data: dict | None = None,
     calib: dict | None = None,
     calibration: CalibrationConfig | None = None,
+    warm_start: onnx.ModelProto | None = None,
 ) -> MergeResult:
     """Merge the models at `inputs` with `method` and (if `output` is given) save the result atomically.
 
     `data` (task name -> onnxmerge.data.Dataset) is checked against the tasks' inputs before any pass
     runs, so that a report or calibration does not fail after the work is done. With `calib` (task
     name -> Dataset) the merged model is calibrated against the originals as the last step
-    (onnxmerge.calibrate), with `calibration`'s settings.
+    (onnxmerge.calibrate), with `calibration`'s settings. `warm_start`, an earlier merged model of the
+    same tasks, gives the starting weights (progressive zippering: onnxmerge.sweep).
     """
     if len(inputs) < 2:
         raise UsageError("give at least two models to merge")
@@ -142,7 +145,8 @@ def merge(
     check_task_data(state, calib or {}, flag="--calib")
     state.method, state.params = chosen.name, dict(method_params)
     method_passes = chosen.passes(method_params)
-    pipeline = [*normalise_passes(), AlignLayersPass(pairs),
+    warm = [LoadWeightsPass(warm_start, read_metadata(warm_start).params.get("share", 0))] if warm_start else []
+    pipeline = [*normalise_passes(), AlignLayersPass(pairs), *warm,
                 *[p for p in method_passes if p.stage == "task"], CombineGraphsPass(separate_inputs),
                 *[p for p in method_passes if p.stage != "task"], CleanupGraphPass()]
     state = PassManager(pipeline, verify=verify_passes, dump_dir=dump_dir, progress=progress).run(state)

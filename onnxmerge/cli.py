@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check invariants and exactness after every pass")
     p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass that changed it")
     _method_args(p)
+    g = p.add_argument_group("progressive zippering (method zipper)")
+    g.add_argument("--sweep", action="store_true",
+                   help="share layers 1, 2, ... one at a time, calibrating after each; writes "
+                        "OUTPUT_share<K>.onnx per step and OUTPUT_sweep.{json,md,png}")
+    g.add_argument("--steps-per-layer", type=int, default=200, help="calibration steps after each layer (default 200)")
+    g.add_argument("--keep", metavar="K,K", help="write only these steps' models (default: all)")
     _report_args(p)
     _calib_args(p, required=False)
     _common(p)
@@ -185,12 +191,35 @@ def cmd_merge(args) -> int:
     data = _load_data(args.data)  # refuse bad data before any work
     calib = _load_data(args.calib)
     config = _calib_config(args) if calib else None
+    if args.sweep:
+        return _sweep(args, names, data, calib, config)
     result = merge(args.inputs, args.output, method=args.method, names=names,
                    separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
                    verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
                    calib=calib, calibration=config, params=_method_params(args))
     originals = {t.name: str(t.path) for t in result.state.tasks}
     _print_report(result.model, args.output, result.info, originals, data, args)
+    return 0
+
+
+def _sweep(args, names, data, calib, config) -> int:
+    from onnxmerge.saving import check_output_path
+    from onnxmerge.sweep import sweep_markdown, write_sweep, zipper_sweep
+
+    if args.method != "zipper":
+        raise UsageError("--sweep is progressive zippering: give --method zipper")
+    params = _method_params(args)
+    if "share" in params:
+        raise UsageError("--sweep shares 1, 2, ... layers in turn: leave out --share")
+    check_output_path(args.output, args.inputs)
+    keep = [int(k) for k in args.keep.split(",")] if args.keep else None
+    rows = zipper_sweep(args.inputs, names, calib, data, steps_per_layer=args.steps_per_layer,
+                        calibration=config, depthwise=params.get("depthwise", "shared"),
+                        match=params.get("match", "none"), latency_budget_s=args.latency_budget,
+                        progress=not args.quiet)
+    written = write_sweep(rows, args.output, keep)
+    print(sweep_markdown([{k: v for k, v in r.items() if k != "model"} for r in rows]))
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

@@ -119,3 +119,28 @@ def test_refusals():
         merge(paths("lenet"), method="zipper", params={"share": 5})
     with pytest.raises(UsageError, match="--depthwise both: choose from shared, task"):
         merge(paths("lenet"), method="zipper", params={"depthwise": "both"})
+
+
+def test_sweep_without_calibration_equals_direct_merges(tmp_path):
+    """With no calibration steps, each step of the progressive sweep (warm-started from the previous
+    model) is exactly the direct merge at that share: the warm start loses nothing."""
+    from onnxmerge.sweep import write_sweep, zipper_sweep
+
+    from onnxmerge.contract import read_metadata
+
+    evaluation = {"mnist": load_dataset(shipped(MODELS / "mnist_eval.npz")).take(64),
+                  "fashion": load_dataset(shipped(MODELS / "fashion_eval.npz")).take(64)}
+    rows = zipper_sweep(paths("lenet"), NAMES, {}, evaluation, steps_per_layer=0, latency_budget_s=0.05,
+                        progress=False)
+    assert [r["share"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(a["mac_ratio"] < b["mac_ratio"] for a, b in zip(rows, rows[1:]))
+    x = data()
+    for r in rows[1:]:
+        direct = merge(paths("lenet"), method="zipper", names=NAMES, params={"share": r["share"]})
+        swept = session(r["model"])
+        for task in read_metadata(r["model"]).tasks:
+            np.testing.assert_allclose(run_task(swept, task, x), outputs(direct, x)[task.name], rtol=1e-5, atol=1e-5)
+    written = write_sweep(rows, tmp_path / "lenet.onnx", keep=[2])
+    assert sorted(p.name for p in written) == ["lenet_share2.onnx", "lenet_sweep.json", "lenet_sweep.md",
+                                               "lenet_sweep.png"]
+    assert "| 4 |" in (tmp_path / "lenet_sweep.md").read_text()

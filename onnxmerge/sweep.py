@@ -1,0 +1,136 @@
+"""Progressive zippering: share layers 1, 2, ..., L-1 one at a time, calibrating after each.
+
+The zipper paper (section 3, Table 1, Figures 3-4) merges layer 1 and calibrates, then merges layer 2
+starting from the calibrated model, and so on, giving a sequence of merged models from which the user
+picks one by accuracy and speed. `zipper_sweep` does that and returns one row per model, like the
+paper's Table 1: merged layers, compression, MAC ratio, measured speed-up over the originals in
+separate sessions (batch 1, one thread, ratio of medians in one process), memory, and accuracy per
+task. `write_sweep` writes the models chosen, the table as JSON and Markdown, and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+from tqdm import tqdm
+
+from onnxmerge.calibrate import CalibrationConfig
+from onnxmerge.errors import UsageError
+from onnxmerge.evaluate import evaluate
+from onnxmerge.latency import latency_table
+from onnxmerge.metrics import count_parameters, count_macs, parameter_bytes
+from onnxmerge.saving import save_atomic, write_text_atomic
+
+
+def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict, *,
+                 steps_per_layer: int = 200, calibration: CalibrationConfig | None = None,
+                 depthwise: str = "shared", match: str = "none", latency_budget_s: float = 1.0,
+                 progress: bool = True) -> list[dict]:
+    """Merge with share = 1, 2, ... (each from the previous calibrated model); one row per model.
+
+    Row 0 is the originals (nothing shared). Each row holds the model itself under "model".
+    """
+    from onnxmerge.api import merge
+
+    if not data:
+        raise UsageError("--sweep needs --data TASK=PATH to measure accuracy along the sweep")
+    config = replace(calibration or CalibrationConfig(), steps=steps_per_layer)
+    params = {"depthwise": depthwise, "match": match}
+    base = merge(inputs, method="zipper", names=names, params=params | {"share": 0})
+    originals = {t.name: str(t.path) for t in base.state.tasks}
+    n_layers = len(base.state.tasks[0].layers)
+    rows = [_row(base, originals, data, latency_budget_s)]
+    previous, done = None, 0
+    bar = tqdm(range(1, n_layers), desc="zipper sweep", unit="layer", disable=not progress)
+    for k in bar:
+        if k <= done:
+            continue  # a residual block already shared whole by the previous step
+        result = merge(inputs, method="zipper", names=names, params=params | {"share": k},
+                       calib=calib or None, calibration=config, warm_start=previous)
+        done = result.info.params["share"]
+        previous = result.model
+        rows.append(_row(result, originals, data, latency_budget_s))
+        bar.set_postfix_str(f"share {done}: " + ", ".join(f"{t} {a:.1%}" for t, a in rows[-1]["accuracy"].items()))
+    return rows
+
+
+def _row(result, originals: dict, data: dict, latency_budget_s: float) -> dict:
+    model = result.model
+    ev = evaluate(model, result.info, data, originals, progress=False)
+    lat = latency_table(model, originals, batch_sizes=(1,), threads=(1,), budget_s=latency_budget_s,
+                        progress=False)[0]
+    orig_models = [onnx.load(p) for p in originals.values()]
+    return {
+        "share": result.info.params.get("share", 0),
+        "compression": sum(map(count_parameters, orig_models)) / count_parameters(model),
+        "mac_ratio": sum(map(count_macs, orig_models)) / count_macs(model),
+        "speedup": lat["speedup_vs_originals"],
+        "weight_mb": parameter_bytes(model) / 2**20,
+        "accuracy": {t: r["accuracy"] for t, r in ev.items()},
+        "original_accuracy": {t: r["original_accuracy"] for t, r in ev.items()},
+        "model": model,
+    }
+
+
+def write_sweep(rows: list[dict], stem: str | Path, keep: list[int] | None = None) -> list[Path]:
+    """Write `<stem>_share<K>.onnx` (all, or those in `keep`), `<stem>_sweep.{json,md,png}`."""
+    stem = Path(stem)
+    stem = stem.with_suffix("") if stem.suffix == ".onnx" else stem
+    written = []
+    for r in rows[1:]:
+        if keep is None or r["share"] in keep:
+            written.append(save_atomic(r["model"], f"{stem}_share{r['share']}.onnx"))
+    table = [{k: v for k, v in r.items() if k != "model"} for r in rows]
+    written.append(write_text_atomic(f"{stem}_sweep.json", json.dumps(table, indent=2) + "\n"))
+    written.append(write_text_atomic(f"{stem}_sweep.md", sweep_markdown(table)))
+    png = plot_sweep(table, f"{stem}_sweep.png")
+    if png:
+        written.append(png)
+    return written
+
+
+def sweep_markdown(table: list[dict]) -> str:
+    tasks = list(table[0]["accuracy"])
+    head = ["merged layers", "compression", "MAC ratio", "speed-up (b=1, 1 thread)", "weights MB"]
+    head += [f"{t} accuracy (change)" for t in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        cells = [str(r["share"]), f"{r['compression']:.2f}x", f"{r['mac_ratio']:.2f}x", f"{r['speedup']:.2f}x",
+                 f"{r['weight_mb']:.3f}"]
+        cells += [f"{100 * r['accuracy'][t]:.2f}% ({100 * (r['accuracy'][t] - r['original_accuracy'][t]):+.2f})"
+                  for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(table: list[dict], path: str | Path) -> Path | None:
+    """Accuracy per task and measured speed-up against merged layers (Figures 3-4 of the paper)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("onnxmerge: matplotlib is not installed: the sweep plot was not written "
+              "(pip install matplotlib)")
+        return None
+    k = [r["share"] for r in table]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in table[0]["accuracy"]:
+        ax.plot(k, [100 * r["accuracy"][task] for r in table], marker="o", label=f"{task} accuracy")
+    ax.set_xlabel("merged layers")
+    ax.set_xticks(k)
+    ax.set_ylabel("accuracy (%)")
+    right = ax.twinx()
+    right.plot(k, [r["speedup"] for r in table], color="black", linestyle="--", marker="s", label="speed-up")
+    right.set_ylabel("speed-up over the originals (x)")
+    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(lines, [l.get_label() for l in lines], loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
