@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 import onnxmerge
 from onnxmerge import verify
 from onnxmerge.alignment import parse_pairs
-from onnxmerge.calibrate import CalibrationConfig, calibrate, config_dict
+from onnxmerge.calibrate import CalibrationConfig, calibrate, record_calibration
 from onnxmerge.contract import MergedInfo, TaskInfo, read_metadata, write_metadata
 from onnxmerge.data import check_fits
 from onnxmerge.errors import MergeError, UsageError
@@ -168,8 +168,7 @@ def merge(
         calibrated = calibrate(model, info, {t.name: t.original for t in state.tasks}, calib, calibration,
                                progress=progress)
         model = calibrated.model
-        info.params["calibration"] = config_dict(calibration or CalibrationConfig()) | calibrated.summary()
-        info.fidelity["measured_before_calibration"] = True
+        record_calibration(info, calibration or CalibrationConfig(), calibrated)
     write_metadata(model, info)
     model.producer_name, model.producer_version = "onnxmerge", onnxmerge.__version__
     onnx.checker.check_model(model)

@@ -300,3 +300,9 @@ def perturb_weights(model: onnx.ModelProto, sigma: float, seed: int = 0) -> onnx
 
 def config_dict(config: CalibrationConfig) -> dict[str, Any]:
     return asdict(config)
+
+
+def record_calibration(info: MergedInfo, config: CalibrationConfig, result: CalibrationResult) -> None:
+    """Note the calibration in the merged model's metadata (the fidelity figures predate it)."""
+    info.params["calibration"] = config_dict(config) | result.summary()
+    info.fidelity["measured_before_calibration"] = True

@@ -224,7 +224,7 @@ def _sweep(args, names, data, calib, config) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from onnxmerge.calibrate import calibrate, config_dict, init_distributed
+    from onnxmerge.calibrate import calibrate, config_dict, init_distributed, record_calibration
     from onnxmerge.contract import write_metadata
     from onnxmerge.evaluate import evaluate
     from onnxmerge.saving import check_output_path, save_atomic
@@ -244,8 +244,7 @@ def cmd_calibrate(args) -> int:
     result = calibrate(model, info, originals, calib, config, progress=not args.quiet and rank == 0)
     if rank != 0:
         return 0  # one writer: the first process
-    info.params["calibration"] = config_dict(config) | result.summary()
-    info.fidelity["measured_before_calibration"] = True
+    record_calibration(info, config, result)
     write_metadata(result.model, info)
     save_atomic(result.model, args.output)
     _print_report(result.model, args.output, info, originals, data, args,
@@ -255,22 +254,16 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from onnxmerge.alignment import Alignment, align, format_alignment, parse_pairs
+    from onnxmerge.alignment import format_alignment, parse_pairs
     from onnxmerge.api import load_tasks, normalise_passes
-    from onnxmerge.layers import format_layers, layer_view
+    from onnxmerge.layers import format_layers
     from onnxmerge.pass_manager import PassManager
+    from onnxmerge.passes.align_layers import AlignLayersPass
 
-    state = PassManager(normalise_passes()).run(load_tasks(args.inputs))
-    for t in state.tasks:
-        t.layers = layer_view(t.graph, t.name)
-    alignments = []
+    pairs = parse_pairs(args.align) if args.align else None
+    state = PassManager([*normalise_passes(), AlignLayersPass(pairs)]).run(load_tasks(args.inputs))
     first = state.tasks[0]
-    for k, other in enumerate(state.tasks[1:]):
-        if args.align and k == 0:
-            al = Alignment.of(first.name, first.layers, other.name, other.layers, parse_pairs(args.align), "user")
-        else:
-            al = align(first.name, first.layers, other.name, other.layers)
-        alignments.append((al, other))
+    alignments = list(zip(state.alignments, state.tasks[1:]))
     if args.json:
         print(json.dumps({"models": {t.name: {"path": str(t.path), "layers": [l.to_dict() for l in t.layers]}
                                      for t in state.tasks},
@@ -286,8 +279,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import onnx
-
     path = Path(args.model)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
