@@ -144,3 +144,24 @@ def test_sweep_without_calibration_equals_direct_merges(tmp_path):
     assert sorted(p.name for p in written) == ["lenet_share2.onnx", "lenet_sweep.json", "lenet_sweep.md",
                                                "lenet_sweep.png"]
     assert "| 4 |" in (tmp_path / "lenet_sweep.md").read_text()
+
+
+@pytest.mark.parametrize("pair", ["lenet", "mobilenet"])
+def test_hungarian_matching_undoes_a_channel_shuffle_before_averaging(pair, tmp_path):
+    """B = A with its hidden channels shuffled (same function, arbitrary channel order): zipping all
+    layers with --match hungarian averages A with a re-ordered copy of itself and so reproduces A
+    for both tasks; --match none averages unrelated channels and does not."""
+    from test_match_channels import prepared, shuffle_hidden_channels
+
+    a = shipped(MODELS / PAIRS[pair][0])
+    state = prepared(a, a)
+    shuffle_hidden_channels(state)
+    shuffled = tmp_path / "shuffled.onnx"
+    onnx.save(task_model(state.tasks[1], state), str(shuffled))
+    x = data()
+    ref = session(onnx.load(str(a))).run(None, {"input": x})[0]
+    matched = merge([a, shuffled], method="zipper", names=NAMES, params={"match": "hungarian"}, verify_passes=True)
+    plain = merge([a, shuffled], method="zipper", names=NAMES)
+    for name in NAMES:
+        np.testing.assert_allclose(outputs(matched, x)[name], ref, rtol=1e-4, atol=1e-4)
+    assert np.max(np.abs(outputs(plain, x)["mnist"] - ref)) > 0.1

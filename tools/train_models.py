@@ -203,6 +203,10 @@ SPECS = [
     Spec("mobilenet_fashion", "tests", "mobilenet", "fashion-mnist", epochs=2, lr=4e-3),
     Spec("resnet_mnist", "tests", "resnet", "mnist", epochs=2, lr=4e-3),
     Spec("resnet_fashion", "tests", "resnet", "fashion-mnist", epochs=2, lr=4e-3),
+    # independently initialised twins (seed 1): their channels are in an arbitrary order relative to
+    # the seed-0 models', which is what channel matching (zipper --match hungarian) is for
+    Spec("lenet_fashion_seed1", "tests", "lenet", "fashion-mnist", epochs=2, lr=2e-3, seed=1),
+    Spec("mobilenet_fashion_seed1", "tests", "mobilenet", "fashion-mnist", epochs=2, lr=4e-3, seed=1),
 ]
 
 # the eval subsets: (group, dataset) -> (file name, how many of the test split; None = all)
