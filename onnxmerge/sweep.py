@@ -42,7 +42,7 @@ def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict,
     base = merge(inputs, method="zipper", names=names, params=params | {"share": 0})
     originals = {t.name: str(t.path) for t in base.state.tasks}
     n_layers = len(base.state.tasks[0].layers)
-    rows = [_row(base, originals, data, latency_budget_s)]
+    rows = [_row(base, originals, data, latency_budget_s, reference=None)]
     previous, done = None, 0
     bar = tqdm(range(1, n_layers), desc="zipper sweep", unit="layer", disable=not progress)
     for k in bar:
@@ -52,14 +52,15 @@ def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict,
                        calib=calib or None, calibration=config, warm_start=previous)
         done = result.info.params["share"]
         previous = result.model
-        rows.append(_row(result, originals, data, latency_budget_s))
+        rows.append(_row(result, originals, data, latency_budget_s, reference=rows[0]["original_accuracy"]))
         bar.set_postfix_str(f"share {done}: " + ", ".join(f"{t} {a:.1%}" for t, a in rows[-1]["accuracy"].items()))
     return rows
 
 
-def _row(result, originals: dict, data: dict, latency_budget_s: float) -> dict:
+def _row(result, originals: dict, data: dict, latency_budget_s: float, reference: dict | None) -> dict:
+    """One line of the table; `reference`: the originals' accuracy, measured once in the first row."""
     model = result.model
-    ev = evaluate(model, result.info, data, originals, progress=False)
+    ev = evaluate(model, result.info, data, None if reference else originals, progress=False)
     lat = latency_table(model, originals, batch_sizes=(1,), threads=(1,), budget_s=latency_budget_s,
                         progress=False)[0]
     orig_models = [onnx.load(p) for p in originals.values()]
@@ -70,7 +71,7 @@ def _row(result, originals: dict, data: dict, latency_budget_s: float) -> dict:
         "speedup": lat["speedup_vs_originals"],
         "weight_mb": parameter_bytes(model) / 2**20,
         "accuracy": {t: r["accuracy"] for t, r in ev.items()},
-        "original_accuracy": {t: r["original_accuracy"] for t, r in ev.items()},
+        "original_accuracy": reference or {t: r["original_accuracy"] for t, r in ev.items()},
         "model": model,
     }
 

@@ -25,8 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
 
 PAIRS = {
-    "lenet": ("LeNet pair", ["lenet_mnist.onnx", "lenet_fashion.onnx"]),
-    "mobilenet": ("MobileNet-style pair (depthwise-separable)", ["mobilenet_mnist.onnx", "mobilenet_fashion.onnx"]),
+    "lenet": ("LeNet pair, one initialisation (seed 0 for both, like two fine-tunings of one pre-trained net)",
+              ["lenet_mnist.onnx", "lenet_fashion.onnx"]),
+    "mobilenet": ("MobileNet-style pair (depthwise-separable), one initialisation",
+                  ["mobilenet_mnist.onnx", "mobilenet_fashion.onnx"]),
+    "lenet-indep": ("LeNet pair, independent initialisations (seed 0 and seed 1)",
+                    ["lenet_mnist.onnx", "lenet_fashion_seed1.onnx"]),
+    "mobilenet-indep": ("MobileNet-style pair, independent initialisations (seed 0 and seed 1)",
+                        ["mobilenet_mnist.onnx", "mobilenet_fashion_seed1.onnx"]),
 }
 DATA = {"mnist": "mnist", "fashion": "fashion-mnist"}
 PAPER = ("Paper (MobileNet-224, ImageNet tasks, Table 1): merging blocks 1-4 of 13 costs under 2 points "
@@ -36,7 +42,7 @@ PAPER = ("Paper (MobileNet-224, ImageNet tasks, Table 1): merging blocks 1-4 of 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pairs", default="lenet,mobilenet")
+    p.add_argument("--pairs", default=",".join(PAIRS))
     p.add_argument("--matches", default="none,hungarian")
     p.add_argument("--steps-per-layer", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
