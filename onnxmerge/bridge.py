@@ -40,13 +40,12 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
 from onnxmerge.errors import MergeError
+from onnxmerge.graphs import FLOAT_TYPES
 
 __all__ = ["OPS", "register_op", "OnnxModule", "to_module"]
 
 OPS: dict[str, Callable] = {}
 
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.BFLOAT16}
 _MIN_OPSET = 13  # Softmax's axis semantics and Squeeze/Unsqueeze's axes input date from opset 13
 
 
@@ -346,7 +345,7 @@ class OnnxModule(torch.nn.Module):
         values = [(t.name, numpy_helper.to_array(t), t.data_type) for t in graph.initializer]
         values += [(n.output[0], *_constant_value(n)) for n in graph.node if n.op_type == "Constant"]
         for name, array, dtype in values:
-            self._add_value(name, array, dtype in _FLOAT_TYPES)
+            self._add_value(name, array, dtype in FLOAT_TYPES)
 
         frozen = set(frozen)
         unknown = sorted(frozen - set(self.attribute_of))
@@ -466,7 +465,7 @@ class OnnxModule(torch.nn.Module):
             return array.astype(helper.tensor_dtype_to_np_dtype(dtype))
 
         for i, t in enumerate(out.graph.initializer):
-            if t.data_type in _FLOAT_TYPES and t.name in self.attribute_of:
+            if t.data_type in FLOAT_TYPES and t.name in self.attribute_of:
                 out.graph.initializer[i].CopyFrom(numpy_helper.from_array(value(t.name, t.data_type, t.dims), t.name))
         for node in out.graph.node:
             if node.op_type != "Constant" or node.output[0] not in self._float_names:

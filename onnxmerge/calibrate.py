@@ -33,7 +33,7 @@ import onnx
 from onnxmerge.contract import MergedInfo, TaskInfo
 from onnxmerge.data import check_fits
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.graphs import input_signature
+from onnxmerge.graphs import FLOAT_TYPES, input_signature
 
 
 @dataclass
@@ -192,13 +192,11 @@ _NOT_WEIGHTS = {"Clip": (1, 2), "BatchNormalization": (3, 4), "Pad": (1, 2, 3)}
 
 def trainable_names(model: onnx.ModelProto) -> set[str]:
     """The initializers calibration trains: every float initializer except the settings above."""
-    floats = {i.name for i in model.graph.initializer if i.data_type in _FLOAT_TYPES}
+    floats = {i.name for i in model.graph.initializer if i.data_type in FLOAT_TYPES}
     floats |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     settings = {n.input[k] for n in model.graph.node for k in _NOT_WEIGHTS.get(n.op_type, ()) if k < len(n.input)}
     return floats - settings
 
-
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 def _teacher_input(model: onnx.ModelProto) -> str:

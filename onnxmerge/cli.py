@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUTPUT_share<K>.onnx per step and OUTPUT_sweep.{json,md,png}")
     g.add_argument("--steps-per-layer", type=int, default=200, help="calibration steps after each layer (default 200)")
     g.add_argument("--keep", metavar="K,K", help="write only these steps' models (default: all)")
+    g.add_argument("--sweep-to", type=int, metavar="K", help="stop after sharing K layers (default: all but the heads)")
     _report_args(p)
     _calib_args(p, required=False)
     _common(p)
@@ -216,7 +217,7 @@ def _sweep(args, names, data, calib, config) -> int:
     rows = zipper_sweep(args.inputs, names, calib, data, steps_per_layer=args.steps_per_layer,
                         calibration=config, depthwise=params.get("depthwise", "shared"),
                         match=params.get("match", "none"), latency_budget_s=args.latency_budget,
-                        progress=not args.quiet)
+                        up_to=args.sweep_to, progress=not args.quiet)
     written = write_sweep(rows, args.output, keep)
     print(sweep_markdown([{k: v for k, v in r.items() if k != "model"} for r in rows]))
     print("wrote " + ", ".join(str(p) for p in written))

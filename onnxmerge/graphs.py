@@ -13,6 +13,11 @@ import onnxruntime as ort
 from onnxmerge.errors import MergeError
 
 
+# the floating-point element types onnxmerge trains and averages
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                         onnx.TensorProto.BFLOAT16})
+
+
 def to_model(graph: gs.Graph, opset: int, ir_version: int) -> onnx.ModelProto:
     """Export a gs graph to a ModelProto of the given opset and IR version."""
     graph.opset = opset

@@ -39,11 +39,11 @@ import onnx
 from onnx import TensorProto, shape_inference
 
 from onnxmerge.errors import MergeError
+from onnxmerge.graphs import FLOAT_TYPES
 
 SHAPE_CONSTANT_MAX = 16
 
-_FLOAT_TYPES = {
-    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16,
+_FLOAT_TYPES = set(FLOAT_TYPES) | {
     TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
     TensorProto.FLOAT8E5M2FNUZ,
 }

@@ -28,8 +28,9 @@ from onnxmerge.saving import save_atomic, write_text_atomic
 def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict, *,
                  steps_per_layer: int = 200, calibration: CalibrationConfig | None = None,
                  depthwise: str = "shared", match: str = "none", latency_budget_s: float = 1.0,
-                 progress: bool = True) -> list[dict]:
-    """Merge with share = 1, 2, ... (each from the previous calibrated model); one row per model.
+                 up_to: int | None = None, progress: bool = True) -> list[dict]:
+    """Merge with share = 1, 2, ..., `up_to` (default: all layers but the heads), each step starting
+    from the previous calibrated model; one row per model.
 
     Row 0 is the originals (nothing shared). Each row holds the model itself under "model".
     """
@@ -44,7 +45,8 @@ def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict,
     n_layers = len(base.state.tasks[0].layers)
     rows = [_row(base, originals, data, latency_budget_s, reference=None)]
     previous, done = None, 0
-    bar = tqdm(range(1, n_layers), desc="zipper sweep", unit="layer", disable=not progress)
+    last = n_layers - 1 if up_to is None else min(up_to, n_layers - 1)
+    bar = tqdm(range(1, last + 1), desc="zipper sweep", unit="layer", disable=not progress)
     for k in bar:
         if k <= done:
             continue  # a residual block already shared whole by the previous step

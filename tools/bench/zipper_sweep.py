@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-layer", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--latency-budget", type=float, default=3.0, help="seconds of timing per model")
+    p.add_argument("--sweep-to", type=int, help="stop after sharing this many layers")
+    p.add_argument("--section", default="zipper_sweep", help="the BENCHMARKS.md section to write")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
 
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     calib = {t: load_named(d, "train") for t, d in DATA.items()}
     test = {t: load_named(d, "test") for t, d in DATA.items()}
     config = CalibrationConfig(lr=args.lr)
-    lines = ["## Zipper: progressive sweeps (Table 1 of the paper, on our pairs)", "",
+    title = "progressive sweeps (Table 1 of the paper, on our pairs)" if args.sweep_to is None else \
+        f"progressive sweeps up to {args.sweep_to} shared layers"
+    lines = [f"## Zipper: {title}, {args.steps_per_layer} calibration steps per layer", "",
              "Written by `tools/bench/zipper_sweep.py`; rerun it to update this section.", "",
              f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- command: `python {shlex.join(['tools/bench/zipper_sweep.py', *argv])}`",
@@ -77,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         for match in args.matches.split(","):
             t0 = time.perf_counter()
             rows = zipper_sweep(inputs, list(DATA), calib, test, steps_per_layer=args.steps_per_layer,
-                                calibration=config, match=match, latency_budget_s=args.latency_budget)
+                                calibration=config, match=match, latency_budget_s=args.latency_budget,
+                                up_to=args.sweep_to)
             table = sweep_markdown([{k: v for k, v in r.items() if k != "model"} for r in rows])
             lines += [f"### {title}, match {match} ({time.perf_counter() - t0:.0f} s)", "", table.strip(), ""]
             print("\n".join(lines[-4:]), flush=True)
     if not args.no_write:
-        write_section(BENCHMARKS, "zipper_sweep", "\n".join(lines))
+        write_section(BENCHMARKS, args.section, "\n".join(lines))
         print(f"updated {BENCHMARKS}")
     return 0
 
