@@ -161,8 +161,8 @@ def merge(
         version=onnxmerge.__version__,
         method=chosen.name,
         params=state.params,
-        tasks=[TaskInfo(t.name, str(t.path.resolve()), t.sha256, t.input_map, t.output_map, t.layer_map)
-               for t in state.tasks],
+        tasks=[TaskInfo(t.name, str(t.path.resolve()), t.sha256, t.input_map, t.output_map, t.layer_map,
+                        t.channel_order) for t in state.tasks],
         fidelity={"max_rel_diff_random_inputs": fidelity, "alignment": [a.to_dict() for a in state.alignments]},
     )
     if calib:

@@ -90,6 +90,7 @@ class _TaskPlan:
     teacher_input: str
     teacher_output: str
     layers: list[tuple[str, str]]  # (merged tensor, original tensor)
+    channels: dict[str, list[int]]  # original tensor -> its channel order in the merged model
     x: np.ndarray
     y: np.ndarray | None
 
@@ -161,7 +162,7 @@ def calibrate(model: onnx.ModelProto, info: MergedInfo, teachers: dict[str, onnx
             terms["ce"] = config.label_weight * F.cross_entropy(logits, y)
         if plan.layers and config.layer_loss_weight > 0:
             terms["layer"] = config.layer_loss_weight * sum(
-                (got[m] - ref[o]).abs().mean() for m, o in plan.layers)
+                (got[m] - _in_order(ref[o], plan.channels.get(o))).abs().mean() for m, o in plan.layers)
         if config.distill_weight > 0:
             t = config.temperature
             terms["kd"] = config.distill_weight * t * t * F.kl_div(
@@ -218,8 +219,14 @@ def _plan(model: onnx.ModelProto, task: TaskInfo, teacher: onnx.ModelProto | Non
     teacher_tensors = _tensor_names(teacher)
     layers = [(m, o) for o, m in task.layers.items() if m in tensors and o in teacher_tensors and o != orig_out]
     y = ds.y if (ds.y is not None and config.use_labels) else None
-    return _TaskPlan(task, merged_in, merged_out, _teacher_input(teacher), orig_out, layers, np.ascontiguousarray(ds.x, np.float32),
+    return _TaskPlan(task, merged_in, merged_out, _teacher_input(teacher), orig_out, layers, task.channels,
+                     np.ascontiguousarray(ds.x, np.float32),
                      None if y is None else y.astype(np.int64))
+
+
+def _in_order(tensor, order: list[int] | None):
+    """The teacher's layer output with its channels (axis 1) in the merged model's order."""
+    return tensor if order is None else tensor[:, order]
 
 
 def _tensor_names(model: onnx.ModelProto) -> set[str]:

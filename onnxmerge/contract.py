@@ -5,10 +5,12 @@ A merged model carries, in `metadata_props`:
     onnxmerge.version   the onnxmerge version that wrote it
     onnxmerge.method    the method's registry name (pack, zipper, codebook, mtz)
     onnxmerge.params    JSON: the method's parameters
-    onnxmerge.tasks     JSON: a list of {name, source, sha256, inputs, outputs, layers}, where inputs,
-                        outputs and layers (the weight-bearing layers' output tensors) map each
-                        original tensor name to its name in the merged model
-    onnxmerge.fidelity  JSON: the measured fidelity (max abs difference to the originals per task, ...)
+    onnxmerge.tasks     JSON: a list of {name, source, sha256, inputs, outputs, layers, channels}, where
+                        inputs, outputs and layers (the weight-bearing layers' output tensors) map
+                        each original tensor name to its name in the merged model, and channels
+                        gives a layer's channel order where channel matching permuted it
+    onnxmerge.fidelity  JSON: the measured fidelity (per task, the max abs difference to the original on
+                        seeded random inputs, relative to the output magnitude) and the alignment
 
 Outputs are named `<task>/<original name>`; inputs are shared (original name kept) when the tasks take
 the same input, else `<task>/<original name>`.
@@ -36,6 +38,8 @@ class TaskInfo:
     outputs: dict[str, str]  # original output name -> merged output name
     # original layer output tensor -> the merged tensor that stands for it (per-layer calibration loss)
     layers: dict[str, str] = field(default_factory=dict)
+    # original layer output tensor -> channel order in the merged model, where channels were permuted
+    channels: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

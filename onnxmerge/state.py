@@ -39,6 +39,9 @@ class Task:
     output_map: dict[str, str] = field(default_factory=dict)
     # original layer output tensor -> merged tensor (methods that share a layer point it at the shared one)
     layer_map: dict[str, str] = field(default_factory=dict)
+    # original layer output tensor -> its channel order in the merged graph (channel matching):
+    # merged channel c holds original channel order[c]
+    channel_order: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -162,6 +162,9 @@ class MatchChannelsPass(TaskPass):
                 f"{'' if r['permuted'] else ' (already matched)'}")
         if not any(r["permuted"] for r in rows):
             return False
+        # calibration compares this task's layer outputs with its original's: record the new order
+        task.channel_order.update({task.layers[r["layer"]].output: [int(c) for c in r["perm"]]
+                                   for r in rows if r["permuted"]})
         consts = graph.tensors()
         for name, values in arrays.items():
             consts[name].values = values
@@ -548,7 +551,8 @@ def _match(graph_a, graph_b, la: list[Layer], lb: list[Layer], k: int, steps: li
         p = problem.out_perm(i)
         permuted = not np.array_equal(p, np.arange(len(p)))
         rows.append({"layer": i, "node": lb[i].node, "kind": "dwconv" if lb[i].depthwise else lb[i].kind,
-                     "before": before[i], "after": problem.layer_sim(i), "permuted": permuted})
+                     "before": before[i], "after": problem.layer_sim(i), "permuted": permuted,
+                     "perm": _expand(p, lb[i].out_channels)})
         for e in steps[i].own + steps[i].edits:
             a = arrays.get(e.const.name, e.const.values)
             arrays[e.const.name] = np.take(a, _expand(p, a.shape[e.axis]), axis=e.axis)

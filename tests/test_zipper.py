@@ -165,3 +165,25 @@ def test_hungarian_matching_undoes_a_channel_shuffle_before_averaging(pair, tmp_
     for name in NAMES:
         np.testing.assert_allclose(outputs(matched, x)[name], ref, rtol=1e-4, atol=1e-4)
     assert np.max(np.abs(outputs(plain, x)["mnist"] - ref)) > 0.1
+
+
+def test_layer_loss_follows_matched_channel_order(tmp_path):
+    """After channel matching, the per-layer calibration loss compares each task's layers with its
+    original in the matched order: for B = A with shuffled channels, merged == both originals, so
+    every loss term starts at zero."""
+    from test_match_channels import prepared, shuffle_hidden_channels
+
+    from onnxmerge.calibrate import CalibrationConfig, calibrate
+
+    a = shipped(MODELS / "lenet_mnist.onnx")
+    state = prepared(a, a)
+    shuffle_hidden_channels(state)
+    shuffled = tmp_path / "shuffled.onnx"
+    onnx.save(task_model(state.tasks[1], state), str(shuffled))
+    result = merge([a, shuffled], method="zipper", names=NAMES, params={"share": 2, "match": "hungarian"})
+    assert result.info.tasks[1].channels and not result.info.tasks[0].channels
+    ds = load_dataset(shipped(MODELS / "mnist_eval.npz")).take(64)
+    out = calibrate(result.model, result.info, {"mnist": a, "fashion": shuffled}, {"mnist": ds, "fashion": ds},
+                    CalibrationConfig(steps=2, batch_size=32, lr=1e-12, use_labels=False), progress=False)
+    for h in out.history:
+        assert h["layer"] < 1e-5 and h["kd"] < 1e-5, h
