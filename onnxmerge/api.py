@@ -60,7 +60,7 @@ def task_names(paths: list[Path], names: list[str] | None) -> list[str]:
         names = []
         for p in paths:
             stem = re.sub(r"[^A-Za-z0-9_.-]", "_", p.stem) or "task"
-            stem = f"t{stem}" if stem[0].isdigit() else stem
+            stem = stem if re.match(r"[A-Za-z_]", stem) else f"t{stem}"
             name, k = stem, 2
             while name in names:
                 name, k = f"{stem}_{k}", k + 1
@@ -83,7 +83,7 @@ def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: 
     models, opset, ir_version = reconcile_versions(models, opset)
     # each task imports its own copy: graphsurgeon's lazily loaded constants keep pointing at the
     # model's TensorProtos and rename them on export, so two tasks from one file must not share them
-    tasks = [Task(name=n, original=models[str(p)], graph=gs.import_onnx(_copy(models[str(p)])), path=p,
+    tasks = [Task(name=n, original=models[str(p)], graph=_named(gs.import_onnx(_copy(models[str(p)]))), path=p,
                   sha256=file_sha256(p)) for n, p in zip(names, paths)]
     return MergeState(tasks=tasks, opset=opset, ir_version=ir_version)
 
@@ -98,6 +98,19 @@ def check_task_data(state: MergeState, data: dict, flag: str = "--data") -> None
             raise MergeError(f"task {name!r} has {len(inputs)} inputs; data for one input only is supported")
         elem, dims = input_signature(inputs[0])
         check_fits(ds, dims, elem, where=f"task {name!r}", input_name=inputs[0].name)
+
+
+def _named(graph: gs.Graph) -> gs.Graph:
+    """Give unnamed nodes deterministic, unique names: layers, errors and passes refer to nodes by name."""
+    taken = {n.name for n in graph.nodes if n.name}
+    for k, node in enumerate(graph.nodes):
+        if not node.name:
+            name, j = f"{node.op}_{k}", 1
+            while name in taken:
+                name, j = f"{node.op}_{k}_{j}", j + 1
+            node.name = name
+            taken.add(name)
+    return graph
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -197,7 +197,8 @@ def _reshape(node, inputs, attrs):
 @register_op("Flatten")
 def _flatten(node, inputs, attrs):
     x = inputs[0]
-    axis = attrs.get("axis", 1) % (x.dim() + 1) if x.dim() else 0
+    axis = attrs.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis  # ONNX: axis in [-rank, rank]
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxmerge.contract import MergedInfo, TaskInfo
+from onnxmerge.contract import MergedInfo, TaskInfo, logits_output
 from onnxmerge.data import check_fits
 from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.graphs import FLOAT_TYPES, input_signature
@@ -214,7 +214,7 @@ def _plan(model: onnx.ModelProto, task: TaskInfo, teacher: onnx.ModelProto | Non
     graph_inputs = {i.name: i for i in model.graph.input}
     elem, dims = input_signature(graph_inputs[merged_in])
     check_fits(ds, dims, elem, where=f"--calib {task.name}", input_name=merged_in)
-    orig_out, merged_out = next(iter(task.outputs.items()))
+    orig_out, merged_out = logits_output(task, {o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output})
     tensors = _tensor_names(model)
     teacher_tensors = _tensor_names(teacher)
     layers = [(m, o) for o, m in task.layers.items() if m in tensors and o in teacher_tensors and o != orig_out]

@@ -91,13 +91,13 @@ def _calib_config(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxmerge", description="Merge well-trained ONNX networks into one multi-task model.")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{merge,inspect,eval,demo,methods}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{merge,inspect,eval,calibrate,demo,methods}")
 
     p = sub.add_parser("merge", help="merge models (the default command: 'onnxmerge a.onnx b.onnx -o m.onnx')")
     p.add_argument("inputs", nargs="+", metavar="MODEL.onnx")
     p.add_argument("-o", "--output", required=True, metavar="MERGED.onnx")
     p.add_argument("--method", default="auto", choices=["auto", *METHODS],
-                   help="merging method (see 'onnxmerge methods'); auto picks the best available")
+                   help="merging method (see 'onnxmerge methods'); auto picks pack")
     p.add_argument("--names", help="comma-separated task names (default: the input file names)")
     p.add_argument("--separate-inputs", action="store_true", help="one input per task even when they agree")
     p.add_argument("--align", metavar="PAIRS", help="layer mapping between the first two models, e.g. 0=0,1=2")
@@ -189,6 +189,7 @@ def cmd_merge(args) -> int:
     from onnxmerge.api import merge
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
+    _check_report_path(args, [*args.inputs, args.output])
     data = _load_data(args.data)  # refuse bad data before any work
     calib = _load_data(args.calib)
     config = _calib_config(args) if calib else None
@@ -212,8 +213,19 @@ def _sweep(args, names, data, calib, config) -> int:
     params = _method_params(args)
     if "share" in params:
         raise UsageError("--sweep shares 1, 2, ... layers in turn: leave out --share")
+    ignored = [flag for flag, given in (("--separate-inputs", args.separate_inputs), ("--align", args.align),
+                                        ("--opset", args.opset), ("--verify", args.verify),
+                                        ("--dump-dir", args.dump_dir), ("--report", args.report),
+                                        ("--no-latency", args.no_latency)) if given]
+    if ignored:
+        raise UsageError(f"--sweep does not take {', '.join(ignored)} (it writes its own table and measures speed)")
+    if not calib:
+        raise UsageError("--sweep calibrates after each shared layer: give --calib TASK=PATH for the tasks")
     check_output_path(args.output, args.inputs)
-    keep = [int(k) for k in args.keep.split(",")] if args.keep else None
+    try:
+        keep = [int(k) for k in args.keep.split(",")] if args.keep else None
+    except ValueError:
+        raise UsageError(f"--keep {args.keep}: give layer counts like 2,4") from None
     rows = zipper_sweep(args.inputs, names, calib, data, steps_per_layer=args.steps_per_layer,
                         calibration=config, depthwise=params.get("depthwise", "shared"),
                         match=params.get("match", "none"), latency_budget_s=args.latency_budget,
@@ -233,11 +245,12 @@ def cmd_calibrate(args) -> int:
     path = Path(args.model)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
-    check_output_path(args.output, [path])
     config = _calib_config(args)
     model = _load_any(path)
     info = read_metadata(model, str(path))
     originals = _find_originals(info, args.original, path)
+    check_output_path(args.output, [path, *originals.values()])
+    _check_report_path(args, [path, args.output, *originals.values()])
     calib = _load_data(args.calib)
     data = _load_data(args.data)
     rank, world = init_distributed(config.device)
@@ -286,6 +299,7 @@ def cmd_eval(args) -> int:
     model = _load_any(path)
     info = read_metadata(model, str(path))
     originals = _find_originals(info, args.original, path)
+    _check_report_path(args, [path, *originals.values()])
     data = _load_data(args.data)
     report = _print_report(model, path, info, originals, data, args, quiet_text=args.json)
     if args.json:
@@ -329,12 +343,26 @@ def _load_data(items: list[str]) -> dict:
     return {task: load_dataset(p) for task, p in parse_task_paths(items).items()}
 
 
+def _check_report_path(args, files: list) -> None:
+    """--report must not overwrite a model and its folder must exist: checked before any work."""
+    from onnxmerge.saving import check_output_path
+
+    if getattr(args, "report", None):
+        check_output_path(args.report, [f for f in files if f])
+
+
 def _find_originals(info, given: list[str], path: Path) -> dict[str, str]:
     """The original model of every task: --original TASK=PATH, else the recorded source if unchanged."""
     from onnxmerge.data import parse_task_paths
     from onnxmerge.loading import file_sha256
 
     originals = parse_task_paths(given)
+    names = [t.name for t in info.tasks]
+    for task, file in originals.items():
+        if task not in names:
+            raise UsageError(f"--original {task}=...: no task named {task!r} in {path} (tasks: {', '.join(names)})")
+        if not Path(file).is_file():
+            raise UsageError(f"--original {task}={file}: no such file")
     for t in info.tasks:
         if t.name not in originals and Path(t.source).is_file() and file_sha256(t.source) == t.sha256:
             originals[t.name] = t.source

@@ -89,3 +89,12 @@ def read_metadata(model: onnx.ModelProto, path: str = "model") -> MergedInfo:
         )
     except (ValueError, TypeError) as e:
         raise MergeError(f"{path}: unreadable onnxmerge metadata ({e})") from None
+
+
+def logits_output(task: TaskInfo, ranks: dict[str, int]) -> tuple[str, str]:
+    """(original, merged) name of the output that evaluation and calibration read as the task's
+    class scores: its first output of rank 2 (batch, classes), given each merged output's rank."""
+    for orig, merged in task.outputs.items():
+        if ranks.get(merged) == 2:
+            return orig, merged
+    raise MergeError(f"task {task.name!r}: no output of shape (batch, classes) among {', '.join(task.outputs)}")

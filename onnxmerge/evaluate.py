@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from onnxmerge.contract import MergedInfo, TaskInfo
+from onnxmerge.contract import MergedInfo, TaskInfo, logits_output
 from onnxmerge.data import Dataset, check_fits
 from onnxmerge.errors import MergeError
 from onnxmerge.graphs import input_dtype
@@ -60,10 +60,11 @@ def _task_input(session: ort.InferenceSession, info: TaskInfo):
 
 def run_task(session: ort.InferenceSession, info: TaskInfo, x: np.ndarray, batch_size: int = 256,
              on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """The task's first output on `x` (run in batches), with zeros fed to the other tasks' inputs."""
+    """The task's class scores (`logits_output`) on `x`, run in batches, with zeros fed to the other
+    tasks' inputs."""
     arg = _task_input(session, info)
     _check_fits(arg, x, info.name)
-    output = next(iter(info.outputs.values()))
+    output = logits_output(info, {o.name: len(o.shape) for o in session.get_outputs()})[1]
     others = [a for a in session.get_inputs() if a.name != arg.name]
     for a in others:
         if any(not isinstance(d, int) for d in a.shape[1:]):
@@ -80,15 +81,16 @@ def run_task(session: ort.InferenceSession, info: TaskInfo, x: np.ndarray, batch
 
 
 def run_original(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 256,
-                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """The first output of a single-task model on `x`, run in batches."""
+                 on_batch: Callable[[int], None] | None = None, output: str | None = None) -> np.ndarray:
+    """Output `output` (default: the first of rank 2) of a single-task model on `x`, run in batches."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise MergeError(f"original model has {len(inputs)} inputs; evaluation supports one")
     arg = inputs[0]
     _check_fits(arg, x, "original")
     dtype = input_dtype(arg)
-    output = session.get_outputs()[0].name
+    if output is None:
+        output = next((o.name for o in session.get_outputs() if len(o.shape) == 2), session.get_outputs()[0].name)
     return _batches(session, output, x, lambda c: {arg.name: np.ascontiguousarray(c, dtype=dtype)},
                     batch_size, on_batch)
 
@@ -130,7 +132,8 @@ def evaluate(merged_model: onnx.ModelProto | str | os.PathLike, info: MergedInfo
             r = {"source": ds.source, "n": int(len(ds.x)),
                  "accuracy": None if ds.y is None else float(np.mean(pred == ds.y))}
             if originals is not None:
-                ref = run_original(orig_sessions[name], ds.x, batch_size, bar.update)
+                orig_output = logits_output(tasks[name], {o.name: len(o.shape) for o in merged.get_outputs()})[0]
+                ref = run_original(orig_sessions[name], ds.x, batch_size, bar.update, output=orig_output)
                 if ref.shape != out.shape:
                     raise MergeError(f"task {name!r}: merged output shape {out.shape} differs from "
                                      f"the original's {ref.shape}")

@@ -22,7 +22,7 @@ def check_output_path(output: str | Path, inputs: list[str | Path]) -> Path:
     out = Path(output)
     if out.is_dir():
         raise UsageError(f"{out}: is a folder; give a file name for the merged model")
-    if not out.parent.exists() if str(out.parent) else False:
+    if not out.parent.exists():
         raise UsageError(f"{out}: the output folder {out.parent} does not exist")
     for src in inputs:
         if out.exists() and Path(src).exists() and os.path.samefile(out, src):
@@ -36,6 +36,9 @@ def save_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a model file is as readable as any
     try:
         if model.ByteSize() > PROTOBUF_LIMIT:
             data = path.name + ".data"

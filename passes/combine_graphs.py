@@ -34,8 +34,8 @@ class CombineGraphsPass(Pass):
             originals = [t.name for t in graph.inputs]
             for tensor in graph.tensors().values():
                 tensor.name = prefix + tensor.name
-            for node in graph.nodes:
-                node.name = prefix + (node.name or f"{node.op}_{id(node)}")
+            for k, node in enumerate(graph.nodes):
+                node.name = prefix + (node.name or f"{node.op}_{k}")
             for k, tensor in enumerate(list(graph.inputs)):
                 if share:
                     _replace_uses(tensor, shared_inputs[k])

@@ -41,7 +41,7 @@ class FoldBatchNormPass(TaskPass):
             bias = _bias_values(layer, n_out)
             weight.values = (w * scale.reshape(shape)).astype(weight.values.dtype)
             new_bias = (scale * (bias - mean) + beta).astype(weight.values.dtype)
-            bias_const = gs.Constant(f"{bn.name}_folded_bias", new_bias)
+            bias_const = gs.Constant(f"{bn.outputs[0].name}_folded_bias", new_bias)  # tensor names are unique
             if len(layer.inputs) > 2:
                 layer.inputs[2] = bias_const
             else:

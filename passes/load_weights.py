@@ -16,8 +16,8 @@ from onnx import numpy_helper
 
 from onnxmerge.errors import MergeError
 from onnxmerge.pass_manager import TaskPass
+from onnxmerge.passes.zip_layers import SHARED
 
-SHARED = "shared/"
 
 
 class LoadWeightsPass(TaskPass):
@@ -36,8 +36,10 @@ class LoadWeightsPass(TaskPass):
                 if mine is None:
                     continue
                 key = SHARED + firsts
+                if key not in self.weights:  # kept per task (depthwise layers with depthwise="task")
+                    key = f"{task.name}/{mine}"
                 if key not in self.weights:
-                    raise MergeError(f"warm start: the earlier model has no shared weight {key}")
+                    raise MergeError(f"warm start: the earlier model has no weight for layer {i} of {task.name}")
                 constants[mine].values = self.weights[key].copy()
         for name, const in constants.items():
             key = f"{task.name}/{name}"

@@ -62,9 +62,9 @@ class ZipLayersPass(Pass):
                 state.notes.append(f"zipper: share rounded up to {k} layers so that residual blocks are shared whole")
         prefixes = [_prefix_nodes(graph, t, k) for t in state.tasks]
         twins = [_correspond(prefixes[0], p, first.name, t.name) for p, t in zip(prefixes[1:], others)]
-        layer_nodes = {f"{first.name}/{l.node}" for l in first.layers[:k]}
+        shared_weights = {f"{first.name}/{l.node}" for l in first.layers[:k] if not l.depthwise}
         for i, node_a in enumerate(prefixes[0]):
-            if self.depthwise == "task" and (node_a.name not in layer_nodes or _is_depthwise(node_a)):
+            if self.depthwise == "task" and node_a.name not in shared_weights:
                 continue  # each task keeps its own depthwise weights (and its own glue)
             for slot, const_a in enumerate(node_a.inputs):
                 if not isinstance(const_a, gs.Constant) or const_a.values.dtype.kind != "f":
@@ -116,12 +116,6 @@ def _check_preconditions(state: MergeState) -> None:
         if al.how != "identity":
             raise UsageError(f"zipper merges same-architecture models, but {al.a} and {al.b} differ "
                              f"(their layers do not align one to one); use another method")
-
-
-def _is_depthwise(node: gs.Node) -> bool:
-    w = node.inputs[1].values
-    groups = node.attrs.get("group", 1)
-    return groups > 1 and w.shape[1] == 1
 
 
 def _layer_input(graph: gs.Graph, task: Task, index: int) -> gs.Tensor:

@@ -176,6 +176,7 @@ CASES = {
                          dict(epsilon=1e-2)),
     "flatten_axis2": ("Flatten", (2, 3, 4, 5), {}, [], dict(axis=2)),
     "flatten_axis0": ("Flatten", (2, 3, 4), {}, [], dict(axis=0)),
+    "flatten_axis_negative": ("Flatten", (2, 3, 4, 5), {}, [], dict(axis=-1)),
     "gather_axis1_negative": ("Gather", (3, 6, 2), {"i": i64([[0, -1], [2, 2], [5, -6]])}, ["i"], dict(axis=1)),
     "unsqueeze": ("Unsqueeze", (2, 3), {"a": i64([0, -1])}, ["a"], {}),
     "squeeze": ("Squeeze", (2, 1, 3, 1), {"a": i64([1])}, ["a"], {}),

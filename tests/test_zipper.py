@@ -121,25 +121,30 @@ def test_refusals():
         merge(paths("lenet"), method="zipper", params={"depthwise": "both"})
 
 
-def test_sweep_without_calibration_equals_direct_merges(tmp_path):
+@pytest.mark.parametrize("pair,depthwise,match", [("lenet", "shared", "none"), ("mobilenet", "task", "none")])
+def test_sweep_without_calibration_equals_direct_merges(pair, depthwise, match, tmp_path):
     """With no calibration steps, each step of the progressive sweep (warm-started from the previous
     model) is exactly the direct merge at that share: the warm start loses nothing."""
-    from onnxmerge.sweep import write_sweep, zipper_sweep
-
     from onnxmerge.contract import read_metadata
+    from onnxmerge.sweep import write_sweep, zipper_sweep
 
     evaluation = {"mnist": load_dataset(shipped(MODELS / "mnist_eval.npz")).take(64),
                   "fashion": load_dataset(shipped(MODELS / "fashion_eval.npz")).take(64)}
-    rows = zipper_sweep(paths("lenet"), NAMES, {}, evaluation, steps_per_layer=0, latency_budget_s=0.05,
-                        progress=False)
-    assert [r["share"] for r in rows] == [0, 1, 2, 3, 4]
-    assert all(a["mac_ratio"] < b["mac_ratio"] for a, b in zip(rows, rows[1:]))
+    params = {"depthwise": depthwise, "match": match}
+    rows = zipper_sweep(paths(pair), NAMES, {}, evaluation, steps_per_layer=0, latency_budget_s=0.01,
+                        progress=False, **params)
+    n_layers = len(layer_view(PassManager(normalise_passes()).run(load_tasks(paths(pair)[:1])).tasks[0].graph))
+    assert [r["share"] for r in rows] == list(range(n_layers))
+    assert all(a["compression"] <= b["compression"] for a, b in zip(rows, rows[1:]))
+    assert rows[-1]["compression"] > 1.5 * rows[0]["compression"]
     x = data()
     for r in rows[1:]:
-        direct = merge(paths("lenet"), method="zipper", names=NAMES, params={"share": r["share"]})
+        direct = merge(paths(pair), method="zipper", names=NAMES, params=params | {"share": r["share"]})
         swept = session(r["model"])
         for task in read_metadata(r["model"]).tasks:
             np.testing.assert_allclose(run_task(swept, task, x), outputs(direct, x)[task.name], rtol=1e-5, atol=1e-5)
+    if pair != "lenet":
+        return
     written = write_sweep(rows, tmp_path / "lenet.onnx", keep=[2])
     assert sorted(p.name for p in written) == ["lenet_share2.onnx", "lenet_sweep.json", "lenet_sweep.md",
                                                "lenet_sweep.png"]
