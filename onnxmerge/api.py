@@ -166,9 +166,10 @@ def merge(
 
     fidelity = verify.compare(state)
     if chosen.exact:
-        bad = {t: d for t, d in fidelity.items() if not d <= verify.EXACT_TOL}
-        if bad:
-            raise MergeError(f"method {chosen.name} must reproduce the originals but differs by {bad}: this is a bug")
+        try:
+            verify.check_exact(state, fidelity)
+        except MergeError as e:
+            raise MergeError(f"method {chosen.name} is exact, but {e}: this is a bug") from None
     model = verify.combined_model(state)
     info = MergedInfo(
         version=onnxmerge.__version__,

@@ -117,7 +117,7 @@ def calibrate(model: onnx.ModelProto, info: MergedInfo, teachers: dict[str, onnx
         raise UsageError("--device cuda: no CUDA device is available")
     torch.manual_seed(config.seed)
 
-    teacher_models = {name: _load(teachers[name], name) for name in calib if name in teachers}
+    teacher_models = {name: _load(teachers[name]) for name in calib if name in teachers}
     plans = [_plan(model, info.task(name), teacher_models.get(name), ds, config) for name, ds in calib.items()]
     student = OnnxModule(model, frozen=frozen, trainable=trainable_names(model).__contains__).to(device).train()
     teacher_modules = {p.info.name: OnnxModule(teacher_models[p.info.name], trainable=lambda _: False).to(device).eval()
@@ -265,7 +265,7 @@ def _rank_world(torch) -> tuple[int, int]:
     return 0, 1
 
 
-def _load(model, name: str) -> onnx.ModelProto:
+def _load(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     from onnxmerge.loading import load_model

@@ -27,7 +27,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnxmerge.errors import MergeError
-from onnxmerge.graphs import input_dtype, input_shape, random_feeds, session  # noqa: F401 (re-exported)
+from onnxmerge.graphs import random_feeds, session
 
 @dataclass
 class Step:

@@ -51,6 +51,7 @@ class MergeState:
     ir_version: int
     graph: gs.Graph | None = None  # the combined graph, once the tasks are combined
     alignments: list[Alignment] = field(default_factory=list)  # each task against the first
+    shared_input: bool = False  # whether the combined graph feeds one input to every task
     method: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

@@ -32,7 +32,9 @@ def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict,
     """Merge with share = 1, 2, ..., `up_to` (default: all layers but the heads), each step starting
     from the previous calibrated model; one row per model.
 
-    Row 0 is the originals (nothing shared). Each row holds the model itself under "model".
+    Row 0 is the merged model with nothing shared (the originals, BatchNorm folded). Each row holds
+    the model itself under "model". Compression counts the originals' parameters as exported, so
+    row 0 already shows what folding BatchNorm saves.
     """
     from onnxmerge.api import merge
 
@@ -89,9 +91,7 @@ def write_sweep(rows: list[dict], stem: str | Path, keep: list[int] | None = Non
     table = [{k: v for k, v in r.items() if k != "model"} for r in rows]
     written.append(write_text_atomic(f"{stem}_sweep.json", json.dumps(table, indent=2) + "\n"))
     written.append(write_text_atomic(f"{stem}_sweep.md", sweep_markdown(table)))
-    png = plot_sweep(table, f"{stem}_sweep.png")
-    if png:
-        written.append(png)
+    written.append(plot_sweep(table, f"{stem}_sweep.png"))
     return written
 
 
@@ -109,17 +109,13 @@ def sweep_markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(table: list[dict], path: str | Path) -> Path | None:
+def plot_sweep(table: list[dict], path: str | Path) -> Path:
     """Accuracy per task and measured speed-up against merged layers (Figures 3-4 of the paper)."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("onnxmerge: matplotlib is not installed: the sweep plot was not written "
-              "(pip install matplotlib)")
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     k = [r["share"] for r in table]
     fig, ax = plt.subplots(figsize=(6, 4))
     for task in table[0]["accuracy"]:

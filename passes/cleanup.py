@@ -6,7 +6,6 @@ are a classic source of wrong models) before running onnx.checker's shape infere
 Exact: nothing is computed differently.
 """
 
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxmerge.graphs import to_model

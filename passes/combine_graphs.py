@@ -50,7 +50,7 @@ class CombineGraphsPass(Pass):
             nodes.extend(graph.nodes)
         state.graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, name="onnxmerge", opset=state.opset)
         state.graph.cleanup().toposort()
-        state.params.setdefault("shared_input", share)
+        state.shared_input = share
         return PassResult(state, True)
 
 

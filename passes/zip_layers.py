@@ -109,7 +109,7 @@ def _check_preconditions(state: MergeState) -> None:
         raise MergeError("ZipLayersPass runs on the combined graph")
     if len(state.tasks) < 2:
         raise UsageError("zipper needs at least two models")
-    if not state.params.get("shared_input"):
+    if not state.shared_input:
         raise UsageError("zipper shares computation on one input: the models must take inputs of the same "
                          "shape and type (and --separate-inputs must not be given)")
     for al in state.alignments:

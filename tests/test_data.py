@@ -348,8 +348,7 @@ def test_shipped_eval_sets_reproducible(real: Path, name: str, npz: str, limit: 
     """The example eval sets hold exactly what load_named makes today (the preprocessing the
     example models were trained with)."""
     path = EXAMPLES / npz
-    if not path.is_file():
-        pytest.skip(f"{path} not built yet (tools/train_models.py)")
+    assert path.is_file(), f"{path} is missing: run tools/train_models.py"
     shipped = load_dataset(path)
     fresh = D.load_named(name, limit=limit)
     np.testing.assert_array_equal(shipped.x, fresh.x)
