@@ -242,13 +242,8 @@ def cmd_calibrate(args) -> int:
     from onnxmerge.evaluate import evaluate
     from onnxmerge.saving import check_output_path, save_atomic
 
-    path = Path(args.model)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
     config = _calib_config(args)
-    model = _load_any(path)
-    info = read_metadata(model, str(path))
-    originals = _find_originals(info, args.original, path)
+    path, model, info, originals = _open_merged(args)
     check_output_path(args.output, [path, *originals.values()])
     _check_report_path(args, [path, args.output, *originals.values()])
     calib = _load_data(args.calib)
@@ -293,12 +288,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    path = Path(args.model)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    model = _load_any(path)
-    info = read_metadata(model, str(path))
-    originals = _find_originals(info, args.original, path)
+    path, model, info, originals = _open_merged(args)
     _check_report_path(args, [path, *originals.values()])
     data = _load_data(args.data)
     report = _print_report(model, path, info, originals, data, args, quiet_text=args.json)
@@ -341,6 +331,16 @@ def _load_data(items: list[str]) -> dict:
     from onnxmerge.data import load_dataset, parse_task_paths
 
     return {task: load_dataset(p) for task, p in parse_task_paths(items).items()}
+
+
+def _open_merged(args):
+    """A merged model given on the command line: (path, model, metadata, original model per task)."""
+    path = Path(args.model)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    model = _load_any(path)
+    info = read_metadata(model, str(path))
+    return path, model, info, _find_originals(info, args.original, path)
 
 
 def _check_report_path(args, files: list) -> None:
