@@ -91,7 +91,7 @@ def _as_layer(node: gs.Node, index: int, where: str) -> Layer | None:
         if node.attrs.get("transA", 0):
             raise MergeError(f"{where}: Gemm {node.name} with transA=1 is not supported as a layer")
         w = node.inputs[1].values
-        n_out, n_in = w.shape if node.attrs.get("transB", 0) else w.shape[::-1]
+        n_out, n_in = w.shape if weight_out_axis(node) == 0 else w.shape[::-1]
         return Layer(index, "fc", "Gemm", node.name, node.inputs[1].name, _name(node, 2),
                      node.outputs[0].name, in_channels=int(n_in), out_channels=int(n_out))
     if node.op == "MatMul" and isinstance(node.inputs[1], gs.Constant) and node.inputs[1].values.ndim == 2:
@@ -99,6 +99,14 @@ def _as_layer(node: gs.Node, index: int, where: str) -> Layer | None:
         return Layer(index, "fc", "MatMul", node.name, node.inputs[1].name, None, node.outputs[0].name,
                      in_channels=int(n_in), out_channels=int(n_out))
     return None
+
+
+def weight_out_axis(node: gs.Node) -> int:
+    """The axis of a Conv / Gemm / MatMul weight that indexes the output channels or features:
+    Conv [O, I, ...] -> 0; Gemm 0 with transB=1 ([N, K]), else 1 ([K, N]); MatMul [K, N] -> 1."""
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return 1 if node.op == "MatMul" else 0
 
 
 def _name(node: gs.Node, i: int) -> str | None:

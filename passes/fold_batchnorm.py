@@ -17,6 +17,7 @@ be shared on purpose), or the BatchNormalization runs in training mode.
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxmerge.layers import weight_out_axis
 from onnxmerge.pass_manager import TaskPass
 
 
@@ -34,7 +35,7 @@ class FoldBatchNormPass(TaskPass):
             scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
             weight = layer.inputs[1]
             w = weight.values.astype(np.float64)
-            out_axis = _output_axis(layer)
+            out_axis = weight_out_axis(layer)
             shape = [1] * w.ndim
             shape[out_axis] = -1
             n_out = w.shape[out_axis]
@@ -77,19 +78,12 @@ def _decline_reason(bn: gs.Node, graph_outputs: set) -> str:
         if len(t.outputs) != 1:
             return f"{layer.name}'s parameter {t.name} is also used by another node"
     if layer.op == "Gemm":
-        n_out = layer.inputs[1].shape[_output_axis(layer)]
+        n_out = layer.inputs[1].shape[weight_out_axis(layer)]
         if layer.attrs.get("transA", 0):
             return f"{layer.name} has transA=1"
         if len(layer.inputs) > 2 and layer.inputs[2].values.size not in (1, n_out):
             return f"{layer.name}'s bias is not per output feature"
     return ""
-
-
-def _output_axis(layer: gs.Node) -> int:
-    """The axis of the weight that indexes output channels/features."""
-    if layer.op == "Conv":
-        return 0
-    return 0 if layer.attrs.get("transB", 0) else 1
 
 
 def _bias_values(layer: gs.Node, n_out: int) -> np.ndarray:

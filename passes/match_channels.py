@@ -69,7 +69,7 @@ import onnx_graphsurgeon as gs
 from scipy.optimize import linear_sum_assignment
 
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.layers import Layer
+from onnxmerge.layers import Layer, weight_out_axis
 from onnxmerge.pass_manager import TaskPass
 
 # glue ops that act on each channel separately (shape and channel order pass through)
@@ -244,7 +244,7 @@ def _own_params(graph, layer: Layer, node: gs.Node) -> list[_Edit]:
     """The edits that permute a layer's output channels (weight's output axis, bias)."""
     weight = node.inputs[1]
     _check_private(weight, layer.node)
-    edits = [_Edit(weight, _out_axis(layer, node))]
+    edits = [_Edit(weight, weight_out_axis(node))]
     if layer.bias is not None:
         bias = graph.tensors()[layer.bias]
         if not isinstance(bias, gs.Constant):
@@ -260,13 +260,7 @@ def _own_params(graph, layer: Layer, node: gs.Node) -> list[_Edit]:
 def _input_edit(layer: Layer, node: gs.Node) -> _Edit:
     weight = node.inputs[1]
     _check_private(weight, layer.node)
-    return _Edit(weight, 1 - _out_axis(layer, node) if layer.kind == "fc" else 1)
-
-
-def _out_axis(layer: Layer, node: gs.Node) -> int:
-    if layer.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return 1 if layer.op == "MatMul" else 0
+    return _Edit(weight, 1 - weight_out_axis(node) if layer.kind == "fc" else 1)
 
 
 def _check_private(const, where: str) -> None:
@@ -538,7 +532,7 @@ def _match(graph_a, graph_b, la: list[Layer], lb: list[Layer], k: int, steps: li
     def filters(layer, consts, nodes):
         w = consts[layer.weight].values
         bias = consts[layer.bias].values if layer.bias else None
-        return _in_out(w, _out_axis(layer, nodes[layer.node])), bias
+        return _in_out(w, weight_out_axis(nodes[layer.node])), bias
 
     groups = _groups(lb, k)
     problem = _Problem([filters(l, consts_a, nodes_a) for l in la[:k]],
