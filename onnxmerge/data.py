@@ -22,6 +22,7 @@ argument (an unknown split or dataset name) raises `UsageError`.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.saving import write_bytes_atomic
 
 __all__ = [
     "Dataset",
@@ -477,10 +479,9 @@ def save_npz(path: str | os.PathLike, ds: Dataset) -> Path:
     }
     if ds.y is not None:
         arrays["y"] = np.ascontiguousarray(ds.y, dtype=np.int64)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()  # deterministic bytes, then the project's one atomic writer
+    np.savez_compressed(buffer, **arrays)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
