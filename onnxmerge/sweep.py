@@ -45,7 +45,9 @@ def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict,
     base = merge(inputs, method="zipper", names=names, params=params | {"share": 0})
     originals = {t.name: str(t.path) for t in base.state.tasks}
     n_layers = len(base.state.tasks[0].layers)
-    rows = [_row(base, originals, data, latency_budget_s, reference=None)]
+    orig_models = [onnx.load(p) for p in originals.values()]
+    totals = {"params": sum(map(count_parameters, orig_models)), "macs": sum(map(count_macs, orig_models))}
+    rows = [_row(base, originals, totals, data, latency_budget_s, reference=None)]
     previous, done = None, 0
     last = n_layers - 1 if up_to is None else min(up_to, n_layers - 1)
     bar = tqdm(range(1, last + 1), desc="zipper sweep", unit="layer", disable=not progress)
@@ -56,22 +58,22 @@ def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict,
                        calib=calib or None, calibration=config, warm_start=previous)
         done = result.info.params["share"]
         previous = result.model
-        rows.append(_row(result, originals, data, latency_budget_s, reference=rows[0]["original_accuracy"]))
+        rows.append(_row(result, originals, totals, data, latency_budget_s, reference=rows[0]["original_accuracy"]))
         bar.set_postfix_str(f"share {done}: " + ", ".join(f"{t} {a:.1%}" for t, a in rows[-1]["accuracy"].items()))
     return rows
 
 
-def _row(result, originals: dict, data: dict, latency_budget_s: float, reference: dict | None) -> dict:
-    """One line of the table; `reference`: the originals' accuracy, measured once in the first row."""
+def _row(result, originals: dict, totals: dict, data: dict, latency_budget_s: float, reference: dict | None) -> dict:
+    """One line of the table; `totals`: the originals' parameters and MACs together; `reference`: the
+    originals' accuracy, measured once in the first row."""
     model = result.model
     ev = evaluate(model, result.info, data, None if reference else originals, progress=False)
     lat = latency_table(model, originals, batch_sizes=(1,), threads=(1,), budget_s=latency_budget_s,
                         progress=False)[0]
-    orig_models = [onnx.load(p) for p in originals.values()]
     return {
         "share": result.info.params.get("share", 0),
-        "compression": sum(map(count_parameters, orig_models)) / count_parameters(model),
-        "mac_ratio": sum(map(count_macs, orig_models)) / count_macs(model),
+        "compression": totals["params"] / count_parameters(model),
+        "mac_ratio": totals["macs"] / count_macs(model),
         "speedup": lat["speedup_vs_originals"],
         "weight_mb": parameter_bytes(model) / 2**20,
         "accuracy": {t: r["accuracy"] for t, r in ev.items()},
