@@ -100,6 +100,18 @@ def check_task_data(state: MergeState, data: dict, flag: str = "--data") -> None
         check_fits(ds, dims, elem, where=f"task {name!r}", input_name=inputs[0].name)
 
 
+def _emit_native(model: onnx.ModelProto, info: MergedInfo) -> onnx.ModelProto:
+    """The codebook method's native form: EConv / EFC nodes, checked against the portable form with
+    the ops' numpy reference (onnxmerge.lookup_ops)."""
+    from onnxmerge.lookup_ops import to_native
+
+    native, kept = to_native(model)
+    info.fidelity["native_vs_portable_rel_diff"] = verify.check_native(native, model)
+    if kept:
+        info.fidelity.setdefault("notes", []).extend(f"portable form kept for {k}" for k in kept)
+    return native
+
+
 def _named(graph: gs.Graph) -> gs.Graph:
     """Give unnamed nodes deterministic, unique names: layers, errors and passes refer to nodes by name."""
     taken = {n.name for n in graph.nodes if n.name}
@@ -145,18 +157,18 @@ def merge(
     (onnxmerge.calibrate), with `calibration`'s settings. `warm_start`, an earlier merged model of the
     same tasks, gives the starting weights (progressive zippering: onnxmerge.sweep).
     """
-    if len(inputs) < 2:
-        raise UsageError("give at least two models to merge")
+    chosen = get_method(method)
+    if len(inputs) < (1 if chosen.single else 2):
+        raise UsageError(f"give at least {'one model' if chosen.single else 'two models'} to merge")
     if output is not None:
         check_output_path(output, inputs)
-    chosen = get_method(method)
     method_params = chosen.parameters(params or {})
     pairs = parse_pairs(align) if isinstance(align, str) else align
 
     state = load_tasks(inputs, names, opset)
     check_task_data(state, data or {})
     check_task_data(state, calib or {}, flag="--calib")
-    state.method, state.params = chosen.name, dict(method_params)
+    state.method, state.params, state.progress = chosen.name, dict(method_params), progress
     method_passes = chosen.passes(method_params)
     warm = [LoadWeightsPass(warm_start, read_metadata(warm_start).params.get("share", 0))] if warm_start else []
     pipeline = [*normalise_passes(), AlignLayersPass(pairs), *warm,
@@ -177,13 +189,16 @@ def merge(
         params=state.params,
         tasks=[TaskInfo(t.name, str(t.path.resolve()), t.sha256, t.input_map, t.output_map, t.layer_map,
                         t.channel_order) for t in state.tasks],
-        fidelity={"max_rel_diff_random_inputs": fidelity, "alignment": [a.to_dict() for a in state.alignments]},
+        fidelity={"max_rel_diff_random_inputs": fidelity, "alignment": [a.to_dict() for a in state.alignments],
+                  **state.figures, **({"notes": state.notes} if state.notes else {})},
     )
     if calib:
         calibrated = calibrate(model, info, {t.name: t.original for t in state.tasks}, calib, calibration,
                                progress=progress)
         model = calibrated.model
         record_calibration(info, calibration or CalibrationConfig(), calibrated)
+    if state.params.get("emit") == "native":
+        model = _emit_native(model, info)
     write_metadata(model, info)
     model.producer_name, model.producer_version = "onnxmerge", onnxmerge.__version__
     onnx.checker.check_model(model)

@@ -245,6 +245,75 @@ def _gather(node, inputs, attrs):
     return out.reshape(data.shape[:axis] + idx.shape + data.shape[axis + 1:])
 
 
+@register_op("GatherElements")
+def _gather_elements(node, inputs, attrs):
+    """torch.gather's backward also adds up repeated indices: a codeword's gradient is the sum over
+    the kernel pieces that use it (NeuralMerger eq. 11)."""
+    data, idx = inputs
+    axis = attrs.get("axis", 0) % data.dim()
+    idx = idx.long()
+    return data.gather(axis, torch.where(idx < 0, idx + data.shape[axis], idx))
+
+
+@register_op("Expand")
+def _expand(node, inputs, attrs):
+    x, shape = inputs[0], inputs[1].tolist()
+    # ONNX Expand broadcasts both ways (a 1 in `shape` keeps x's dim): broadcast_shapes does that
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(shape)))
+
+
+@register_op("Slice")
+def _slice(node, inputs, attrs):
+    x, starts, ends = inputs[:3]
+    axes = inputs[3].tolist() if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
+    steps = inputs[4].tolist() if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    for a, b, e, st in zip(axes, starts.tolist(), ends.tolist(), steps):
+        if st != 1:
+            raise MergeError(f"Slice node {node.name!r}: steps other than 1 are not supported")
+        n = x.shape[a]
+        b, e = (b + n if b < 0 else b), (e + n if e < 0 else e)
+        index[a % x.dim()] = slice(max(0, min(b, n)), max(0, min(e, n)))
+    return x[tuple(index)]
+
+
+_TORCH_TYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+                onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.INT32: torch.int32}
+
+
+@register_op("Cast")
+def _cast(node, inputs, attrs):
+    to = attrs["to"]
+    if to not in _TORCH_TYPES:
+        raise MergeError(f"Cast node {node.name!r}: casting to {onnx.TensorProto.DataType.Name(to)} is not supported")
+    return inputs[0].to(_TORCH_TYPES[to])
+
+
+def _codebook_weight(codebook: torch.Tensor, codes: torch.Tensor, depth: int) -> torch.Tensor:
+    """The dense weight of a codebook layer (onnxmerge.codebook.reconstruct): conv [p, d, n, m] from
+    codes [V, p, n, m], fc [out, d] from codes [V, out]; differentiable in the codebook."""
+    v, r = codes.shape[0], codebook.shape[2]
+    flat = codes.long().reshape(v, -1, 1).expand(-1, -1, r)
+    vec = codebook[:v].gather(1, flat).reshape(*codes.shape, r)  # [V, ..., r]
+    if codes.dim() == 4:
+        return vec.permute(1, 0, 4, 2, 3).reshape(codes.shape[1], v * r, *codes.shape[2:])[:, :depth]
+    return vec.permute(1, 0, 2).reshape(codes.shape[1], v * r)[:, :depth]
+
+
+@register_op("EConv", domain="ai.onnxmerge")
+def _econv(node, inputs, attrs):
+    x, codebook, codes, b = (inputs + [None])[:4]
+    w = _codebook_weight(codebook, codes, attrs["in_channels"])
+    return _conv(node, [x, w, b], attrs)
+
+
+@register_op("EFC", domain="ai.onnxmerge")
+def _efc(node, inputs, attrs):
+    x, codebook, codes, b = (inputs + [None])[:4]
+    y = x @ _codebook_weight(codebook, codes, attrs["in_features"]).t()
+    return y if b is None else y + b
+
+
 @register_op("Dropout")
 def _dropout(node, inputs, attrs):
     """Inference: identity. Calibration fine-tunes the deployed (inference) graph."""

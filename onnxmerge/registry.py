@@ -33,6 +33,7 @@ class Method:
     build: Callable[[dict[str, Any]], list[Pass]]  # passes: stage "task" ones run before combining
     options: dict[str, Option] = field(default_factory=dict)
     exact: bool = False  # whether the method reproduces the originals to float rounding
+    single: bool = False  # whether it also works on one model alone (compressing it)
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -118,5 +119,52 @@ register(Method(
                             choices=("shared", "task")),
         "match": Option("none", "hungarian: permute each model's channels to match the first's before averaging",
                         choices=("none", "hungarian")),
+    },
+))
+
+
+def _positive(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise UsageError(f"--{flag} {text}: give a whole number of at least 1")
+        return value
+    return parse
+
+
+def _codebook_passes(p: dict[str, Any]) -> list[Pass]:
+    from onnxmerge.codebook import index_dtype, parse_layer_params
+    from onnxmerge.passes.share_codebooks import ShareCodebooksPass
+
+    if p["codewords"] is not None:
+        index_dtype(p["codewords"])  # refuse an impossible C before any work
+    return [ShareCodebooksPass(p["preset"], p["r"], p["codewords"], parse_layer_params(p["layer_params"]),
+                               p["heads"], p["kmeans_init"], seed=p["kmeans_seed"])]
+
+
+register(Method(
+    name="codebook",
+    paper="Chou et al., Unifying and Merging Well-trained Deep Neural Networks for Inference Stage (IJCAI 2018, NeuralMerger)",
+    summary="aligned layers share k-means codebooks of 1x1xr kernel pieces (eqs. 4-8); code indices per model",
+    build=_codebook_passes,
+    single=True,  # one model alone: compressed with codebooks of its own (the paper's Table 3 baseline)
+    options={
+        "preset": Option("accu", "r and C per layer kind: accu (conv 4/128, fc 4/64) or light (conv 8/64, fc 8/64)",
+                         choices=("accu", "light")),
+        "r": Option(None, "segment length along depth for every layer (overrides the preset)", parse=_positive("r")),
+        "codewords": Option(None, "codewords C per segment for every layer (overrides the preset; uint8 indices "
+                            "up to 256, uint16 beyond)", parse=_positive("codewords")),
+        "layer_params": Option("", "per-layer R/C, e.g. 'conv2=8/128,fc1=8/64' (layers of the first model, "
+                               "convK / fcK or node names)"),
+        "heads": Option("keep", "keep: each model's last layer stays dense; codebook: compress it too",
+                        choices=("keep", "codebook")),
+        "emit": Option("gather", "gather: portable codebook-gather subgraph; native: ai.onnxmerge EConv/EFC nodes "
+                       "(need onnxmerge.kernels in the session)", choices=("gather", "native")),
+        "kmeans_init": Option(3, "k-means initialisations per segment (the lowest error is kept)",
+                              parse=_positive("kmeans-init")),
+        "kmeans_seed": Option(0, "k-means seed", parse=int),
     },
 ))

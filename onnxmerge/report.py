@@ -144,6 +144,21 @@ def format_report(report: dict) -> str:
     out.append(f"  MAC ratio {_x(ratios['macs'])} (= originals' MACs / merged MACs; "
                f"> 1: merged does less work)")
 
+    layers = (report.get("fidelity") or {}).get("codebook_layers")
+    if layers:
+        out += ["", "Codebooks (rel. error = k-means ||W - W_hat||^2 / ||W||^2 over the layer's pieces; "
+                    "params: dense weights replaced / codebook + indices)"]
+        out.append(_table(
+            ["layer", "models", "r", "C", "segments", "rel. error", "k-means s", "dense", "codebook", "indices",
+             "ratio"],
+            [[g["layer"], str(len(g["members"])), str(g["r"]), str(g["codewords"]), str(g["segments"]),
+              "0 (exact)" if g["exact"] else f"{g['kmeans_rel_error']:.4f}", f"{g['kmeans_seconds']:.2f}",
+              _int(g["dense_params"]), _int(g["codebook_params"]), _int(g["index_params"]),
+              _x(g["compression_params"])] for g in layers]))
+    notes = (report.get("fidelity") or {}).get("notes")
+    if notes:
+        out += ["", "Notes"] + [f"  - {n}" for n in notes]
+
     ev = report.get("evaluation")
     if ev:
         out += ["", "Evaluation (agreement: samples where merged and original give the same top-1 "

@@ -54,7 +54,9 @@ class MergeState:
     shared_input: bool = False  # whether the combined graph feeds one input to every task
     method: str = ""
     params: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the report should tell the user
+    figures: dict[str, Any] = field(default_factory=dict)  # a method's measurements, reported as fidelity
+    progress: bool = False  # whether long passes show progress bars
 
     @property
     def combined(self) -> bool:

@@ -97,3 +97,19 @@ def _rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
         return float("inf")
     scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
     return float(np.max(np.abs(got.astype(np.float64) - ref)) / scale) if ref.size else 0.0
+
+
+def check_native(native: onnx.ModelProto, portable: onnx.ModelProto, batch: int = 2, seed: int = 0) -> float:
+    """The native form (EConv / EFC nodes, run by their numpy reference, onnxmerge.lookup_ops) against
+    the portable form in onnxruntime on seeded random inputs: the relative difference, which must be
+    float rounding."""
+    from onnxmerge.lookup_ops import run_reference
+
+    sess = session(portable)
+    feeds = random_feeds(sess, batch, seed)
+    want = dict(zip([o.name for o in portable.graph.output], sess.run(None, feeds)))
+    got = run_reference(native, feeds)
+    diff = max(_rel_diff(got[name], want[name]) for name in want)
+    if not diff <= EXACT_TOL:
+        raise MergeError(f"the native form differs from the portable form by {diff:.3g} (> {EXACT_TOL:g}): this is a bug")
+    return diff
