@@ -105,10 +105,15 @@ def _emit_native(model: onnx.ModelProto, info: MergedInfo) -> onnx.ModelProto:
     the ops' numpy reference (onnxmerge.lookup_ops)."""
     from onnxmerge.lookup_ops import to_native
 
+    from onnxmerge import kernels
+
     native, kept = to_native(model)
     info.fidelity["native_vs_portable_rel_diff"] = verify.check_native(native, model)
-    if kept:
-        info.fidelity.setdefault("notes", []).extend(f"portable form kept for {k}" for k in kept)
+    notes = info.fidelity.setdefault("notes", [])
+    notes.extend(f"portable form kept for {k}" for k in kept)
+    if not kernels.available():
+        notes.append(f"{kernels.unavailable_reason()}; onnxmerge evaluates and times this model in its portable "
+                     "form, which computes the same numbers")
     return native
 
 

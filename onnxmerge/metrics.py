@@ -22,9 +22,10 @@ at a given batch size:
     Gemm           prod(Y.shape) * K                   = M*N*K
     MatMul         prod(Y.shape) * A.shape[-1]         = batch dims * M*N*K
 
-Elementwise operators (Add, Relu, BatchNorm left unfolded, ...), pooling, Gather and custom
-operators (`ai.onnxmerge` EConv/EFC) are not counted: on the networks onnxmerge merges they are a
-small fraction of the work, and the lookup kernels' cost is not a MAC count. Only the main graph's
+    EConv / EFC    N*pixels_in*V*C*r + prod(Y.shape)*kh*kw*V  (lookup tables, then one add per entry)
+
+Elementwise operators (Add, Relu, BatchNorm left unfolded, ...), pooling and Gather are not
+counted: on the networks onnxmerge merges they are a small fraction of the work. Only the main graph's
 nodes are counted (not If/Loop bodies, whose trip counts are unknown).
 """
 
@@ -212,11 +213,22 @@ def _macs_matmul(node, shape):
     return math.prod(shape(node.output[0])) * shape(node.input[0])[-1]
 
 
+def _macs_lookup(node, shape):
+    """EConv / EFC (NeuralMerger eq. 9): the table of codeword dot products, V*C*r per input pixel
+    and sample, plus one addition of a table entry per (output, kernel offset, segment)."""
+    x, (_, c, r), codes = shape(node.input[0]), shape(node.input[1]), shape(node.input[2])
+    n_seg, per_output = codes[0], math.prod(codes[2:])  # kernel offsets (1 for EFC)
+    pixels = math.prod(x[2:])  # 1 for EFC
+    return x[0] * pixels * n_seg * c * r + math.prod(shape(node.output[0])) * per_output * n_seg
+
+
 _MAC_RULES = {
     "Conv": _macs_conv,
     "ConvTranspose": _macs_conv_transpose,
     "Gemm": _macs_gemm,
     "MatMul": _macs_matmul,
+    "ai.onnxmerge.EConv": _macs_lookup,
+    "ai.onnxmerge.EFC": _macs_lookup,
 }
 
 
@@ -229,7 +241,7 @@ def count_macs(model: onnx.ModelProto, batch: int = 1) -> int:
     shapes = _shapes(_fix_batch(model, batch))
     total = 0
     for i, node in enumerate(model.graph.node):
-        rule = _MAC_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        rule = _MAC_RULES.get(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
         if rule is None:
             continue
 

@@ -318,3 +318,20 @@ def test_one_model_alone_is_compressed_with_its_own_codebooks(tmp_path):
     assert (tmp_path / "one.onnx").stat().st_size < path.stat().st_size / 1.5
     with pytest.raises(UsageError, match="at least two models"):
         merge([path], method="pack")
+
+
+def test_lookup_ops_count_tables_and_additions():
+    """EFC with x [1, 10], codebook [2, 4, 5], codes [2, 3]: 2*4*5 table MACs + 3*2 additions."""
+    from onnx import TensorProto, helper
+
+    from onnxmerge.metrics import count_macs
+
+    node = helper.make_node("EFC", ["x", "cb", "codes"], ["y"], domain="ai.onnxmerge", in_features=10)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.zeros((2, 4, 5), np.float32), "cb"),
+         numpy_helper.from_array(np.zeros((2, 3), np.uint8), "codes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnxmerge", 1)])
+    assert count_macs(model, batch=1) == 2 * 4 * 5 + 3 * 2
+    assert count_macs(model, batch=4) == 4 * (2 * 4 * 5 + 3 * 2)
