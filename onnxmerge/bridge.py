@@ -255,6 +255,12 @@ def _gather_elements(node, inputs, attrs):
     return data.gather(axis, torch.where(idx < 0, idx + data.shape[axis], idx))
 
 
+@register_op("Range")
+def _range(node, inputs, attrs):
+    start, limit, delta = (t.item() for t in inputs)
+    return torch.arange(start, limit, delta, dtype=inputs[0].dtype, device=inputs[0].device)
+
+
 @register_op("Expand")
 def _expand(node, inputs, attrs):
     x, shape = inputs[0], inputs[1].tolist()

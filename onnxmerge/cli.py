@@ -200,7 +200,9 @@ def cmd_merge(args) -> int:
                    verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
                    calib=calib, calibration=config, params=_method_params(args))
     originals = {t.name: str(t.path) for t in result.state.tasks}
-    _print_report(result.model, args.output, result.info, originals, data, args)
+    model, info = result.model, result.info
+    del result  # the merge state holds every model and graph: free it before the report loads the originals
+    _print_report(model, args.output, info, originals, data, args)
     return 0
 
 

@@ -222,7 +222,7 @@ def build_group(label: str, members: list[Member], setting: Setting, *, n_init: 
             labels[k][lo:hi] = res.labels[:, start:start + size]
             start += size
         group.error += float(res.error.sum())
-        group.energy += float(np.square(x, dtype=np.float64).sum())
+        group.energy += sum(float(np.square(x[i:i + 64], dtype=np.float64).sum()) for i in range(0, len(x), 64))
         group.exact &= bool(res.exact.all())
     group.codebook = codebook
     group.codes = [lab.reshape(m.code_shape(r)).astype(dtype) for lab, m in zip(labels, members)]

@@ -49,6 +49,8 @@ __all__ = [
     "check_fits",
     "wav_to_image",
     "log_spectrogram",
+    "bilinear_matrix",
+    "resize_bilinear",
 ]
 
 SPLITS = ("train", "test", "all")
@@ -485,6 +487,37 @@ def save_npz(path: str | os.PathLike, ds: Dataset) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# image resizing
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """The (n_out, n_in) float64 matrix of 1-D linear interpolation with half-pixel centres: output
+    sample i reads the input at src = (i + 0.5) * n_in / n_out - 0.5, clamped to >= 0, from samples
+    floor(src) and floor(src) + 1 (that one clamped to n_in - 1). The same weights as
+    torch.nn.functional.interpolate(mode="bilinear", align_corners=False, antialias=False) per axis;
+    rows sum to 1. No antialiasing: shrinking skips samples."""
+    if n_in < 1 or n_out < 1:
+        raise UsageError(f"bad resize {n_in} -> {n_out}: sizes must be positive")
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = src - i0
+    a = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(a, (rows, i0), 1.0 - w1)
+    np.add.at(a, (rows, i1), w1)
+    return a
+
+
+def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Images (..., H, W) -> (..., height, width) float32, bilinear with half-pixel centres
+    (`bilinear_matrix` along each axis: A_h @ img @ A_w.T)."""
+    a_h = bilinear_matrix(x.shape[-2], height).astype(np.float32)
+    a_w_t = bilinear_matrix(x.shape[-1], width).T.astype(np.float32)
+    return np.matmul(np.matmul(a_h, x.astype(np.float32, copy=False)), a_w_t)
+
+
+# ----------------------------------------------------------------------------------------------
 # the project's real datasets
 
 NAMED_DATASETS = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "fsdd": "fsdd"}
@@ -506,10 +539,24 @@ def load_named(
     limit: int | None = None,
     *,
     spectrogram: SpectrogramConfig = SpectrogramConfig(),
+    size: int | None = None,
 ) -> Dataset:
-    """One of the real datasets ("mnist", "fashion-mnist", "fsdd") from `shared_data_dir()`."""
+    """One of the real datasets ("mnist", "fashion-mnist", "fsdd") from `shared_data_dir()`.
+
+    `size` (images only): resize the 28x28 MNIST / Fashion-MNIST images to size x size with
+    `resize_bilinear` (half-pixel centres, as torch interpolate align_corners=False), recorded in
+    `preprocessing["resize"]`; None or 28 keeps them as stored. For "fsdd" the spectrogram settings
+    decide the image size: `size` must be None or equal to their height and width (32 x 32 by default).
+    """
     if name not in NAMED_DATASETS:
         raise UsageError(f"unknown dataset {name!r}: use one of {', '.join(NAMED_DATASETS)}")
+    if size is not None and (not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1):
+        raise UsageError(f"bad size {size!r}: use a positive integer")
+    if name == "fsdd" and size is not None and not size == spectrogram.height == spectrogram.width:
+        raise UsageError(
+            f"size {size} does not fit dataset 'fsdd': its images are {spectrogram.height}x{spectrogram.width} "
+            "(set by the spectrogram settings); leave size out"
+        )
     root = shared_data_dir()
     if root is None:
         where = os.environ.get("ONNXMERGE_DATA") or str(Path(__file__).resolve().parent.parent.parent / "shared" / "data")
@@ -519,6 +566,15 @@ def load_named(
         raise MergeError(f"{folder}: dataset {name!r} not found")
     ds = load_dataset(folder, split=split, spectrogram=spectrogram, limit=limit)
     ds.preprocessing = {"dataset": name, **ds.preprocessing}
+    if name != "fsdd" and size is not None:
+        h, w = ds.x.shape[2], ds.x.shape[3]
+        if (h, w) != (size, size):
+            ds.x = resize_bilinear(ds.x, int(size), int(size))
+            ds.preprocessing["layout"] = f"(N, 1, {size}, {size})"
+            ds.preprocessing["resize"] = (
+                f"bilinear {h}x{w} -> {size}x{size}, half-pixel centres "
+                "(as torch interpolate align_corners=False, antialias=False), after scaling"
+            )
     return ds
 
 

@@ -39,6 +39,9 @@ def session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None =
     so = ort.SessionOptions()
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # a check runs a few batches once: without the arena its memory is returned when it ends
+        # (a codebook model's dense weights would otherwise stay in the pool)
+        so.enable_cpu_mem_arena = False
     if threads is not None:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

@@ -8,10 +8,13 @@ two forms with identical numbers:
   original Conv / Gemm / MatMul reads it. All its inputs are initializers, so onnxruntime folds it
   once at session creation: compressed on disk, dense speed at run time, any onnxruntime.
 
-      codes -> Cast(int64) -> Reshape [V, K, 1] -> Expand [V, K, r] -+
-      codebook [-> Slice to V segments] -----------------------------+-> GatherElements(axis 1)
+      codes -> Cast(int64) -> Reshape [V, K] -> Add(Range(0, V*C, C) as [V, 1]) -------+
+      codebook -> Reshape [V'*C, r] ------------------------------------------------+-> Gather
         -> [V, K, r] -> Reshape / Transpose -> [p, V*r, n, m] or [out, V*r] -> Slice to depth d
         -> (Transpose to the stored orientation) -> Conv / Gemm / MatMul
+
+  (the segment offsets v*C make one Gather pick codeword codes[v, k] of segment v; the index
+  tensor is int64 [V, K], one entry per piece, and the offsets cost three scalars.)
 
 - native (`--emit native`): one `ai.onnxmerge::EConv` / `EFC` node per layer, whose kernel computes
   NeuralMerger's eq. 9 with lookup tables (onnxmerge.kernels):
@@ -38,7 +41,7 @@ from onnxmerge.errors import MergeError
 
 DOMAIN, DOMAIN_VERSION = "ai.onnxmerge", 1
 NATIVE_OPS = ("EConv", "EFC")
-CHAIN_OPS = frozenset({"Cast", "Reshape", "Expand", "Slice", "GatherElements", "Transpose"})
+CHAIN_OPS = frozenset({"Cast", "Reshape", "Range", "Add", "Gather", "Slice", "Transpose"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,14 +140,16 @@ def gather_weight(graph: gs.Graph, codebook: gs.Constant, codes: gs.Constant, ki
         return out
 
     chain: list[gs.Node] = []
+    n_codes = codebook.values.shape[1]
     idx = node("Cast", [codes], codes.values.shape, np.int64, to=onnx.TensorProto.INT64)
-    idx = node("Reshape", [idx, _const(f"{prefix}/pieces_shape", [n_seg, k, 1])], [n_seg, k, 1], np.int64)
-    idx = node("Expand", [idx, _const(f"{prefix}/vector_shape", [n_seg, k, r])], [n_seg, k, r], np.int64)
-    src = codebook
-    if codebook.values.shape[0] != n_seg:
-        src = node("Slice", [codebook, _const(f"{prefix}/seg_start", [0]), _const(f"{prefix}/seg_end", [n_seg]),
-                             _const(f"{prefix}/seg_axis", [0])], [n_seg, *codebook.values.shape[1:]])
-    vec = node("GatherElements", [src, idx], [n_seg, k, r], axis=1)
+    idx = node("Reshape", [idx, _const(f"{prefix}/pieces_shape", [n_seg, k])], [n_seg, k], np.int64)
+    offsets = node("Range", [_const(f"{prefix}/zero", 0), _const(f"{prefix}/offset_end", n_seg * n_codes),
+                             _const(f"{prefix}/offset_step", n_codes)], [n_seg], np.int64)
+    offsets = node("Reshape", [offsets, _const(f"{prefix}/offsets_shape", [n_seg, 1])], [n_seg, 1], np.int64)
+    idx = node("Add", [idx, offsets], [n_seg, k], np.int64)
+    flat = node("Reshape", [codebook, _const(f"{prefix}/codewords_shape", [-1, r])],
+                [codebook.values.shape[0] * n_codes, r])
+    vec = node("Gather", [flat, idx], [n_seg, k, r], axis=0)
     if kind == "conv":
         _, p, kh, kw = codes.values.shape
         w = node("Reshape", [vec, _const(f"{prefix}/pieces5", [n_seg, p, kh, kw, r])], [n_seg, p, kh, kw, r])

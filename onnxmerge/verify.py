@@ -57,13 +57,17 @@ def check_invariants(state: MergeState) -> None:
 
 
 def compare(state: MergeState, batch: int = 4, seed: int = 0) -> dict[str, float]:
-    """Max abs difference, relative to the output magnitude, between each task now and its original."""
+    """Max abs difference, relative to the output magnitude, between each task now and its original.
+
+    One session at a time (the merged model first, then each original), so that checking big
+    models holds one of them in memory, not all."""
     out = {}
     if state.combined:
         merged = combined_model(state)
         merged_sess = session(merged)
         feeds_all = random_feeds(merged_sess, batch, seed)
         results = dict(zip([o.name for o in merged.graph.output], merged_sess.run(None, feeds_all)))
+        del merged, merged_sess
     for task in state.tasks:
         ref_sess = session(task.original)
         if state.combined:
@@ -73,6 +77,7 @@ def compare(state: MergeState, batch: int = 4, seed: int = 0) -> dict[str, float
             feeds = random_feeds(ref_sess, batch, seed)
             got = session(task_model(task, state)).run([o.name for o in task.original.graph.output], feeds)
         ref = ref_sess.run(None, feeds)
+        del ref_sess
         out[task.name] = max(_rel_diff(g, r) for g, r in zip(got, ref))
     return out
 
