@@ -300,6 +300,38 @@ def test_check_fits() -> None:
         check_fits(ds, ["N", 1, 32, 32], np.float16, "m.onnx")
 
 
+# ----------------------------------------------------------------------------------------------
+# resizing
+
+
+@pytest.mark.parametrize("h, w, out_h, out_w", [(28, 28, 32, 32), (28, 28, 14, 14), (28, 28, 56, 56), (7, 5, 9, 3), (1, 4, 3, 4)])
+def test_resize_bilinear_matches_torch(h: int, w: int, out_h: int, out_w: int) -> None:
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(2).random((4, 1, h, w)).astype(np.float32)
+    got = D.resize_bilinear(x, out_h, out_w)
+    assert got.shape == (4, 1, out_h, out_w) and got.dtype == np.float32
+    want = torch.nn.functional.interpolate(
+        torch.from_numpy(x), size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=False
+    ).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    a = D.bilinear_matrix(h, out_h)
+    assert a.shape == (out_h, h) and np.allclose(a.sum(axis=1), 1.0) and a.min() >= 0
+    np.testing.assert_array_equal(D.bilinear_matrix(h, h), np.eye(h))  # same size: unchanged
+    with pytest.raises(UsageError, match="positive"):
+        D.bilinear_matrix(0, 3)
+
+
+def test_load_named_size_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad sizes are refused before any file is read."""
+    monkeypatch.setenv("ONNXMERGE_DATA", str(tmp_path))
+    with pytest.raises(UsageError, match="size 28 does not fit dataset 'fsdd'"):
+        D.load_named("fsdd", size=28)
+    with pytest.raises(UsageError, match="bad size 0"):
+        D.load_named("mnist", size=0)
+    with pytest.raises(UsageError, match="bad size 32.0"):
+        D.load_named("mnist", size=32.0)
+
+
 def test_shared_data_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONNXMERGE_DATA", str(tmp_path))
     assert D.shared_data_dir() == tmp_path
@@ -331,6 +363,26 @@ def test_real_mnist_and_fashion(real: Path) -> None:
     assert m.preprocessing["dataset"] == "mnist" and m.x.max() == 1.0
     f = D.load_named("fashion-mnist", split="train", limit=10)
     assert f.x.shape == (10, 1, 28, 28) and list(f.y[:3]) == [9, 0, 0]
+
+
+def test_real_resized(real: Path) -> None:
+    torch = pytest.importorskip("torch")
+    plain = D.load_named("fashion-mnist", limit=50)
+    big = D.load_named("fashion-mnist", limit=50, size=32)
+    assert big.x.shape == (50, 1, 32, 32) and big.x.dtype == np.float32
+    np.testing.assert_array_equal(big.y, plain.y)
+    want = torch.nn.functional.interpolate(torch.from_numpy(plain.x), size=(32, 32), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(big.x, want.numpy(), rtol=0, atol=1e-6)
+    prep = big.preprocessing
+    assert prep["layout"] == "(N, 1, 32, 32)" and prep["resize"].startswith("bilinear 28x28 -> 32x32, half-pixel")
+    assert {k: v for k, v in prep.items() if k not in ("layout", "resize")} == {
+        k: v for k, v in plain.preprocessing.items() if k != "layout"
+    }
+    json.dumps(prep)
+    # the stored size is no resize at all; fsdd takes its own size
+    same = D.load_named("mnist", limit=5, size=28)
+    assert same.preprocessing == D.load_named("mnist", limit=5).preprocessing and "resize" not in same.preprocessing
+    assert D.load_named("fsdd", limit=3, size=32).x.shape == (3, 1, 32, 32)
 
 
 def test_real_fsdd(real: Path) -> None:

@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
 """Train and export the project's real models (small CNNs on MNIST, Fashion-MNIST and FSDD).
 
-    python tools/train_models.py [--only NAME ...] [--out-examples DIR] [--out-tests DIR]
+    python tools/train_models.py [--group {examples,tests,bench} ...] [--only NAME ...]
+                                 [--out-examples DIR] [--out-tests DIR] [--out-bench DIR]
 
-Writes, deterministically (fixed seeds, 2 threads, CPU):
+Writes, deterministically (fixed seeds, 2 threads, CPU), by default the groups "examples" and "tests":
 
 - `onnxmerge/examples/`: `fashion_lenet.onnx` (Fashion-MNIST, input (N,1,28,28)), `digits_lenet.onnx`
   (FSDD log-spectrograms, input (N,1,32,32)), `fashion_eval.npz` (first 1000 of the Fashion-MNIST test
   split), `digits_eval.npz` (all 300 FSDD test recordings), `models.json`;
 - `tests/models/`: LeNet, VGG, MobileNet and ResNet-style models on MNIST / Fashion-MNIST (all input
   (N,1,28,28)), `mnist_eval.npz` and `fashion_eval.npz` (first 500 of each test split), `models.json`.
+
+and, only when asked for (`--group bench`, `--only NAME`, or `ensure_bench_models()` from another
+script), the group "bench": models for reproducing the NeuralMerger paper's experiments (Chou et al.,
+IJCAI 2018), all input (N,1,32,32), in `build/bench_models/` (git-ignored, not shipped):
+`paper_lenet_fsdd.onnx` and `paper_lenet_fashion32.onnx` (the paper's LeNet, experiment 4.1, on FSDD and
+on Fashion-MNIST resized to 32x32), `vgg_fashion32.onnx` and `zf_mnist32.onnx` (small VGG- and
+ZF-style nets, experiment 4.2), `digits_eval.npz`, `fashion32_eval.npz`, `mnist32_eval.npz` (the full
+test splits, images resized like the training data), `models.json`. About 13 minutes on 2 idle
+cores (measured per step; far longer when other jobs share the cores).
 
 Data comes from `onnxmerge.data.load_named` (the real datasets in `../shared/data` or
 `$ONNXMERGE_DATA`), preprocessed exactly as recorded in each model's `preprocessing` entry.
@@ -30,6 +40,7 @@ import json
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,11 +174,74 @@ class ResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
+class PaperLeNet(nn.Module):
+    """NeuralMerger's LeNet (Chou et al., IJCAI 2018, experiment 4.1), no BatchNorm:
+    conv5x5(32, padding 2)-ReLU-maxpool2, conv5x5(64, padding 2)-ReLU-maxpool2 (32 -> 16 -> 8),
+    flatten (64*8*8 = 4096), fc1024-ReLU, fc10."""
+
+    def __init__(self, size: int = 32, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, 1024), nn.ReLU(), nn.Linear(1024, classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class VGGStyle(nn.Module):
+    """A small VGG (the paper's experiment 4.2 merges a VGG-16-avg with a ZF-net): blocks
+    [conv3x3(32)-BN-ReLU x2, maxpool2], [conv3x3(64)-BN-ReLU x2, maxpool2], [conv3x3(128)-BN-ReLU,
+    maxpool2] (32 -> 16 -> 8 -> 4), flatten (128*4*4 = 2048), fc256-ReLU, fc10."""
+
+    def __init__(self, size: int = 32, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            *_conv_bn_relu(1, 32), *_conv_bn_relu(32, 32), nn.MaxPool2d(2),
+            *_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64), nn.MaxPool2d(2),
+            *_conv_bn_relu(64, 128), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(128 * (size // 8) ** 2, 256), nn.ReLU(), nn.Linear(256, classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class ZFStyle(nn.Module):
+    """A small ZF-net (fewer, larger-kernel layers; the paper's experiment 4.2):
+    conv7x7(32, stride 2, padding 3)-BN-ReLU (32 -> 16), maxpool2 (-> 8), conv5x5(64, padding 2)-BN-ReLU,
+    maxpool2 (-> 4), conv3x3(96, padding 1)-BN-ReLU, flatten (96*4*4 = 1536), fc256-ReLU, fc10."""
+
+    def __init__(self, size: int = 32, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 96, 3, padding=1, bias=False), nn.BatchNorm2d(96), nn.ReLU(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(96 * (size // 8) ** 2, 256), nn.ReLU(), nn.Linear(256, classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+# architecture name -> constructor taking the input image size (square, 1 channel)
 ARCHS = {
     "lenet": lambda size: LeNet(size),
     "vgg": lambda size: VGG(),
     "mobilenet": lambda size: MobileNet(),
     "resnet": lambda size: ResNet(),
+    "paper_lenet": lambda size: PaperLeNet(size),
+    "vgg_style": lambda size: VGGStyle(size),
+    "zf_style": lambda size: ZFStyle(size),
 }
 
 
@@ -175,10 +249,14 @@ ARCHS = {
 # what to train
 
 
+GROUPS = ("examples", "tests", "bench")
+DEFAULT_GROUPS = ("examples", "tests")  # what a plain run trains; "bench" only when asked for
+
+
 @dataclass
 class Spec:
     name: str  # file stem
-    group: str  # "examples" or "tests"
+    group: str  # "examples", "tests" or "bench"
     arch: str
     dataset: str  # load_named name
     epochs: int
@@ -186,12 +264,38 @@ class Spec:
     batch: int = 128
     seed: int = 0
     weight_decay: float = 0.0
-    notes: dict = field(default_factory=dict)
+    input_size: int | None = None  # load_named(size=...): None = the dataset's own size
+    notes: dict = field(default_factory=dict)  # why these settings (copied into models.json)
 
     @property
     def size(self) -> int:
+        if self.input_size is not None:
+            return self.input_size
         return 32 if self.dataset == "fsdd" else 28
 
+
+# the NeuralMerger paper's experiments (Chou et al., IJCAI 2018): 4.1 merges two LeNets (Fashion-MNIST
+# and spoken digits), 4.2 a VGG-16-avg and a ZF-net; all bench models take (N,1,32,32)
+_BENCH_NOTE = ("NeuralMerger benchmark model: Adam with cosine decay to 0, no augmentation; "
+               "settings chosen for good accuracy with the whole bench group under ~20 min on 2 CPU cores")
+BENCH_SPECS = [
+    Spec("paper_lenet_fsdd", "bench", "paper_lenet", "fsdd", epochs=40, lr=1e-3, batch=64, weight_decay=1e-4,
+         notes={"paper": "experiment 4.1, LeNet on spoken digits (FSDD log-spectrograms, 32x32)",
+                "why": "only 2,700 training recordings: many epochs, small batches and a little weight decay",
+                "setup": _BENCH_NOTE}),
+    Spec("paper_lenet_fashion32", "bench", "paper_lenet", "fashion-mnist", epochs=4, lr=1e-3, input_size=32,
+         notes={"paper": "experiment 4.1, LeNet on Fashion-MNIST, resized to 32x32 like the spectrograms",
+                "why": "no BatchNorm and a 4096x1024 fc layer: the conservative lr 1e-3; 4 epochs of 60k",
+                "setup": _BENCH_NOTE}),
+    Spec("vgg_fashion32", "bench", "vgg_style", "fashion-mnist", epochs=3, lr=2e-3, input_size=32,
+         notes={"paper": "experiment 4.2 (VGG-16-avg), a small VGG-style net on Fashion-MNIST at 32x32",
+                "why": "BatchNorm allows lr 2e-3; 3 epochs of 60k (the costliest bench model per epoch)",
+                "setup": _BENCH_NOTE}),
+    Spec("zf_mnist32", "bench", "zf_style", "mnist", epochs=3, lr=2e-3, input_size=32,
+         notes={"paper": "experiment 4.2 (ZF-net), a small ZF-style net on MNIST at 32x32",
+                "why": "BatchNorm allows lr 2e-3; cheap per epoch, 3 epochs of 60k",
+                "setup": _BENCH_NOTE}),
+]
 
 SPECS = [
     Spec("fashion_lenet", "examples", "lenet", "fashion-mnist", epochs=3, lr=2e-3),
@@ -207,15 +311,25 @@ SPECS = [
     # the seed-0 models', which is what channel matching (zipper --match hungarian) is for
     Spec("lenet_fashion_seed1", "tests", "lenet", "fashion-mnist", epochs=2, lr=2e-3, seed=1),
     Spec("mobilenet_fashion_seed1", "tests", "mobilenet", "fashion-mnist", epochs=2, lr=4e-3, seed=1),
+    *BENCH_SPECS,
 ]
 
-# the eval subsets: (group, dataset) -> (file name, how many of the test split; None = all)
+# the eval subsets: (group, dataset) -> (file name, how many of the test split (None = all),
+# load_named size (None = the dataset's own)); a group's models on one dataset share one input size
 EVAL_SETS = {
-    ("examples", "fashion-mnist"): ("fashion_eval.npz", 1000),
-    ("examples", "fsdd"): ("digits_eval.npz", None),
-    ("tests", "mnist"): ("mnist_eval.npz", 500),
-    ("tests", "fashion-mnist"): ("fashion_eval.npz", 500),
+    ("examples", "fashion-mnist"): ("fashion_eval.npz", 1000, None),
+    ("examples", "fsdd"): ("digits_eval.npz", None, None),
+    ("tests", "mnist"): ("mnist_eval.npz", 500, None),
+    ("tests", "fashion-mnist"): ("fashion_eval.npz", 500, None),
+    ("bench", "fsdd"): ("digits_eval.npz", None, None),
+    ("bench", "fashion-mnist"): ("fashion32_eval.npz", None, 32),
+    ("bench", "mnist"): ("mnist32_eval.npz", None, 32),
 }
+
+for _s in SPECS:  # the tables agree: known group and architecture, an eval set of the model's size
+    assert _s.group in GROUPS and _s.arch in ARCHS, _s.name
+    assert EVAL_SETS[_s.group, _s.dataset][2] == _s.input_size, _s.name
+assert len({_s.name for _s in SPECS}) == len(SPECS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,53 +431,68 @@ def load_json(path: Path) -> dict:
     return {}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", nargs="+", metavar="NAME", choices=[s.name for s in SPECS],
-                    help="train only these models (others' entries in models.json are kept)")
-    ap.add_argument("--out-examples", type=Path, default=REPO / "onnxmerge" / "examples")
-    ap.add_argument("--out-tests", type=Path, default=REPO / "tests" / "models")
-    args = ap.parse_args(argv)
+def _subset_note(n: int | None, size: int | None) -> str:
+    """How an eval file was made from the test split (models.json's eval_files)."""
+    return ("first %d of the test split" % n if n else "all of the test split") + (
+        f", resized to {size}x{size}" if size is not None else ""
+    )
 
+
+@contextmanager
+def torch_settings():
+    """2 threads and deterministic algorithms while training; the caller's settings afterwards."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
-    out_dirs = {"examples": args.out_examples, "tests": args.out_tests}
-    specs = [s for s in SPECS if not args.only or s.name in args.only]
-    t_start = time.time()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
-    cache: dict[tuple[str, str], Dataset] = {}
 
-    def data(name: str, split: str) -> Dataset:
-        if (name, split) not in cache:
-            cache[name, split] = load_named(name, split)
-        return cache[name, split]
+def write_eval_set(group: str, ds: str, out_dir: Path) -> Dataset:
+    """Write the eval file of `(group, ds)` (see EVAL_SETS) into `out_dir` and return its data."""
+    fname, n, size = EVAL_SETS[group, ds]
+    sub = load_named(ds, "test", limit=n, size=size)
+    sub.preprocessing = {
+        **sub.preprocessing,
+        "subset": f"first {len(sub)} of the {ds} test split" if n is not None else f"all {len(sub)} of the {ds} test split",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_npz(out_dir / fname, sub)
+    return sub
+
+
+def train_and_export(specs: list[Spec], out_dirs: dict[str, Path]) -> dict[str, dict[str, dict]]:
+    """Train, export and check `specs`, write their groups' eval files and update each group's
+    models.json (other models' entries are kept). Returns {group: {name: models.json entry}}."""
+    cache: dict[tuple[str, str, int | None], Dataset] = {}
+
+    def data(name: str, split: str, size: int | None) -> Dataset:
+        if (name, split, size) not in cache:
+            cache[name, split, size] = load_named(name, split, size=size)
+        return cache[name, split, size]
 
     # eval subsets of the groups and datasets being (re)trained
     evals: dict[tuple[str, str], Dataset] = {}
     for group, ds in sorted({(s.group, s.dataset) for s in specs}):
-        fname, n = EVAL_SETS[group, ds]
-        sub = load_named(ds, "test", limit=n)
-        sub.preprocessing = {
-            **sub.preprocessing,
-            "subset": f"first {len(sub)} of the {ds} test split" if n is not None else f"all {len(sub)} of the {ds} test split",
-        }
-        out_dirs[group].mkdir(parents=True, exist_ok=True)
-        save_npz(out_dirs[group] / fname, sub)
-        evals[group, ds] = sub
+        evals[group, ds] = write_eval_set(group, ds, out_dirs[group])
 
-    results: dict[str, dict[str, dict]] = {"examples": {}, "tests": {}}
-    print(f"{'model':20} {'params':>8} {'epochs':>6} {'train s':>8} {'acc test':>9} {'acc eval':>9} {'ort diff':>9}")
+    results: dict[str, dict[str, dict]] = {g: {} for g in GROUPS}
+    print(f"{'model':22} {'params':>8} {'epochs':>6} {'train s':>8} {'acc test':>9} {'acc eval':>9} "
+          f"{'ort diff':>9} {'KiB':>7}")
     for spec in specs:
         t0 = time.time()
         set_seed(spec.seed)
         model = ARCHS[spec.arch](spec.size)
-        train_ds = data(spec.dataset, "train")
+        train_ds = data(spec.dataset, "train", spec.input_size)
         losses = train(model, train_ds, spec)
         t_train = time.time() - t0
         path = out_dirs[spec.group] / f"{spec.name}.onnx"
         export(model, spec.size, path)
         sess = ort_session(path)
-        test = data(spec.dataset, "test")
+        test = data(spec.dataset, "test", spec.input_size)
         sub = evals[spec.group, spec.dataset]
         ort_sub = ort_logits(sess, sub.x)
         diff = float(np.abs(ort_sub - torch_logits(model, sub.x)).max())
@@ -373,6 +502,14 @@ def main(argv: list[str] | None = None) -> int:
         acc_sub = accuracy(ort_sub, sub.y)
         params = sum(p.numel() for p in model.parameters())
         fname = EVAL_SETS[spec.group, spec.dataset][0]
+        training = {
+            "split": "train", "samples": len(train_ds), "epochs": spec.epochs, "optimizer": "Adam",
+            "lr": spec.lr, "schedule": "cosine to 0 over all steps", "weight_decay": spec.weight_decay,
+            "batch": spec.batch, "seed": spec.seed, "threads": THREADS, "loss": "cross-entropy",
+            "augmentation": "none", "final_epoch_loss": losses[-1], "torch": torch.__version__,
+        }
+        if spec.notes:
+            training["notes"] = spec.notes
         results[spec.group][spec.name] = {
             "file": path.name,
             "task": spec.dataset,
@@ -382,38 +519,90 @@ def main(argv: list[str] | None = None) -> int:
             "output": {"name": "logits", "shape": ["N", 10], "dtype": "float32"},
             "params": params,
             "onnx_ops": sorted({n.op_type for n in onnx.load(str(path)).graph.node}),
-            "training": {
-                "split": "train", "samples": len(train_ds), "epochs": spec.epochs, "optimizer": "Adam",
-                "lr": spec.lr, "schedule": "cosine to 0 over all steps", "weight_decay": spec.weight_decay,
-                "batch": spec.batch, "seed": spec.seed, "threads": THREADS, "loss": "cross-entropy",
-                "augmentation": "none", "final_epoch_loss": losses[-1], "torch": torch.__version__,
-            },
+            "training": training,
             "accuracy": {"test_full": acc_full, "eval_subset": acc_sub, "test_samples": len(test), "eval_samples": len(sub)},
             "eval_file": fname,
             "ort_vs_torch_max_abs_diff_on_eval": float(f"{diff:.3g}"),
             "max_abs_logit_on_eval": round(float(np.abs(ort_sub).max()), 3),
             "preprocessing": train_ds.preprocessing,
         }
-        print(f"{spec.name:20} {params:8d} {spec.epochs:6d} {t_train:8.1f} {acc_full:9.4f} {acc_sub:9.4f} {diff:9.2g}", flush=True)
+        print(f"{spec.name:22} {params:8d} {spec.epochs:6d} {t_train:8.1f} {acc_full:9.4f} {acc_sub:9.4f} "
+              f"{diff:9.2g} {path.stat().st_size / 1024:7.0f}", flush=True)
+        # written after each model, so that an interrupted run keeps what it finished
+        write_models_json(out_dirs[spec.group], spec.group, {spec.name: results[spec.group][spec.name]})
+    return {g: entries for g, entries in results.items() if entries}
 
-    for group, entries in results.items():
-        if not entries:
-            continue
-        jpath = out_dirs[group] / "models.json"
-        doc = load_json(jpath)
-        models = doc.get("models", {})
-        models.update(entries)
-        order = [s.name for s in SPECS]
-        models = {k: models[k] for k in sorted(models, key=lambda k: (order.index(k) if k in order else len(order), k))}
-        doc = {
-            "generated_by": "tools/train_models.py",
-            "note": "accuracies measured with onnxruntime on the exported files; eval files hold x "
-                    "preprocessed exactly as in training (see each model's preprocessing)",
-            "eval_files": {f: f"{ds}: " + (f"first {n} of the test split" if n else "all of the test split")
-                           for (g, ds), (f, n) in EVAL_SETS.items() if g == group},
-            "models": models,
-        }
-        jpath.write_text(json.dumps(doc, indent=2) + "\n")
+
+def write_models_json(out_dir: Path, group: str, entries: dict[str, dict]) -> Path:
+    """Add or replace `entries` in `out_dir/models.json` (other models' entries are kept)."""
+    jpath = out_dir / "models.json"
+    doc = load_json(jpath)
+    models = doc.get("models", {})
+    models.update(entries)
+    order = [s.name for s in SPECS]
+    models = {k: models[k] for k in sorted(models, key=lambda k: (order.index(k) if k in order else len(order), k))}
+    doc = {
+        "generated_by": "tools/train_models.py",
+        "note": "accuracies measured with onnxruntime on the exported files; eval files hold x "
+                "preprocessed exactly as in training (see each model's preprocessing)",
+        "eval_files": {f: f"{ds}: " + _subset_note(n, size)
+                       for (g, ds), (f, n, size) in EVAL_SETS.items() if g == group},
+        "models": models,
+    }
+    jpath.write_text(json.dumps(doc, indent=2) + "\n")
+    return jpath
+
+
+DEFAULT_OUT = {
+    "examples": REPO / "onnxmerge" / "examples",
+    "tests": REPO / "tests" / "models",
+    "bench": REPO / "build" / "bench_models",  # git-ignored, not shipped
+}
+BENCH_NAMES = [s.name for s in SPECS if s.group == "bench"]
+
+
+def ensure_bench_models(names: list[str] | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """The bench models `names` (default: all of them) in `out_dir` (default build/bench_models/):
+    trains and exports only those whose .onnx file or models.json entry is missing (several minutes
+    each, see BENCH_SPECS), and writes any missing eval file, then returns {name: path of the .onnx}.
+    The eval file of a model is `out_dir / models.json["models"][name]["eval_file"]`."""
+    names = list(BENCH_NAMES if names is None else names)
+    unknown = [n for n in names if n not in BENCH_NAMES]
+    if unknown:
+        raise ValueError(f"unknown bench model(s) {', '.join(unknown)}: use {', '.join(BENCH_NAMES)}")
+    out = Path(out_dir) if out_dir is not None else DEFAULT_OUT["bench"]
+    by_name = {s.name: s for s in SPECS}
+    have = load_json(out / "models.json").get("models", {})
+    missing = [by_name[n] for n in names if not (out / f"{n}.onnx").is_file() or n not in have]
+    if missing:
+        with torch_settings():
+            train_and_export(missing, {**DEFAULT_OUT, "bench": out})
+    for ds in sorted({by_name[n].dataset for n in names}):  # eval files gone missing: no retraining
+        if not (out / EVAL_SETS["bench", ds][0]).is_file():
+            write_eval_set("bench", ds, out)
+    return {n: out / f"{n}.onnx" for n in names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", metavar="NAME", choices=[s.name for s in SPECS],
+                    help="train only these models, of any group (others' entries in models.json are kept)")
+    ap.add_argument("--group", nargs="+", choices=GROUPS,
+                    help=f"train these groups (default: {' and '.join(DEFAULT_GROUPS)}; with --only: "
+                         "only the named models in these groups)")
+    ap.add_argument("--out-examples", type=Path, default=DEFAULT_OUT["examples"])
+    ap.add_argument("--out-tests", type=Path, default=DEFAULT_OUT["tests"])
+    ap.add_argument("--out-bench", type=Path, default=DEFAULT_OUT["bench"])
+    args = ap.parse_args(argv)
+
+    groups = args.group or (GROUPS if args.only else DEFAULT_GROUPS)
+    specs = [s for s in SPECS if s.group in groups and (not args.only or s.name in args.only)]
+    if not specs:
+        ap.error(f"none of {', '.join(args.only)} is in group(s) {', '.join(groups)}")
+    out_dirs = {"examples": args.out_examples, "tests": args.out_tests, "bench": args.out_bench}
+    t_start = time.time()
+    with torch_settings():
+        train_and_export(specs, out_dirs)
     print(f"total wall time {time.time() - t_start:.1f} s")
     return 0
 
