@@ -87,12 +87,6 @@ def parse_layer_params(text: str) -> dict[str, Setting]:
     return out
 
 
-def layer_label(layers, index: int) -> str:
-    """convK / fcK: the layer's ordinal among the model's layers of its kind, from 1."""
-    kind = layers[index].kind
-    return f"{kind}{sum(1 for l in layers[: index + 1] if l.kind == kind)}"
-
-
 # ----------------------------------------------------------------------------------------------
 # pieces and reconstruction (eqs. 4, 6, 7)
 

@@ -135,12 +135,19 @@ def _activation_after(graph: gs.Graph, tensor_name: str) -> str | None:
     return ACTIVATIONS[node.op]
 
 
+def layer_label(layers: list[Layer], index: int) -> str:
+    """convK / fcK: the layer's ordinal among the model's layers of its kind, from 1 (the names
+    that per-layer options such as the codebook method's --layer-params take)."""
+    kind = layers[index].kind
+    return f"{kind}{sum(1 for l in layers[: index + 1] if l.kind == kind)}"
+
+
 def format_layers(layers: list[Layer]) -> str:
     """The layer view as a plain-text table (what `onnxmerge inspect` prints)."""
-    rows = [("#", "kind", "op", "kernel", "in", "out", "groups", "stride", "pads", "act", "then", "node")]
+    rows = [("#", "name", "kind", "op", "kernel", "in", "out", "groups", "stride", "pads", "act", "then", "node")]
     for l in layers:
         kind = "dwconv" if l.depthwise else l.kind
-        rows.append((str(l.index), kind, l.op, "x".join(map(str, l.kernel)) or "-", str(l.in_channels),
+        rows.append((str(l.index), layer_label(layers, l.index), kind, l.op, "x".join(map(str, l.kernel)) or "-", str(l.in_channels),
                      str(l.out_channels), str(l.groups), ",".join(map(str, l.strides)) or "-",
                      ",".join(map(str, l.pads)) or "-", l.activation or "-",
                      " ".join(g for g in l.glue if g not in ACTIVATIONS) or "-", l.node))

@@ -24,9 +24,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from onnxmerge.codebook import PRESETS, Group, Member, Setting, build_group, layer_label, logical_fc
+from onnxmerge.codebook import PRESETS, Group, Member, Setting, build_group, logical_fc
 from onnxmerge.errors import UsageError
-from onnxmerge.layers import Layer, weight_out_axis
+from onnxmerge.layers import Layer, layer_label, weight_out_axis
 from onnxmerge.lookup_ops import gather_weight
 from onnxmerge.pass_manager import Pass, PassResult
 from onnxmerge.state import MergeState
