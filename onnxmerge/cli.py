@@ -71,8 +71,10 @@ def _method_args(p: argparse.ArgumentParser) -> None:
             if key in seen:
                 continue
             seen.add(key)
+            shown = "" if opt.default in (None, "") else f" (default {opt.default})"
             g.add_argument(f"--{key.replace('_', '-')}", dest=f"param_{key}", default=None, type=opt.parse,
-                           choices=opt.choices, help=f"{opt.help} (default {opt.default})")
+                           choices=opt.choices, metavar=None if opt.choices else key.upper(),
+                           help=opt.help + shown)
 
 
 def _method_params(args) -> dict:
