@@ -147,24 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     if shared_data_dir() is None:
         print("codebook bench: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
         return 1
-    lines = ["## Codebook (NeuralMerger) on real data, beside the paper", "",
-             "Written by `tools/bench/codebook.py`; rerun it to update this section.", "",
-             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `python {shlex.join(['tools/bench/codebook.py', *argv])}`",
-             f"- machine: {machine_info()['cpu']}, CPU",
-             f"- presets: accu = conv r=4 C=128, fc r=4 C=64; light = r=8 C=64 (heads dense, per task)",
-             f"- calibration: {args.steps} steps, lr {args.lr}, batch 64, CE + per-layer L1 + distillation "
-             "(onnxmerge.calibrate defaults otherwise), on the train splits; accuracy on the full test splits",
-             "- compression: the originals' ONNX files together / the merged ONNX file", ""]
+    header = ["Written by `tools/bench/codebook.py`; rerun it to update this section.", "",
+              f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+              f"- command: `python {shlex.join(['tools/bench/codebook.py', *argv])}`",
+              f"- machine: {machine_info()['cpu']}, CPU",
+              "- presets: accu = conv r=4 C=128, fc r=4 C=64; light = r=8 C=64 (heads dense, per task)",
+              f"- calibration: {args.steps} steps, lr {args.lr}, batch 64, CE + per-layer L1 + distillation "
+              "(onnxmerge.calibrate defaults otherwise), on the train splits; accuracy on the full test splits",
+              "- compression: the originals' ONNX files together / the merged ONNX file", ""]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for name in args.experiment:
-            lines += run(name, args.presets, args.steps, args.lr, name == "lenet" and not args.no_individual,
-                         work, lambda text: print(text, flush=True))
-    if not args.no_write:
-        write_section(BENCHMARKS, "codebook", "\n".join(lines))
-        print(f"updated {BENCHMARKS}")
+        for name in args.experiment:  # one section per experiment, so that each can be rerun alone
+            lines = run(name, args.presets, args.steps, args.lr, name == "lenet" and not args.no_individual,
+                        work, lambda text: print(text, flush=True))
+            if not args.no_write:
+                title = f"## Codebook (NeuralMerger), experiment {name}, beside the paper"
+                write_section(BENCHMARKS, f"codebook_{name}", "\n".join([title, "", *header, *lines]))
+                print(f"updated {BENCHMARKS}")
     return 0
 
 
