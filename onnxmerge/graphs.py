@@ -29,12 +29,13 @@ def to_model(graph: gs.Graph, opset: int, ir_version: int) -> onnx.ModelProto:
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None = 1,
-            optimize: bool = False) -> ort.InferenceSession:
+            optimize: bool = False, native: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session.
 
     threads=1: one intra-op and one inter-op thread, sequential execution; another int: that many
     intra-op threads; None: onnxruntime's defaults. Graph optimisations are off unless `optimize`, so
     that a check sees the graph itself (onnxsim's habit); timing and evaluation turn them on.
+    `native`: register onnxmerge's ai.onnxmerge kernels (onnxmerge.kernels).
     """
     so = ort.SessionOptions()
     if not optimize:
@@ -47,6 +48,10 @@ def session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None =
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    if native:
+        from onnxmerge.kernels import register
+
+        register(so)
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(Path(model))
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 

@@ -40,15 +40,18 @@ class Step:
 def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None
                  ) -> ort.InferenceSession:
     """A CPU session with onnxruntime's graph optimisations, as a deployment would run it
-    (threads as in `onnxmerge.graphs.session`). A model in the codebook method's native form runs in
-    its portable form, which computes the same numbers, until the native kernels are built."""
+    (threads as in `onnxmerge.graphs.session`). A model in the codebook method's native form runs
+    with onnxmerge's kernels registered, or, where they are not built, in its portable form, which
+    computes the same numbers."""
+    from onnxmerge import kernels
     from onnxmerge.lookup_ops import is_native, to_portable
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
-    if is_native(model):
-        model = to_portable(model)
-    return session(model, threads=threads, optimize=True)
+    native = is_native(model)
+    if native and not kernels.available():
+        model, native = to_portable(model), False
+    return session(model, threads=threads, optimize=True, native=native)
 
 
 def candidate(sessions: list[ort.InferenceSession], batch: int) -> list[Step]:
