@@ -197,10 +197,18 @@ def cmd_merge(args) -> int:
     config = _calib_config(args) if calib else None
     if args.sweep:
         return _sweep(args, names, data, calib, config)
+    params = _method_params(args)
+    if params.get("emit") == "native":
+        from onnxmerge import kernels
+
+        if not kernels.available():  # a model this machine cannot run natively: write the portable form
+            print(f"onnxmerge: warning: --emit native: {kernels.unavailable_reason()}; writing --emit gather",
+                  file=sys.stderr)
+            params["emit"] = "gather"
     result = merge(args.inputs, args.output, method=args.method, names=names,
                    separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
                    verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
-                   calib=calib, calibration=config, params=_method_params(args))
+                   calib=calib, calibration=config, params=params)
     originals = {t.name: str(t.path) for t in result.state.tasks}
     model, info = result.model, result.info
     del result  # the merge state holds every model and graph: free it before the report loads the originals

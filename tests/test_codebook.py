@@ -335,3 +335,16 @@ def test_lookup_ops_count_tables_and_additions():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnxmerge", 1)])
     assert count_macs(model, batch=1) == 2 * 4 * 5 + 3 * 2
     assert count_macs(model, batch=4) == 4 * (2 * 4 * 5 + 3 * 2)
+
+
+def test_cli_falls_back_to_the_portable_form_without_kernels(tmp_path, capsys, monkeypatch):
+    from onnxmerge import kernels
+    from onnxmerge.cli import main
+
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    out = tmp_path / "m.onnx"
+    a, b = (str(shipped(p)) for p in PAIR)
+    assert main([a, b, "-o", str(out), "--method", "codebook", "--emit", "native", "--no-latency", "--quiet"]) == 0
+    assert "writing --emit gather" in capsys.readouterr().err
+    model = onnx.load(str(out))
+    assert not is_native(model) and any(n.op_type == "Gather" for n in model.graph.node)
