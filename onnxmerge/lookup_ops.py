@@ -169,11 +169,11 @@ def gather_weight(graph: gs.Graph, codebook: gs.Constant, codes: gs.Constant, ki
     return out
 
 
-def find_chain(weight: gs.Tensor) -> tuple[gs.Constant, gs.Constant, list[gs.Node]] | None:
-    """(codebook, codes, chain nodes) when `weight` is made by a codebook-gather subgraph, else None."""
+def find_chain(weight: gs.Tensor) -> tuple[gs.Constant, gs.Constant] | None:
+    """(codebook, codes) when `weight` is made by a codebook-gather subgraph, else None."""
     if isinstance(weight, gs.Constant) or not weight.inputs:
         return None
-    nodes, consts, stack, seen = [], [], [weight], set()
+    consts, stack, seen = [], [weight], set()
     while stack:
         t = stack.pop()
         if isinstance(t, gs.Constant):
@@ -187,13 +187,12 @@ def find_chain(weight: gs.Tensor) -> tuple[gs.Constant, gs.Constant, list[gs.Nod
         seen.add(id(node))
         if node.op not in CHAIN_OPS:
             return None
-        nodes.append(node)
         stack.extend(node.inputs)
     codebooks = [c for c in consts if c.values.dtype == np.float32 and c.values.ndim == 3]
     codes = [c for c in consts if c.values.dtype in (np.uint8, np.uint16)]
     if len(codebooks) != 1 or len(codes) != 1:
         return None
-    return codebooks[0], codes[0], nodes
+    return codebooks[0], codes[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +233,7 @@ def to_native(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         found = find_chain(node.inputs[1])
         if found is None:
             continue
-        codebook, codes, _ = found
+        codebook, codes = found
         why = _native_unsupported(node)
         if why:
             kept.append(f"{node.name}: {why}")

@@ -155,7 +155,7 @@ def numpy_reference(paths, model):
             found = find_chain(twin.inputs[1])
             if found is None:
                 continue
-            codebook, codes, _ = found
+            codebook, codes = found
             kind = "conv" if node.op == "Conv" else "fc"
             w = node.inputs[1].values
             dense = reconstruct(inits[codebook.name], inits[codes.name], kind, w.shape[1] if kind == "conv" else
