@@ -103,9 +103,8 @@ def check_task_data(state: MergeState, data: dict, flag: str = "--data") -> None
 def _emit_native(model: onnx.ModelProto, info: MergedInfo) -> onnx.ModelProto:
     """The codebook method's native form: EConv / EFC nodes, checked against the portable form with
     the ops' numpy reference (onnxmerge.lookup_ops)."""
-    from onnxmerge.lookup_ops import to_native
-
     from onnxmerge import kernels
+    from onnxmerge.lookup_ops import to_native
 
     native, kept = to_native(model)
     info.fidelity["native_vs_portable_rel_diff"] = verify.check_native(native, model)
