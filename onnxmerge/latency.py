@@ -46,11 +46,12 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None
     from onnxmerge import kernels
     from onnxmerge.lookup_ops import is_native, to_portable
 
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
-    native = is_native(model)
+    # a path is read for its nodes only, and handed to onnxruntime as a path (no serialised copy)
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    native = is_native(proto)
     if native and not kernels.available():
-        model, native = to_portable(model), False
+        full = proto if proto is model else onnx.load(str(model))
+        model, native = to_portable(full), False
     return session(model, threads=threads, optimize=True, native=native)
 
 
