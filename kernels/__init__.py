@@ -7,6 +7,9 @@ of every method, which runs in stock onnxruntime. `register` adds the library to
 
 from __future__ import annotations
 
+import ctypes
+import os
+from functools import cache
 from pathlib import Path
 
 import onnxruntime as ort
@@ -14,6 +17,7 @@ import onnxruntime as ort
 from onnxmerge.errors import MergeError
 
 DOMAIN = "ai.onnxmerge"
+ISA_VARIABLE = "ONNXMERGE_KERNEL_ISA"  # forces an instruction set when a session creates its kernels
 LIBRARY = Path(__file__).with_name("libonnxmerge_kernels.so")
 
 
@@ -39,3 +43,20 @@ def register(options: ort.SessionOptions) -> ort.SessionOptions:
         raise MergeError(unavailable_reason())
     options.register_custom_ops_library(str(path))
     return options
+
+
+@cache
+def isas() -> tuple[str, ...]:
+    """The instruction sets of the built kernels that this CPU runs, best first ('avx512', 'avx2',
+    'generic'); the kernels pick the first. A one-line error if they are not built."""
+    path = library_path()
+    if path is None:
+        raise MergeError(unavailable_reason())
+    query = ctypes.CDLL(str(path)).onnxmerge_kernels_isas
+    query.restype = ctypes.c_char_p
+    return tuple(query().decode().split(","))
+
+
+def isa() -> str:
+    """The instruction set that sessions created now use: $ONNXMERGE_KERNEL_ISA if set, else the best."""
+    return os.environ.get(ISA_VARIABLE) or isas()[0]

@@ -1,8 +1,10 @@
-"""Build onnxmerge's native kernels: kernels/libonnxmerge_kernels.so from lookup.cc and custom_op.cc.
+"""Build onnxmerge's native kernels: kernels/libonnxmerge_kernels.so.
 
 Needs g++ and onnxruntime's C/C++ headers (ONNXRUNTIME_INCLUDE_DIR, else /usr/include/onnxruntime;
-../shared/vendor/README.md says where to get them). The library does not link libonnxruntime, and is
-compiled for generic x86-64 (no -march=native) so that one build runs on any x86-64 CPU.
+../shared/vendor/README.md says where to get them). The library does not link libonnxruntime. The hot
+loops (lookup_impl.cc) are compiled once per instruction set and the library picks one at run time
+from the CPU's features, so one build runs on any CPU of its architecture: on x86-64, AVX-512, AVX2+FMA
+and generic x86-64 (SSE2); elsewhere, generic only.
 
     python kernels/build.py        # prints what it did; exit status 1 when it could not build
 """
@@ -10,17 +12,27 @@ compiled for generic x86-64 (no -march=native) so that one build runs on any x86
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "libonnxmerge_kernels.so"
-SOURCES = ("lookup.cc", "custom_op.cc")
 HEADER = "onnxruntime_cxx_api.h"
 DEFAULT_INCLUDE = Path("/usr/include/onnxruntime")
-FLAGS = ["-O3", "-march=x86-64", "-mtune=generic", "-fPIC", "-shared", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra"]
+COMMON = ["-O3", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra"]
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+BASE = ["-march=x86-64", "-mtune=generic"] if X86 else []  # what every CPU of the architecture runs
+# instruction set -> (floats per vector, flags) for lookup_impl.cc. -fno-tree-vectorize: the vector
+# loops are written with vector types; the scalar lookups must not become vector gathers.
+ISAS = {"generic": (8, BASE)}
+if X86:
+    ISAS["avx2"] = (8, [*BASE, "-mavx2", "-mfma", "-mf16c", "-ffp-contract=fast"])
+    ISAS["avx512"] = (16, [*BASE, "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma",
+                           "-mf16c", "-mprefer-vector-width=512", "-ffp-contract=fast"])
 
 last_reason = ""  # why the last build() returned None ("" after a success)
 
@@ -34,8 +46,16 @@ def find_include_dir(include_dir: str | Path | None = None) -> Path | None:
     return None
 
 
-def command(include_dir: Path, out: Path, compiler: str = "g++") -> list[str]:
-    return [compiler, *FLAGS, f"-I{include_dir}", *(str(HERE / s) for s in SOURCES), "-o", str(out)]
+def commands(include_dir: Path, out: Path, objects: Path, compiler: str = "g++") -> list[list[str]]:
+    """The compile commands (one per object, independent of each other), then the link command."""
+    compile_ = [[compiler, *COMMON, *BASE, f"-I{include_dir}", "-c", str(HERE / src), "-o", str(objects / f"{src}.o")]
+                for src in ("pack.cc", "custom_op.cc")]
+    for isa, (vec, flags) in ISAS.items():
+        compile_.append([compiler, *COMMON, *flags, "-fno-tree-vectorize", "-Wno-psabi", f"-DONNXMERGE_ISA=isa_{isa}",
+                         f"-DONNXMERGE_ISA_NAME=\"{isa}\"", f"-DONNXMERGE_VEC={vec}", "-c",
+                         str(HERE / "lookup_impl.cc"), "-o", str(objects / f"lookup_{isa}.o")])
+    link = [compiler, "-shared", *(c[-1] for c in compile_), "-o", str(out)]
+    return [*compile_, link]
 
 
 def build(include_dir: str | Path | None = None, out: str | Path | None = None, *, verbose: bool = False) -> Path | None:
@@ -59,16 +79,27 @@ def build(include_dir: str | Path | None = None, out: str | Path | None = None, 
         target = target / LIBRARY_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    cmd = command(inc, tmp, compiler)
-    if verbose:
-        print(" ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        last_reason = f"{compiler} failed (exit {proc.returncode}):\n{proc.stderr.strip()}"
-        return None
-    if verbose and proc.stderr.strip():
-        print(proc.stderr.strip())
+    with tempfile.TemporaryDirectory(prefix="onnxmerge-kernels-") as objects:
+        *compile_, link = commands(inc, tmp, Path(objects), compiler)
+        for cmd in (*compile_, link):
+            if verbose:
+                print(" ".join(cmd))
+        # the objects compile independently: in parallel, then one link
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in compile_]
+        results = []
+        for proc in procs:
+            _, err = proc.communicate()
+            results.append((proc.returncode, err))
+        if all(code == 0 for code, _ in results):
+            proc = subprocess.run(link, capture_output=True, text=True)
+            results.append((proc.returncode, proc.stderr))
+    for code, err in results:
+        if code != 0:
+            tmp.unlink(missing_ok=True)
+            last_reason = f"{compiler} failed (exit {code}):\n{err.strip()}"
+            return None
+        if verbose and err.strip():
+            print(err.strip())
     os.replace(tmp, target)  # atomic: a loaded library is never overwritten in place
     return target
 

@@ -1,11 +1,18 @@
 // onnxruntime registration of the ai.onnxmerge ops (EConv, EFC), version 1: a thin layer over the
-// arithmetic in lookup.cc. Built against onnxruntime's C/C++ headers only; onnxruntime hands the API
+// arithmetic in lookup.h. Built against onnxruntime's C/C++ headers only; onnxruntime hands the API
 // pointer to RegisterCustomOps, so the library does not link libonnxruntime.
+//
+// When the codebook and the codes are initializers (as onnxmerge writes them), a kernel checks and
+// repacks them once, when the session creates it; otherwise on every run. The environment variable
+// ONNXMERGE_KERNEL_ISA (avx512, avx2, generic), read when a kernel is created, forces an instruction
+// set instead of the best one this CPU runs (for tests and benchmarks).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <cstdlib>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -35,6 +42,10 @@ OrtStatusPtr guarded(F&& fn) {
   }
 }
 
+void expect(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
 std::vector<int64_t> ints(const Ort::ConstKernelInfo& info, const char* name, std::vector<int64_t> fallback) {
   try {
     return info.GetAttributes<int64_t>(name);
@@ -43,88 +54,130 @@ std::vector<int64_t> ints(const Ort::ConstKernelInfo& info, const char* name, st
   }
 }
 
-void expect(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument(what);
+std::string forced_isa() {
+  const char* isa = std::getenv("ONNXMERGE_KERNEL_ISA");
+  return isa ? isa : "";
 }
 
-// The inputs shared by both ops: X, codebook, codes (uint8 or uint16), optional B.
-struct Inputs {
-  Ort::ConstValue x, codebook, codes, bias{nullptr};
-  std::vector<int64_t> xs, cbs, cs;
-  ONNXTensorElementDataType code_type;
+std::vector<int64_t> shape(const Ort::ConstValue& value) { return value.GetTensorTypeAndShapeInfo().GetShape(); }
+
+// fn(const Code* codes) with the codes' element type, uint8 or uint16 (the only two onnxmerge writes)
+template <typename F>
+void with_codes(const Ort::ConstValue& codes, const char* op, F&& fn) {
+  const auto type = codes.GetTensorTypeAndShapeInfo().GetElementType();
+  if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+    fn(codes.GetTensorData<uint8_t>());
+  else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16)
+    fn(codes.GetTensorData<uint16_t>());
+  else
+    throw std::invalid_argument(std::string(op) + ": codes must be uint8 or uint16");
+}
+
+// The intra-op thread pool of the session, through the custom-op API.
+struct OrtParallel : onnxmerge::Parallel {
+  explicit OrtParallel(const Ort::KernelContext& ctx) : ctx_(ctx) {}
+  void run(size_t total, const std::function<void(size_t)>& fn) const override {
+    if (total <= 1) {
+      if (total == 1) fn(0);
+      return;
+    }
+    ctx_.ParallelFor(&call, total, 0, const_cast<std::function<void(size_t)>*>(&fn));
+  }
+
+ private:
+  static void call(void* fn, size_t i) { (*static_cast<const std::function<void(size_t)>*>(fn))(i); }
+  const Ort::KernelContext& ctx_;
 };
 
-Inputs read_inputs(Ort::KernelContext& ctx, const char* op) {
-  Inputs in{ctx.GetInput(0), ctx.GetInput(1), ctx.GetInput(2), Ort::ConstValue{nullptr}, {}, {}, {},
-            ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED};
-  if (ctx.GetInputCount() > 3) in.bias = ctx.GetInput(3);
-  in.xs = in.x.GetTensorTypeAndShapeInfo().GetShape();
-  in.cbs = in.codebook.GetTensorTypeAndShapeInfo().GetShape();
-  auto code_info = in.codes.GetTensorTypeAndShapeInfo();
-  in.cs = code_info.GetShape();
-  in.code_type = code_info.GetElementType();
-  const std::string name(op);
-  expect(in.code_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || in.code_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16,
-         name + ": codes must be uint8 or uint16");
-  expect(in.cbs.size() == 3, name + ": codebook must be 3-D [V', C, r]");
-  return in;
-}
+// What both ops share: the layer packed at creation when its codebook and codes are constant, else
+// packed on each run from the inputs; and the optional bias.
+template <typename Layer, typename Derived>
+struct LookupKernel {
+  std::string isa = forced_isa();
+  std::unique_ptr<Layer> constant;
 
-int64_t check_bias(const Inputs& in, int64_t channels, const char* op) {
-  if (!in.bias) return 0;
-  auto shape = in.bias.GetTensorTypeAndShapeInfo().GetShape();
-  expect(shape.size() == 1 && shape[0] == channels,
-         std::string(op) + ": bias must be 1-D with one value per output channel");
-  return 1;
-}
+  void pack_constant(const OrtKernelInfo* info_ptr) {
+    Ort::ConstKernelInfo info(info_ptr);
+    int codebook_constant = 0, codes_constant = 0;
+    Ort::ConstValue codebook = info.GetTensorConstantInput(1, &codebook_constant);
+    Ort::ConstValue codes = info.GetTensorConstantInput(2, &codes_constant);
+    if (codebook_constant && codes_constant) {
+      constant = std::make_unique<Layer>();
+      static_cast<Derived*>(this)->pack(*constant, codebook, codes);
+    }
+  }
+
+  // the packed layer of this run: the constant one, or `local` packed from the inputs
+  const Layer& layer(Ort::KernelContext& ctx, std::unique_ptr<Layer>& local) {
+    if (constant) return *constant;
+    local = std::make_unique<Layer>();
+    static_cast<Derived*>(this)->pack(*local, ctx.GetInput(1), ctx.GetInput(2));
+    return *local;
+  }
+
+  static const float* bias(Ort::KernelContext& ctx, int64_t channels, const char* op) {
+    if (ctx.GetInputCount() < 4) return nullptr;
+    Ort::ConstValue b = ctx.GetInput(3);
+    if (!b) return nullptr;
+    const auto s = shape(b);
+    expect(s.size() == 1 && s[0] == channels, std::string(op) + ": bias must be 1-D with one value per output channel");
+    return b.GetTensorData<float>();
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // EConv
 
-struct EConvKernel {
-  int64_t in_channels;
-  std::vector<int64_t> kernel_shape, strides, pads, dilations;
+struct EConvKernel : LookupKernel<onnxmerge::EConvLayer, EConvKernel> {
+  onnxmerge::EConvParams attrs;  // from the node's attributes: d, strides, pads, dilations
+  std::vector<int64_t> kernel_shape;
 
   explicit EConvKernel(const OrtKernelInfo* info_ptr) {
     Ort::ConstKernelInfo info(info_ptr);
-    in_channels = info.GetAttribute<int64_t>("in_channels");
+    attrs.d = info.GetAttribute<int64_t>("in_channels");
     kernel_shape = ints(info, "kernel_shape", {});
-    strides = ints(info, "strides", {1, 1});
-    pads = ints(info, "pads", {0, 0, 0, 0});
-    dilations = ints(info, "dilations", {1, 1});
+    const auto strides = ints(info, "strides", {1, 1});
+    const auto pads = ints(info, "pads", {0, 0, 0, 0});
+    const auto dilations = ints(info, "dilations", {1, 1});
     expect(strides.size() == 2, "EConv: strides must have 2 values");
     expect(pads.size() == 4, "EConv: pads must have 4 values");
     expect(dilations.size() == 2, "EConv: dilations must have 2 values");
     expect(kernel_shape.empty() || kernel_shape.size() == 2, "EConv: kernel_shape must have 2 values");
+    attrs.sh = strides[0], attrs.sw = strides[1];
+    attrs.pt = pads[0], attrs.pl = pads[1], attrs.pb = pads[2], attrs.pr = pads[3];
+    attrs.dh = dilations[0], attrs.dw = dilations[1];
+    pack_constant(info_ptr);
+  }
+
+  void pack(onnxmerge::EConvLayer& layer, const Ort::ConstValue& codebook, const Ort::ConstValue& codes) const {
+    const auto cbs = shape(codebook), cs = shape(codes);
+    expect(cbs.size() == 3, "EConv: codebook must be 3-D [V', C, r]");
+    expect(cs.size() == 4, "EConv: codes must be 4-D [V, p, kh, kw]");
+    expect(kernel_shape.empty() || (kernel_shape[0] == cs[2] && kernel_shape[1] == cs[3]),
+           "EConv: kernel_shape does not match the codes' shape");
+    onnxmerge::EConvParams s = attrs;
+    s.V = cs[0], s.p = cs[1], s.kh = cs[2], s.kw = cs[3];
+    s.C = cbs[1], s.r = cbs[2];
+    with_codes(codes, "EConv", [&](const auto* c) {
+      onnxmerge::pack_econv(layer, s, cbs[0], codebook.GetTensorData<float>(), c, isa);
+    });
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded([&] {
       Ort::KernelContext ctx(context);
-      Inputs in = read_inputs(ctx, "EConv");
-      expect(in.xs.size() == 4, "EConv: input must be 4-D [N, d, H, W]");
-      expect(in.cs.size() == 4, "EConv: codes must be 4-D [V, p, kh, kw]");
-      onnxmerge::EConvShape s;
-      s.N = in.xs[0], s.d = in.xs[1], s.H = in.xs[2], s.W = in.xs[3];
-      s.cb = {in.cbs[0], in.cbs[1], in.cbs[2]};
-      s.V = in.cs[0], s.p = in.cs[1], s.kh = in.cs[2], s.kw = in.cs[3];
-      s.sh = strides[0], s.sw = strides[1];
-      s.pt = pads[0], s.pl = pads[1], s.pb = pads[2], s.pr = pads[3];
-      s.dh = dilations[0], s.dw = dilations[1];
-      expect(s.d == in_channels, "EConv: input has " + std::to_string(s.d) + " channels, in_channels is " +
-                                     std::to_string(in_channels));
-      expect(kernel_shape.empty() || (kernel_shape[0] == s.kh && kernel_shape[1] == s.kw),
-             "EConv: kernel_shape does not match the codes' shape");
-      onnxmerge::check(s);
-      const bool has_bias = check_bias(in, s.p, "EConv");
-      auto y = ctx.GetOutput(0, {s.N, s.p, s.Ho(), s.Wo()});
-      const float* bias = has_bias ? in.bias.GetTensorData<float>() : nullptr;
-      if (in.code_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
-        onnxmerge::econv(s, in.x.GetTensorData<float>(), in.codebook.GetTensorData<float>(),
-                         in.codes.GetTensorData<uint8_t>(), bias, y.GetTensorMutableData<float>());
-      else
-        onnxmerge::econv(s, in.x.GetTensorData<float>(), in.codebook.GetTensorData<float>(),
-                         in.codes.GetTensorData<uint16_t>(), bias, y.GetTensorMutableData<float>());
+      Ort::ConstValue x = ctx.GetInput(0);
+      const auto xs = shape(x);
+      expect(xs.size() == 4, "EConv: input must be 4-D [N, d, H, W]");
+      expect(xs[1] == attrs.d, "EConv: input has " + std::to_string(xs[1]) + " channels, in_channels is " +
+                                   std::to_string(attrs.d));
+      std::unique_ptr<onnxmerge::EConvLayer> local;
+      const onnxmerge::EConvLayer& L = layer(ctx, local);
+      const float* b = bias(ctx, L.s.p, "EConv");
+      const auto plan = L.plan(xs[2], xs[3]);  // checks that the kernel fits the input
+      auto y = ctx.GetOutput(0, {xs[0], L.s.p, plan->Ho, plan->Wo});
+      onnxmerge::econv(L, xs[0], xs[2], xs[3], x.GetTensorData<float>(), b, y.GetTensorMutableData<float>(),
+                       OrtParallel(ctx));
     });
   }
 };
@@ -132,43 +185,44 @@ struct EConvKernel {
 // ---------------------------------------------------------------------------------------------
 // EFC
 
-struct EFCKernel {
+struct EFCKernel : LookupKernel<onnxmerge::EFCLayer, EFCKernel> {
   int64_t in_features;
 
   explicit EFCKernel(const OrtKernelInfo* info_ptr) {
-    Ort::ConstKernelInfo info(info_ptr);
-    in_features = info.GetAttribute<int64_t>("in_features");
+    in_features = Ort::ConstKernelInfo(info_ptr).GetAttribute<int64_t>("in_features");
+    pack_constant(info_ptr);
+  }
+
+  void pack(onnxmerge::EFCLayer& layer, const Ort::ConstValue& codebook, const Ort::ConstValue& codes) const {
+    const auto cbs = shape(codebook), cs = shape(codes);
+    expect(cbs.size() == 3, "EFC: codebook must be 3-D [V', C, r]");
+    expect(cs.size() == 2, "EFC: codes must be 2-D [V, out]");
+    onnxmerge::EFCParams s{in_features, cs[1], cs[0], cbs[1], cbs[2]};
+    with_codes(codes, "EFC", [&](const auto* c) {
+      onnxmerge::pack_efc(layer, s, cbs[0], codebook.GetTensorData<float>(), c, isa);
+    });
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded([&] {
       Ort::KernelContext ctx(context);
-      Inputs in = read_inputs(ctx, "EFC");
-      expect(in.xs.size() == 2, "EFC: input must be 2-D [N, d]");
-      expect(in.cs.size() == 2, "EFC: codes must be 2-D [V, out]");
-      onnxmerge::EFCShape s;
-      s.N = in.xs[0], s.d = in.xs[1];
-      s.cb = {in.cbs[0], in.cbs[1], in.cbs[2]};
-      s.V = in.cs[0], s.out = in.cs[1];
-      expect(s.d == in_features, "EFC: input has " + std::to_string(s.d) + " features, in_features is " +
-                                     std::to_string(in_features));
-      onnxmerge::check(s);
-      const bool has_bias = check_bias(in, s.out, "EFC");
-      auto y = ctx.GetOutput(0, {s.N, s.out});
-      const float* bias = has_bias ? in.bias.GetTensorData<float>() : nullptr;
-      if (in.code_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
-        onnxmerge::efc(s, in.x.GetTensorData<float>(), in.codebook.GetTensorData<float>(),
-                       in.codes.GetTensorData<uint8_t>(), bias, y.GetTensorMutableData<float>());
-      else
-        onnxmerge::efc(s, in.x.GetTensorData<float>(), in.codebook.GetTensorData<float>(),
-                       in.codes.GetTensorData<uint16_t>(), bias, y.GetTensorMutableData<float>());
+      Ort::ConstValue x = ctx.GetInput(0);
+      const auto xs = shape(x);
+      expect(xs.size() == 2, "EFC: input must be 2-D [N, d]");
+      expect(xs[1] == in_features, "EFC: input has " + std::to_string(xs[1]) + " features, in_features is " +
+                                       std::to_string(in_features));
+      std::unique_ptr<onnxmerge::EFCLayer> local;
+      const onnxmerge::EFCLayer& L = layer(ctx, local);
+      const float* b = bias(ctx, L.s.out, "EFC");
+      auto y = ctx.GetOutput(0, {xs[0], L.s.out});
+      onnxmerge::efc(L, xs[0], x.GetTensorData<float>(), b, y.GetTensorMutableData<float>(), OrtParallel(ctx));
     });
   }
 };
 
 // ---------------------------------------------------------------------------------------------
 // the op descriptions: inputs X (float), codebook (float), codes (uint8 | uint16: any type here,
-// checked at run time), B (float, optional); output Y (float)
+// checked when packed), B (float, optional); output Y (float)
 
 template <typename Kernel>
 struct LookupOp : Ort::CustomOpBase<LookupOp<Kernel>, Kernel, true> {
@@ -213,4 +267,16 @@ ONNXMERGE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* op
     std::lock_guard<std::mutex> guard(lock);
     domains.push_back(std::move(domain));
   });
+}
+
+// For onnxmerge.kernels (ctypes): the instruction sets of this build that this CPU runs, best first and
+// comma-separated; kernels use the first unless ONNXMERGE_KERNEL_ISA names another.
+ONNXMERGE_EXPORT const char* onnxmerge_kernels_isas() {
+  static const std::string names = [] {
+    std::string all;
+    for (const auto& name : onnxmerge::built_isas())
+      if (onnxmerge::cpu_supports(name)) all += (all.empty() ? "" : ",") + name;
+    return all;
+  }();
+  return names.c_str();
 }

@@ -1,56 +1,125 @@
 // The arithmetic of onnxmerge's ai.onnxmerge ops EConv and EFC (NeuralMerger eq. 9), with no
-// onnxruntime dependency: lookup tables of codeword dot products, then sums of table entries picked
-// by the code indices. DESIGN.md, "Kernels"; the numpy oracle is onnxmerge.lookup_ops.
+// onnxruntime dependency: lookup tables of codeword dot products (eq. 8's inner products, computed once
+// per segment and codeword), then sums of table entries picked by the code indices. DESIGN.md,
+// "Kernels"; the numpy oracle is onnxmerge.lookup_ops.
+//
+// A layer's constant inputs (codebook, codes) are checked and repacked once, when onnxruntime creates
+// the kernel (`pack_econv`, `pack_efc`); each run then only reads the input. The hot loops are in
+// lookup_impl.cc, compiled once per instruction set (generic x86-64 or any other CPU, AVX2+FMA,
+// AVX-512) and chosen at run time from the CPU's features (`select_isa`).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace onnxmerge {
 
-// Shapes of one call. Codebook [Vc, C, r] (Vc = V' >= V); only its first V segments are read.
-struct CodebookShape {
-  int64_t Vc = 0, C = 0, r = 0;
+// Runs fn(0) .. fn(total - 1), possibly in parallel (onnxruntime's intra-op thread pool in the custom
+// op). The default runs them in order on the calling thread. Every item writes disjoint outputs.
+struct Parallel {
+  virtual ~Parallel() = default;
+  virtual void run(size_t total, const std::function<void(size_t)>& fn) const {
+    for (size_t i = 0; i < total; ++i) fn(i);
+  }
 };
 
-struct EConvShape {
-  int64_t N = 0, d = 0, H = 0, W = 0;           // X [N, d, H, W]
-  CodebookShape cb;                              // codebook [Vc, C, r]
-  int64_t V = 0, p = 0, kh = 0, kw = 0;          // codes [V, p, kh, kw]
-  int64_t sh = 1, sw = 1;                        // strides
-  int64_t pt = 0, pl = 0, pb = 0, pr = 0;        // pads, ONNX order [top, left, bottom, right]
-  int64_t dh = 1, dw = 1;                        // dilations
-  int64_t Ho() const { return (H + pt + pb - dh * (kh - 1) - 1) / sh + 1; }
-  int64_t Wo() const { return (W + pl + pr - dw * (kw - 1) - 1) / sw + 1; }
+// ---------------------------------------------------------------------------------------------
+// EConv: Y [N, p, Ho, Wo] from X [N, d, H, W], codebook [V', C, r], codes [V, p, kh, kw], bias [p]
+
+struct EConvParams {
+  int64_t d = 0, p = 0, kh = 0, kw = 0;     // input channels, output channels, kernel
+  int64_t V = 0, C = 0, r = 0;              // segments, codewords, segment depth
+  int64_t sh = 1, sw = 1;                   // strides
+  int64_t pt = 0, pl = 0, pb = 0, pr = 0;   // pads, ONNX order [top, left, bottom, right]
+  int64_t dh = 1, dw = 1;                   // dilations
+  int64_t Ho(int64_t H) const { return (H + pt + pb - dh * (kh - 1) - 1) / sh + 1; }
+  int64_t Wo(int64_t W) const { return (W + pl + pr - dw * (kw - 1) - 1) / sw + 1; }
 };
 
-struct EFCShape {
-  int64_t N = 0, d = 0;     // X [N, d]
-  CodebookShape cb;         // codebook [Vc, C, r]
-  int64_t V = 0, out = 0;   // codes [V, out]
+// Where each (output channel, segment, kernel offset) reads its table plane, for one input size.
+struct EConvPlan {
+  int64_t H = 0, W = 0, Ho = 0, Wo = 0, Hp = 0;
+  int64_t width = 0;          // floats per stored row and column phase (>= ceil((W + pads) / sw), vector multiple)
+  int64_t row = 0;            // floats per padded input row: sw phases of `width`
+  int64_t tile_rows = 0;      // output rows per tile, so that a segment group's tables stay in cache
+  int64_t tile_in_rows = 0;   // padded input rows a tile reads
+  int64_t plane = 0;          // floats per table plane (one codeword): tile_in_rows * row
+  int64_t group = 0;          // segments whose tables are built together
+  std::vector<int32_t> offsets;  // [p][V][kh*kw]: code * plane + the kernel offset's row / phase / column
 };
 
-// Throw std::invalid_argument with a one-line reason when the shapes do not fit together.
-void check(const EConvShape& s);
-void check(const EFCShape& s);
+struct IsaKernels;
 
-// Y [N, p, Ho, Wo] = EConv(X, codebook, codes, bias); bias may be null ([p] otherwise).
-// Code indices >= C are reported with std::invalid_argument.
+struct EConvLayer {
+  EConvParams s;
+  const IsaKernels* isa = nullptr;  // set by pack_econv
+  std::vector<float> codebook;   // [V][C][r] (the first V segments of [V', C, r])
+  std::vector<uint16_t> codes;   // [p][V][kh*kw], checked < C
+
+  // the plan for an H x W input, made once per size and kept (thread-safe)
+  std::shared_ptr<const EConvPlan> plan(int64_t H, int64_t W) const;
+
+  mutable std::mutex lock_;                                       // guards plans_
+  mutable std::vector<std::shared_ptr<const EConvPlan>> plans_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// EFC: Y [N, out] from X [N, d], codebook [V', C, r], codes [V, out], bias [out]
+
+struct EFCParams {
+  int64_t d = 0, out = 0, V = 0, C = 0, r = 0;
+};
+
+struct EFCLayer {
+  EFCParams s;
+  const IsaKernels* isa = nullptr;  // set by pack_efc
+  int64_t Cp = 0;                   // table row length: C rounded up to 16, 32, 64, then multiples of 16
+  std::vector<float> codebook_t;    // [V][r][Cp]: the k-th components of a segment's codewords, contiguous
+  // [out][V], checked < C: one byte per code when C <= 256 (less to stream at batch 1), else two
+  std::vector<uint8_t> codes8;
+  std::vector<uint16_t> codes16;
+  std::vector<uint8_t> codes_vo;    // [V][out], for instruction sets with register_tables and C <= 64
+};
+
+// Check shapes and code indices and repack for the instruction set `isa` (see choose_isa);
+// std::invalid_argument with a one-line reason otherwise. codebook is [Vc, C, r]; codes [V, p, kh, kw]
+// (EConv) or [V, out] (EFC).
 template <typename Code>
-void econv(const EConvShape& s, const float* x, const float* codebook, const Code* codes, const float* bias,
-           float* y);
-
-// Y [N, out] = EFC(X, codebook, codes, bias); bias may be null ([out] otherwise).
+void pack_econv(EConvLayer& layer, const EConvParams& s, int64_t Vc, const float* codebook, const Code* codes,
+                const std::string& isa = "");
 template <typename Code>
-void efc(const EFCShape& s, const float* x, const float* codebook, const Code* codes, const float* bias, float* y);
+void pack_efc(EFCLayer& layer, const EFCParams& s, int64_t Vc, const float* codebook, const Code* codes,
+              const std::string& isa = "");
 
-extern template void econv<uint8_t>(const EConvShape&, const float*, const float*, const uint8_t*, const float*,
-                                    float*);
-extern template void econv<uint16_t>(const EConvShape&, const float*, const float*, const uint16_t*, const float*,
-                                     float*);
-extern template void efc<uint8_t>(const EFCShape&, const float*, const float*, const uint8_t*, const float*, float*);
-extern template void efc<uint16_t>(const EFCShape&, const float*, const float*, const uint16_t*, const float*,
-                                   float*);
+// ---------------------------------------------------------------------------------------------
+// the runs, on the instruction set the layer was packed for
+
+void econv(const EConvLayer& layer, int64_t N, int64_t H, int64_t W, const float* x, const float* bias, float* y,
+           const Parallel& parallel = Parallel());
+void efc(const EFCLayer& layer, int64_t N, const float* x, const float* bias, float* y,
+         const Parallel& parallel = Parallel());
+
+// The hot loops of one instruction set (lookup_impl.cc, compiled once per set).
+struct IsaKernels {
+  const char* name;
+  void (*econv)(const EConvLayer&, const EConvPlan&, int64_t N, const float* x, const float* bias, float* y,
+                const Parallel&);
+  void (*efc)(const EFCLayer&, int64_t N, const float* x, const float* bias, float* y, const Parallel&);
+  bool register_tables;  // EFC looks tables of <= 64 codewords up in registers at batch 1 (codes_vo)
+};
+
+// The instruction sets this build has code for, best first ("avx512", "avx2", "generic" on x86-64;
+// "generic" elsewhere), and whether this CPU runs one.
+std::vector<std::string> built_isas();
+bool cpu_supports(const std::string& isa);
+// The kernels of `isa`; "" means the best this CPU runs. std::invalid_argument if `isa` is unknown or
+// this CPU lacks it.
+const IsaKernels& choose_isa(const std::string& isa);
 
 }  // namespace onnxmerge

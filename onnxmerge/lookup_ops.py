@@ -38,6 +38,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from onnxmerge.errors import MergeError
+from onnxmerge.metrics import node_macs
 
 DOMAIN, DOMAIN_VERSION = "ai.onnxmerge", 1
 NATIVE_OPS = ("EConv", "EFC")
@@ -220,11 +221,26 @@ def _export(graph: gs.Graph, model: onnx.ModelProto, native: bool) -> onnx.Model
 
 
 def to_native(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """Replace every codebook layer of the portable form by an EConv / EFC node.
+    """Replace the codebook layers of the portable form by EConv / EFC nodes where that pays.
 
-    Returns the model and the layers left in the portable form, with the reason (the native ops
-    cover what the kernels support: 2-D convolutions with groups 1 and dilation 1, Gemm with
-    alpha = beta = 1 and transA = 0, MatMul of a 2-D input)."""
+    Returns the model and the layers left in the portable form, with the reason: what the kernels
+    do not support (2-D convolutions with groups 1, Gemm with alpha = beta = 1 and transA = 0,
+    MatMul of a 2-D input), or a lookup that takes at least as many operations as the dense layer
+    (eq. 9's tables cost V*C*r per input pixel, e.g. a first convolution with one input channel and
+    r = 1): such a layer keeps its dense Conv / Gemm, which onnxruntime runs faster, and the same
+    compressed file."""
+    candidate, kept = _to_native(model, skip={})
+    dense, lookup = node_macs(model), node_macs(candidate)
+    slower = {}
+    for node in candidate.graph.node:
+        ops, macs = lookup.get(node.name), dense.get(node.name)
+        if node.domain == DOMAIN and ops is not None and macs is not None and ops >= macs:
+            slower[node.name] = f"the lookup takes at least the dense layer's operations ({ops:,} vs {macs:,} per sample)"
+    return _to_native(model, skip=slower) if slower else (candidate, kept)
+
+
+def _to_native(model: onnx.ModelProto, skip: dict[str, str]) -> tuple[onnx.ModelProto, list[str]]:
+    """to_native without the cost rule: every supported layer but those in `skip` (name -> reason)."""
     graph = _graph(model)
     kept = []
     for node in list(graph.nodes):
@@ -234,7 +250,7 @@ def to_native(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         if found is None:
             continue
         codebook, codes = found
-        why = _native_unsupported(node)
+        why = skip.get(node.name) or _native_unsupported(node)
         if why:
             kept.append(f"{node.name}: {why}")
             continue

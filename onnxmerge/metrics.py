@@ -238,8 +238,19 @@ def count_macs(model: onnx.ModelProto, batch: int = 1) -> int:
     The symbolic first dim of each graph input is fixed to `batch` on a copy before shape
     inference. Raises MergeError naming the node when a shape it needs is unknown.
     """
+    return sum(macs for _, macs in _node_macs(model, batch))
+
+
+def node_macs(model: onnx.ModelProto, batch: int = 1) -> dict[str, int | None]:
+    """MACs of each counted node by name (count_macs's rules); None where a shape it needs is unknown."""
+    out: dict[str, int | None] = {}
+    for node, macs in _node_macs(model, batch, strict=False):
+        out[node.name] = macs
+    return out
+
+
+def _node_macs(model: onnx.ModelProto, batch: int, strict: bool = True):
     shapes = _shapes(_fix_batch(model, batch))
-    total = 0
     for i, node in enumerate(model.graph.node):
         rule = _MAC_RULES.get(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
         if rule is None:
@@ -253,8 +264,12 @@ def count_macs(model: onnx.ModelProto, batch: int = 1) -> int:
                                  f"(known: {s})")
             return s
 
-        total += rule(node, shape)
-    return total
+        try:
+            yield node, rule(node, shape)
+        except MergeError:
+            if strict:
+                raise
+            yield node, None
 
 
 def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> dict:

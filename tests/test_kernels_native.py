@@ -1,5 +1,7 @@
-"""The native ai.onnxmerge kernels (kernels/lookup.cc, custom_op.cc) in onnxruntime against the numpy
-oracle (onnxmerge.lookup_ops), and a real merged model's native form against its portable form.
+"""The native ai.onnxmerge kernels (kernels/lookup_impl.cc, pack.cc, custom_op.cc) in onnxruntime
+against the numpy oracle (onnxmerge.lookup_ops), on every instruction set this CPU runs, at one and
+several threads, with constant (packed once) and non-constant codebooks and codes; and a real merged
+model's native form against its portable form.
 
 Skipped, with the loader's reason, when the library is not built (python kernels/build.py)."""
 
@@ -25,21 +27,26 @@ def rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
 
 
-def native_session(model: onnx.ModelProto) -> ort.InferenceSession:
+def native_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
     options = kernels.register(ort.SessionOptions())
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def one_node(op: str, x_rank: int, codebook, codes, bias, **attrs) -> onnx.ModelProto:
-    inits = [numpy_helper.from_array(codebook, "codebook"), numpy_helper.from_array(codes, "codes")]
+def one_node(op: str, x_rank: int, codebook, codes, bias, constant: bool = True, **attrs) -> onnx.ModelProto:
+    """A one-node model; codebook and codes are initializers, or graph inputs if not `constant`."""
+    tensors = [numpy_helper.from_array(codebook, "codebook"), numpy_helper.from_array(codes, "codes")]
     names = ["X", "codebook", "codes"]
     if bias is not None:
-        inits.append(numpy_helper.from_array(bias, "B"))
+        tensors.append(numpy_helper.from_array(bias, "B"))
         names.append("B")
     node = helper.make_node(op, names, ["Y"], domain="ai.onnxmerge", **attrs)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None] * x_rank)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * x_rank)], inits)
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None] * x_rank)]
+    if not constant:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in tensors[:2]]
+        tensors = tensors[2:]
+    graph = helper.make_graph([node], "g", inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * x_rank)], tensors)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnxmerge", 1)])
     model.ir_version = 8
     return model
@@ -111,15 +118,91 @@ def test_bad_inputs_are_reported_not_read_out_of_bounds():
     rng = np.random.default_rng(0)
     codebook = rng.standard_normal((2, 4, 3)).astype(np.float32)
     codes = np.full((2, 5), 4, np.uint8)  # index 4 of a 4-codeword codebook
-    sess = native_session(one_node("EFC", 2, codebook, codes, None, in_features=6))
+    x = np.ones((1, 6), np.float32)
+    # constant codes are checked once, when the session creates the kernel
     with pytest.raises(Exception, match="out of range"):
-        sess.run(None, {"X": np.ones((1, 6), np.float32)})
+        native_session(one_node("EFC", 2, codebook, codes, None, in_features=6))
+    # codes fed at run time are checked on every run
+    sess = native_session(one_node("EFC", 2, codebook, codes, None, constant=False, in_features=6))
+    with pytest.raises(Exception, match="out of range"):
+        sess.run(None, {"X": x, "codebook": codebook, "codes": codes})
+    assert sess.run(None, {"X": x, "codebook": codebook, "codes": codes.clip(0, 3)})[0].shape == (1, 5)
     sess = native_session(one_node("EFC", 2, codebook, codes.clip(0, 3), None, in_features=6))
     with pytest.raises(Exception, match="in_features"):
         sess.run(None, {"X": np.ones((1, 5), np.float32)})
     bad_type = one_node("EFC", 2, codebook, codes.clip(0, 3).astype(np.int32), None, in_features=6)
     with pytest.raises(Exception, match="uint8 or uint16"):
-        native_session(bad_type).run(None, {"X": np.ones((1, 6), np.float32)})
+        native_session(bad_type).run(None, {"X": x})
+    conv = one_node("EConv", 4, codebook, np.zeros((2, 3, 5, 5), np.uint8), None, in_channels=6, kernel_shape=[5, 5])
+    with pytest.raises(Exception, match="does not fit"):
+        native_session(conv).run(None, {"X": np.ones((1, 6, 3, 3), np.float32)})
+
+
+# --------------------------------------------------------------------------------------------
+# instruction sets, threads, non-constant inputs, and shapes that exercise the tiling
+
+def large_configs():
+    """Layers big enough for every code path: EConv whose tables need several row tiles and segment
+    groups (kernels/pack.cc), outputs wider than two vectors, both strides; EFC at batch 1 (register
+    tables on AVX-512 for C <= 64, scalar otherwise), 5 and 40 (one and several sample tiles)."""
+    rng = np.random.default_rng(7)
+    out = []
+    for d, p, hw, k, stride, n_codes, n in [(24, 12, 40, 3, 1, 256, 2), (16, 5, 37, 5, 2, 64, 1), (9, 7, 21, 3, 1, 300, 3)]:
+        codebook, codes = random_layer(rng, d, (p, k, k))
+        codebook = rng.standard_normal((codebook.shape[0], n_codes, codebook.shape[2])).astype(np.float32)
+        codes = rng.integers(0, n_codes, codes.shape).astype(np.uint16 if n_codes > 256 else np.uint8)
+        x = rng.standard_normal((n, d, hw, hw)).astype(np.float32)
+        out.append(("EConv", x, codebook, codes, rng.standard_normal(p).astype(np.float32),
+                    dict(in_channels=d, kernel_shape=[k, k], strides=[stride, stride], pads=[1, 2, 1, 0],
+                         dilations=[1, 1])))
+    for n, n_codes, d, n_out in [(1, 64, 300, 70), (1, 20, 50, 33), (1, 200, 90, 40), (5, 64, 130, 21), (40, 48, 77, 100)]:
+        r = int(rng.integers(1, 9))
+        n_seg = -(-d // r)
+        codebook = rng.standard_normal((n_seg, n_codes, r)).astype(np.float32)
+        codes = rng.integers(0, n_codes, (n_seg, n_out)).astype(np.uint8)
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        out.append(("EFC", x, codebook, codes, rng.standard_normal(n_out).astype(np.float32), dict(in_features=d)))
+    return out
+
+
+def reference(op, x, codebook, codes, bias, attrs):
+    if op == "EFC":
+        return efc_reference(x, codebook, codes, bias)
+    return econv_reference(x, codebook, codes, bias, strides=attrs["strides"], pads=attrs["pads"])
+
+
+def test_the_library_reports_its_instruction_sets():
+    isas = kernels.isas()
+    assert isas and isas[-1] == "generic" and set(isas) <= {"avx512", "avx2", "generic"}
+    assert kernels.isa() == isas[0]
+
+
+@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+def test_every_instruction_set_matches_the_reference(isa, monkeypatch):
+    monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
+    cases = large_configs() + [("EConv", *econv_config(s)) for s in range(8)] + [("EFC", *efc_config(s)) for s in range(8)]
+    for op, x, codebook, codes, bias, attrs in cases:
+        got = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
+        assert rel(got, reference(op, x, codebook, codes, bias, attrs)) <= TOL, (isa, op, x.shape, attrs)
+
+
+def test_an_unknown_instruction_set_is_refused(monkeypatch):
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx9000")
+    op, x, codebook, codes, bias, attrs = large_configs()[-1]
+    with pytest.raises(Exception, match="unknown instruction set 'avx9000'"):
+        native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs))
+
+
+def test_threads_and_non_constant_inputs_give_the_same_numbers():
+    """Each output is summed by one work item in a fixed order, so several threads give the single
+    thread's result bit for bit; codebooks and codes fed at run time give the packed result."""
+    for op, x, codebook, codes, bias, attrs in large_configs():
+        one = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
+        two = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs), threads=2).run(None, {"X": x})[0]
+        fed = native_session(one_node(op, x.ndim, codebook, codes, bias, constant=False, **attrs)).run(
+            None, {"X": x, "codebook": codebook, "codes": codes})[0]
+        np.testing.assert_array_equal(two, one)
+        np.testing.assert_array_equal(fed, one)
 
 
 def test_merged_lenets_native_kernels_equal_the_portable_form():

@@ -1,0 +1,412 @@
+// The hot loops of EConv and EFC (NeuralMerger eq. 9) for one instruction set; see lookup.h.
+//
+// Compiled once per set by kernels/build.py: ONNXMERGE_ISA names the namespace, ONNXMERGE_VEC is the
+// vector width in floats, the compiler flags pick the instructions. Vectors are GCC vector extensions
+// loaded and stored with memcpy: contiguous loads only. The file is compiled with -fno-tree-vectorize
+// so that the compiler never turns the scalar table lookups of EFC into vector gathers (slower than
+// scalar loads on the CPUs measured here; DESIGN.md "Kernels"); every vector loop is written as one.
+//
+// Both ops run in two phases per block of work:
+//   1. tables: T[v][c][.] = <codeword c of segment v, the input's segment v> for every position, a
+//      vectorised multiply-add over contiguous positions (pixels for EConv, samples for EFC);
+//   2. lookups: each output adds, per segment and kernel offset, the table entries its code picks
+//      (eq. 9). For EConv that is a whole table row, shifted: contiguous vector adds, accumulated in
+//      registers over all segments and kernel offsets before one store.
+// Tables are built for groups of segments (and tiles of rows or samples) that fit a core's L2 cache;
+// the items of each phase are spread over onnxruntime's intra-op threads (Parallel).
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "lookup.h"
+
+#if !defined(ONNXMERGE_ISA) || !defined(ONNXMERGE_VEC)
+#error "compile with -DONNXMERGE_ISA=<namespace> -DONNXMERGE_VEC=<floats per vector> (kernels/build.py)"
+#endif
+
+namespace onnxmerge {
+namespace ONNXMERGE_ISA {
+namespace {
+
+constexpr int64_t VEC = ONNXMERGE_VEC;
+typedef float vec __attribute__((vector_size(VEC * sizeof(float))));
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+inline vec splat(float s) { return vec{} + s; }
+
+constexpr int64_t kL1TableBytes = 16 * 1024;       // EFC at batch 1: a block of scalar tables stays in L1
+#ifndef ONNXMERGE_EFC_TILE_BYTES
+#define ONNXMERGE_EFC_TILE_BYTES (128 * 1024)  // measured best of 32 KB .. 1 MB here
+#endif
+constexpr int64_t kEfcTileBytes = ONNXMERGE_EFC_TILE_BYTES;  // EFC in batches: a block of tables
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Split `total` units into at most `max_items` items of at least `min_unit` units.
+int64_t block_size(int64_t total, int64_t max_items, int64_t min_unit = 1) {
+  return std::max(min_unit, ceil_div(total, max_items));
+}
+
+// ---------------------------------------------------------------------------------------------
+// EConv
+
+// Phase 1 for segment v, codewords [c0, c1): T[c][q] = sum_k codebook[v][c][k] * xp[v*r + k][first + q]
+// for q < span (a multiple of VEC), where xp is the padded input [d][chan] and t is codeword 0's plane.
+void econv_tables(const EConvLayer& L, const EConvPlan& P, const float* xp, int64_t chan, int64_t v, int64_t c0,
+                  int64_t c1, int64_t first, int64_t span, float* t) {
+  const EConvParams& s = L.s;
+  const int64_t depth = std::clamp<int64_t>(s.d - v * s.r, 0, s.r);
+  const float* x = xp + v * s.r * chan + first;
+  for (int64_t c = c0; c < c1; ++c) {
+    float* tc = t + c * P.plane;
+    const float* w = L.codebook.data() + (v * s.C + c) * s.r;
+    int64_t q = 0;
+    for (; q + 4 * VEC <= span; q += 4 * VEC) {
+      vec a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < depth; ++k) {
+        const vec wk = splat(w[k]);
+        const float* xk = x + k * chan + q;
+        a0 += wk * load(xk);
+        a1 += wk * load(xk + VEC);
+        a2 += wk * load(xk + 2 * VEC);
+        a3 += wk * load(xk + 3 * VEC);
+      }
+      store(tc + q, a0);
+      store(tc + q + VEC, a1);
+      store(tc + q + 2 * VEC, a2);
+      store(tc + q + 3 * VEC, a3);
+    }
+    for (; q < span; q += VEC) {
+      vec a = splat(0.0f);
+      for (int64_t k = 0; k < depth; ++k) a += splat(w[k]) * load(x + k * chan + q);
+      store(tc + q, a);
+    }
+  }
+}
+
+// Phase 2 for RB output rows of K vectors: y[rb][.] (+)= sum over the group's segments and kernel
+// offsets of the table row each code picks. t points at the group's tables, shifted to the first
+// output row and column; a segment's offsets (code plane + kernel offset) are at off[v * taps ..].
+template <int RB, int K>
+void econv_lookup(float* y, int64_t ystride, bool init, float bias, const float* t, int64_t rowstep, int64_t segs,
+                  int64_t seg_stride, const int32_t* off, int64_t taps) {
+  vec acc[RB][K];
+  for (int rb = 0; rb < RB; ++rb)
+    for (int k = 0; k < K; ++k) acc[rb][k] = init ? splat(bias) : load(y + rb * ystride + k * VEC);
+  for (int64_t v = 0; v < segs; ++v) {
+    const float* tv = t + v * seg_stride;
+    const int32_t* ov = off + v * taps;
+    for (int64_t i = 0; i < taps; ++i) {
+      const float* src = tv + ov[i];
+      for (int rb = 0; rb < RB; ++rb)
+        for (int k = 0; k < K; ++k) acc[rb][k] += load(src + rb * rowstep + k * VEC);
+    }
+  }
+  for (int rb = 0; rb < RB; ++rb)
+    for (int k = 0; k < K; ++k) store(y + rb * ystride + k * VEC, acc[rb][k]);
+}
+
+// output rows accumulated together (independent add chains sharing each offset load) and vectors per
+// row: as many accumulators as the registers hold (32 with AVX-512, 16 otherwise)
+#ifndef ONNXMERGE_ROWS
+#define ONNXMERGE_ROWS (VEC == 16 ? 8 : 4)
+#endif
+constexpr int kRows = ONNXMERGE_ROWS;
+constexpr int kVecs = 2;
+
+using LookupFn = void (*)(float*, int64_t, bool, float, const float*, int64_t, int64_t, int64_t, const int32_t*,
+                          int64_t);
+
+template <int... R>
+constexpr auto lookup_table(std::integer_sequence<int, R...>) {
+  return std::array<std::array<LookupFn, kVecs>, sizeof...(R)>{{{econv_lookup<R + 1, 1>, econv_lookup<R + 1, 2>}...}};
+}
+
+LookupFn econv_lookup_fn(int64_t rows, int64_t vecs) {
+  static constexpr auto table = lookup_table(std::make_integer_sequence<int, kRows>());
+  return table[rows - 1][vecs - 1];
+}
+
+void econv_run(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* x, const float* bias, float* y,
+               const Parallel& parallel) {
+  const EConvParams& s = L.s;
+  const int64_t taps = s.kh * s.kw, HW = P.H * P.W, HWo = P.Ho * P.Wo;
+  const int64_t nvec = ceil_div(P.Wo, VEC);
+  // outputs are accumulated in place when rows are whole vectors, else in a padded scratch copy
+  const bool direct = P.Wo % VEC == 0;
+  const int64_t ystride = nvec * VEC;
+  const int64_t chan = P.Hp * P.row;
+  std::vector<float> xp(static_cast<size_t>(s.d * chan + 16), 0.0f);  // pads stay zero for every sample
+  std::vector<float> tables(static_cast<size_t>(P.group * s.C * P.plane));
+  std::vector<float> scratch(direct ? 0 : static_cast<size_t>(s.p * P.Ho * ystride));
+  const int64_t seg_stride = s.C * P.plane;
+  const int64_t cblock = 16;
+  const int64_t cblocks = ceil_div(s.C, cblock);
+  const int64_t oblock = block_size(s.p, 32);
+
+  for (int64_t n = 0; n < N; ++n) {
+    // the sample on the padded grid, columns split by phase (lookup.h, EConvPlan)
+    for (int64_t ch = 0; ch < s.d; ++ch) {
+      const float* src = x + (n * s.d + ch) * HW;
+      float* dst = xp.data() + ch * chan;
+      for (int64_t h = 0; h < P.H; ++h) {
+        float* drow = dst + (h + s.pt) * P.row;
+        if (s.sw == 1) {
+          std::memcpy(drow + s.pl, src + h * P.W, sizeof(float) * static_cast<size_t>(P.W));
+        } else {
+          for (int64_t w = 0; w < P.W; ++w) {
+            const int64_t col = w + s.pl;
+            drow[(col % s.sw) * P.width + col / s.sw] = src[h * P.W + w];
+          }
+        }
+      }
+    }
+    float* out = direct ? y + n * s.p * HWo : scratch.data();
+    for (int64_t a0 = 0; a0 < P.Ho; a0 += P.tile_rows) {
+      const int64_t a1 = std::min(P.Ho, a0 + P.tile_rows);
+      const int64_t first = a0 * s.sh * P.row;
+      const int64_t span = ceil_div(((a1 - 1 - a0) * s.sh + (s.kh - 1) * s.dh + 1) * P.row, VEC) * VEC;
+      for (int64_t g0 = 0; g0 < s.V; g0 += P.group) {
+        const int64_t g1 = std::min(s.V, g0 + P.group);
+        parallel.run(static_cast<size_t>((g1 - g0) * cblocks), [&](size_t item) {
+          const int64_t v = g0 + static_cast<int64_t>(item) / cblocks;
+          const int64_t c0 = (static_cast<int64_t>(item) % cblocks) * cblock;
+          econv_tables(L, P, xp.data(), chan, v, c0, std::min(s.C, c0 + cblock), first, span,
+                       tables.data() + (v - g0) * seg_stride);
+        });
+        parallel.run(static_cast<size_t>(ceil_div(s.p, oblock)), [&](size_t item) {
+          const int64_t o0 = static_cast<int64_t>(item) * oblock;
+          for (int64_t o = o0; o < std::min(s.p, o0 + oblock); ++o) {
+            const int32_t* off = P.offsets.data() + (o * s.V + g0) * taps;
+            const float b = bias ? bias[o] : 0.0f;
+            for (int64_t a = a0; a < a1; a += kRows) {
+              const int64_t rows = std::min<int64_t>(kRows, a1 - a);
+              for (int64_t cv = 0; cv < nvec; cv += kVecs) {
+                const int64_t vecs = std::min<int64_t>(kVecs, nvec - cv);
+                econv_lookup_fn(rows, vecs)(out + (o * P.Ho + a) * (direct ? P.Wo : ystride) + cv * VEC,
+                                            direct ? P.Wo : ystride, g0 == 0, b,
+                                            tables.data() + (a - a0) * s.sh * P.row + cv * VEC, s.sh * P.row, g1 - g0,
+                                            seg_stride, off, taps);
+              }
+            }
+          }
+        });
+      }
+    }
+    if (!direct) {
+      float* yn = y + n * s.p * HWo;
+      for (int64_t oa = 0; oa < s.p * P.Ho; ++oa)
+        std::memcpy(yn + oa * P.Wo, scratch.data() + oa * ystride, sizeof(float) * static_cast<size_t>(P.Wo));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// EFC
+
+// Phase 1 for one sample: T[v][c] = <codeword c of segment v, x's segment v>, vectorised over codewords.
+void efc_sample_tables(const EFCLayer& L, const float* x, float* table, const Parallel& parallel) {
+  const EFCParams& s = L.s;
+  const int64_t Cp = L.Cp;
+  const int64_t vblock = block_size(s.V, 64, 8);
+  parallel.run(static_cast<size_t>(ceil_div(s.V, vblock)), [&](size_t item) {
+    const int64_t v0 = static_cast<int64_t>(item) * vblock;
+    for (int64_t v = v0; v < std::min(s.V, v0 + vblock); ++v) {
+      const int64_t depth = std::clamp<int64_t>(s.d - v * s.r, 0, s.r);
+      const float* w = L.codebook_t.data() + v * s.r * Cp;
+      for (int64_t q = 0; q < Cp; q += VEC) {
+        vec a = splat(0.0f);
+        for (int64_t k = 0; k < depth; ++k) a += splat(x[v * s.r + k]) * load(w + k * Cp + q);
+        store(table + v * Cp + q, a);
+      }
+    }
+  });
+}
+
+// Phase 2 for one sample, outputs [o0, o1): y[o] = b + sum_v T[v][code[o][v]] as scalar loads, codes
+// [out][V], over blocks of segments whose tables stay in L1; four chains so that the loads overlap.
+template <typename Code>
+void efc_sample_scalar(const EFCLayer& L, const Code* codes, const float* table, int64_t o0, int64_t o1, float* y) {
+  const EFCParams& s = L.s;
+  const int64_t Cp = L.Cp;
+  const int64_t segs_l1 = std::max<int64_t>(1, kL1TableBytes / (Cp * static_cast<int64_t>(sizeof(float))));
+  for (int64_t v0 = 0; v0 < s.V; v0 += segs_l1) {
+    const int64_t segs = std::min(s.V, v0 + segs_l1) - v0;
+    const float* t = table + v0 * Cp;
+    for (int64_t o = o0; o < o1; ++o) {
+      const Code* c = codes + o * s.V + v0;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+      int64_t v = 0;
+      for (; v + 4 <= segs; v += 4) {
+        s0 += t[v * Cp + c[v]];
+        s1 += t[(v + 1) * Cp + c[v + 1]];
+        s2 += t[(v + 2) * Cp + c[v + 2]];
+        s3 += t[(v + 3) * Cp + c[v + 3]];
+      }
+      for (; v < segs; ++v) s0 += t[v * Cp + c[v]];
+      y[o] += (s0 + s1) + (s2 + s3);
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// Phase 2 for one sample on AVX-512 with at most 64 codewords, outputs [o0, o0 + 16 * Q): a segment's
+// table (up to four registers) is looked up for 16 outputs at a time by permutes across registers
+// (vpermt2ps: 32 entries from two registers, bit 5 of the code picks the pair), not by memory
+// gathers. Codes [V][out] as bytes; sums run over v in order, one chain per output.
+template <int Q>
+void efc_sample_registers(const EFCLayer& L, const float* table, int64_t o0, float* y) {
+  const EFCParams& s = L.s;
+  const int64_t Cp = L.Cp;
+  __m512 acc[Q];
+  for (int q = 0; q < Q; ++q) acc[q] = _mm512_loadu_ps(y + o0 + 16 * q);
+  const __m512i bit5 = _mm512_set1_epi32(32);
+  const uint8_t* codes = L.codes_vo.data() + o0;
+  for (int64_t v = 0; v < s.V; ++v, codes += s.out) {
+    const float* t = table + v * Cp;
+    const __m512 t0 = _mm512_loadu_ps(t), t1 = Cp > 16 ? _mm512_loadu_ps(t + 16) : t0;
+    const __m512 t2 = Cp > 32 ? _mm512_loadu_ps(t + 32) : t0, t3 = Cp > 32 ? _mm512_loadu_ps(t + 48) : t0;
+    for (int q = 0; q < Q; ++q) {
+      const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * q)));
+      __m512 e = _mm512_permutex2var_ps(t0, idx, t1);
+      if (Cp > 32) e = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit5), e, _mm512_permutex2var_ps(t2, idx, t3));
+      acc[q] = _mm512_add_ps(acc[q], e);
+    }
+  }
+  for (int q = 0; q < Q; ++q) _mm512_storeu_ps(y + o0 + 16 * q, acc[q]);
+}
+#endif
+
+// One sample: tables, then the lookups spread over blocks of outputs.
+template <typename Code>
+void efc_sample(const EFCLayer& L, const Code* codes, const float* x, const float* bias, float* y, float* table,
+                const Parallel& parallel) {
+  const EFCParams& s = L.s;
+  efc_sample_tables(L, x, table, parallel);
+  const int64_t oblock = ceil_div(block_size(s.out, 32, 64), 64) * 64;
+  parallel.run(static_cast<size_t>(ceil_div(s.out, oblock)), [&](size_t item) {
+    const int64_t o0 = static_cast<int64_t>(item) * oblock, o1 = std::min(s.out, o0 + oblock);
+    for (int64_t o = o0; o < o1; ++o) y[o] = bias ? bias[o] : 0.0f;
+#if defined(__AVX512F__)
+    if (!L.codes_vo.empty()) {
+      int64_t o = o0;
+      for (; o + 64 <= o1; o += 64) efc_sample_registers<4>(L, table, o, y);
+      for (; o + 16 <= o1; o += 16) efc_sample_registers<1>(L, table, o, y);
+      efc_sample_scalar(L, codes, table, o, o1, y);  // the last outputs, fewer than 16
+      return;
+    }
+#endif
+    efc_sample_scalar(L, codes, table, o0, o1, y);
+  });
+}
+
+// A tile of K vectors of samples: the input transposed to [d][K*VEC], tables T[v][c][K*VEC] for blocks
+// of segments that fit L2, and per output one vector add per segment into acc[out][K*VEC].
+template <typename Code, int K>
+void efc_tile(const EFCLayer& L, const Code* codes, const float* x, int64_t n0, int64_t nt, const float* bias,
+              float* y, const Parallel& parallel) {
+  const EFCParams& s = L.s;
+  constexpr int64_t W = K * VEC;
+  std::vector<float> xt(static_cast<size_t>(s.d * W), 0.0f);
+  for (int64_t j = 0; j < nt; ++j)
+    for (int64_t i = 0; i < s.d; ++i) xt[i * W + j] = x[(n0 + j) * s.d + i];
+  const int64_t vblock = std::clamp<int64_t>(kEfcTileBytes / (s.C * W * static_cast<int64_t>(sizeof(float))), 1,
+                                             s.V);
+  std::vector<float> table(static_cast<size_t>(vblock * s.C * W));
+  std::vector<float> acc(static_cast<size_t>(s.out * W));
+  const int64_t oblock = block_size(s.out, 32, 8);
+  for (int64_t v0 = 0; v0 < s.V; v0 += vblock) {
+    const int64_t v1 = std::min(s.V, v0 + vblock);
+    parallel.run(static_cast<size_t>(v1 - v0), [&](size_t item) {
+      const int64_t v = v0 + static_cast<int64_t>(item);
+      const int64_t depth = std::clamp<int64_t>(s.d - v * s.r, 0, s.r);
+      const float* w = L.codebook_t.data() + v * s.r * L.Cp;
+      for (int64_t c = 0; c < s.C; ++c) {
+        vec a[K];
+        for (int k = 0; k < K; ++k) a[k] = splat(0.0f);
+        for (int64_t d = 0; d < depth; ++d) {
+          const vec wd = splat(w[d * L.Cp + c]);
+          for (int k = 0; k < K; ++k) a[k] += wd * load(xt.data() + (v * s.r + d) * W + k * VEC);
+        }
+        for (int k = 0; k < K; ++k) store(table.data() + ((v - v0) * s.C + c) * W + k * VEC, a[k]);
+      }
+    });
+    parallel.run(static_cast<size_t>(ceil_div(s.out, oblock)), [&](size_t item) {
+      const int64_t o0 = static_cast<int64_t>(item) * oblock;
+      for (int64_t o = o0; o < std::min(s.out, o0 + oblock); ++o) {
+        float* ao = acc.data() + o * W;
+        vec a[K], b[K];  // two chains (even and odd segments), so that the adds overlap
+        for (int k = 0; k < K; ++k) {
+          a[k] = v0 == 0 ? splat(bias ? bias[o] : 0.0f) : load(ao + k * VEC);
+          b[k] = splat(0.0f);
+        }
+        const Code* c = codes + o * s.V;
+        const float* t = table.data();
+        int64_t v = v0;
+        for (; v + 2 <= v1; v += 2) {
+          const float* ra = t + ((v - v0) * s.C + c[v]) * W;
+          const float* rb = t + ((v + 1 - v0) * s.C + c[v + 1]) * W;
+          for (int k = 0; k < K; ++k) {
+            a[k] += load(ra + k * VEC);
+            b[k] += load(rb + k * VEC);
+          }
+        }
+        if (v < v1)
+          for (int k = 0; k < K; ++k) a[k] += load(t + ((v - v0) * s.C + c[v]) * W + k * VEC);
+        for (int k = 0; k < K; ++k) store(ao + k * VEC, a[k] + b[k]);
+      }
+    });
+  }
+  for (int64_t j = 0; j < nt; ++j)
+    for (int64_t o = 0; o < s.out; ++o) y[(n0 + j) * s.out + o] = acc[o * W + j];
+}
+
+template <typename Code>
+void efc_codes(const EFCLayer& L, const Code* codes, int64_t N, const float* x, const float* bias, float* y,
+               const Parallel& parallel) {
+  const EFCParams& s = L.s;
+  // Up to a few samples, one at a time (a vector of samples would be mostly padding); then tiles of
+  // one or two vectors of samples.
+  if (N < 4) {
+    std::vector<float> table(static_cast<size_t>(s.V * L.Cp));
+    for (int64_t n = 0; n < N; ++n) efc_sample(L, codes, x + n * s.d, bias, y + n * s.out, table.data(), parallel);
+    return;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 2 * VEC) {
+    const int64_t nt = std::min(N - n0, 2 * VEC);
+    if (nt > VEC)
+      efc_tile<Code, 2>(L, codes, x, n0, nt, bias, y, parallel);
+    else
+      efc_tile<Code, 1>(L, codes, x, n0, nt, bias, y, parallel);
+  }
+}
+
+void efc_run(const EFCLayer& L, int64_t N, const float* x, const float* bias, float* y, const Parallel& parallel) {
+  if (!L.codes8.empty())
+    efc_codes(L, L.codes8.data(), N, x, bias, y, parallel);
+  else
+    efc_codes(L, L.codes16.data(), N, x, bias, y, parallel);
+}
+
+}  // namespace
+
+extern const IsaKernels kernels;
+#if defined(__AVX512F__)
+const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, true};
+#else
+const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, false};
+#endif
+
+}  // namespace ONNXMERGE_ISA
+}  // namespace onnxmerge

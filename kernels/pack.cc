@@ -1,0 +1,218 @@
+// Checking and repacking a layer's constant inputs once, the per-input-size plans of EConv, and the
+// choice of instruction set; see lookup.h. Compiled once, for any CPU.
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+#include "lookup.h"
+
+namespace onnxmerge {
+
+// The hot loops, one namespace per instruction set (lookup_impl.cc, compiled with its flags).
+namespace isa_generic { extern const IsaKernels kernels; }
+#if defined(__x86_64__)
+namespace isa_avx2 { extern const IsaKernels kernels; }
+namespace isa_avx512 { extern const IsaKernels kernels; }
+#endif
+
+namespace {
+
+// A segment group's tables (and a batch tile's, for EFC) are sized to stay in a core's L2 cache.
+#ifndef ONNXMERGE_TABLE_BYTES
+#define ONNXMERGE_TABLE_BYTES (512 * 1024)
+#endif
+constexpr int64_t kTableBudgetBytes = ONNXMERGE_TABLE_BYTES;
+constexpr int64_t kMaxVec = 16;  // the widest vector of any instruction set, in floats
+
+void fail(const std::string& what) { throw std::invalid_argument(what); }
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+void check_codebook(int64_t Vc, int64_t C, int64_t r, int64_t V, int64_t d, const char* op) {
+  const std::string name(op);
+  if (Vc <= 0 || C <= 0 || r <= 0) fail(name + ": codebook must be [V', C, r] with positive sizes");
+  if (C > 65536) fail(name + ": codebooks of more than 65536 codewords are not supported");
+  if (V <= 0) fail(name + ": codes have no segments");
+  if (V > Vc) fail(name + ": codes have " + std::to_string(V) + " segments but the codebook only " + std::to_string(Vc));
+  if (d > V * r || d <= 0)
+    fail(name + ": input depth " + std::to_string(d) + " does not fit " + std::to_string(V) + " segments of " +
+         std::to_string(r));
+}
+
+template <typename Code>
+void check_codes(const Code* codes, int64_t count, int64_t C, const char* op) {
+  Code top = 0;
+  for (int64_t k = 0; k < count; ++k) top = std::max(top, codes[k]);
+  if (count > 0 && static_cast<int64_t>(top) >= C)
+    fail(std::string(op) + ": code index " + std::to_string(top) + " out of range for a codebook of " +
+         std::to_string(C) + " codewords");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// instruction sets
+
+std::vector<std::string> built_isas() {
+#if defined(__x86_64__)
+  return {"avx512", "avx2", "generic"};
+#else
+  return {"generic"};
+#endif
+}
+
+bool cpu_supports(const std::string& isa) {
+  if (isa == "generic") return true;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#endif
+  return false;
+}
+
+const IsaKernels& choose_isa(const std::string& isa) {
+  const auto kernels_of = [](const std::string& name) -> const IsaKernels& {
+#if defined(__x86_64__)
+    if (name == "avx512") return isa_avx512::kernels;
+    if (name == "avx2") return isa_avx2::kernels;
+#endif
+    (void)name;
+    return isa_generic::kernels;
+  };
+  if (isa.empty()) {
+    for (const auto& name : built_isas())
+      if (cpu_supports(name)) return kernels_of(name);
+  }
+  const auto built = built_isas();
+  if (std::find(built.begin(), built.end(), isa) == built.end()) {
+    std::string known;
+    for (const auto& name : built) known += (known.empty() ? "" : ", ") + name;
+    fail("unknown instruction set '" + isa + "' (this build has: " + known + ")");
+  }
+  if (!cpu_supports(isa)) fail("this CPU does not support the instruction set '" + isa + "'");
+  return kernels_of(isa);
+}
+
+// ---------------------------------------------------------------------------------------------
+// EConv
+
+template <typename Code>
+void pack_econv(EConvLayer& layer, const EConvParams& s, int64_t Vc, const float* codebook, const Code* codes,
+                const std::string& isa) {
+  check_codebook(Vc, s.C, s.r, s.V, s.d, "EConv");
+  if (s.p <= 0 || s.kh <= 0 || s.kw <= 0) fail("EConv: codes must be [V, p, kh, kw] with positive sizes");
+  if (s.sh <= 0 || s.sw <= 0 || s.dh <= 0 || s.dw <= 0) fail("EConv: strides and dilations must be positive");
+  if (s.pt < 0 || s.pl < 0 || s.pb < 0 || s.pr < 0) fail("EConv: pads must be non-negative");
+  const int64_t taps = s.kh * s.kw;
+  check_codes(codes, s.V * s.p * taps, s.C, "EConv");
+  layer.isa = &choose_isa(isa);
+  layer.s = s;
+  layer.codebook.assign(codebook, codebook + s.V * s.C * s.r);
+  // [V][p][taps] -> [p][V][taps]: an output channel's codes of all segments are contiguous
+  layer.codes.resize(static_cast<size_t>(s.p * s.V * taps));
+  for (int64_t v = 0; v < s.V; ++v)
+    for (int64_t o = 0; o < s.p; ++o)
+      for (int64_t t = 0; t < taps; ++t) layer.codes[(o * s.V + v) * taps + t] = codes[(v * s.p + o) * taps + t];
+  std::lock_guard<std::mutex> guard(layer.lock_);
+  layer.plans_.clear();
+}
+
+std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
+  std::lock_guard<std::mutex> guard(lock_);
+  for (const auto& p : plans_)
+    if (p->H == H && p->W == W) return p;
+  if (H <= 0 || W <= 0) fail("EConv: input must be [N, d, H, W] with positive H, W");
+  auto plan = std::make_shared<EConvPlan>();
+  EConvPlan& P = *plan;
+  P.H = H, P.W = W, P.Ho = s.Ho(H), P.Wo = s.Wo(W);
+  if (P.Ho <= 0 || P.Wo <= 0) fail("EConv: the kernel does not fit the padded input");
+  P.Hp = H + s.pt + s.pb;
+  const int64_t Wp = W + s.pl + s.pr;
+  // Columns are stored split by phase (column mod stride), so every kernel offset reads its output row
+  // as one contiguous run: offset j starts at column (j*dw)/sw of phase (j*dw)%sw. Rows are as wide
+  // as the widest such run, in whole vectors of any instruction set.
+  const int64_t first_max = (s.kw - 1) * s.dw / s.sw;
+  P.width = std::max((Wp + s.sw - 1) / s.sw, first_max + round_up(P.Wo, kMaxVec));
+  P.row = s.sw * P.width;
+  const auto rows_in = [&](int64_t out_rows) { return (out_rows - 1) * s.sh + (s.kh - 1) * s.dh + 1; };
+  const int64_t codeword_row_bytes = s.C * P.row * static_cast<int64_t>(sizeof(float));
+  // the most output rows whose tables (one segment, all codewords) fit the budget; at least one
+  P.tile_rows = 1;
+  while (P.tile_rows < P.Ho && rows_in(P.tile_rows + 1) * codeword_row_bytes <= kTableBudgetBytes) ++P.tile_rows;
+  P.tile_in_rows = rows_in(P.tile_rows);
+  P.plane = round_up(P.tile_in_rows * P.row, kMaxVec);
+  P.group = std::clamp<int64_t>(kTableBudgetBytes / (s.C * P.plane * static_cast<int64_t>(sizeof(float))), 1, s.V);
+  if (s.C * P.plane >= std::numeric_limits<int32_t>::max()) fail("EConv: a segment's tables are too large");
+  const int64_t taps = s.kh * s.kw;
+  P.offsets.resize(codes.size());
+  for (int64_t ov = 0; ov < s.p * s.V; ++ov)
+    for (int64_t i = 0; i < s.kh; ++i)
+      for (int64_t j = 0; j < s.kw; ++j) {
+        const int64_t t = i * s.kw + j;
+        const int64_t tap = i * s.dh * P.row + (j * s.dw % s.sw) * P.width + j * s.dw / s.sw;
+        P.offsets[ov * taps + t] = static_cast<int32_t>(codes[ov * taps + t] * P.plane + tap);
+      }
+  plans_.push_back(plan);
+  return plan;
+}
+
+void econv(const EConvLayer& layer, int64_t N, int64_t H, int64_t W, const float* x, const float* bias, float* y,
+           const Parallel& parallel) {
+  if (N < 0) fail("EConv: input must be [N, d, H, W]");
+  const auto plan = layer.plan(H, W);
+  if (N > 0) layer.isa->econv(layer, *plan, N, x, bias, y, parallel);
+}
+
+// ---------------------------------------------------------------------------------------------
+// EFC
+
+template <typename Code>
+void pack_efc(EFCLayer& layer, const EFCParams& s, int64_t Vc, const float* codebook, const Code* codes,
+              const std::string& isa) {
+  check_codebook(Vc, s.C, s.r, s.V, s.d, "EFC");
+  if (s.out <= 0) fail("EFC: codes must be [V, out] with positive sizes");
+  check_codes(codes, s.V * s.out, s.C, "EFC");
+  layer.isa = &choose_isa(isa);
+  layer.s = s;
+  layer.Cp = s.C <= 16 ? 16 : s.C <= 32 ? 32 : round_up(s.C, kMaxVec);  // up to 64: whole register pairs
+  layer.codebook_t.assign(static_cast<size_t>(s.V * s.r * layer.Cp), 0.0f);
+  for (int64_t v = 0; v < s.V; ++v)
+    for (int64_t c = 0; c < s.C; ++c)
+      for (int64_t k = 0; k < s.r; ++k)
+        layer.codebook_t[(v * s.r + k) * layer.Cp + c] = codebook[(v * s.C + c) * s.r + k];
+  // [V][out] -> [out][V]: an output's codes are contiguous
+  layer.codes8.clear();
+  layer.codes16.clear();
+  const auto transpose = [&](auto& dst) {
+    dst.resize(static_cast<size_t>(s.out * s.V));
+    for (int64_t v = 0; v < s.V; ++v)
+      for (int64_t o = 0; o < s.out; ++o) dst[o * s.V + v] = static_cast<typename std::decay_t<decltype(dst)>::value_type>(codes[v * s.out + o]);
+  };
+  if (s.C <= 256)
+    transpose(layer.codes8);
+  else
+    transpose(layer.codes16);
+  layer.codes_vo.clear();
+  if (layer.isa->register_tables && s.C <= 64) layer.codes_vo.assign(codes, codes + s.V * s.out);
+}
+
+void efc(const EFCLayer& layer, int64_t N, const float* x, const float* bias, float* y, const Parallel& parallel) {
+  if (N < 0) fail("EFC: input must be [N, d]");
+  if (N > 0) layer.isa->efc(layer, N, x, bias, y, parallel);
+}
+
+template void pack_econv<uint8_t>(EConvLayer&, const EConvParams&, int64_t, const float*, const uint8_t*,
+                                  const std::string&);
+template void pack_econv<uint16_t>(EConvLayer&, const EConvParams&, int64_t, const float*, const uint16_t*,
+                                   const std::string&);
+template void pack_efc<uint8_t>(EFCLayer&, const EFCParams&, int64_t, const float*, const uint8_t*,
+                                const std::string&);
+template void pack_efc<uint16_t>(EFCLayer&, const EFCParams&, int64_t, const float*, const uint16_t*,
+                                 const std::string&);
+
+}  // namespace onnxmerge
