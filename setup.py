@@ -7,22 +7,39 @@ kernels/build.py). When they are not, or the build fails, the install still succ
 """
 
 import importlib.util
+import os
+import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("onnxmerge_kernels_build", HERE / "kernels" / "build.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    return builder
+
+
+class KernelsDistribution(Distribution):
+    """A wheel that will hold the compiled kernels is tagged for this platform, not py3-none-any."""
+
+    def has_ext_modules(self):
+        try:
+            return bool(shutil.which(os.environ.get("CXX") or "g++")) and _builder().find_include_dir() is not None
+        except Exception:  # noqa: BLE001 - only the wheel's tag depends on it
+            return False
 
 
 class BuildPyWithKernels(build_py):
     def run(self):
         super().run()
         try:
-            spec = importlib.util.spec_from_file_location("onnxmerge_kernels_build", HERE / "kernels" / "build.py")
-            builder = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(builder)
+            builder = _builder()
             # editable installs import the package from the source tree; wheels from build_lib
             out = None if getattr(self, "editable_mode", False) else Path(self.build_lib) / "onnxmerge" / "kernels"
             lib = builder.build(out=out)
@@ -36,4 +53,4 @@ class BuildPyWithKernels(build_py):
             print(f"onnxmerge: built native kernels {lib}", file=sys.stderr)
 
 
-setup(cmdclass={"build_py": BuildPyWithKernels})
+setup(cmdclass={"build_py": BuildPyWithKernels}, distclass=KernelsDistribution)

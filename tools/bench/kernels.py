@@ -213,6 +213,10 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
+def results_isa(results: dict) -> str:
+    return next(iter(results.values()))["isa"]
+
+
 def section(results, machine, command, args) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
@@ -247,12 +251,16 @@ def section(results, machine, command, args) -> str:
         "",
         *verdicts(results),
         "",
-        "The native kernels are a first correct version (kernels/lookup.cc: scalar, single-threaded "
-        "table build and gather-add loops), expected to be slower than MLAS's tuned dense Conv / Gemm; "
-        "ratios below 1 say the kernels, not the lookup formulation, are the bottleneck, and with "
-        "`default` threads dense uses every core while the kernels use one. The theoretical ratio bounds what the lookup formulation can give on each "
-        "layer: a layer with theory below 1 (e.g. a first conv with one input channel and r = 1) cannot "
-        "gain from lookup at all.",
+        f"Kernels: instruction set `{results_isa(results)}` (the best this CPU runs; `kernels.isas()`), "
+        "codebook and codes packed when the session creates the kernel, tables built per segment group "
+        "and row tile sized for L2, lookups as contiguous vector adds (EConv) or, for EFC at batch 1 on "
+        "AVX-512, permutes across registers; work items on onnxruntime's intra-op thread pool. Layers "
+        "whose lookup takes at least the dense operations (the one-channel first convolutions, r = 1, "
+        "and the 10-way heads) stay dense Conv / Gemm in the native model (`to_native`), so they are not "
+        "in the per-layer tables. The theoretical ratio bounds what the lookup formulation can give on a "
+        "layer; `reached` says how much of it the kernels get. With `default` threads every session "
+        "has its own spinning thread pool on this 2-core machine, which costs the kernels' many short "
+        "parallel sections more than MLAS's few long ones: read those rows as an upper bound of the cost.",
     ]
     for preset, res in results.items():
         parts += ["", f"### Preset `{preset}`", "",
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['pack']['ratio']:.2f}x)", flush=True)
         stats = {"originals_params": sum(model_stats(onnx.load(p))["params"] for p in originals.values()),
                  "merged_params": model_stats(merged)["params"]}
-        results[preset] = {"layers": layers, "model": model_rows, "stats": stats}
+        results[preset] = {"layers": layers, "model": model_rows, "stats": stats, "isa": kernels.isa()}
 
     machine = machine_info()
     command = "python " + shlex.join(["tools/bench/kernels.py", *argv])
