@@ -165,6 +165,28 @@ def large_configs():
     return out
 
 
+# the EConv / EFC layers of tools/bench/kernels.py (the paper LeNet pair merged at accu and light):
+# (op, input shape per sample, output channels, kernel, pads, r, C)
+BENCH_LAYERS = [("EConv", (32, 16, 16), 64, 5, 2, 4, 128), ("EConv", (32, 16, 16), 64, 5, 2, 8, 64),
+                ("EFC", (4096,), 1024, 1, 0, 4, 64), ("EFC", (4096,), 1024, 1, 0, 8, 64)]
+
+
+@pytest.mark.parametrize("layer", BENCH_LAYERS, ids=lambda l: f"{l[0]}-r{l[5]}-C{l[6]}")
+@pytest.mark.parametrize("batch", [1, 32])
+def test_the_benchmark_layer_shapes_match_the_reference(layer, batch):
+    op, x_shape, p, k, pad, r, n_codes = layer
+    rng = np.random.default_rng(sum(x_shape) + r + batch)
+    n_seg = -(-x_shape[0] // r)
+    codebook = rng.standard_normal((n_seg, n_codes, r)).astype(np.float32)
+    codes = rng.integers(0, n_codes, (n_seg, p, k, k) if op == "EConv" else (n_seg, p)).astype(np.uint8)
+    bias = rng.standard_normal(p).astype(np.float32)
+    x = rng.standard_normal((batch, *x_shape)).astype(np.float32)
+    attrs = (dict(in_channels=x_shape[0], kernel_shape=[k, k], strides=[1, 1], pads=[pad] * 4, dilations=[1, 1])
+             if op == "EConv" else dict(in_features=x_shape[0]))
+    got = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
+    assert rel(got, reference(op, x, codebook, codes, bias, attrs)) <= TOL
+
+
 def reference(op, x, codebook, codes, bias, attrs):
     if op == "EFC":
         return efc_reference(x, codebook, codes, bias)
