@@ -6,7 +6,7 @@
 // A layer's constant inputs (codebook, codes) are checked and repacked once, when onnxruntime creates
 // the kernel (`pack_econv`, `pack_efc`); each run then only reads the input. The hot loops are in
 // lookup_impl.cc, compiled once per instruction set (generic x86-64 or any other CPU, AVX2+FMA,
-// AVX-512) and chosen at run time from the CPU's features (`select_isa`).
+// AVX-512) and chosen at run time from the CPU's features (`choose_isa`).
 #pragma once
 
 #include <cstddef>
@@ -45,11 +45,12 @@ struct EConvParams {
 // Where each (output channel, segment, kernel offset) reads its table plane, for one input size.
 struct EConvPlan {
   int64_t H = 0, W = 0, Ho = 0, Wo = 0, Hp = 0;
-  int64_t width = 0;          // floats per stored row and column phase (>= ceil((W + pads) / sw), vector multiple)
+  int64_t width = 0;          // floats per row and column phase: the padded row's phase, and the last
+                              // kernel offset's first column + Wo rounded up to a vector of 16
   int64_t row = 0;            // floats per padded input row: sw phases of `width`
   int64_t tile_rows = 0;      // output rows per tile, so that a segment group's tables stay in cache
   int64_t tile_in_rows = 0;   // padded input rows a tile reads
-  int64_t plane = 0;          // floats per table plane (one codeword): tile_in_rows * row
+  int64_t plane = 0;          // floats per table plane (one codeword): tile_in_rows * row, rounded up to 16
   int64_t group = 0;          // segments whose tables are built together
   std::vector<int32_t> offsets;  // [p][V][kh*kw]: code * plane + the kernel offset's row / phase / column
 };
