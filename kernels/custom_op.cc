@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lookup.h"
@@ -115,6 +116,18 @@ struct LookupKernel {
     return *local;
   }
 
+  // X and its shape: `rank` dims [N, depth, ...], depth as the node's attribute says
+  static std::pair<Ort::ConstValue, std::vector<int64_t>> input(Ort::KernelContext& ctx, size_t rank, int64_t depth,
+                                                                const std::string& op, const char* layout,
+                                                                const char* unit, const char* attribute) {
+    Ort::ConstValue x = ctx.GetInput(0);
+    auto xs = shape(x);
+    expect(xs.size() == rank, op + ": input must be " + layout);
+    expect(xs[1] == depth, op + ": input has " + std::to_string(xs[1]) + " " + unit + ", " + attribute + " is " +
+                               std::to_string(depth));
+    return {x, xs};
+  }
+
   static const float* bias(Ort::KernelContext& ctx, int64_t channels, const char* op) {
     if (ctx.GetInputCount() < 4) return nullptr;
     Ort::ConstValue b = ctx.GetInput(3);
@@ -166,11 +179,7 @@ struct EConvKernel : LookupKernel<onnxmerge::EConvLayer, EConvKernel> {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded([&] {
       Ort::KernelContext ctx(context);
-      Ort::ConstValue x = ctx.GetInput(0);
-      const auto xs = shape(x);
-      expect(xs.size() == 4, "EConv: input must be 4-D [N, d, H, W]");
-      expect(xs[1] == attrs.d, "EConv: input has " + std::to_string(xs[1]) + " channels, in_channels is " +
-                                   std::to_string(attrs.d));
+      const auto [x, xs] = input(ctx, 4, attrs.d, "EConv", "4-D [N, d, H, W]", "channels", "in_channels");
       std::unique_ptr<onnxmerge::EConvLayer> local;
       const onnxmerge::EConvLayer& L = layer(ctx, local);
       const float* b = bias(ctx, L.s.p, "EConv");
@@ -206,11 +215,7 @@ struct EFCKernel : LookupKernel<onnxmerge::EFCLayer, EFCKernel> {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded([&] {
       Ort::KernelContext ctx(context);
-      Ort::ConstValue x = ctx.GetInput(0);
-      const auto xs = shape(x);
-      expect(xs.size() == 2, "EFC: input must be 2-D [N, d]");
-      expect(xs[1] == in_features, "EFC: input has " + std::to_string(xs[1]) + " features, in_features is " +
-                                       std::to_string(in_features));
+      const auto [x, xs] = input(ctx, 2, in_features, "EFC", "2-D [N, d]", "features", "in_features");
       std::unique_ptr<onnxmerge::EFCLayer> local;
       const onnxmerge::EFCLayer& L = layer(ctx, local);
       const float* b = bias(ctx, L.s.out, "EFC");

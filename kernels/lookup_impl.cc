@@ -278,7 +278,9 @@ void efc_sample_registers(const EFCLayer& L, const float* table, int64_t o0, flo
     const __m512 t0 = _mm512_loadu_ps(t), t1 = Cp > 16 ? _mm512_loadu_ps(t + 16) : t0;
     const __m512 t2 = Cp > 32 ? _mm512_loadu_ps(t + 32) : t0, t3 = Cp > 32 ? _mm512_loadu_ps(t + 48) : t0;
     for (int q = 0; q < Q; ++q) {
-      const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * q)));
+      // (the maskz form: the plain one trips GCC 12's -Wmaybe-uninitialized inside its own header)
+      const __m512i idx =
+          _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * q)));
       __m512 e = _mm512_permutex2var_ps(t0, idx, t1);
       if (Cp > 32) e = _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, bit5), e, _mm512_permutex2var_ps(t2, idx, t3));
       acc[q] = _mm512_add_ps(acc[q], e);
