@@ -185,7 +185,7 @@ struct EConvKernel : LookupKernel<onnxmerge::EConvLayer, EConvKernel> {
       const float* b = bias(ctx, L.s.p, "EConv");
       const auto plan = L.plan(xs[2], xs[3]);  // checks that the kernel fits the input
       auto y = ctx.GetOutput(0, {xs[0], L.s.p, plan->Ho, plan->Wo});
-      onnxmerge::econv(L, xs[0], xs[2], xs[3], x.GetTensorData<float>(), b, y.GetTensorMutableData<float>(),
+      onnxmerge::econv(L, *plan, xs[0], x.GetTensorData<float>(), b, y.GetTensorMutableData<float>(),
                        OrtParallel(ctx));
     });
   }

@@ -101,7 +101,8 @@ void pack_efc(EFCLayer& layer, const EFCParams& s, int64_t Vc, const float* code
 // ---------------------------------------------------------------------------------------------
 // the runs, on the instruction set the layer was packed for
 
-void econv(const EConvLayer& layer, int64_t N, int64_t H, int64_t W, const float* x, const float* bias, float* y,
+// X is [N, d, plan.H, plan.W] (plan from layer.plan, which also gives the output's Ho, Wo)
+void econv(const EConvLayer& layer, const EConvPlan& plan, int64_t N, const float* x, const float* bias, float* y,
            const Parallel& parallel = Parallel());
 void efc(const EFCLayer& layer, int64_t N, const float* x, const float* bias, float* y,
          const Parallel& parallel = Parallel());

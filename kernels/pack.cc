@@ -161,11 +161,10 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
   return plan;
 }
 
-void econv(const EConvLayer& layer, int64_t N, int64_t H, int64_t W, const float* x, const float* bias, float* y,
+void econv(const EConvLayer& layer, const EConvPlan& plan, int64_t N, const float* x, const float* bias, float* y,
            const Parallel& parallel) {
   if (N < 0) fail("EConv: input must be [N, d, H, W]");
-  const auto plan = layer.plan(H, W);
-  if (N > 0) layer.isa->econv(layer, *plan, N, x, bias, y, parallel);
+  if (N > 0) layer.isa->econv(layer, plan, N, x, bias, y, parallel);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -213,11 +213,7 @@ def verdicts(results: dict) -> list[str]:
     return out
 
 
-def results_isa(results: dict) -> str:
-    return next(iter(results.values()))["isa"]
-
-
-def section(results, machine, command, args) -> str:
+def section(results, machine, command, args, isa) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "## Native EConv / EFC kernels: per layer against dense, whole model against the originals",
@@ -251,7 +247,7 @@ def section(results, machine, command, args) -> str:
         "",
         *verdicts(results),
         "",
-        f"Kernels: instruction set `{results_isa(results)}` (the best this CPU runs; `kernels.isas()`), "
+        f"Kernels: instruction set `{isa}` (the best this CPU runs; `kernels.isas()`), "
         "codebook and codes packed when the session creates the kernel, tables built per segment group "
         "and row tile sized for L2, lookups as contiguous vector adds (EConv) or, for EFC at batch 1 on "
         "AVX-512, permutes across registers; work items on onnxruntime's intra-op thread pool. Layers "
@@ -309,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['pack']['ratio']:.2f}x)", flush=True)
         stats = {"originals_params": sum(model_stats(onnx.load(p))["params"] for p in originals.values()),
                  "merged_params": model_stats(merged)["params"]}
-        results[preset] = {"layers": layers, "model": model_rows, "stats": stats, "isa": kernels.isa()}
+        results[preset] = {"layers": layers, "model": model_rows, "stats": stats}
 
     machine = machine_info()
     command = "python " + shlex.join(["tools/bench/kernels.py", *argv])
@@ -317,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine['cpu']}, {machine['usable_cores']} usable cores, "
           f"onnxruntime {machine['onnxruntime']}")
     if not args.no_write:
-        write_section(args.benchmarks, "kernels", section(results, machine, command, args))
+        write_section(args.benchmarks, "kernels", section(results, machine, command, args, kernels.isa()))
         print(f"updated {args.benchmarks}")
     return 0
 
