@@ -173,6 +173,7 @@ def merge(
     check_task_data(state, data or {})
     check_task_data(state, calib or {}, flag="--calib")
     state.method, state.params, state.progress = chosen.name, dict(method_params), progress
+    state.calib, state.calibration = dict(calib or {}), calibration
     method_passes = chosen.passes(method_params)
     warm = [LoadWeightsPass(warm_start, read_metadata(warm_start).params.get("share", 0))] if warm_start else []
     pipeline = [*normalise_passes(), AlignLayersPass(pairs), *warm,
@@ -196,7 +197,7 @@ def merge(
         fidelity={"max_rel_diff_random_inputs": fidelity, "alignment": [a.to_dict() for a in state.alignments],
                   **state.figures, **({"notes": state.notes} if state.notes else {})},
     )
-    if calib:
+    if calib and not state.calibrated:
         calibrated = calibrate(model, info, {t.name: t.original for t in state.tasks}, calib, calibration,
                                progress=progress)
         model = calibrated.model

@@ -168,3 +168,64 @@ register(Method(
         "kmeans_seed": Option(0, "k-means seed", parse=int),
     },
 ))
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--share-ratio {text}: give a fraction between 0 and 1") from None
+
+
+def _number(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise UsageError(f"--{flag} {text}: give a number") from None
+    return parse
+
+
+def _count(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise UsageError(f"--{flag} {text}: give a whole number of at least 0")
+        return value
+    return parse
+
+
+def _mtz_passes(p: dict[str, Any]) -> list[Pass]:
+    from onnxmerge.passes.zip_neurons import ZipNeuronsPass, parse_counts
+
+    return [ZipNeuronsPass(p["share_ratio"], parse_counts(p["layer_share"]), p["threshold"], p["alpha"],
+                           p["hessian_samples"], p["retrain_steps"], p["pairing"], p["damping"], p["mtz_seed"])]
+
+
+register(Method(
+    name="mtz",
+    paper="He, Zhou, Thiele, Multi-Task Zipping via Layer-wise Neuron Sharing (NeurIPS 2018)",
+    summary="neuron pairs chosen by the layer-wise Hessian functional difference (eq. 12) share merged "
+            "incoming weights (eqs. 10-11), layer by layer with light retraining",
+    build=_mtz_passes,
+    options={
+        "share_ratio": Option(1.0, "fraction of each layer's neurons to share (of the narrower model's; "
+                              "task heads never)", parse=_fraction),
+        "layer_share": Option("", "per-layer counts of shared neurons, e.g. 'fc1=300,fc2=100' (convK / fcK "
+                              "or node names); the other layers follow --share-ratio or --threshold"),
+        "threshold": Option(None, "share every pair whose functional difference (eq. 12) is under this "
+                            "(instead of --share-ratio)", parse=_number("threshold")),
+        "alpha": Option(1.0, "weight of the added model's error against the others' (eq. 5)", parse=_number("alpha")),
+        "hessian_samples": Option(256, "calibration samples per task for the layer-wise Hessians",
+                                  parse=_positive("hessian-samples")),
+        "retrain_steps": Option(0, "calibration steps after each zipped layer (light retraining; needs --calib)",
+                                parse=_count("retrain-steps")),
+        "pairing": Option("optimal", "optimal: minimum-cost assignment; greedy: cheapest pair first (the "
+                          "authors' code); random: the random-sharing baseline", choices=("optimal", "greedy", "random")),
+        "damping": Option(1e-2, "Hessian damping, as a fraction of the mean diagonal", parse=_number("damping")),
+        "mtz_seed": Option(0, "seed of the Hessian sample and random pairing", parse=int),
+    },
+))

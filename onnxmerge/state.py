@@ -57,6 +57,9 @@ class MergeState:
     notes: list[str] = field(default_factory=list)  # what the report should tell the user
     figures: dict[str, Any] = field(default_factory=dict)  # a method's measurements, reported as fidelity
     progress: bool = False  # whether long passes show progress bars
+    calib: dict[str, Any] = field(default_factory=dict)  # task -> calibration Dataset (methods that need data)
+    calibration: Any = None  # the CalibrationConfig for methods that retrain as they go
+    calibrated: bool = False  # a method already calibrated the model (merge skips its last calibration)
 
     @property
     def combined(self) -> bool:

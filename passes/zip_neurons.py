@@ -1,0 +1,286 @@
+"""ZipNeuronsPass: Multi-Task Zipping, Hessian-guided neuron sharing (the `mtz` method).
+
+He, Zhou, Thiele, "Multi-Task Zipping via Layer-wise Neuron Sharing" (NeurIPS 2018), Algorithm 1.
+For each model after the first (q = 1, 2, ...; the models before it act as one model whose Hessian
+is the sum of theirs: the authors' `merge_new_task`), layer by layer in topological order:
+
+1. the layer-wise Hessians (eqs. 7-8) of both sides over the layer's inputs that they already share
+   (bias as a constant extra input), from each task's calibration data run through the current
+   zipped network (onnxmerge.mtz_math.layer_rows / HessianAccumulator);
+2. the functional difference of every neuron pair (eq. 12) as one matrix expression
+   (mtz_math.PairCosts), and the N_l pairs to share: N_l from `share_ratio`, per-layer counts, or all
+   pairs under `threshold`; paired greedily by cost (the authors' code) or by optimal assignment
+   (both totals are reported);
+3. each shared neuron's incoming weights from shared inputs are the minimiser of eq. 6 (eqs. 10-11);
+   its weights from task-specific inputs are kept; the next layers' inputs follow the new column
+   order (onnxmerge.zipped.ZippedNet.relayout);
+4. `retrain_steps` steps of calibration (onnxmerge.calibrate: the tasks' losses and distillation
+   from the originals) re-boost the tasks before the next layer.
+
+A residual space (a block's output and its skip input) is decided at its first producer; its later
+producers are merged at their own turn, with the pairs already fixed. Task heads are never shared.
+Pruned models (3.6): a merged weight keeps the union of the two nonzero masks, and retraining keeps
+the mask. Sharing nothing reproduces the originals exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxmerge import mtz_math
+from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.graphs import session
+from onnxmerge.layers import layer_label
+from onnxmerge.pass_manager import Pass, PassResult
+from onnxmerge.state import MergeState
+from onnxmerge.zipped import ZippedNet, ZLayer
+
+HESSIAN_ROWS = 65536  # input rows per task a conv layer's Hessian is estimated from (uniformly subsampled)
+SPARSE = 0.25  # a layer whose weights are at least this fraction of zeros is treated as pruned (3.6)
+PAIRINGS = ("optimal", "greedy", "random")
+
+
+def parse_counts(text: str) -> dict[str, int]:
+    """--layer-share 'fc1=300,conv2=12' -> {'fc1': 300, 'conv2': 12}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        m = re.fullmatch(r"([A-Za-z0-9_./-]+)=(\d+)", item)
+        if not m:
+            raise UsageError(f"--layer-share {item!r}: write LAYER=COUNT, e.g. fc1=300,conv2=12")
+        out[m.group(1)] = int(m.group(2))
+    return out
+
+
+class ZipNeuronsPass(Pass):
+    exact = False
+
+    def __init__(self, share_ratio: float = 1.0, counts: dict[str, int] | None = None,
+                 threshold: float | None = None, alpha: float = 1.0, hessian_samples: int = 256,
+                 retrain_steps: int = 0, pairing: str = "optimal", damping: float = 1e-2, seed: int = 0):
+        if not 0.0 <= share_ratio <= 1.0:
+            raise UsageError(f"--share-ratio {share_ratio}: give a fraction between 0 and 1")
+        if threshold is not None and threshold < 0:
+            raise UsageError(f"--threshold {threshold}: give a cost >= 0")
+        if alpha <= 0:
+            raise UsageError(f"--alpha {alpha}: give a weight > 0")
+        if pairing not in PAIRINGS:
+            raise UsageError(f"--pairing {pairing}: choose from {', '.join(PAIRINGS)}")
+        self.share_ratio, self.counts, self.threshold = share_ratio, dict(counts or {}), threshold
+        self.alpha, self.hessian_samples, self.retrain_steps = alpha, hessian_samples, retrain_steps
+        self.pairing, self.damping, self.seed = pairing, damping, seed
+
+    def call(self, state: MergeState) -> PassResult:
+        if not state.combined:
+            raise MergeError("ZipNeuronsPass runs on the combined graph")
+        if not state.shared_input:
+            raise UsageError("mtz shares neurons of models that take one input: the models' inputs must have the "
+                             "same shape and type (and --separate-inputs must not be given)")
+        missing = [t.name for t in state.tasks if t.name not in state.calib]
+        if missing and self._shares_anything():
+            raise UsageError(f"mtz computes its layer-wise Hessians from calibration data: give --calib TASK=PATH for "
+                             f"{', '.join(missing)}")
+        first = state.tasks[0]
+        input_name = first.input_map[first.graph.inputs[0].name]
+        net = ZippedNet([t.name for t in state.tasks], [t.graph for t in state.tasks], [t.layers for t in state.tasks],
+                        input_name, [t.output_map for t in state.tasks], state.opset, state.ir_version)
+        labels = {zl.index: layer_label(first.layers, zl.index) for zl in net.layers}
+        unknown = set(self.counts) - set(labels.values()) - {l.node for l in first.layers}
+        if unknown:
+            raise UsageError(f"--layer-share: no layer {', '.join(sorted(unknown))} (layers: {', '.join(labels.values())})")
+        for zl in net.layers:
+            if zl.zeros >= SPARSE:  # a pruned model: merged weights keep the union of the masks (3.6)
+                zl.mask = zl.weight != 0
+        self.rng = np.random.default_rng(self.seed)
+        report: list[dict] = []
+        zipper = _Zipper(self, state, net)
+        for q in range(1, len(state.tasks)):
+            report += zipper.merge_task(q, labels)
+        self.net = net  # for tests and tools that look at the zipped network
+        model = net.build()
+        onnx.checker.check_model(model)
+        state.graph = gs.import_onnx(model)
+        for task in state.tasks:
+            task.layer_map = {}  # a shared neuron stands for no single original channel
+        state.figures["mtz"] = {"layers": report, **zipper.summary()}
+        state.calibrated = True  # --calib fed the Hessians and the retraining: no calibration after the merge
+        return PassResult(state, True)
+
+    def _shares_anything(self) -> bool:
+        return self.share_ratio > 0 or any(self.counts.values()) or self.threshold is not None
+
+    def count(self, label: str, node: str, n_p: int, n_q: int) -> int | None:
+        """N_l: the layer's count, else the share ratio of the smaller side; None: use the threshold."""
+        if label in self.counts or node in self.counts:
+            n = self.counts.get(label, self.counts.get(node))
+            if n > min(n_p, n_q):
+                raise UsageError(f"--layer-share {label}={n}: the layer has {min(n_p, n_q)} neurons to pair")
+            return n
+        if self.threshold is not None:
+            return None
+        return int(round(self.share_ratio * min(n_p, n_q)))
+
+
+class _Zipper:
+    """Runs Algorithm 1 for one merge step at a time on a ZippedNet."""
+
+    def __init__(self, opts: ZipNeuronsPass, state: MergeState, net: ZippedNet):
+        self.opts, self.state, self.net = opts, state, net
+        self.data = {t: state.calib[task.name].subset(opts.hessian_samples, seed=opts.seed).x
+                     for t, task in enumerate(state.tasks) if task.name in state.calib}
+        self.retrain_history: list[dict] = []
+        self.seconds = 0.0
+
+    def merge_task(self, q: int, labels: dict[int, str]) -> list[dict]:
+        net, opts = self.net, self.opts
+        side_p = frozenset(range(q))
+        rows = []
+        from tqdm import tqdm
+
+        layers = [zl for zl in net.layers if not net.spaces[zl.out_space].head]
+        for zl in tqdm(layers, desc=f"mtz {self.state.tasks[q].name}", unit="layer", leave=False,
+                       disable=not self.state.progress):
+            space = net.spaces[zl.out_space]
+            if q not in space.merged:
+                row = self.choose(zl, side_p, q, labels[zl.index])
+                if row is None:
+                    continue
+                rows.append(row)
+            elif zl.pending:
+                self.merge_pending(zl, *self.hessians(zl, side_p, q))
+            else:
+                continue
+            self.retrain()
+        return rows
+
+    # -- step 1: Hessians ----------------------------------------------------------------------
+
+    def shared_inputs(self, zl: ZLayer, side_p: frozenset[int], q: int) -> list[int]:
+        cols = self.net.spaces[zl.in_space].columns
+        return [k for k, c in enumerate(cols) if q in c and side_p & c.keys()]
+
+    def hessians(self, zl: ZLayer, side_p: frozenset[int], q: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(H_P, H_q, shared input columns): eqs. 7-8 on each side's data; P's is the sum of its tasks'."""
+        cols = self.shared_inputs(zl, side_p, q)
+        if not cols:  # no input shared yet (a later producer of a residual space): the bias alone
+            return np.ones((1, 1)) * len(side_p), np.ones((1, 1)), cols
+        model = self.net.build()
+        name = self.net.layer_inputs[zl.index]
+        hs = {}
+        for t in [*sorted(side_p), q]:
+            if t not in self.data:
+                raise UsageError(f"mtz: no calibration data for task {self.state.tasks[t].name}")
+            x = _activations(model, name, self.data[t])
+            if zl.kind == "conv":
+                k = zl.weight.shape[2:]
+                rows = mtz_math.layer_rows(x[:, cols], kernel=k, strides=tuple(zl.attrs.get("strides", [1] * len(k))),
+                                           pads=tuple(zl.attrs.get("pads", [0] * 2 * len(k))),
+                                           dilations=tuple(zl.attrs.get("dilations", [1] * len(k))),
+                                           max_rows=HESSIAN_ROWS, rng=np.random.default_rng(self.opts.seed))
+            else:
+                rows = x.reshape(len(x), -1)[:, zl.feature_index(cols)]
+            acc = mtz_math.HessianAccumulator(rows.shape[1])
+            acc.add(rows)
+            hs[t] = acc.value()
+        h_p = sum(hs[t] for t in side_p)
+        return h_p, hs[q], cols
+
+    def vectors(self, zl: ZLayer, weight: np.ndarray, bias: np.ndarray, cols: list[int]) -> np.ndarray:
+        """Incoming weights from the shared inputs, bias last: [rows, |shared| * k + 1]."""
+        w = weight[:, zl.feature_index(cols)].reshape(len(weight), -1)
+        return np.concatenate([w, np.asarray(bias, np.float64).reshape(-1, 1)], axis=1)
+
+    # -- steps 2-3: pairs and merged weights ---------------------------------------------------
+
+    def choose(self, zl: ZLayer, side_p: frozenset[int], q: int, label: str) -> dict | None:
+        net, opts = self.net, self.opts
+        space_id = zl.out_space
+        space = net.spaces[space_id]
+        cand_p = [k for k, c in enumerate(space.columns) if side_p & c.keys()]
+        cand_q = [k for k, c in enumerate(space.columns) if q in c]
+        n = opts.count(label, zl.node, len(cand_p), len(cand_q))
+        if n == 0:
+            net.relayout(space_id, side_p, q, [])
+            return {"layer": label, "node": zl.node, "candidates": [len(cand_p), len(cand_q)], "shared": 0}
+        h_p, h_q, cols = self.hessians(zl, side_p, q)
+        a = self.vectors(zl, zl.weight[cand_p], zl.bias[cand_p], cols)
+        b = self.vectors(zl, zl.weight[cand_q], zl.bias[cand_q], cols)
+        costs = mtz_math.PairCosts(h_p, h_q, a, b, alpha=opts.alpha, damping=opts.damping)
+        found = {"optimal": mtz_math.pair_optimal(costs.cost, n=n, threshold=opts.threshold if n is None else None),
+                 "greedy": mtz_math.pair_greedy(costs.cost, n=n, threshold=opts.threshold if n is None else None)}
+        if opts.pairing == "random":
+            found["random"] = mtz_math.pair_random(len(cand_p), len(cand_q), len(found["optimal"][0]), self.opts.rng)
+        i, j = found[opts.pairing]
+        pairs = [(cand_p[x], cand_q[y]) for x, y in zip(i, j)]
+        net.relayout(space_id, side_p, q, pairs)
+        for producer in net.producers(space_id):  # the layer itself, and later producers of a residual space
+            hessians = (h_p, h_q, cols) if producer is zl else self.hessians(producer, side_p, q)
+            self.merge_pending(producer, *hessians)
+        return {"layer": label, "node": zl.node, "candidates": [len(cand_p), len(cand_q)], "shared": len(pairs),
+                "pairing": opts.pairing, "fallback_pinv": bool(getattr(costs, "fallback", False)),
+                **{f"cost_{k}": float(costs.cost[v].sum()) for k, v in found.items()}}
+
+    def merge_pending(self, zl: ZLayer, h_p: np.ndarray, h_q: np.ndarray, cols: list[int]) -> None:
+        """Eqs. 10-11 for the shared rows of `zl`: merged weights from the shared inputs, the tasks'
+        own weights from their specific inputs."""
+        if not zl.pending:
+            return
+        rows = sorted(zl.pending)
+        both = np.stack([zl.pending[r][0] for r in rows])  # [N, 2, in, ...]
+        biases = np.stack([zl.pending[r][1] for r in rows])  # [N, 2]
+        a = self.vectors(zl, both[:, 0], biases[:, 0], cols)
+        b = self.vectors(zl, both[:, 1], biases[:, 1], cols)
+        costs = mtz_math.PairCosts(h_p, h_q, a, b, alpha=self.opts.alpha, damping=self.opts.damping)
+        idx = np.arange(len(rows))
+        mask = ((a != 0) | (b != 0)) if zl.mask is not None else None
+        merged = costs.merged(idx, idx, mask=mask) if mask is not None else costs.merged(idx, idx)
+        feats = zl.feature_index(cols)
+        for k, r in enumerate(rows):
+            row = both[k].sum(axis=0)  # each side's row is zero on the other side's specific inputs
+            row[feats] = merged[k, :-1].reshape(row[feats].shape)
+            zl.weight[r] = row
+            zl.bias[r] = merged[k, -1]
+            if zl.mask is not None:
+                zl.mask[r] = row != 0
+        zl.pending = {}
+
+    # -- step 4: retraining --------------------------------------------------------------------
+
+    def retrain(self) -> None:
+        steps = self.opts.retrain_steps
+        if not steps:
+            return
+        from onnxmerge.calibrate import CalibrationConfig, calibrate
+        from onnxmerge.contract import MergedInfo, TaskInfo
+
+        state = self.state
+        config = dataclasses.replace(state.calibration or CalibrationConfig(), steps=steps, layer_loss_weight=0.0,
+                                     seed=self.opts.seed + len(self.retrain_history))
+        info = MergedInfo("", "mtz", {}, [TaskInfo(t.name, "", "", t.input_map, t.output_map) for t in state.tasks])
+        result = calibrate(self.net.build(), info, {t.name: t.original for t in state.tasks}, state.calib, config,
+                           progress=state.progress)
+        self.net.read_back(result.model)
+        self.retrain_history.append(result.summary())
+        self.seconds += result.seconds
+
+    def summary(self) -> dict:
+        return {"retrain_steps_per_layer": self.opts.retrain_steps,
+                "retrain_steps_total": sum(h["steps"] for h in self.retrain_history),
+                "retrain_seconds": round(self.seconds, 2)}
+
+
+def _activations(model: onnx.ModelProto, name: str, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Tensor `name` of `model` on inputs `x` (the part of the graph that computes it only)."""
+    graph = gs.import_onnx(model)
+    graph.outputs = [graph.tensors()[name]]
+    graph.outputs[0].dtype = np.float32
+    graph.cleanup()
+    sub = gs.export_onnx(graph)
+    sub.ir_version = model.ir_version
+    sess = session(sub, threads=None, optimize=True)
+    inp = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {inp: x[k:k + batch]})[0] for k in range(0, len(x), batch)])
