@@ -202,7 +202,8 @@ def _mtz_passes(p: dict[str, Any]) -> list[Pass]:
     from onnxmerge.passes.zip_neurons import ZipNeuronsPass, parse_counts
 
     return [ZipNeuronsPass(p["share_ratio"], parse_counts(p["layer_share"]), p["threshold"], p["alpha"],
-                           p["hessian_samples"], p["retrain_steps"], p["pairing"], p["damping"], p["mtz_seed"])]
+                           p["hessian_samples"], p["retrain_steps"], p["pairing"], p["damping"], p["mtz_seed"],
+                           p["tolerance"])]
 
 
 register(Method(
@@ -227,5 +228,8 @@ register(Method(
                           "authors' code); random: the random-sharing baseline", choices=("optimal", "greedy", "random")),
         "damping": Option(1e-2, "Hessian damping, as a fraction of the mean diagonal", parse=_number("damping")),
         "mtz_seed": Option(0, "seed of the Hessian sample and random pairing", parse=int),
+        "tolerance": Option(None, "adaptive: per layer, the most pairs (up to --share-ratio) whose merge, after "
+                            "--retrain-steps, keeps each task within this many accuracy points of its original on "
+                            "held-out --calib samples (labels needed)", parse=_number("tolerance")),
     },
 ))

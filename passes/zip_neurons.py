@@ -25,6 +25,7 @@ the mask. Sharing nothing reproduces the originals exactly.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 
@@ -61,7 +62,8 @@ class ZipNeuronsPass(Pass):
 
     def __init__(self, share_ratio: float = 1.0, counts: dict[str, int] | None = None,
                  threshold: float | None = None, alpha: float = 1.0, hessian_samples: int = 256,
-                 retrain_steps: int = 0, pairing: str = "optimal", damping: float = 1e-2, seed: int = 0):
+                 retrain_steps: int = 0, pairing: str = "optimal", damping: float = 1e-2, seed: int = 0,
+                 tolerance: float | None = None):
         if not 0.0 <= share_ratio <= 1.0:
             raise UsageError(f"--share-ratio {share_ratio}: give a fraction between 0 and 1")
         if threshold is not None and threshold < 0:
@@ -72,7 +74,9 @@ class ZipNeuronsPass(Pass):
             raise UsageError(f"--pairing {pairing}: choose from {', '.join(PAIRINGS)}")
         self.share_ratio, self.counts, self.threshold = share_ratio, dict(counts or {}), threshold
         self.alpha, self.hessian_samples, self.retrain_steps = alpha, hessian_samples, retrain_steps
-        self.pairing, self.damping, self.seed = pairing, damping, seed
+        if tolerance is not None and tolerance < 0:
+            raise UsageError(f"--tolerance {tolerance}: give accuracy points >= 0")
+        self.pairing, self.damping, self.seed, self.tolerance = pairing, damping, seed, tolerance
 
     def call(self, state: MergeState) -> PassResult:
         if not state.combined:
@@ -130,8 +134,18 @@ class _Zipper:
 
     def __init__(self, opts: ZipNeuronsPass, state: MergeState, net: ZippedNet):
         self.opts, self.state, self.net = opts, state, net
-        self.data = {t: state.calib[task.name].subset(opts.hessian_samples, seed=opts.seed).x
-                     for t, task in enumerate(state.tasks) if task.name in state.calib}
+        self.calib, self.validation = dict(state.calib), {}
+        if opts.tolerance is not None:  # adaptive: hold out labelled samples to measure each task's accuracy
+            for task in state.tasks:
+                ds = state.calib.get(task.name)
+                if ds is None or ds.y is None:
+                    raise UsageError(f"mtz --tolerance measures accuracy: task {task.name}'s --calib data needs labels")
+                n_val = min(1000, len(ds) // 5)
+                self.calib[task.name], self.validation[task.name] = _split(ds, n_val, opts.seed)
+            self.reference = self.accuracy(originals=True)
+        self.data = {t: self.calib[task.name].subset(opts.hessian_samples, seed=opts.seed).x
+                     for t, task in enumerate(state.tasks) if task.name in self.calib}
+        self.trials = 0
         self.retrain_history: list[dict] = []
         self.seconds = 0.0
 
@@ -146,10 +160,10 @@ class _Zipper:
                        disable=not self.state.progress):
             space = net.spaces[zl.out_space]
             if q not in space.merged:
-                row = self.choose(zl, side_p, q, labels[zl.index])
-                if row is None:
+                if opts.tolerance is not None:
+                    rows.append(self.choose_adaptive(zl, side_p, q, labels[zl.index]))
                     continue
-                rows.append(row)
+                rows.append(self.choose(zl, side_p, q, labels[zl.index]))
             elif zl.pending:
                 self.merge_pending(zl, *self.hessians(zl, side_p, q))
             else:
@@ -196,13 +210,66 @@ class _Zipper:
 
     # -- steps 2-3: pairs and merged weights ---------------------------------------------------
 
-    def choose(self, zl: ZLayer, side_p: frozenset[int], q: int, label: str) -> dict | None:
+    def candidates(self, zl: ZLayer, side_p: frozenset[int], q: int) -> tuple[list[int], list[int]]:
+        cols = self.net.spaces[zl.out_space].columns
+        return [k for k, c in enumerate(cols) if side_p & c.keys()], [k for k, c in enumerate(cols) if q in c]
+
+    def choose_adaptive(self, zl: ZLayer, side_p: frozenset[int], q: int, label: str) -> dict:
+        """The most pairs (up to the share ratio) whose merge, after retraining, keeps every task's
+        held-out accuracy within `tolerance` points of its original: a bisection over N_l."""
+        cand_p, cand_q = self.candidates(zl, side_p, q)
+        start = (self.net.spaces, self.net.layers)
+        best: tuple | None = None
+
+        def attempt(n: int) -> bool:
+            nonlocal best
+            self.net.spaces, self.net.layers = copy.deepcopy(start)
+            row = self.choose(zl, side_p, q, label, n=n)
+            self.retrain()
+            acc = self.accuracy()
+            self.trials += 1
+            row["accuracy"] = acc
+            ok = all(self.reference[t] - acc[t] <= self.opts.tolerance / 100 for t in acc)
+            if ok or n == 0:
+                best = (self.net.spaces, self.net.layers, row)
+            return ok
+
+        lo, hi = 0, int(round(self.opts.share_ratio * min(len(cand_p), len(cand_q))))
+        if not attempt(hi):
+            while hi - lo > max(1, (hi + lo) // 16):  # to within 1/16 of the count
+                mid = (lo + hi + 1) // 2
+                if attempt(mid):
+                    lo = mid
+                else:
+                    hi = mid - 1 if mid - 1 >= lo else lo
+            if best is None or best[2]["shared"] != lo:
+                attempt(lo)
+        self.net.spaces, self.net.layers, row = best
+        return row
+
+    def accuracy(self, originals: bool = False) -> dict[str, float]:
+        """Each task's accuracy on its held-out samples (the originals', or the zipped network's)."""
+        from onnxmerge.evaluate import run_task
+        from onnxmerge.contract import TaskInfo
+
+        out = {}
+        sess = None if originals else session(self.net.build(), threads=None, optimize=True)
+        for task in self.state.tasks:
+            ds = self.validation[task.name]
+            if originals:
+                own = session(task.original, threads=None, optimize=True)
+                logits = own.run(None, {own.get_inputs()[0].name: ds.x})[0]
+            else:
+                logits = run_task(sess, TaskInfo(task.name, "", "", task.input_map, task.output_map), ds.x)
+            out[task.name] = float((logits.argmax(axis=1) == ds.y).mean())
+        return out
+
+    def choose(self, zl: ZLayer, side_p: frozenset[int], q: int, label: str, n: int | None = None) -> dict:
         net, opts = self.net, self.opts
         space_id = zl.out_space
-        space = net.spaces[space_id]
-        cand_p = [k for k, c in enumerate(space.columns) if side_p & c.keys()]
-        cand_q = [k for k, c in enumerate(space.columns) if q in c]
-        n = opts.count(label, zl.node, len(cand_p), len(cand_q))
+        cand_p, cand_q = self.candidates(zl, side_p, q)
+        if n is None:
+            n = opts.count(label, zl.node, len(cand_p), len(cand_q))
         if n == 0:
             net.relayout(space_id, side_p, q, [])
             return {"layer": label, "node": zl.node, "candidates": [len(cand_p), len(cand_q)], "shared": 0}
@@ -261,16 +328,27 @@ class _Zipper:
         config = dataclasses.replace(state.calibration or CalibrationConfig(), steps=steps, layer_loss_weight=0.0,
                                      seed=self.opts.seed + len(self.retrain_history))
         info = MergedInfo("", "mtz", {}, [TaskInfo(t.name, "", "", t.input_map, t.output_map) for t in state.tasks])
-        result = calibrate(self.net.build(), info, {t.name: t.original for t in state.tasks}, state.calib, config,
+        result = calibrate(self.net.build(), info, {t.name: t.original for t in state.tasks}, self.calib, config,
                            progress=state.progress)
         self.net.read_back(result.model)
         self.retrain_history.append(result.summary())
         self.seconds += result.seconds
 
     def summary(self) -> dict:
-        return {"retrain_steps_per_layer": self.opts.retrain_steps,
+        extra = {"tolerance_points": self.opts.tolerance, "trials": self.trials,
+                 "original_accuracy_held_out": self.reference} if self.opts.tolerance is not None else {}
+        return {**extra, "retrain_steps_per_layer": self.opts.retrain_steps,
                 "retrain_steps_total": sum(h["steps"] for h in self.retrain_history),
                 "retrain_seconds": round(self.seconds, 2)}
+
+
+def _split(ds, n: int, seed: int):
+    """(the rest, `n` held-out samples drawn at random) of labelled Dataset `ds`."""
+    from onnxmerge.data import Dataset
+
+    held = np.zeros(len(ds), bool)
+    held[np.random.default_rng(seed).choice(len(ds), size=n, replace=False)] = True
+    return tuple(Dataset(ds.x[m], ds.y[m], ds.source, dict(ds.preprocessing)) for m in (~held, held))
 
 
 def _activations(model: onnx.ModelProto, name: str, x: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Multi-Task Zipping on real data, written into BENCHMARKS.md beside the paper's figures (section `mtz`).
+
+He, Zhou, Thiele (NeurIPS 2018). Models from `tools/train_models.py --group mtz` (build/mtz_models,
+trained on first use). Calibration (Hessians, retraining) uses the training splits; errors are on the
+full 10,000-image test splits.
+
+- table1: two LeNet-300-100 and two LeNet-5 on MNIST from different seeds, hidden neurons permuted;
+  every hidden neuron shared. Error before retraining, after at most 550 / 600 retraining steps in
+  all (split evenly over the zipped layers), and the random-sharing baseline (Fig. 2, no retraining).
+- tasks: LeNet-5 on MNIST + LeNet-5 on Fashion-MNIST, adaptive (`--tolerance 0.5`): the fraction
+  of parameters shared and the speed-up over the two originals (batch 1, one thread, medians).
+- resnet: the ResNet-style pair (MNIST, Fashion-MNIST), adaptive with `--tolerance 1`.
+
+A retraining step is one batch of one task (tasks alternate), so 550 steps are 275 batches per task.
+
+    python tools/bench/mtz.py [--only table1 tasks resnet] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
+
+sys.path.insert(0, str(ROOT))
+MODELS = ROOT / "build" / "mtz_models"
+HESSIAN_SAMPLES = 2048
+LR = 1e-3  # retraining learning rate (Adam), decayed by 0.3 at each third of a layer's steps
+PAPER = {
+    "lenet300": "LeNet-300-100: 1.57% / 1.60%; all shared, before retraining +1.50 points on average; "
+                "after 550 iterations 1.64%; random sharing 33.47%",
+    "lenet5": "LeNet-5: 0.89% / 0.95%; all shared, after 600 iterations 0.93%",
+    "tasks": "VGG-16, ImageNet + CelebA: 39.61% of the parameters shared",
+}
+
+
+def ensure_models() -> None:
+    names = ["lenet300_mnist_s0", "lenet300_mnist_s1", "lenet5_mnist_s0", "lenet5_mnist_s1", "lenet5_fashion",
+             "resnet_mnist", "resnet_fashion"]
+    if all((MODELS / f"{n}.onnx").exists() for n in names):
+        return
+    sys.path.insert(0, str(ROOT / "tools"))
+    import train_models
+
+    train_models.main(["--group", "mtz"])
+
+
+def data(name: str, split: str):
+    from onnxmerge.data import load_named
+
+    return load_named(name, split)
+
+
+def errors(result, test: dict) -> dict[str, float]:
+    from onnxmerge.evaluate import evaluate
+
+    got = evaluate(result.model, result.info, test, progress=False)
+    return {k: 100 * (1 - v["accuracy"]) for k, v in got.items()}
+
+
+def original_errors(paths: dict, test: dict) -> dict[str, float]:
+    from onnxmerge.evaluate import run_original
+    from onnxmerge.latency import make_session
+
+    return {k: 100 * float(np.mean(run_original(make_session(str(paths[k])), test[k].x).argmax(1) != test[k].y))
+            for k in paths}
+
+
+def zip_pair(paths: dict, calib: dict, **params):
+    from onnxmerge.api import merge
+    from onnxmerge.calibrate import CalibrationConfig
+
+    t0 = time.perf_counter()
+    result = merge([str(p) for p in paths.values()], method="mtz", names=list(paths), calib=calib,
+                   calibration=CalibrationConfig(lr=LR, batch_size=64), progress=True,
+                   params={"hessian_samples": HESSIAN_SAMPLES, **params})
+    return result, time.perf_counter() - t0
+
+
+def table1(arch: str, budget: int, layers: int) -> tuple[list[str], dict]:
+    paths = {f"s{k}": MODELS / f"{arch}_mnist_s{k}.onnx" for k in (0, 1)}
+    train, test = data("mnist", "train"), data("mnist", "test")
+    calib, tests = {k: train for k in paths}, {k: test for k in paths}
+    orig = original_errors(paths, tests)
+    mean = float(np.mean(list(orig.values())))
+    rows, fig = [], {"originals": orig}
+    for label, params in [("all shared, no retraining", {}),
+                          (f"all shared, {budget // layers} retraining steps per layer ({budget} in all)",
+                           {"retrain_steps": budget // layers}),
+                          ("random sharing, no retraining (Fig. 2 baseline)", {"pairing": "random"}),
+                          ("all shared, greedy pairing, no retraining", {"pairing": "greedy"})]:
+        result, seconds = zip_pair(paths, calib, share_ratio=1.0, **params)
+        err = errors(result, tests)
+        m = float(np.mean(list(err.values())))
+        rows.append(f"| {arch} | {label} | {orig['s0']:.2f} / {orig['s1']:.2f} | {err['s0']:.2f} / {err['s1']:.2f} "
+                    f"| {m - mean:+.2f} | {seconds:.0f} |")
+        fig[label] = {"errors": err, "mean_increase": m - mean, "seconds": seconds,
+                      "layers": result.info.fidelity["mtz"]["layers"]}
+    return rows, fig
+
+
+def adaptive(pair: dict, tolerance: float, steps: int) -> tuple[list[str], dict]:
+    from onnxmerge.latency import latency_table
+    from onnxmerge.metrics import model_stats
+
+    calib = {k: data(ds, "train") for k, (_, ds) in pair.items()}
+    tests = {k: data(ds, "test") for k, (_, ds) in pair.items()}
+    paths = {k: p for k, (p, _) in pair.items()}
+    orig = original_errors(paths, tests)
+    result, seconds = zip_pair(paths, calib, share_ratio=1.0, tolerance=tolerance, retrain_steps=steps)
+    err = errors(result, tests)
+    import onnx
+
+    merged = model_stats(result.model)["params"]
+    originals = sum(model_stats(onnx.load(str(p)))["params"] for p in paths.values())
+    shared = sum(int(np.prod(i.dims)) for i in result.model.graph.initializer if i.name.startswith("shared/"))
+    lat = latency_table(result.model, [str(p) for p in paths.values()], batch_sizes=(1,), threads=(1,), progress=False)[0]
+    layers = result.info.fidelity["mtz"]["layers"]
+    shares = ", ".join(f"{r['layer']} {r['shared']}/{min(r['candidates'])}" for r in layers)
+    (a, b) = paths
+    row = (f"| {a} + {b} | {shares} | {orig[a]:.2f} / {orig[b]:.2f} | {err[a]:.2f} / {err[b]:.2f} | "
+           f"{100 * shared / merged:.1f}% | {100 * (1 - merged / originals):.1f}% | {lat['speedup_vs_originals']:.2f}x | {seconds:.0f} |")
+    return [row], {"errors": err, "originals": orig, "params": {"merged": merged, "originals": originals, "shared": shared},
+                   "latency": lat, "layers": layers, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", choices=["table1", "tasks", "resnet"], default=["table1", "tasks", "resnet"])
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    ensure_models()
+    from onnxmerge.latency import machine_info
+
+    parts = []
+    if "table1" in args.only:
+        rows = ["| pair | setting | originals' error (%) | merged error (%) | mean change (points) | seconds |",
+                "|---|---|---|---|---|---|"]
+        for arch, budget, layers in [("lenet300", 550, 2), ("lenet5", 600, 3)]:
+            r, _ = table1(arch, budget, layers)
+            rows += r
+        parts.append("### Table 1: same task (MNIST), different seeds, all hidden neurons shared\n\n" + "\n".join(rows)
+                     + f"\n\nPaper: {PAPER['lenet300']}. {PAPER['lenet5']}.")
+    header = ("| pair | shared neurons per layer | originals' error (%) | merged error (%) | parameters in shared "
+              "layers | parameters saved | speed-up vs originals (batch 1, 1 thread) | seconds |\n|---|---|---|---|---|---|---|---|")
+    if "tasks" in args.only:
+        r, _ = adaptive({"mnist": (MODELS / "lenet5_mnist_s0.onnx", "mnist"),
+                         "fashion": (MODELS / "lenet5_fashion.onnx", "fashion-mnist")}, 0.5, 200)
+        parts.append("### Different tasks, adaptive (`--tolerance 0.5`, 200 retraining steps per trial)\n\n"
+                     + header + "\n" + "\n".join(r) + f"\n\nPaper: {PAPER['tasks']}.")
+    if "resnet" in args.only:
+        r, _ = adaptive({"mnist": (MODELS / "resnet_mnist.onnx", "mnist"),
+                         "fashion": (MODELS / "resnet_fashion.onnx", "fashion-mnist")}, 1.0, 200)
+        parts.append("### ResNet-style pair, adaptive (`--tolerance 1`, 200 retraining steps per trial)\n\n"
+                     + header + "\n" + "\n".join(r))
+    info = machine_info()
+    body = (f"## Multi-Task Zipping (`--method mtz`)\n\nWritten by `{shlex.join(['python', 'tools/bench/mtz.py', *(argv or sys.argv[1:])])}` "
+            f"on {datetime.now(timezone.utc):%Y-%m-%d}, {info.get('cpu', 'this machine')}. Hessians from "
+            f"{HESSIAN_SAMPLES} training samples per task; retraining: Adam lr {LR}, batch 64, the tasks' "
+            "cross-entropy plus distillation from the originals; one step = one batch of one task. "
+            "Errors on the full 10,000-image test splits.\n\n" + "\n\n".join(parts))
+    print(body)
+    if not args.no_write:
+        write_section(BENCHMARKS, "mtz", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
