@@ -191,7 +191,7 @@ class ZippedNet:
             w, b = weights[t]
             view = ins.view(frozenset({t}))
             chans = [ins.columns[k][t] for k in view]
-            zl.weight[r, zl.feature_index(view)] = w[o][_feature_index(chans, zl)]
+            zl.weight[r, zl.feature_index(view)] = w[o][zl.feature_index(chans)]
             zl.bias[r] = b[o]
 
     def producers(self, space: int) -> list[ZLayer]:
@@ -253,9 +253,6 @@ class ZippedNet:
             zl.bias[rows] = inits[run.bias]
             if zl.mask is not None:
                 zl.weight *= zl.mask
-
-    def task_outputs(self) -> list[dict[str, str]]:
-        return self.output_names
 
 
 class _Builder:
@@ -483,10 +480,6 @@ def _layer_weights(graph: gs.Graph, layer: Layer) -> tuple[np.ndarray, np.ndarra
     elif node.op == "MatMul":
         w = w.T
     return np.ascontiguousarray(w), np.ascontiguousarray(bias)
-
-
-def _feature_index(chans: list[int], zl: ZLayer) -> np.ndarray:
-    return zl.feature_index(chans)
 
 
 def _output_of(node: gs.Node, zl: ZLayer, absorbed: dict) -> str:
