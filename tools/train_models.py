@@ -37,12 +37,18 @@ import argparse
 import copy
 import io
 import json
+import os
 import sys
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# OpenMP threads that sleep while waiting instead of spinning: on 2 cores that other jobs share, spinning
+# made training up to 10x slower (the results are the same: threads and algorithms do not change). Only
+# takes effect where this module imports torch first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import onnx
@@ -233,6 +239,42 @@ class ZFStyle(nn.Module):
         return self.classifier(self.features(x))
 
 
+class LeNet300(nn.Module):
+    """LeNet-300-100 (LeCun et al. 1998; Multi-Task Zipping, He et al. NeurIPS 2018, Table 1), no
+    BatchNorm: flatten (1*28*28 = 784), fc300-ReLU, fc100-ReLU, fc10."""
+
+    # hidden layers whose units permute_hidden may reorder: (producer, consumer, consumer inputs per unit)
+    PERMUTABLE = (("classifier.1", "classifier.3", 1), ("classifier.3", "classifier.5", 1))
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(x)
+
+
+class CaffeLeNet5(nn.Module):
+    """Caffe's LeNet-5 (examples/mnist/lenet.prototxt; Multi-Task Zipping, He et al. NeurIPS 2018,
+    Table 2), no BatchNorm and no ReLU after the convolutions: conv5x5(20)-maxpool2,
+    conv5x5(50)-maxpool2 (valid padding: 28 -> 24 -> 12 -> 8 -> 4), flatten (50*4*4 = 800),
+    fc500-ReLU, fc10."""
+
+    # conv2's 50 output channels reach fc1 as channel-major blocks of 4*4 = 16 features
+    PERMUTABLE = (("features.0", "features.2", 1), ("features.2", "classifier.1", 16),
+                  ("classifier.1", "classifier.3", 1))
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(50 * 4 * 4, 500), nn.ReLU(), nn.Linear(500, classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
 # architecture name -> constructor taking the input image size (square, 1 channel)
 ARCHS = {
     "lenet": lambda size: LeNet(size),
@@ -242,6 +284,8 @@ ARCHS = {
     "paper_lenet": lambda size: PaperLeNet(size),
     "vgg_style": lambda size: VGGStyle(size),
     "zf_style": lambda size: ZFStyle(size),
+    "lenet300_100": lambda size: LeNet300(),
+    "caffe_lenet5": lambda size: CaffeLeNet5(),
 }
 
 
@@ -249,14 +293,14 @@ ARCHS = {
 # what to train
 
 
-GROUPS = ("examples", "tests", "bench")
-DEFAULT_GROUPS = ("examples", "tests")  # what a plain run trains; "bench" only when asked for
+GROUPS = ("examples", "tests", "bench", "mtz")
+DEFAULT_GROUPS = ("examples", "tests")  # what a plain run trains; "bench" and "mtz" only when asked for
 
 
 @dataclass
 class Spec:
-    name: str  # file stem
-    group: str  # "examples", "tests" or "bench"
+    name: str  # file stem, unique within the group (the same name may appear in two groups)
+    group: str  # "examples", "tests", "bench" or "mtz"
     arch: str
     dataset: str  # load_named name
     epochs: int
@@ -266,6 +310,9 @@ class Spec:
     weight_decay: float = 0.0
     input_size: int | None = None  # load_named(size=...): None = the dataset's own size
     notes: dict = field(default_factory=dict)  # why these settings (copied into models.json)
+    # after training, reorder the hidden units with permute_hidden(model, permute_seed) (architectures
+    # with a PERMUTABLE table only); None: keep them as trained
+    permute_seed: int | None = None
 
     @property
     def size(self) -> int:
@@ -297,6 +344,42 @@ BENCH_SPECS = [
                 "setup": _BENCH_NOTE}),
 ]
 
+# the Multi-Task Zipping paper's experiments (He, Zhou, Thiele, NeurIPS 2018): Table 1 zips two
+# LeNet-300-100 on MNIST, Table 2 two LeNet-5 on MNIST ("same task") and LeNet-5 on MNIST + on
+# Fashion-MNIST ("different tasks"); both MNIST pairs "with hidden neurons randomly permuted", which
+# the twins here get after training (seeded, function-preserving, checked on the test split). Also two
+# better-trained ResNets (the tests group's architecture, with BatchNorm). All input (N,1,28,28).
+_MTZ_NOTE = ("Multi-Task Zipping benchmark model: Adam with cosine decay to 0, no augmentation; "
+             "settings chosen for the paper's error rates with the whole mtz group under ~20 min on 2 CPU cores")
+_MTZ_PERM = ("hidden units randomly permuted after training (permute_hidden: rows of each hidden layer's "
+             "weights and biases and the matching inputs of the next layer; logits unchanged)")
+_MTZ_LENET300 = dict(epochs=20, lr=1e-3, batch=64)
+_MTZ_LENET5 = dict(epochs=10, lr=1e-3, batch=64)
+MTZ_SPECS = [
+    Spec("lenet300_mnist_s0", "mtz", "lenet300_100", "mnist", **_MTZ_LENET300, seed=0, permute_seed=100,
+         notes={"paper": "Table 1, LeNet-300-100 on MNIST (paper: 1.57% test error), model A", "permuted": _MTZ_PERM,
+                "why": "cheap per epoch: 20 epochs, batch 64", "setup": _MTZ_NOTE}),
+    Spec("lenet300_mnist_s1", "mtz", "lenet300_100", "mnist", **_MTZ_LENET300, seed=1, permute_seed=101,
+         notes={"paper": "Table 1, LeNet-300-100 on MNIST (paper: 1.60% test error), model B", "permuted": _MTZ_PERM,
+                "why": "as lenet300_mnist_s0, another initialisation and data order", "setup": _MTZ_NOTE}),
+    Spec("lenet5_mnist_s0", "mtz", "caffe_lenet5", "mnist", **_MTZ_LENET5, seed=0, permute_seed=200,
+         notes={"paper": "Table 2, LeNet-5 on MNIST (paper: 0.89% test error), model A of both pairs",
+                "permuted": _MTZ_PERM, "why": "10 epochs, batch 64", "setup": _MTZ_NOTE}),
+    Spec("lenet5_mnist_s1", "mtz", "caffe_lenet5", "mnist", **_MTZ_LENET5, seed=1, permute_seed=201,
+         notes={"paper": "Table 2, LeNet-5 on MNIST (paper: 0.95% test error), model B of the same-task pair",
+                "permuted": _MTZ_PERM, "why": "as lenet5_mnist_s0, another initialisation and data order",
+                "setup": _MTZ_NOTE}),
+    Spec("lenet5_fashion", "mtz", "caffe_lenet5", "fashion-mnist", **_MTZ_LENET5, seed=2, permute_seed=202,
+         notes={"paper": "Table 2, LeNet-5 on Fashion-MNIST, model B of the different-tasks pair",
+                "permuted": _MTZ_PERM, "why": "the MNIST LeNet-5's settings", "setup": _MTZ_NOTE}),
+    Spec("resnet_mnist", "mtz", "resnet", "mnist", epochs=5, lr=4e-3, seed=0,
+         notes={"why": "the tests group's resnet_mnist trained 5 epochs instead of 2, for a better baseline",
+                "setup": _MTZ_NOTE}),
+    Spec("resnet_fashion", "mtz", "resnet", "fashion-mnist", epochs=5, lr=4e-3, seed=1,
+         notes={"why": "the tests group's resnet_fashion trained 5 epochs instead of 2 (seed 1), for a better "
+                       "baseline", "setup": _MTZ_NOTE}),
+]
+
 SPECS = [
     Spec("fashion_lenet", "examples", "lenet", "fashion-mnist", epochs=3, lr=2e-3),
     Spec("digits_lenet", "examples", "lenet", "fsdd", epochs=25, lr=2e-3, batch=64, weight_decay=1e-4),
@@ -312,6 +395,7 @@ SPECS = [
     Spec("lenet_fashion_seed1", "tests", "lenet", "fashion-mnist", epochs=2, lr=2e-3, seed=1),
     Spec("mobilenet_fashion_seed1", "tests", "mobilenet", "fashion-mnist", epochs=2, lr=4e-3, seed=1),
     *BENCH_SPECS,
+    *MTZ_SPECS,
 ]
 
 # the eval subsets: (group, dataset) -> (file name, how many of the test split (None = all),
@@ -324,12 +408,15 @@ EVAL_SETS = {
     ("bench", "fsdd"): ("digits_eval.npz", None, None),
     ("bench", "fashion-mnist"): ("fashion32_eval.npz", None, 32),
     ("bench", "mnist"): ("mnist32_eval.npz", None, 32),
+    ("mtz", "mnist"): ("mnist_test.npz", None, None),
+    ("mtz", "fashion-mnist"): ("fashion_test.npz", None, None),
 }
 
 for _s in SPECS:  # the tables agree: known group and architecture, an eval set of the model's size
     assert _s.group in GROUPS and _s.arch in ARCHS, _s.name
     assert EVAL_SETS[_s.group, _s.dataset][2] == _s.input_size, _s.name
-assert len({_s.name for _s in SPECS}) == len(SPECS)
+    assert _s.permute_seed is None or _s.arch in ("lenet300_100", "caffe_lenet5"), _s.name  # has PERMUTABLE
+assert len({(_s.group, _s.name) for _s in SPECS}) == len(SPECS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,6 +454,31 @@ def train(model: nn.Module, data: Dataset, spec: Spec) -> list[float]:
         losses.append(round(total / n, 4))
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def permute_hidden(model: nn.Module, seed: int) -> dict[str, int]:
+    """Reorder the hidden units of `model` at random without changing its function: for each
+    (producer, consumer, block) of `model.PERMUTABLE`, in order, a permutation p of the producer's
+    outputs is drawn (`torch.randperm`, one generator seeded with `seed`); new output unit j of the
+    producer (Linear row / Conv output channel, weight and bias) is old unit p[j], and the consumer's
+    input features (Linear columns / Conv input channels) follow in blocks of `block` consecutive
+    features per unit (a Conv's channel flattened channel-major into a Linear). Only per-unit
+    operations (ReLU, MaxPool, Flatten) may lie between producer and consumer. Returns {producer: units}."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = {}
+    for prod_name, cons_name, block in model.PERMUTABLE:
+        prod, cons = model.get_submodule(prod_name), model.get_submodule(cons_name)
+        n = prod.weight.shape[0]
+        if cons.weight.shape[1] != n * block:
+            raise ValueError(f"{cons_name} has {cons.weight.shape[1]} inputs, not {n} units x {block}")
+        p = torch.randperm(n, generator=gen)
+        idx = (p[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
+        prod.weight.copy_(prod.weight[p])
+        prod.bias.copy_(prod.bias[p])
+        cons.weight.copy_(cons.weight[:, idx])
+        sizes[prod_name] = n
+    return sizes
 
 
 @torch.no_grad()
@@ -489,10 +601,28 @@ def train_and_export(specs: list[Spec], out_dirs: dict[str, Path]) -> dict[str, 
         train_ds = data(spec.dataset, "train", spec.input_size)
         losses = train(model, train_ds, spec)
         t_train = time.time() - t0
+        test = data(spec.dataset, "test", spec.input_size)
+        permutation = None
+        if spec.permute_seed is not None:
+            before = torch_logits(model, test.x)
+            weights = copy.deepcopy(model.state_dict())
+            units = permute_hidden(model, spec.permute_seed)
+            after = torch_logits(model, test.x)
+            change = float(np.abs(after - before).max())
+            moved = {k: float((v - weights[k]).abs().max()) for k, v in model.state_dict().items()}
+            if change > 1e-4 or not (after.argmax(1) == before.argmax(1)).all():
+                raise SystemExit(f"{spec.name}: permuting the hidden units changed the logits by {change:.3g}")
+            if not all(moved[f"{name}.weight"] > 0 for name in units):
+                raise SystemExit(f"{spec.name}: permute_hidden left a layer's units in place")
+            permutation = {
+                "seed": spec.permute_seed, "layers": units,
+                "how": "tools/train_models.py permute_hidden(model, seed) after training: torch.randperm per "
+                       "layer, in this order, from one torch.Generator seeded with seed",
+                "max_abs_logit_change_on_test": float(f"{change:.3g}"),
+            }
         path = out_dirs[spec.group] / f"{spec.name}.onnx"
         export(model, spec.size, path)
         sess = ort_session(path)
-        test = data(spec.dataset, "test", spec.input_size)
         sub = evals[spec.group, spec.dataset]
         ort_sub = ort_logits(sess, sub.x)
         diff = float(np.abs(ort_sub - torch_logits(model, sub.x)).max())
@@ -510,6 +640,8 @@ def train_and_export(specs: list[Spec], out_dirs: dict[str, Path]) -> dict[str, 
         }
         if spec.notes:
             training["notes"] = spec.notes
+        if permutation is not None:
+            training["hidden_units_permuted"] = permutation
         results[spec.group][spec.name] = {
             "file": path.name,
             "task": spec.dataset,
@@ -539,7 +671,7 @@ def write_models_json(out_dir: Path, group: str, entries: dict[str, dict]) -> Pa
     doc = load_json(jpath)
     models = doc.get("models", {})
     models.update(entries)
-    order = [s.name for s in SPECS]
+    order = [s.name for s in SPECS if s.group == group]
     models = {k: models[k] for k in sorted(models, key=lambda k: (order.index(k) if k in order else len(order), k))}
     doc = {
         "generated_by": "tools/train_models.py",
@@ -557,49 +689,71 @@ DEFAULT_OUT = {
     "examples": REPO / "onnxmerge" / "examples",
     "tests": REPO / "tests" / "models",
     "bench": REPO / "build" / "bench_models",  # git-ignored, not shipped
+    "mtz": REPO / "build" / "mtz_models",  # git-ignored, not shipped
 }
 BENCH_NAMES = [s.name for s in SPECS if s.group == "bench"]
+MTZ_NAMES = [s.name for s in SPECS if s.group == "mtz"]
 
 
-def ensure_bench_models(names: list[str] | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """The bench models `names` (default: all of them) in `out_dir` (default build/bench_models/):
-    trains and exports only those whose .onnx file or models.json entry is missing (several minutes
-    each, see BENCH_SPECS), and writes any missing eval file, then returns {name: path of the .onnx}.
+def ensure_models(group: str, names: list[str] | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """The models `names` (default: all of them) of `group` in `out_dir` (default DEFAULT_OUT[group]):
+    trains and exports only those whose .onnx file or models.json entry is missing (minutes each, see
+    the group's specs), and writes any missing eval file, then returns {name: path of the .onnx}.
     The eval file of a model is `out_dir / models.json["models"][name]["eval_file"]`."""
-    names = list(BENCH_NAMES if names is None else names)
-    unknown = [n for n in names if n not in BENCH_NAMES]
+    if group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}: use one of {', '.join(GROUPS)}")
+    by_name = {s.name: s for s in SPECS if s.group == group}
+    names = list(by_name if names is None else names)
+    unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise ValueError(f"unknown bench model(s) {', '.join(unknown)}: use {', '.join(BENCH_NAMES)}")
-    out = Path(out_dir) if out_dir is not None else DEFAULT_OUT["bench"]
-    by_name = {s.name: s for s in SPECS}
+        raise ValueError(f"unknown {group} model(s) {', '.join(unknown)}: use {', '.join(by_name)}")
+    out = Path(out_dir) if out_dir is not None else DEFAULT_OUT[group]
     have = load_json(out / "models.json").get("models", {})
     missing = [by_name[n] for n in names if not (out / f"{n}.onnx").is_file() or n not in have]
     if missing:
         with torch_settings():
-            train_and_export(missing, {**DEFAULT_OUT, "bench": out})
+            train_and_export(missing, {**DEFAULT_OUT, group: out})
     for ds in sorted({by_name[n].dataset for n in names}):  # eval files gone missing: no retraining
-        if not (out / EVAL_SETS["bench", ds][0]).is_file():
-            write_eval_set("bench", ds, out)
+        if not (out / EVAL_SETS[group, ds][0]).is_file():
+            write_eval_set(group, ds, out)
     return {n: out / f"{n}.onnx" for n in names}
+
+
+def ensure_bench_models(names: list[str] | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """ensure_models("bench", names, out_dir): the NeuralMerger models (default build/bench_models/)."""
+    return ensure_models("bench", names, out_dir)
+
+
+def ensure_mtz_models(names: list[str] | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """ensure_models("mtz", names, out_dir): the Multi-Task Zipping models (default build/mtz_models/)."""
+    return ensure_models("mtz", names, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", nargs="+", metavar="NAME", choices=[s.name for s in SPECS],
-                    help="train only these models, of any group (others' entries in models.json are kept)")
+    ap.add_argument("--only", nargs="+", metavar="NAME", choices=sorted({s.name for s in SPECS}),
+                    help="train only these models, of any group (others' entries in models.json are kept); "
+                         "a name that two groups use (resnet_mnist, resnet_fashion: tests and mtz) needs --group")
     ap.add_argument("--group", nargs="+", choices=GROUPS,
                     help=f"train these groups (default: {' and '.join(DEFAULT_GROUPS)}; with --only: "
                          "only the named models in these groups)")
     ap.add_argument("--out-examples", type=Path, default=DEFAULT_OUT["examples"])
     ap.add_argument("--out-tests", type=Path, default=DEFAULT_OUT["tests"])
     ap.add_argument("--out-bench", type=Path, default=DEFAULT_OUT["bench"])
+    ap.add_argument("--out-mtz", type=Path, default=DEFAULT_OUT["mtz"])
     args = ap.parse_args(argv)
 
     groups = args.group or (GROUPS if args.only else DEFAULT_GROUPS)
     specs = [s for s in SPECS if s.group in groups and (not args.only or s.name in args.only)]
     if not specs:
         ap.error(f"none of {', '.join(args.only)} is in group(s) {', '.join(groups)}")
-    out_dirs = {"examples": args.out_examples, "tests": args.out_tests, "bench": args.out_bench}
+    if args.only and not args.group:  # a name in two groups: say which, rather than retrain both
+        for name in args.only:
+            in_groups = [s.group for s in specs if s.name == name]
+            if len(in_groups) > 1:
+                ap.error(f"{name} is a model of groups {' and '.join(in_groups)}: say which with --group")
+    out_dirs = {"examples": args.out_examples, "tests": args.out_tests, "bench": args.out_bench,
+                "mtz": args.out_mtz}
     t_start = time.time()
     with torch_settings():
         train_and_export(specs, out_dirs)
