@@ -251,7 +251,8 @@ class ZippedNet:
             rows = np.asarray(run.rows)
             zl.weight[rows[:, None], run.needed[None, :]] = w
             zl.bias[rows] = inits[run.bias]
-            if zl.mask is not None:
+        for zl in self.layers:
+            if zl.mask is not None:  # retraining keeps a pruned layer's mask
                 zl.weight *= zl.mask
 
 

@@ -183,12 +183,12 @@ class _Zipper:
         if not cols:  # no input shared yet (a later producer of a residual space): the bias alone
             return np.ones((1, 1)) * len(side_p), np.ones((1, 1)), cols
         model = self.net.build()
-        name = self.net.layer_inputs[zl.index]
+        prefix = _prefix_session(model, self.net.layer_inputs[zl.index])
         hs = {}
         for t in [*sorted(side_p), q]:
             if t not in self.data:
                 raise UsageError(f"mtz: no calibration data for task {self.state.tasks[t].name}")
-            x = _activations(model, name, self.data[t])
+            x = _activations(prefix, self.data[t])
             if zl.kind == "conv":
                 k = zl.weight.shape[2:]
                 rows = mtz_math.layer_rows(x[:, cols], kernel=k, strides=tuple(zl.attrs.get("strides", [1] * len(k))),
@@ -351,14 +351,18 @@ def _split(ds, n: int, seed: int):
     return tuple(Dataset(ds.x[m], ds.y[m], ds.source, dict(ds.preprocessing)) for m in (~held, held))
 
 
-def _activations(model: onnx.ModelProto, name: str, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Tensor `name` of `model` on inputs `x` (the part of the graph that computes it only)."""
+def _prefix_session(model: onnx.ModelProto, name: str):
+    """A session of the part of `model` that computes tensor `name` (its only output)."""
     graph = gs.import_onnx(model)
     graph.outputs = [graph.tensors()[name]]
     graph.outputs[0].dtype = np.float32
     graph.cleanup()
     sub = gs.export_onnx(graph)
     sub.ir_version = model.ir_version
-    sess = session(sub, threads=None, optimize=True)
+    return session(sub, threads=None, optimize=True)
+
+
+def _activations(sess, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The prefix session's output on inputs `x`, in batches."""
     inp = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {inp: x[k:k + batch]})[0] for k in range(0, len(x), batch)])
