@@ -34,6 +34,8 @@ class Method:
     options: dict[str, Option] = field(default_factory=dict)
     exact: bool = False  # whether the method reproduces the originals to float rounding
     single: bool = False  # whether it also works on one model alone (compressing it)
+    # pairs of parameters that contradict each other (one would be silently ignored), with why
+    conflicts: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -50,6 +52,9 @@ class Method:
             choices = self.options[k].choices
             if choices and v not in choices:
                 raise UsageError(f"--{k.replace('_', '-')} {v}: choose from {', '.join(map(str, choices))}")
+        for a, b, why in self.conflicts:
+            if a in params and b in params:
+                raise UsageError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} contradict each other: {why}")
         return {**self.defaults, **params}
 
 
@@ -222,7 +227,7 @@ register(Method(
         "alpha": Option(1.0, "weight of the added model's error against the others' (eq. 5)", parse=_number("alpha")),
         "hessian_samples": Option(256, "calibration samples per task for the layer-wise Hessians",
                                   parse=_positive("hessian-samples")),
-        "retrain_steps": Option(0, "calibration steps after each zipped layer (light retraining; needs --calib)",
+        "retrain_steps": Option(0, "retraining steps after each zipped layer, each one batch of every task (needs --calib)",
                                 parse=_count("retrain-steps")),
         "pairing": Option("optimal", "optimal: minimum-cost assignment; greedy: cheapest pair first (the "
                           "authors' code); random: the random-sharing baseline", choices=("optimal", "greedy", "random")),
@@ -232,4 +237,9 @@ register(Method(
                             "--retrain-steps, keeps each task within this many accuracy points of its original on "
                             "held-out --calib samples (labels needed)", parse=_number("tolerance")),
     },
+    # zip_neurons: a threshold replaces the share ratio's counts; --tolerance bisects each layer's count
+    # up to the share ratio, so it ignores a threshold and per-layer counts
+    conflicts=(("threshold", "share_ratio", "--threshold picks the pairs, so the share ratio would be ignored"),
+               ("tolerance", "threshold", "--tolerance picks each layer's number of pairs; give one of them"),
+               ("tolerance", "layer_share", "--tolerance picks each layer's number of pairs; give one of them")),
 ))

@@ -15,7 +15,7 @@ is the sum of theirs: the authors' `merge_new_task`), layer by layer in topologi
    its weights from task-specific inputs are kept; the next layers' inputs follow the new column
    order (onnxmerge.zipped.ZippedNet.relayout);
 4. `retrain_steps` steps of calibration (onnxmerge.calibrate: the tasks' losses and distillation
-   from the originals) re-boost the tasks before the next layer.
+   from the originals; a step is one batch of every task) re-boost the tasks before the next layer.
 
 A residual space (a block's output and its skip input) is decided at its first producer; its later
 producers are merged at their own turn, with the pairs already fixed. Task heads are never shared.
@@ -59,6 +59,7 @@ def parse_counts(text: str) -> dict[str, int]:
 
 class ZipNeuronsPass(Pass):
     exact = False
+    reuse_activations = True  # _LayerInputs; off only to check it against computing every input afresh
 
     def __init__(self, share_ratio: float = 1.0, counts: dict[str, int] | None = None,
                  threshold: float | None = None, alpha: float = 1.0, hessian_samples: int = 256,
@@ -145,6 +146,8 @@ class _Zipper:
             self.reference = self.accuracy(originals=True)
         self.data = {t: self.calib[task.name].subset(opts.hessian_samples, seed=opts.seed).x
                      for t, task in enumerate(state.tasks) if task.name in self.calib}
+        # without retraining, a layer's input, once computed, stays valid for the rest of a merge step
+        self.inputs = _LayerInputs(net, self.data, reuse=opts.retrain_steps == 0 and opts.reuse_activations)
         self.trials = 0
         self.retrain_history: list[dict] = []
         self.seconds = 0.0
@@ -152,6 +155,7 @@ class _Zipper:
     def merge_task(self, q: int, labels: dict[int, str]) -> list[dict]:
         net, opts = self.net, self.opts
         side_p = frozenset(range(q))
+        self.inputs.reset()  # the previous step re-laid out every space
         rows = []
         from tqdm import tqdm
 
@@ -177,18 +181,23 @@ class _Zipper:
         cols = self.net.spaces[zl.in_space].columns
         return [k for k, c in enumerate(cols) if q in c and side_p & c.keys()]
 
-    def hessians(self, zl: ZLayer, side_p: frozenset[int], q: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """(H_P, H_q, shared input columns): eqs. 7-8 on each side's data; P's is the sum of its tasks'."""
+    def hessians(self, zl: ZLayer, side_p: frozenset[int], q: int,
+                 at_turn: bool = True) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(H_P, H_q, shared input columns): eqs. 7-8 on each side's data; P's is the sum of its tasks'.
+
+        `at_turn`: `zl` is the layer whose turn it is (not a later producer of a residual space,
+        merged ahead of its turn), so its input may be kept for the next layers (_LayerInputs)."""
         cols = self.shared_inputs(zl, side_p, q)
         if not cols:  # no input shared yet (a later producer of a residual space): the bias alone
             return np.ones((1, 1)) * len(side_p), np.ones((1, 1)), cols
-        model = self.net.build()
-        prefix = _prefix_session(model, self.net.layer_inputs[zl.index])
-        hs = {}
-        for t in [*sorted(side_p), q]:
+        tasks = [*sorted(side_p), q]
+        for t in tasks:
             if t not in self.data:
                 raise UsageError(f"mtz: no calibration data for task {self.state.tasks[t].name}")
-            x = _activations(prefix, self.data[t])
+        inputs = self.inputs.of(zl, tasks, keep=at_turn)
+        hs = {}
+        for t in tasks:
+            x = inputs[t]
             if zl.kind == "conv":
                 k = zl.weight.shape[2:]
                 rows = mtz_math.layer_rows(x[:, cols], kernel=k, strides=tuple(zl.attrs.get("strides", [1] * len(k))),
@@ -200,6 +209,7 @@ class _Zipper:
             acc = mtz_math.HessianAccumulator(rows.shape[1])
             acc.add(rows)
             hs[t] = acc.value()
+            del x, rows
         h_p = sum(hs[t] for t in side_p)
         return h_p, hs[q], cols
 
@@ -285,7 +295,7 @@ class _Zipper:
         pairs = [(cand_p[x], cand_q[y]) for x, y in zip(i, j)]
         net.relayout(space_id, side_p, q, pairs)
         for producer in net.producers(space_id):  # the layer itself, and later producers of a residual space
-            hessians = (h_p, h_q, cols) if producer is zl else self.hessians(producer, side_p, q)
+            hessians = (h_p, h_q, cols) if producer is zl else self.hessians(producer, side_p, q, at_turn=False)
             self.merge_pending(producer, *hessians)
         return {"layer": label, "node": zl.node, "candidates": [len(cand_p), len(cand_q)], "shared": len(pairs),
                 "pairing": opts.pairing, "fallback_pinv": bool(getattr(costs, "fallback", False)),
@@ -318,7 +328,10 @@ class _Zipper:
     # -- step 4: retraining --------------------------------------------------------------------
 
     def retrain(self) -> None:
-        steps = self.opts.retrain_steps
+        """`retrain_steps` steps of calibration; a step is one batch of every task, as in the
+        paper's retraining iterations (calibrate() alternates the tasks' batches, so T tasks take
+        T of its steps)."""
+        steps = self.opts.retrain_steps * len(self.calib)
         if not steps:
             return
         from onnxmerge.calibrate import CalibrationConfig, calibrate
@@ -338,7 +351,8 @@ class _Zipper:
         extra = {"tolerance_points": self.opts.tolerance, "trials": self.trials,
                  "original_accuracy_held_out": self.reference} if self.opts.tolerance is not None else {}
         return {**extra, "retrain_steps_per_layer": self.opts.retrain_steps,
-                "retrain_steps_total": sum(h["steps"] for h in self.retrain_history),
+                "retrain_steps_total": sum(h["steps"] for h in self.retrain_history) // max(1, len(self.calib)),
+                "retrain_batches_total": sum(h["steps"] for h in self.retrain_history),
                 "retrain_seconds": round(self.seconds, 2)}
 
 
@@ -351,18 +365,82 @@ def _split(ds, n: int, seed: int):
     return tuple(Dataset(ds.x[m], ds.y[m], ds.source, dict(ds.preprocessing)) for m in (~held, held))
 
 
-def _prefix_session(model: onnx.ModelProto, name: str):
-    """A session of the part of `model` that computes tensor `name` (its only output)."""
+class _LayerInputs:
+    """Each task's activations at the inputs of the zipped network's layers, computed from the
+    nearest tensors already computed rather than from the model input.
+
+    Zipping layer l (Algorithm 1) changes l's weights, the column order of its output space and the
+    input columns of the layers that read it: nothing that l's own input depends on, since layers are
+    zipped in graph order and a residual space is re-laid out at its first producer, before any of its
+    tensors is computed. So, without retraining, a layer's input computed at its turn stays what the
+    zipped network computes for the rest of the merge step, and the next layer's input needs only the
+    nodes in between: a deep network costs one forward pass per task instead of one per layer (the
+    VGG-16 scale run). Only tensors that a later layer input still needs are kept (the frontier: one
+    tensor for a chain, two inside a residual block). Retraining changes every weight, so with
+    `reuse` off (retrain steps) every input is computed from the model input again.
+    """
+
+    def __init__(self, net: ZippedNet, data: dict[int, np.ndarray], reuse: bool):
+        self.net, self.data, self.reuse = net, data, reuse
+        self.reset()
+
+    def reset(self) -> None:
+        self.kept: dict[str, dict[int, np.ndarray]] = {self.net.input_name: self.data}
+
+    def of(self, zl: ZLayer, tasks: list[int], keep: bool) -> dict[int, np.ndarray]:
+        """{task: activations at `zl`'s input}; `keep`: remember them for the layers after `zl`."""
+        if not self.reuse:
+            self.reset()
+        model = self.net.build()
+        target = self.net.layer_inputs[zl.index]
+        known = self.kept.get(target, {})
+        missing = [t for t in tasks if t not in known]
+        if missing:
+            sess = _sub_session(model, [n for n in self.kept if n != target], target)
+            names = [i.name for i in sess.get_inputs()]
+            known = {**known, **{t: _activations(sess, {n: self.kept[n][t] for n in names}) for t in missing}}
+        if keep and self.reuse:
+            self.kept[target] = known
+            later = [self.net.layer_inputs[z.index] for z in self.net.layers if z.index > zl.index]
+            live = _reached(model, later, set(self.kept)) | {self.net.input_name}
+            self.kept = {n: v for n, v in self.kept.items() if n in live}
+        return {t: known[t] for t in tasks}
+
+
+def _reached(model: onnx.ModelProto, targets: list[str], stops: set[str]) -> set[str]:
+    """The tensors of `stops` that computing `targets` reads, walking back from them through
+    `model`'s nodes and stopping at the first tensor of `stops` on each path."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found, seen, stack = set(), set(), list(targets)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in stops:
+            found.add(name)
+        elif name in producer:
+            stack.extend(i for i in producer[name].input if i)
+    return found
+
+
+def _sub_session(model: onnx.ModelProto, starts: list[str], name: str):
+    """A session of the part of `model` that computes tensor `name` from the tensors `starts` (the
+    ones it needs become its inputs; the model input among them if needed)."""
     graph = gs.import_onnx(model)
-    graph.outputs = [graph.tensors()[name]]
-    graph.outputs[0].dtype = np.float32
-    graph.cleanup()
+    tensors = graph.tensors()
+    graph.inputs = [tensors[n] for n in starts if n in tensors]
+    graph.outputs = [tensors[name]]
+    for t in [*graph.inputs, *graph.outputs]:
+        t.dtype = np.float32
+    graph.cleanup(remove_unused_graph_inputs=True)
     sub = gs.export_onnx(graph)
     sub.ir_version = model.ir_version
     return session(sub, threads=None, optimize=True)
 
 
-def _activations(sess, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The prefix session's output on inputs `x`, in batches."""
-    inp = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {inp: x[k:k + batch]})[0] for k in range(0, len(x), batch)])
+def _activations(sess, feeds: dict[str, np.ndarray], batch: int = 256) -> np.ndarray:
+    """The session's output on `feeds` (inputs of equal length), in batches."""
+    n = len(next(iter(feeds.values())))
+    return np.concatenate([sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()})[0]
+                           for i in range(0, n, batch)])

@@ -159,6 +159,18 @@ def test_residual_spaces_share_with_their_skip_connections():
     assert all(np.isfinite(g).all() for g in got)
 
 
+def test_layer_inputs_kept_between_layers_equal_inputs_computed_afresh(monkeypatch):
+    """Without retraining each layer's input is computed from the inputs kept at earlier layers
+    (_LayerInputs); computing every one from the model input must give the same zipped network,
+    here through residual blocks, whose skip tensors must be kept across two layers."""
+    _, kept = zip_state(RESNETS, share_ratio=0.5)
+    monkeypatch.setattr(ZipNeuronsPass, "reuse_activations", False)
+    _, fresh = zip_state(RESNETS, share_ratio=0.5)
+    assert [sp.columns for sp in kept.spaces] == [sp.columns for sp in fresh.spaces]
+    for a, b in zip(kept.layers, fresh.layers):
+        np.testing.assert_allclose(a.weight, b.weight, rtol=1e-4, atol=1e-5, err_msg=a.node)
+
+
 def test_pruned_models_keep_the_union_of_their_masks():
     data = calib()
     state = load_tasks(paths(LENETS), NAMES)
@@ -187,6 +199,7 @@ def test_retraining_runs_between_layers_and_is_recorded():
                                                                     "hessian_samples": 64}, calib=data)
     fig = result.info.fidelity["mtz"]
     assert fig["retrain_steps_total"] == 4 * 4  # four hidden layers
+    assert fig["retrain_batches_total"] == 4 * 4 * 2  # a step is one batch of each of the two tasks
     assert "calibration" not in result.info.fidelity  # no second calibration after the method's own
 
 
