@@ -25,9 +25,11 @@ the mask. Sharing nothing reproduces the originals exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
+import time
 
 import numpy as np
 import onnx
@@ -151,6 +153,15 @@ class _Zipper:
         self.trials = 0
         self.retrain_history: list[dict] = []
         self.seconds = 0.0
+        self.spent: dict[str, float] = {}  # wall seconds per stage, for the report
+
+    @contextlib.contextmanager
+    def timer(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[stage] = self.spent.get(stage, 0.0) + time.perf_counter() - start
 
     def merge_task(self, q: int, labels: dict[int, str]) -> list[dict]:
         net, opts = self.net, self.opts
@@ -194,7 +205,8 @@ class _Zipper:
         for t in tasks:
             if t not in self.data:
                 raise UsageError(f"mtz: no calibration data for task {self.state.tasks[t].name}")
-        inputs = self.inputs.of(zl, tasks, keep=at_turn)
+        with self.timer("layer inputs"):
+            inputs = self.inputs.of(zl, tasks, keep=at_turn)
         hs = {}
         for t in tasks:
             x = inputs[t]
@@ -206,9 +218,10 @@ class _Zipper:
                                            max_rows=HESSIAN_ROWS, rng=np.random.default_rng(self.opts.seed))
             else:
                 rows = x.reshape(len(x), -1)[:, zl.feature_index(cols)]
-            acc = mtz_math.HessianAccumulator(rows.shape[1])
-            acc.add(rows)
-            hs[t] = acc.value()
+            with self.timer("hessians"):
+                acc = mtz_math.HessianAccumulator(rows.shape[1])
+                acc.add(rows)
+                hs[t] = acc.value()
             del x, rows
         h_p = sum(hs[t] for t in side_p)
         return h_p, hs[q], cols
@@ -286,24 +299,33 @@ class _Zipper:
         h_p, h_q, cols = self.hessians(zl, side_p, q)
         a = self.vectors(zl, zl.weight[cand_p], zl.bias[cand_p], cols)
         b = self.vectors(zl, zl.weight[cand_q], zl.bias[cand_q], cols)
-        costs = mtz_math.PairCosts(h_p, h_q, a, b, alpha=opts.alpha, damping=opts.damping)
-        found = {"optimal": mtz_math.pair_optimal(costs.cost, n=n, threshold=opts.threshold if n is None else None),
-                 "greedy": mtz_math.pair_greedy(costs.cost, n=n, threshold=opts.threshold if n is None else None)}
+        with self.timer("pair costs"):
+            costs = mtz_math.PairCosts(h_p, h_q, a, b, alpha=opts.alpha, damping=opts.damping)
+        with self.timer("pairing"):
+            found = {"optimal": mtz_math.pair_optimal(costs.cost, n=n, threshold=opts.threshold if n is None else None),
+                     "greedy": mtz_math.pair_greedy(costs.cost, n=n, threshold=opts.threshold if n is None else None)}
         if opts.pairing == "random":
             found["random"] = mtz_math.pair_random(len(cand_p), len(cand_q), len(found["optimal"][0]), self.opts.rng)
         i, j = found[opts.pairing]
-        pairs = [(cand_p[x], cand_q[y]) for x, y in zip(i, j)]
+        # relayout puts the pairs' pending rows in sorted order: eq. 10 for them reuses `costs`
+        chosen = sorted(zip([cand_p[x] for x in i], [cand_q[y] for y in j], i, j))
+        pairs = [(p, c) for p, c, _, _ in chosen]
         net.relayout(space_id, side_p, q, pairs)
         for producer in net.producers(space_id):  # the layer itself, and later producers of a residual space
-            hessians = (h_p, h_q, cols) if producer is zl else self.hessians(producer, side_p, q, at_turn=False)
-            self.merge_pending(producer, *hessians)
+            if producer is zl:
+                self.merge_pending(zl, h_p, h_q, cols, solved=(costs, [c[2] for c in chosen], [c[3] for c in chosen]))
+            else:
+                self.merge_pending(producer, *self.hessians(producer, side_p, q, at_turn=False))
         return {"layer": label, "node": zl.node, "candidates": [len(cand_p), len(cand_q)], "shared": len(pairs),
                 "pairing": opts.pairing, "fallback_pinv": bool(getattr(costs, "fallback", False)),
                 **{f"cost_{k}": float(costs.cost[v].sum()) for k, v in found.items()}}
 
-    def merge_pending(self, zl: ZLayer, h_p: np.ndarray, h_q: np.ndarray, cols: list[int]) -> None:
+    def merge_pending(self, zl: ZLayer, h_p: np.ndarray, h_q: np.ndarray, cols: list[int],
+                      solved: tuple | None = None) -> None:
         """Eqs. 10-11 for the shared rows of `zl`: merged weights from the shared inputs, the tasks'
-        own weights from their specific inputs."""
+        own weights from their specific inputs. `solved`: (PairCosts, i, j) of the pair choice that
+        made the pending rows, in their order, whose factorisation is reused (for a VGG fc layer
+        the factorisation and solves are minutes)."""
         if not zl.pending:
             return
         rows = sorted(zl.pending)
@@ -311,10 +333,15 @@ class _Zipper:
         biases = np.stack([zl.pending[r][1] for r in rows])  # [N, 2]
         a = self.vectors(zl, both[:, 0], biases[:, 0], cols)
         b = self.vectors(zl, both[:, 1], biases[:, 1], cols)
-        costs = mtz_math.PairCosts(h_p, h_q, a, b, alpha=self.opts.alpha, damping=self.opts.damping)
-        idx = np.arange(len(rows))
+        if solved is None:
+            with self.timer("pair costs"):
+                costs = mtz_math.PairCosts(h_p, h_q, a, b, alpha=self.opts.alpha, damping=self.opts.damping)
+            i = j = np.arange(len(rows))
+        else:
+            costs, i, j = solved
         mask = ((a != 0) | (b != 0)) if zl.mask is not None else None
-        merged = costs.merged(idx, idx, mask=mask) if mask is not None else costs.merged(idx, idx)
+        with self.timer("merged weights"):
+            merged = costs.merged(i, j, mask=mask)
         feats = zl.feature_index(cols)
         for k, r in enumerate(rows):
             row = both[k].sum(axis=0)  # each side's row is zero on the other side's specific inputs
@@ -353,7 +380,8 @@ class _Zipper:
         return {**extra, "retrain_steps_per_layer": self.opts.retrain_steps,
                 "retrain_steps_total": sum(h["steps"] for h in self.retrain_history) // max(1, len(self.calib)),
                 "retrain_batches_total": sum(h["steps"] for h in self.retrain_history),
-                "retrain_seconds": round(self.seconds, 2)}
+                "retrain_seconds": round(self.seconds, 2),
+                "seconds": {k: round(v, 2) for k, v in self.spent.items()}}
 
 
 def _split(ds, n: int, seed: int):
