@@ -253,7 +253,8 @@ class PairCosts:
     Attributes: cost [nA, nB] float64, lam_A, lam_B, alpha, dtype, fallback.
     """
 
-    def __init__(self, HA, HB, WA, WB, alpha: float = 1.0, damping: float = 1e-2):
+    def __init__(self, HA, HB, WA, WB, alpha: float = 1.0, damping: float = 1e-2,
+                 lams: tuple[float, float] | None = None):
         D = np.shape(HA)[0]
         self.dtype = _work_dtype(D - 1)
         dt = self.dtype
@@ -270,8 +271,8 @@ class PairCosts:
         if not alpha > 0 or not damping >= 0:
             raise ValueError(f"PairCosts: need alpha > 0 and damping >= 0, got {alpha}, {damping}")
         self.alpha = float(alpha)
-        self.lam_A = _damping(self._HA, damping)
-        self.lam_B = _damping(self._HB, damping)
+        # lams: the damping of a larger problem this one is a projection of (ProjectedPairCosts)
+        self.lam_A, self.lam_B = lams if lams is not None else (_damping(self._HA, damping), _damping(self._HB, damping))
         self._F = _HalfInverse(self._system(), self._system)
         self.fallback = self._F.pinv
 
@@ -357,6 +358,116 @@ class PairCosts:
         # in the same order, so it falls back only when S did (and self.fallback is already set).
         f = _HalfInverse(sub_system(), sub_system)
         return f.apply_t(f.apply(np.asfortranarray(r)))
+
+
+class HessianRows:
+    """A layer-wise Hessian kept as its factor: H = R^T R with R = [x, 1] / sqrt(m) over m input rows.
+
+    For a layer with more inputs than calibration rows (VGG-16 fc6: 25,089 inputs and 256 samples per
+    task) H has rank <= m: forming it takes 2.5 GB and factorising it minutes, while R takes
+    m x (d + 1). The Hessian of several tasks together (the side P of a merge step) is the sum of
+    theirs, i.e. R stacked. `pair_costs` uses ProjectedPairCosts when both sides' ranks are small.
+    """
+
+    def __init__(self, r: np.ndarray):
+        self.r = np.asarray(r, dtype=np.float64)
+
+    @classmethod
+    def of(cls, rows) -> HessianRows:
+        """From input rows [m, d] without the bias entry (the same H as HessianAccumulator's)."""
+        rows = np.asarray(rows, dtype=np.float64)
+        r = np.concatenate([rows, np.ones((len(rows), 1))], axis=1)
+        return cls(r / np.sqrt(len(rows)))
+
+    def __add__(self, other):
+        if isinstance(other, HessianRows):
+            return HessianRows(np.concatenate([self.r, other.r]))
+        return self.dense() + other
+
+    def __radd__(self, other):
+        return self if isinstance(other, int) and other == 0 else self.__add__(other)  # sum() starts at 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.r.shape[1], self.r.shape[1])
+
+    def dense(self) -> np.ndarray:
+        return self.r.T @ self.r
+
+    def mean_diag(self) -> float:
+        return float(np.einsum("ij,ij->", self.r, self.r)) / self.r.shape[1]
+
+
+class ProjectedPairCosts:
+    """PairCosts (eqs. 10-12, same damping, same attributes) for two low-rank Hessians given as
+    HessianRows, without forming any D x D matrix.
+
+    Let Q [D, r] be an orthonormal basis of the rows of R_A and R_B. Both damped Hessians are
+    block-diagonal in (range Q, its complement): Q^T H Q + lam I on range Q, lam I on the
+    complement, where lam_A, lam_B are the full problem's (damping x mean diagonal). So eq. 6 splits
+    into two independent problems, and
+      - eq. 12: d[i, j] = PairCosts of the projections Q^T a_i, Q^T b_j with Hessians Q^T H Q
+        (and lam_A, lam_B), plus k/2 |a_perp - b_perp|^2 with k = (1/lam_A + 1/(alpha lam_B))^-1;
+      - eq. 10: w~ = Q w~_Q + (lam_A a_perp + alpha lam_B b_perp) / (lam_A + alpha lam_B),
+    with a_perp = a - Q Q^T a. |a_perp - b_perp|^2 = |a|^2 - |Q^T a|^2 + |b|^2 - |Q^T b|^2
+    - 2 (a.b - Q^T a.Q^T b), in float64. This is exact (the same minimiser and minimum as PairCosts,
+    to rounding) and costs O(D r (r + nA + nB) + D nA nB) instead of O(D^2 (D + nA + nB)): at fc6
+    of VGG-16 with 256 samples per task, seconds instead of many minutes.
+    A mask (pruned models, 3.6) couples the blocks: merged() with a mask solves the dense problem.
+    """
+
+    def __init__(self, HA: HessianRows, HB: HessianRows, WA, WB, alpha: float = 1.0, damping: float = 1e-2):
+        D = HA.shape[0]
+        if HB.shape[0] != D:
+            raise ValueError(f"ProjectedPairCosts: HA and HB must have the same size, got {HA.shape}, {HB.shape}")
+        if not alpha > 0 or not damping >= 0:
+            raise ValueError(f"ProjectedPairCosts: need alpha > 0 and damping >= 0, got {alpha}, {damping}")
+        self._HA, self._HB, self.alpha, self._damping = HA, HB, float(alpha), damping
+        self._WA = np.asarray(WA, dtype=np.float64)
+        self._WB = np.asarray(WB, dtype=np.float64)
+        lam = [damping * m if m != 0 else float(damping) for m in (HA.mean_diag(), HB.mean_diag())]
+        self.lam_A, self.lam_B = lam
+        self.dtype = np.float64
+        q, _ = np.linalg.qr(np.concatenate([HA.r, HB.r]).T)  # [D, r]
+        self._q = q
+        ra, rb = HA.r @ q, HB.r @ q  # the factors of Q^T H Q
+        self._pa, self._pb = self._WA @ q, self._WB @ q  # [n, r]
+        self._inner = PairCosts(ra.T @ ra, rb.T @ rb, self._pa, self._pb, alpha=alpha, lams=(self.lam_A, self.lam_B))
+        self.fallback = self._inner.fallback
+        k = 1.0 / (1.0 / self.lam_A + 1.0 / (self.alpha * self.lam_B))
+        na = np.einsum("ij,ij->i", self._WA, self._WA) - np.einsum("ij,ij->i", self._pa, self._pa)
+        nb = np.einsum("ij,ij->i", self._WB, self._WB) - np.einsum("ij,ij->i", self._pb, self._pb)
+        cross = self._WA @ self._WB.T - self._pa @ self._pb.T
+        perp = na[:, None] + nb[None, :] - 2.0 * cross
+        np.maximum(perp, 0.0, out=perp)
+        self.cost = self._inner.cost + 0.5 * k * perp
+
+    def cost_of(self, i, j):
+        return self.cost[i, j]
+
+    def merged(self, i, j, mask=None) -> np.ndarray:
+        """Eq. 10's merged weights [N, D] for the pairs (i[k], j[k]) (see PairCosts.merged)."""
+        i, j = np.atleast_1d(i).astype(np.intp), np.atleast_1d(j).astype(np.intp)
+        if mask is not None:
+            dense = PairCosts(self._HA.dense(), self._HB.dense(), self._WA, self._WB, alpha=self.alpha,
+                              lams=(self.lam_A, self.lam_B))
+            return dense.merged(i, j, mask=mask)
+        a, b = self._WA[i], self._WB[j]
+        a_perp = a - self._pa[i] @ self._q.T
+        b_perp = b - self._pb[j] @ self._q.T
+        w = self._inner.merged(i, j) @ self._q.T
+        w += (self.lam_A * a_perp + self.alpha * self.lam_B * b_perp) / (self.lam_A + self.alpha * self.lam_B)
+        return w
+
+
+def pair_costs(HA, HB, WA, WB, alpha: float = 1.0, damping: float = 1e-2):
+    """PairCosts, or ProjectedPairCosts when both Hessians are HessianRows of rank below half their
+    size (where the projection is the cheaper way to the same figures)."""
+    if isinstance(HA, HessianRows) and isinstance(HB, HessianRows) and \
+            len(HA.r) + len(HB.r) <= HA.shape[0] // 2:
+        return ProjectedPairCosts(HA, HB, WA, WB, alpha=alpha, damping=damping)
+    dense = [h.dense() if isinstance(h, HessianRows) else h for h in (HA, HB)]
+    return PairCosts(*dense, WA, WB, alpha=alpha, damping=damping)
 
 
 def _damping(h: np.ndarray, damping: float) -> float:

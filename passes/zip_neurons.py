@@ -219,9 +219,15 @@ class _Zipper:
             else:
                 rows = x.reshape(len(x), -1)[:, zl.feature_index(cols)]
             with self.timer("hessians"):
-                acc = mtz_math.HessianAccumulator(rows.shape[1])
-                acc.add(rows)
-                hs[t] = acc.value()
+                if rows.shape[0] < rows.shape[1]:  # fewer samples than inputs (VGG fc6): H = R^T R, low rank
+                    hs[t] = mtz_math.HessianRows.of(rows)
+                else:
+                    acc = mtz_math.HessianAccumulator(rows.shape[1])
+                    acc.add(rows)
+                    hs[t] = acc.value()
+            if not np.isfinite(getattr(hs[t], "r", hs[t])).all():  # --calib values so large that the layer's inputs overflow
+                raise MergeError(f"mtz: layer {zl.node}: the layer-wise Hessian of task {self.state.tasks[t].name} "
+                                 "is not finite: its --calib data drive the layer's inputs out of float range")
             del x, rows
         h_p = sum(hs[t] for t in side_p)
         return h_p, hs[q], cols
@@ -300,7 +306,7 @@ class _Zipper:
         a = self.vectors(zl, zl.weight[cand_p], zl.bias[cand_p], cols)
         b = self.vectors(zl, zl.weight[cand_q], zl.bias[cand_q], cols)
         with self.timer("pair costs"):
-            costs = mtz_math.PairCosts(h_p, h_q, a, b, alpha=opts.alpha, damping=opts.damping)
+            costs = mtz_math.pair_costs(h_p, h_q, a, b, alpha=opts.alpha, damping=opts.damping)
         with self.timer("pairing"):
             found = {"optimal": mtz_math.pair_optimal(costs.cost, n=n, threshold=opts.threshold if n is None else None),
                      "greedy": mtz_math.pair_greedy(costs.cost, n=n, threshold=opts.threshold if n is None else None)}
@@ -335,7 +341,7 @@ class _Zipper:
         b = self.vectors(zl, both[:, 1], biases[:, 1], cols)
         if solved is None:
             with self.timer("pair costs"):
-                costs = mtz_math.PairCosts(h_p, h_q, a, b, alpha=self.opts.alpha, damping=self.opts.damping)
+                costs = mtz_math.pair_costs(h_p, h_q, a, b, alpha=self.opts.alpha, damping=self.opts.damping)
             i = j = np.arange(len(rows))
         else:
             costs, i, j = solved

@@ -261,6 +261,32 @@ def test_float32_path_for_large_layers_agrees(monkeypatch):
     assert close(pc.merged([0, 4], [3, 1]), ref.merged([0, 4], [3, 1]), 1e-4)
 
 
+@pytest.mark.parametrize("alpha,damping", [(1.0, 1e-2), (0.4, 1e-1), (2.5, 1e-3)])
+def test_projected_pair_costs_equal_pair_costs_on_low_rank_hessians(alpha, damping):
+    """Fewer rows than inputs (VGG fc6 with 256 samples): the projection onto the rows' span is the
+    same eq. 12 and eq. 10 as PairCosts on the dense Hessians, to rounding."""
+    xa, xb, wa, wb = layer(7, d=60, nA=9, nB=7, rows=(10, 8))
+    ha, hb = mtz.HessianRows.of(xa), mtz.HessianRows.of(xb)
+    np.testing.assert_allclose(ha.dense(), hessian(xa), atol=1e-12)
+    np.testing.assert_allclose((ha + hb).dense(), hessian(xa) + hessian(xb), atol=1e-12)
+    proj = mtz.pair_costs(ha, hb, wa, wb, alpha=alpha, damping=damping)
+    assert isinstance(proj, mtz.ProjectedPairCosts)
+    full = PairCosts(hessian(xa), hessian(xb), wa, wb, alpha=alpha, damping=damping)
+    assert (proj.lam_A, proj.lam_B) == pytest.approx((full.lam_A, full.lam_B), rel=1e-12)
+    np.testing.assert_allclose(proj.cost, full.cost, rtol=1e-8, atol=1e-10 * full.cost.max())
+    i, j = np.array([0, 3, 8]), np.array([6, 0, 2])
+    np.testing.assert_allclose(proj.merged(i, j), full.merged(i, j), rtol=1e-7, atol=1e-9)
+    mask = np.random.default_rng(0).random((3, 61)) < 0.7
+    np.testing.assert_allclose(proj.merged(i, j, mask=mask), full.merged(i, j, mask=mask), rtol=1e-7, atol=1e-9)
+
+
+def test_pair_costs_densifies_hessian_rows_of_high_rank():
+    xa, xb, wa, wb = layer(8, d=6, rows=(40, 50))
+    got = mtz.pair_costs(mtz.HessianRows.of(xa), mtz.HessianRows.of(xb), wa, wb)
+    assert isinstance(got, PairCosts)
+    np.testing.assert_allclose(got.cost, PairCosts(hessian(xa), hessian(xb), wa, wb).cost, rtol=1e-10)
+
+
 def test_pair_costs_reject_mismatched_shapes():
     h = np.eye(4)
     with pytest.raises(ValueError):
