@@ -74,15 +74,24 @@ def layer_rows(x, kernel=(), strides=(), pads=(), dilations=(), max_rows=None, r
         rows = x.reshape(x.shape[0], -1)
         pick = _subsample(rows.shape[0], max_rows, rng)
         return np.ascontiguousarray(rows if pick is None else rows[pick])
-    windows = _conv_windows(x, kernel, strides, pads, dilations)  # [n, c, oh, ow, kh, kw], a view
-    n, c, oh, ow, kh, kw = windows.shape
+    n = x.shape[0]
+    _, c, oh, ow, kh, kw = _conv_windows(x[:1], kernel, strides, pads, dilations).shape
     pick = _subsample(n * oh * ow, max_rows, rng)
     if pick is None:
+        windows = _conv_windows(x, kernel, strides, pads, dilations)  # [n, c, oh, ow, kh, kw], a view
         return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
     s, pos = np.divmod(pick, oh * ow)
     r, q = np.divmod(pos, ow)
-    # Advanced indices split by a slice go first: the result is [m, c, kh, kw].
-    return windows[s, :, r, q].reshape(len(pick), c * kh * kw)
+    out = np.empty((len(pick), c * kh * kw), dtype=np.float32)
+    # Padding copies the input: pad a block of samples at a time (a layer input can be gigabytes).
+    step = max(1, 8 * _CHUNK_BYTES // max(1, x[0].nbytes))
+    for s0 in range(0, n, step):
+        lo, hi = np.searchsorted(s, [s0, s0 + step])
+        if lo < hi:
+            windows = _conv_windows(x[s0:s0 + step], kernel, strides, pads, dilations)
+            # Advanced indices split by a slice go first: the result is [m, c, kh, kw].
+            out[lo:hi] = windows[s[lo:hi] - s0, :, r[lo:hi], q[lo:hi]].reshape(hi - lo, -1)
+    return out
 
 
 def _conv_windows(x, kernel, strides, pads, dilations) -> np.ndarray:

@@ -107,7 +107,10 @@ def test_layer_rows_conv_matches_unfold(kernel, strides, pads, dilations):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_layer_rows_conv_subsample_is_a_subset():
+@pytest.mark.parametrize("padded_block", ["all samples", "one sample"])
+def test_layer_rows_conv_subsample_is_a_subset(padded_block, monkeypatch):
+    if padded_block == "one sample":  # the input is padded a block of samples at a time
+        monkeypatch.setattr(mtz, "_CHUNK_BYTES", 1)
     x = np.random.default_rng(0).normal(size=(3, 2, 7, 7))
     args = ((3, 3), (2, 1), (1, 1, 1, 1), (1, 2))
     full = layer_rows(x, *args)
