@@ -43,6 +43,7 @@ from onnxmerge.pass_manager import Pass, PassResult
 from onnxmerge.state import MergeState
 from onnxmerge.zipped import ZippedNet, ZLayer
 
+KEEP_BYTES = 4 << 30  # layer inputs kept for the next layers, at most (_LayerInputs)
 HESSIAN_ROWS = 65536  # input rows per task a conv layer's Hessian is estimated from (uniformly subsampled)
 SPARSE = 0.25  # a layer whose weights are at least this fraction of zeros is treated as pruned (3.6)
 PAIRINGS = ("optimal", "greedy", "random")
@@ -205,11 +206,14 @@ class _Zipper:
         for t in tasks:
             if t not in self.data:
                 raise UsageError(f"mtz: no calibration data for task {self.state.tasks[t].name}")
-        with self.timer("layer inputs"):
-            inputs = self.inputs.of(zl, tasks, keep=at_turn)
         hs = {}
-        for t in tasks:
-            x = inputs[t]
+        stream = self.inputs.each(zl, tasks, keep=at_turn)
+        while True:
+            with self.timer("layer inputs"):
+                item = next(stream, None)
+            if item is None:
+                break
+            t, x = item
             if zl.kind == "conv":
                 k = zl.weight.shape[2:]
                 rows = mtz_math.layer_rows(_columns(x, cols), kernel=k, strides=tuple(zl.attrs.get("strides", [1] * len(k))),
@@ -419,26 +423,48 @@ class _LayerInputs:
         self.reset()
 
     def reset(self) -> None:
-        self.kept: dict[str, dict[int, np.ndarray]] = {self.net.input_name: self.data}
+        self.kept: dict[str, dict[int, np.ndarray]] = {self.net.input_name: dict(self.data)}
 
-    def of(self, zl: ZLayer, tasks: list[int], keep: bool) -> dict[int, np.ndarray]:
-        """{task: activations at `zl`'s input}; `keep`: remember them for the layers after `zl`."""
+    def each(self, zl: ZLayer, tasks: list[int], keep: bool):
+        """Yields (task, activations at `zl`'s input) one task at a time, so that only one task's
+        copy of a large input is alive while its Hessian is formed. `keep`: `zl` is at its turn, so
+        its input may be remembered for the next layers (within KEEP_BYTES, else it is computed again
+        from the tensors before it when a later input needs it)."""
         if not self.reuse:
             self.reset()
         model = self.net.build()
         target = self.net.layer_inputs[zl.index]
+        producers = {out: list(node.input) for node in model.graph.node for out in node.output}
+        later = [self.net.layer_inputs[z.index] for z in self.net.layers if z.index > zl.index]
+        keep = keep and self.reuse
+        if keep:
+            self._drop_all_but(_reached(producers, [target, *later], set(self.kept)))
         known = self.kept.get(target, {})
         missing = [t for t in tasks if t not in known]
-        if missing:
-            sess = _sub_session(model, [n for n in self.kept if n != target], target)
-            names = [i.name for i in sess.get_inputs()]
-            known = {**known, **{t: _activations(sess, {n: self.kept[n][t] for n in names}) for t in missing}}
-        if keep and self.reuse:
-            self.kept[target] = known
-            later = [self.net.layer_inputs[z.index] for z in self.net.layers if z.index > zl.index]
-            live = _reached(model, later, set(self.kept)) | {self.net.input_name}
-            self.kept = {n: v for n, v in self.kept.items() if n in live}
-        return {t: known[t] for t in tasks}
+        sess = _sub_session(model, [n for n in self.kept if n != target], target) if missing else None
+        del model
+        names = [i.name for i in sess.get_inputs()] if sess else []
+        new: dict[int, np.ndarray] | None = {} if keep and target not in self.kept else None
+        for t in tasks:
+            if t in known:
+                yield t, known[t]
+                continue
+            x = _activations(sess, {n: self.kept[n][t] for n in names})
+            if new is not None and not new and self._bytes() + x.nbytes * len(missing) > KEEP_BYTES:
+                new = None
+            if new is not None:
+                new[t] = x
+            yield t, x
+            del x
+        if new:
+            self.kept[target] = new
+            self._drop_all_but(_reached(producers, later, set(self.kept)))
+
+    def _bytes(self) -> int:
+        return sum(x.nbytes for name, v in self.kept.items() if name != self.net.input_name for x in v.values())
+
+    def _drop_all_but(self, live: set[str]) -> None:
+        self.kept = {n: v for n, v in self.kept.items() if n in live or n == self.net.input_name}
 
 
 def _columns(x: np.ndarray, cols: list[int]) -> np.ndarray:
@@ -449,10 +475,10 @@ def _columns(x: np.ndarray, cols: list[int]) -> np.ndarray:
     return x[:, cols]
 
 
-def _reached(model: onnx.ModelProto, targets: list[str], stops: set[str]) -> set[str]:
-    """The tensors of `stops` that computing `targets` reads, walking back from them through
-    `model`'s nodes and stopping at the first tensor of `stops` on each path."""
-    producer = {out: node for node in model.graph.node for out in node.output}
+def _reached(producers: dict[str, list[str]], targets: list[str], stops: set[str]) -> set[str]:
+    """The tensors of `stops` that computing `targets` reads, walking back from them through the
+    nodes (`producers`: tensor -> the producing node's inputs) and stopping at the first tensor of
+    `stops` on each path."""
     found, seen, stack = set(), set(), list(targets)
     while stack:
         name = stack.pop()
@@ -461,8 +487,8 @@ def _reached(model: onnx.ModelProto, targets: list[str], stops: set[str]) -> set
         seen.add(name)
         if name in stops:
             found.add(name)
-        elif name in producer:
-            stack.extend(i for i in producer[name].input if i)
+        elif name in producers:
+            stack.extend(i for i in producers[name] if i)
     return found
 
 
