@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +22,15 @@ import onnx_graphsurgeon as gs
 import onnxmerge
 from onnxmerge import verify
 from onnxmerge.alignment import parse_pairs
-from onnxmerge.calibrate import CalibrationConfig, calibrate, record_calibration
+from onnxmerge.calibrate import CalibrationConfig, Checkpoint, calibrate, record_calibration
 from onnxmerge.contract import MergedInfo, TaskInfo, read_metadata, write_metadata
-from onnxmerge.data import check_fits
+from onnxmerge.data import check_fits, check_labels
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.graphs import input_signature
-from onnxmerge.loading import file_sha256, load_model, reconcile_versions
+from onnxmerge.graphs import import_graph, input_signature
+from onnxmerge.loading import _first_line, file_sha256, load_model, reconcile_versions
 from onnxmerge.pass_manager import Pass, PassManager
 from onnxmerge.registry import get_method
-from onnxmerge.saving import check_output_path, save_atomic
+from onnxmerge.saving import check_model, check_output_path, save_atomic
 from onnxmerge.state import MergeState, Task
 from onnxmerge.passes.align_layers import AlignLayersPass
 from onnxmerge.passes.cleanup import CleanupGraphPass
@@ -81,9 +82,8 @@ def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: 
     names = task_names(paths, names)
     models = {str(p): load_model(p) for p in paths}
     models, opset, ir_version = reconcile_versions(models, opset)
-    # each task imports its own copy: graphsurgeon's lazily loaded constants keep pointing at the
-    # model's TensorProtos and rename them on export, so two tasks from one file must not share them
-    tasks = [Task(name=n, original=models[str(p)], graph=_named(gs.import_onnx(_copy(models[str(p)]))), path=p,
+    # each task's graph has constants of its own (graphs.import_graph), never the original's tensors
+    tasks = [Task(name=n, original=models[str(p)], graph=_named(import_graph(models[str(p)])), path=p,
                   sha256=file_sha256(p)) for n, p in zip(names, paths)]
     return MergeState(tasks=tasks, opset=opset, ir_version=ir_version)
 
@@ -98,6 +98,74 @@ def check_task_data(state: MergeState, data: dict, flag: str = "--data") -> None
             raise MergeError(f"task {name!r} has {len(inputs)} inputs; data for one input only is supported")
         elem, dims = input_signature(inputs[0])
         check_fits(ds, dims, elem, where=f"task {name!r}", input_name=inputs[0].name)
+        output, classes = class_output(list(state.task(name).original.graph.output))
+        check_labels(ds, classes, where=f"task {name!r}", output_name=output)
+
+
+def check_merged_data(model: onnx.ModelProto, info: MergedInfo, data: dict, flag: str = "--data") -> None:
+    """`check_task_data` for a merged model (the calibrate and eval commands): each task's data must
+    fit the task's input in `model`, and its labels the task's class-score output."""
+    from onnxmerge.contract import logits_output
+
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = {o.name: o for o in model.graph.output}
+    for name, ds in data.items():
+        if name not in [t.name for t in info.tasks]:
+            raise UsageError(f"{flag} {name}=...: no task named {name!r} (tasks: {', '.join(t.name for t in info.tasks)})")
+        task = info.task(name)
+        if len(task.inputs) != 1:
+            raise MergeError(f"task {name!r} has {len(task.inputs)} inputs; data for one input only is supported")
+        merged_input = next(iter(task.inputs.values()))
+        elem, dims = input_signature(inputs[merged_input])
+        check_fits(ds, dims, elem, where=f"task {name!r}", input_name=merged_input)
+        ranks = {n: len(o.type.tensor_type.shape.dim) for n, o in outputs.items()}
+        if ds.y is not None and any(r == 2 for n, r in ranks.items() if n in task.outputs.values()):
+            _, merged_output = logits_output(task, ranks)
+            check_labels(ds, class_output([outputs[merged_output]])[1], where=f"task {name!r}",
+                         output_name=merged_output)
+
+
+def class_output(outputs: list[onnx.ValueInfoProto]) -> tuple[str, int | None]:
+    """(name, number of classes) of the class-score output among `outputs`: the first of rank 2
+    (batch, classes), as calibration and evaluation pick it; the count is None where the dim is not
+    fixed, and the name "" where no output has rank 2 (labels cannot be checked then)."""
+    for o in outputs:
+        dims = o.type.tensor_type.shape.dim
+        if len(dims) == 2:
+            return o.name, dims[1].dim_value if dims[1].HasField("dim_value") else None
+    return "", None
+
+
+# the operators that carry the weights the sharing methods rewrite (onnxmerge.layers)
+LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+def check_has_layers(state: MergeState, method: str) -> None:
+    """Refuse a model with no weight-bearing layer (Conv, Gemm, MatMul) for a method that rewrites
+    layers: zipper, codebook and mtz share or compress layer weights, so such a model gives them
+    nothing to work on and the merge would be meaningless (or fail deep inside a pass). `pack`,
+    which only places the graphs side by side, merges such a model as it is."""
+    for task in state.tasks:
+        if not any(node.op in LAYER_OPS for node in task.graph.nodes):
+            raise MergeError(f"{task.path}: no weight-bearing layer (Conv, Gemm or MatMul): nothing for method "
+                             f"{method} to share; --method pack merges it as it is")
+
+
+def check_writable(output: str | Path) -> None:
+    """Refuse an output whose folder the process cannot write into, before any work (a read-only
+    folder would otherwise fail only at the very end, when the merged model is saved)."""
+    folder = Path(output).parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{output}: cannot write into the output folder {folder} (permission denied)")
+
+
+def _save(model: onnx.ModelProto, output: str | Path) -> Path:
+    """save_atomic, with a full disk or a folder that became unwritable as one line (the temporary
+    file is gone by then: save_atomic removes it)."""
+    try:
+        return save_atomic(model, output)
+    except OSError as e:
+        raise MergeError(f"{output}: cannot write the merged model ({e.strerror or _first_line(e)})") from None
 
 
 def _emit_native(model: onnx.ModelProto, info: MergedInfo) -> onnx.ModelProto:
@@ -129,12 +197,6 @@ def _named(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
 def merge(
     inputs: list[str | Path],
     output: str | Path | None = None,
@@ -152,6 +214,7 @@ def merge(
     calib: dict | None = None,
     calibration: CalibrationConfig | None = None,
     warm_start: onnx.ModelProto | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> MergeResult:
     """Merge the models at `inputs` with `method` and (if `output` is given) save the result atomically.
 
@@ -159,13 +222,18 @@ def merge(
     runs, so that a report or calibration does not fail after the work is done. With `calib` (task
     name -> Dataset) the merged model is calibrated against the originals as the last step
     (onnxmerge.calibrate), with `calibration`'s settings. `warm_start`, an earlier merged model of the
-    same tasks, gives the starting weights (progressive zippering: onnxmerge.sweep).
+    same tasks, gives the starting weights (progressive zippering: onnxmerge.sweep). `checkpoint`
+    (onnxmerge.calibrate.Checkpoint) makes the calibration save its state and resume from it; the
+    file is removed once the merged model is saved.
     """
     chosen = get_method(method)
     if len(inputs) < (1 if chosen.single else 2):
         raise UsageError(f"give at least {'one model' if chosen.single else 'two models'} to merge")
     if output is not None:
         check_output_path(output, inputs)
+        check_writable(output)
+    if dump_dir is not None and Path(dump_dir).exists() and not Path(dump_dir).is_dir():
+        raise UsageError(f"--dump-dir {dump_dir}: is a file, not a folder")
     method_params = chosen.parameters(params or {})
     pairs = parse_pairs(align) if isinstance(align, str) else align
 
@@ -175,19 +243,23 @@ def merge(
     state.method, state.params, state.progress = chosen.name, dict(method_params), progress
     state.calib, state.calibration = dict(calib or {}), calibration
     method_passes = chosen.passes(method_params)
+    if method_passes:  # a method with passes rewrites layers (pack has none)
+        check_has_layers(state, chosen.name)
     warm = [LoadWeightsPass(warm_start, read_metadata(warm_start).params.get("share", 0))] if warm_start else []
     pipeline = [*normalise_passes(), AlignLayersPass(pairs), *warm,
                 *[p for p in method_passes if p.stage == "task"], CombineGraphsPass(separate_inputs),
                 *[p for p in method_passes if p.stage != "task"], CleanupGraphPass()]
     state = PassManager(pipeline, verify=verify_passes, dump_dir=dump_dir, progress=progress).run(state)
 
-    fidelity = verify.compare(state)
+    # the model compared with the originals is the one written below (unless calibration or the
+    # native form replace it: they are checked by validate_output, and check_native, instead)
+    model = verify.combined_model(state)
+    fidelity = verify.compare(state, merged=model)
     if chosen.exact:
         try:
             verify.check_exact(state, fidelity)
         except MergeError as e:
             raise MergeError(f"method {chosen.name} is exact, but {e}: this is a bug") from None
-    model = verify.combined_model(state)
     info = MergedInfo(
         version=onnxmerge.__version__,
         method=chosen.name,
@@ -199,13 +271,19 @@ def merge(
     )
     if calib and not state.calibrated:
         calibrated = calibrate(model, info, {t.name: t.original for t in state.tasks}, calib, calibration,
-                               progress=progress)
+                               progress=progress, checkpoint=checkpoint)
         model = calibrated.model
         record_calibration(info, calibration or CalibrationConfig(), calibrated)
     if state.params.get("emit") == "native":
         model = _emit_native(model, info)
+    # the last check before writing: the model as saved (metadata aside) runs and every task's
+    # outputs have their original's shape and are finite
+    info.fidelity["output_check"] = verify.validate_output(
+        model, info, {t.name: t.original for t in state.tasks}, where=str(output or "merged model"))
     write_metadata(model, info)
     model.producer_name, model.producer_version = "onnxmerge", onnxmerge.__version__
-    onnx.checker.check_model(model)
-    path = save_atomic(model, output) if output is not None else None
+    check_model(model)  # onnx.checker; a big model without serialising its weights
+    path = _save(model, output) if output is not None else None
+    if checkpoint is not None:
+        checkpoint.remove()  # only now: a kill before the model is saved leaves it to resume from
     return MergeResult(model, info, state, path)

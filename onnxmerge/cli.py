@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from onnxmerge.calibrate import CHECKPOINT_EVERY
 from onnxmerge.contract import read_metadata
 from onnxmerge.errors import OnnxMergeError, UsageError
 from onnxmerge.registry import METHODS
 
 COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "methods")
+SWEEP_STEPS_PER_LAYER = 200  # --steps-per-layer's default
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +62,14 @@ def _calib_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--no-labels", action="store_true", help="label-free calibration even where the data has labels")
     g.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     g.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
+    g.add_argument("--checkpoint", metavar="PATH",
+                   help="where calibration saves its state, every --checkpoint-every steps and when interrupted "
+                        "(Ctrl-C, SIGTERM); removed once the calibrated model is written (default OUTPUT.ckpt)")
+    g.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
+                   help=f"steps between checkpoints (default {CHECKPOINT_EVERY})")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted calibration from its checkpoint (same inputs and settings; "
+                        "the result equals an uninterrupted run)")
 
 
 def _method_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +92,19 @@ def _method_args(p: argparse.ArgumentParser) -> None:
 def _method_params(args) -> dict:
     """The method parameters the user gave (the method's defaults fill in the rest)."""
     return {k[len("param_"):]: v for k, v in vars(args).items() if k.startswith("param_") and v is not None}
+
+
+def _checkpoint(args, files: list):
+    """The calibration checkpoint of this command (default OUTPUT.ckpt), checked before any work:
+    not one of `files`, not there unless --resume, there with it."""
+    from onnxmerge.calibrate import Checkpoint
+    from onnxmerge.saving import check_output_path
+
+    if not args.calib:  # its flags without --calib are refused by _check_merge_flags
+        return None
+    path = Path(args.checkpoint or f"{args.output}.ckpt")
+    check_output_path(path, [*files, args.output])
+    return Checkpoint(path, args.checkpoint_every, args.resume).validate()
 
 
 def _calib_config(args):
@@ -111,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep", action="store_true",
                    help="share layers 1, 2, ... one at a time, calibrating after each; writes "
                         "OUTPUT_share<K>.onnx per step and OUTPUT_sweep.{json,md,png}")
-    g.add_argument("--steps-per-layer", type=int, default=200, help="calibration steps after each layer (default 200)")
+    g.add_argument("--steps-per-layer", type=int, default=SWEEP_STEPS_PER_LAYER,
+                   help=f"calibration steps after each layer (default {SWEEP_STEPS_PER_LAYER})")
     g.add_argument("--keep", metavar="K,K", help="write only these steps' models (default: all)")
     g.add_argument("--sweep-to", type=int, metavar="K", help="stop after sharing K layers (default: all but the heads)")
     _report_args(p)
@@ -166,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "merge")
     debug = "--debug" in argv
+    previous = _catch_sigterm()
     try:
         args = build_parser().parse_args(argv)
         if not args.command:
@@ -177,26 +204,54 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"onnxmerge: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated): every temporary file is gone by now
         print("onnxmerge: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # a bug: still one line by default, the traceback with --debug
         if debug:
             raise
         print(f"onnxmerge: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception so that the cleanup of temporary files runs (Python's
+    default action for SIGTERM ends the process at once, without `finally` blocks)."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into `Terminated` while the command runs; returns the handler to restore
+    (None where no handler can be set: outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated) or signal.SIG_DFL
 
 
 def cmd_merge(args) -> int:
     from onnxmerge.api import merge
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
-    _check_report_path(args, [*args.inputs, args.output])
+    _check_merge_flags(args)
+    _check_report_path(args, [*args.inputs, args.output, *_data_files(args)])
+    if not args.sweep:  # the model must not overwrite a data file either (the sweep checks its own outputs)
+        from onnxmerge.saving import check_output_path
+
+        check_output_path(args.output, [*args.inputs, *_data_files(args)])
     data = _load_data(args.data)  # refuse bad data before any work
     calib = _load_data(args.calib)
     config = _calib_config(args) if calib else None
     if args.sweep:
         return _sweep(args, names, data, calib, config)
+    checkpoint = _checkpoint(args, args.inputs)
     params = _method_params(args)
     if params.get("emit") == "native":
         from onnxmerge import kernels
@@ -208,12 +263,46 @@ def cmd_merge(args) -> int:
     result = merge(args.inputs, args.output, method=args.method, names=names,
                    separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
                    verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
-                   calib=calib, calibration=config, params=params)
+                   calib=calib, calibration=config, params=params, checkpoint=checkpoint)
     originals = {t.name: str(t.path) for t in result.state.tasks}
     model, info = result.model, result.info
     del result  # the merge state holds every model and graph: free it before the report loads the originals
     _print_report(model, args.output, info, originals, data, args)
     return 0
+
+
+def _check_merge_flags(args) -> None:
+    """Refuse flags that would be silently ignored: the sweep's flags without --sweep, calibration
+    settings without --calib (a setting counts as given where it differs from its default)."""
+    from onnxmerge.calibrate import CalibrationConfig
+
+    if not args.sweep:
+        sweep_only = [flag for flag, given in (("--keep", args.keep is not None),
+                                               ("--sweep-to", args.sweep_to is not None),
+                                               ("--steps-per-layer", args.steps_per_layer != SWEEP_STEPS_PER_LAYER))
+                      if given]
+        if sweep_only:
+            raise UsageError(f"{', '.join(sweep_only)}: only with --sweep (progressive zippering)")
+    if not args.calib:
+        d = CalibrationConfig()
+        settings = {"--steps": (args.steps, d.steps), "--lr": (args.lr, d.lr),
+                    "--batch-size": (args.batch_size, d.batch_size),
+                    "--layer-loss-weight": (args.layer_loss_weight, d.layer_loss_weight),
+                    "--distill-weight": (args.distill_weight, d.distill_weight),
+                    "--temperature": (args.temperature, d.temperature), "--seed": (args.seed, d.seed),
+                    "--device": (args.device, d.device), "--no-labels": (args.no_labels, False),
+                    "--checkpoint": (args.checkpoint, None), "--resume": (args.resume, False),
+                    "--checkpoint-every": (args.checkpoint_every, CHECKPOINT_EVERY)}
+        given = [flag for flag, (value, default) in settings.items() if value != default]
+        if given:
+            raise UsageError(f"{', '.join(given)}: calibration settings, but no --calib TASK=PATH is given")
+
+
+def _data_files(args) -> list[str]:
+    """The files and folders named by --data and --calib (none of them may be overwritten)."""
+    from onnxmerge.data import parse_task_paths
+
+    return [*parse_task_paths(getattr(args, "data", [])).values(), *parse_task_paths(getattr(args, "calib", [])).values()]
 
 
 def _sweep(args, names, data, calib, config) -> int:
@@ -228,7 +317,8 @@ def _sweep(args, names, data, calib, config) -> int:
     ignored = [flag for flag, given in (("--separate-inputs", args.separate_inputs), ("--align", args.align),
                                         ("--opset", args.opset), ("--verify", args.verify),
                                         ("--dump-dir", args.dump_dir), ("--report", args.report),
-                                        ("--no-latency", args.no_latency)) if given]
+                                        ("--no-latency", args.no_latency), ("--resume", args.resume),
+                                        ("--checkpoint", args.checkpoint)) if given]
     if ignored:
         raise UsageError(f"--sweep does not take {', '.join(ignored)} (it writes its own table and measures speed)")
     if not calib:
@@ -249,25 +339,34 @@ def _sweep(args, names, data, calib, config) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from onnxmerge.api import check_merged_data, check_writable
     from onnxmerge.calibrate import calibrate, config_dict, init_distributed, record_calibration
     from onnxmerge.contract import write_metadata
     from onnxmerge.evaluate import evaluate
     from onnxmerge.saving import check_output_path, save_atomic
+    from onnxmerge.verify import validate_output
 
     config = _calib_config(args)
     path, model, info, originals = _open_merged(args)
-    check_output_path(args.output, [path, *originals.values()])
-    _check_report_path(args, [path, args.output, *originals.values()])
+    check_output_path(args.output, [path, *originals.values(), *_data_files(args)])
+    check_writable(args.output)
+    _check_report_path(args, [path, args.output, *originals.values(), *_data_files(args)])
+    checkpoint = _checkpoint(args, [path, *originals.values()])
     calib = _load_data(args.calib)
     data = _load_data(args.data)
+    check_merged_data(model, info, calib, flag="--calib")  # before any work: shapes, types, labels
+    check_merged_data(model, info, data)
     rank, world = init_distributed(config.device)
     before = evaluate(model, info, data, progress=False) if data and rank == 0 else None
-    result = calibrate(model, info, originals, calib, config, progress=not args.quiet and rank == 0)
+    result = calibrate(model, info, originals, calib, config, progress=not args.quiet and rank == 0,
+                       checkpoint=checkpoint)
     if rank != 0:
         return 0  # one writer: the first process
     record_calibration(info, config, result)
+    info.fidelity["output_check"] = validate_output(result.model, info, originals, where=str(args.output))
     write_metadata(result.model, info)
     save_atomic(result.model, args.output)
+    checkpoint.remove()  # only now: a kill before the model is saved leaves the checkpoint to resume from
     _print_report(result.model, args.output, info, originals, data, args,
                   extra={"calibration": {"config": config_dict(config), "summary": result.summary(),
                                          "before": before}})
@@ -300,9 +399,12 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from onnxmerge.api import check_merged_data
+
     path, model, info, originals = _open_merged(args)
-    _check_report_path(args, [path, *originals.values()])
+    _check_report_path(args, [path, *originals.values(), *_data_files(args)])
     data = _load_data(args.data)
+    check_merged_data(model, info, data)
     report = _print_report(model, path, info, originals, data, args, quiet_text=args.json)
     if args.json:
         print(json.dumps(report, indent=2, default=str))

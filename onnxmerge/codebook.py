@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxmerge.errors import UsageError
-from onnxmerge.kmeans import batched_kmeans
+from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.kmeans import batched_kmeans, max_magnitude
 
 
 @dataclass(frozen=True)
@@ -208,6 +208,10 @@ def build_group(label: str, members: list[Member], setting: Setting, *, n_init: 
     for lo, hi in zip(bounds, bounds[1:]):  # segments [lo, hi) are held by the same members
         who = [k for k, n in enumerate(n_seg) if n >= hi]
         x = np.concatenate([all_pieces[k][lo:hi] for k in who], axis=1)
+        biggest, limit = float(np.abs(x).max(initial=0.0)), max_magnitude(r)
+        if biggest > limit:  # absurd weights (a corrupt file): k-means' float32 distances would overflow
+            raise MergeError(f"codebook: layer {label}: weights up to {biggest:.3g} in magnitude; k-means "
+                             f"needs them below {limit:.3g} (segments of r={r})")
         res = batched_kmeans(x, setting.codewords, n_init=n_init, max_iter=max_iter, seed=seed + lo)
         codebook[lo:hi] = res.codebooks
         start = 0

@@ -12,6 +12,9 @@ A merged model carries, in `metadata_props`:
     onnxmerge.fidelity  JSON: the measured fidelity (per task, the max abs difference to the original on
                         seeded random inputs, relative to the output magnitude) and the alignment
 
+Timings (`seconds`, `*_seconds`) are left out of the file, so that the same inputs, settings and seed
+give byte-identical models; the report printed after a merge still shows them.
+
 Outputs are named `<task>/<original name>`; inputs are shared (original name kept) when the tasks take
 the same input, else `<task>/<original name>`.
 """
@@ -66,12 +69,24 @@ def write_metadata(model: onnx.ModelProto, info: MergedInfo) -> None:
     values = {
         "version": info.version,
         "method": info.method,
-        "params": json.dumps(info.params, sort_keys=True),
+        "params": json.dumps(without_timings(info.params), sort_keys=True),
         "tasks": json.dumps([t.__dict__ for t in info.tasks]),
-        "fidelity": json.dumps(info.fidelity, sort_keys=True),
+        "fidelity": json.dumps(without_timings(info.fidelity), sort_keys=True),
     }
     for key, value in values.items():
         model.metadata_props.add(key=PREFIX + key, value=value)
+
+
+def without_timings(value: Any) -> Any:
+    """A copy of a JSON-able value without the timings in it (keys `seconds` or ending `_seconds`):
+    the same inputs, settings and seed must give the same model bytes, and a wall-clock time never
+    repeats. The timings stay in the in-memory MergedInfo, for the report printed after the merge."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items()
+                if not (isinstance(k, str) and (k == "seconds" or k.endswith("_seconds")))}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
 
 
 def read_metadata(model: onnx.ModelProto, path: str = "model") -> MergedInfo:

@@ -47,6 +47,7 @@ __all__ = [
     "shared_data_dir",
     "parse_task_paths",
     "check_fits",
+    "check_labels",
     "wav_to_image",
     "log_spectrogram",
     "bilinear_matrix",
@@ -641,6 +642,9 @@ def check_fits(
         )
     if dataset.x.dtype != np.float32:
         raise MergeError(f"{where}: data {dataset.source} has type {dataset.x.dtype}, expected float32")
+    n = int(dataset.x.shape[0]) if dataset.x.ndim else 0  # any object with x, y, source (not only a Dataset)
+    if n == 0:
+        raise MergeError(f"{where}: data {dataset.source} has no samples")
     shape = list(shape)
     if not shape:
         raise MergeError(f"{where}: the model input {input_name} is a scalar; it needs a batch dimension")
@@ -654,3 +658,23 @@ def check_fits(
             f"{where}: data {dataset.source} has samples of shape {_fmt_shape(data_sample)} "
             f"but the model input {input_name} takes {_fmt_shape(model_sample)}"
         )
+    # after the shape: a NaN sample would turn calibrated weights and measured accuracies into NaN
+    finite = np.isfinite(dataset.x).reshape(n, -1).all(axis=1)
+    if not finite.all():
+        raise MergeError(f"{where}: data {dataset.source} has NaN or infinite values in "
+                         f"{int((~finite).sum())} of its {n} samples (the first: sample {int(np.argmin(finite))})")
+
+
+def check_labels(dataset: Dataset, classes: int | None, where: str, output_name: str = "logits") -> None:
+    """Refuse labels that are not class indices of a model output with `classes` classes (None: the
+    number is unknown, only negative labels are refused). A label out of range would make
+    calibration's cross-entropy fail and evaluation count the sample as wrong, silently."""
+    if dataset.y is None or len(dataset.y) == 0:
+        return
+    low, high = int(dataset.y.min()), int(dataset.y.max())
+    if low < 0 or (classes is not None and high >= classes):
+        bad = low if low < 0 else high
+        allowed = f"0 to {classes - 1}" if classes is not None else "0 or more"
+        raise MergeError(f"{where}: data {dataset.source} has label {bad}, but the model output {output_name} "
+                         f"has {classes if classes is not None else 'an unknown number of'} classes "
+                         f"(labels must be {allowed})")

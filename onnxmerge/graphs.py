@@ -8,9 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 import onnxruntime as ort
+from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx as gs_dtype_to_onnx
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxmerge.errors import MergeError
+from onnxmerge.saving import NUMPY_TYPES, split_weights, tensor_array, weights_apart
 
 
 # the floating-point element types onnxmerge trains and averages
@@ -19,7 +23,22 @@ FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.T
 
 
 def to_model(graph: gs.Graph, opset: int, ir_version: int) -> onnx.ModelProto:
-    """Export a gs graph to a ModelProto of the given opset and IR version."""
+    """Export a gs graph to a ModelProto of the given opset and IR version.
+
+    The big weights are filled in one tensor at a time (graphsurgeon's export builds every tensor
+    and then copies them all into the graph: a transient second copy of the weights)."""
+    model, weights = light_model(graph, opset, ir_version)
+    for tensor in model.graph.initializer:
+        if tensor.name in weights:
+            values, location = weights[tensor.name]
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+            if location is not None:  # as graphsurgeon exports it
+                tensor.data_location = location
+    return model
+
+
+def _export(graph: gs.Graph, opset: int, ir_version: int) -> onnx.ModelProto:
+    """graphsurgeon's export, with the opset and IR version."""
     graph.opset = opset
     model = gs.export_onnx(graph, do_type_check=True)
     model.ir_version = ir_version
@@ -28,8 +47,55 @@ def to_model(graph: gs.Graph, opset: int, ir_version: int) -> onnx.ModelProto:
     return model
 
 
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The gs graph of `model`, with constants of its own: graphsurgeon's lazily loaded constants
+    keep pointing at the model's TensorProtos and rename them on export, so a graph must not share
+    them with a model that is kept (a task's original). Their values are loaded now, as numpy
+    arrays (one copy of the weights; copying the model first and loading later made two); a type
+    numpy lacks (bfloat16, float8) keeps a lazy copy of its own tensor instead, which exports as it was.
+    """
+    graph = gs.import_onnx(model)
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues):
+            proto = tensor._values.tensor
+            if proto.data_type in NUMPY_TYPES and not isinstance(proto, onnx.SparseTensorProto):
+                tensor.values  # noqa: B018  (loads and keeps the array)
+            else:
+                own = type(proto)()
+                own.CopyFrom(proto)
+                tensor._values = LazyValues(own)
+    return graph
+
+
+def light_model(graph: gs.Graph, opset: int, ir_version: int
+                ) -> tuple[onnx.ModelProto, dict[str, tuple[np.ndarray, int | None]]]:
+    """`graph` as a ModelProto whose constants of EXTERNAL_TENSOR_BYTES or more carry no data
+    (onnxmerge.saving.weightless), and by name those constants' values (the graph's own arrays, not
+    copies) and data locations. Small whatever the weights' size: for shape inference and
+    `to_model`. `graph` is not changed."""
+    from onnxmerge.saving import EXTERNAL_TENSOR_BYTES, weightless
+
+    copy = graph.copy()
+    weights = {}
+    for tensor in copy.tensors().values():
+        if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues):
+            continue
+        if tensor._values.nbytes < EXTERNAL_TENSOR_BYTES:
+            continue
+        if isinstance(tensor._values, LazyValues) and tensor._values.tensor.data_type not in NUMPY_TYPES:
+            continue  # loading would cast it (bfloat16, float8): exported with its data, as it is
+        values = tensor.values
+        data_type = gs_dtype_to_onnx(tensor.export_dtype)
+        if onnx.helper.tensor_dtype_to_np_dtype(data_type) != values.dtype:
+            continue  # stored in another type than its array's: exported with its data
+        weights[tensor.name] = values, tensor.data_location
+        tensor._values = LazyValues(weightless(tensor.name, data_type, values.shape))
+    return _export(copy, opset, ir_version), weights
+
+
 def session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None = 1,
-            optimize: bool = False, native: bool = False) -> ort.InferenceSession:
+            optimize: bool = False, native: bool = False,
+            weights: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session.
 
     threads=1: one intra-op and one inter-op thread, sequential execution; another int: that many
@@ -47,13 +113,24 @@ def session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None =
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
+    # fatal only: a failing run raises an exception that onnxmerge words as its one-line error; the
+    # error onnxruntime also logs would be a second line on stderr
+    so.log_severity_level = 4
     if native:
         from onnxmerge.kernels import register
 
         register(so)
+    if isinstance(model, onnx.ModelProto) and weights is None and weights_apart(model):
+        # a big model: no serialised copy of its weights (nor a 2 GB limit); one copy as arrays
+        model, moved = split_weights(model)
+        weights = {stub.name: tensor_array(tensor) for stub, tensor in moved}
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in (weights or {}).values()]
+    if values:
+        so.add_external_initializers(list(weights), values)
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(Path(model))
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    sess.onnxmerge_weights = values  # onnxruntime reads them in place: they live as long as the session
+    return sess
 
 
 def input_signature(value: onnx.ValueInfoProto) -> tuple[int, tuple]:

@@ -117,6 +117,12 @@ def batched_kmeans(x: np.ndarray, n_codewords: int, *, n_init: int = 3, max_iter
     return KMeansResult(codebooks, labels, error, exact, time.perf_counter() - t0)
 
 
+def max_magnitude(r: int) -> float:
+    """The largest |value| of vectors of length r whose squared distances k-means computes without
+    overflowing float32 (a distance sums about 4r products of two values; 8r leaves a margin)."""
+    return math.sqrt(float(np.finfo(np.float32).max) / (8 * r))
+
+
 def _workers(n_segments: int) -> int:
     """Threads for the chunks: one per CPU this process may use (at most 8), at most one per
     segment."""
@@ -152,6 +158,9 @@ def _validate(x, n_codewords, n_init, max_iter, tol, seed, max_bytes) -> np.ndar
         x32 = np.ascontiguousarray(x, dtype=np.float32)
     if x.dtype != np.float32 and not np.isfinite(x32).all():
         raise ValueError("x holds values too large for float32")
+    biggest, limit = float(np.abs(x32).max(initial=0.0)), max_magnitude(x32.shape[2])
+    if biggest > limit:  # the distances would overflow: NaN distances give labels out of range
+        raise ValueError(f"x holds values up to {biggest:.3g}; k-means in float32 needs them below {limit:.3g}")
     return x32
 
 

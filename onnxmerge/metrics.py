@@ -152,7 +152,8 @@ def parameter_bytes(model: onnx.ModelProto) -> int:
 
 
 def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """A copy of `model` whose symbolic first input dims (and every dim of the same name) are `batch`."""
+    """A copy of `model` whose symbolic first input dims (and every dim of the same name) are `batch`,
+    without the declared shapes of tensors that standard operators produce."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     stored = {t.name for t in m.graph.initializer}
@@ -165,6 +166,13 @@ def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
             if dims[0].dim_param:
                 names.add(dims[0].dim_param)
             dims[0].dim_value = batch
+    # the declared shapes of what standard operators produce are hints that shape inference recomputes
+    # from the inputs, and a wrong one (a symbolic dim named like the batch dim) would contradict it;
+    # only the outputs of custom operators (no schema to infer them from) keep theirs
+    custom = {o for n in m.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+    keep = [vi for vi in m.graph.value_info if vi.name in custom]
+    del m.graph.value_info[:]
+    m.graph.value_info.extend(keep)
     for vi in list(m.graph.value_info) + list(m.graph.output):
         if vi.type.tensor_type.HasField("shape"):
             for d in vi.type.tensor_type.shape.dim:

@@ -52,8 +52,8 @@ class Method:
             choices = self.options[k].choices
             if choices and v not in choices:
                 raise UsageError(f"--{k.replace('_', '-')} {v}: choose from {', '.join(map(str, choices))}")
-        for a, b, why in self.conflicts:
-            if a in params and b in params:
+        for a, b, why in self.conflicts:  # set = given and not the default (params may hold the defaults)
+            if all(params.get(k, self.options[k].default) != self.options[k].default for k in (a, b)):
                 raise UsageError(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} contradict each other: {why}")
         return {**self.defaults, **params}
 

@@ -10,6 +10,9 @@ for the merged model:
     MAC ratio             = originals' MACs together / merged MACs            (batch 1)
     speed-up              = originals' median time / merged median time       (same process, interleaved)
 
+File bytes count a model's external data files too. The report ends with the peak resident memory
+of the process (getrusage) against the inputs' size on disk, with a note above 3x.
+
 `format_report` renders the dict as plain text; `write_report_json` writes it atomically.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,19 +31,47 @@ from onnxmerge.contract import MergedInfo
 from onnxmerge.evaluate import evaluate
 from onnxmerge.latency import latency_table, machine_info
 from onnxmerge.metrics import model_stats
-from onnxmerge.saving import write_text_atomic
+from onnxmerge.saving import disk_bytes, split_weights, write_text_atomic
 
 _SIZE_KEYS = ("params", "float_params", "index_params", "param_bytes", "file_bytes", "macs")
+# The peak memory a merge aims to stay under, in multiples of its inputs' size on disk (issue 8).
+PEAK_AIM = 3.0
 
 
 def _ratio(a, b) -> float | None:
     return None if a is None or b in (None, 0) else a / b
 
 
-def _load(model) -> tuple[onnx.ModelProto, str | None]:
-    if isinstance(model, onnx.ModelProto):
-        return model, None
-    return onnx.load(str(model)), str(model)
+def _stats(model, path: str | os.PathLike | None = None) -> dict:
+    """model_stats of a model or a path, from its structure: a path is read without its external
+    data, no weight is copied, and the file bytes count the external data files too."""
+    if not isinstance(model, onnx.ModelProto):
+        model, path = onnx.load(str(model), load_external_data=False), model
+    stats = model_stats(split_weights(model)[0], None)
+    stats["file_bytes"] = disk_bytes(path) if path is not None and Path(path).is_file() else None
+    return stats
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (getrusage: KiB on Linux, bytes on macOS); None
+    where the platform has no getrusage."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def memory_figures(originals: dict) -> dict:
+    """Peak memory of this process against the inputs' size on disk (model files and their external
+    data; None when an original is given as a ModelProto), and whether it is over PEAK_AIM times."""
+    peak = peak_rss_bytes()
+    paths = list(originals.values())
+    inputs = None if any(isinstance(m, onnx.ModelProto) for m in paths) else sum(disk_bytes(p) for p in paths)
+    ratio = _ratio(peak, inputs)
+    return {"peak_rss_bytes": peak, "inputs_disk_bytes": inputs, "peak_over_inputs": ratio,
+            "over_aim": None if ratio is None else ratio > PEAK_AIM}
 
 
 def build_report(*, merged_model: onnx.ModelProto, merged_path: str | os.PathLike | None = None,
@@ -53,12 +85,11 @@ def build_report(*, merged_model: onnx.ModelProto, merged_path: str | os.PathLik
     the pack method (tasks side by side in one graph) as a second latency reference.
     `latency_budget_s` is the time budget of each cell of the latency table.
     """
-    loaded = {name: _load(m) for name, m in originals.items()}
-    orig_stats = {name: model_stats(m, p) for name, (m, p) in loaded.items()}
+    orig_stats = {name: _stats(m) for name, m in originals.items()}
     total = {k: sum(s[k] for s in orig_stats.values()) for k in _SIZE_KEYS if k != "file_bytes"}
     total["file_bytes"] = (None if any(s["file_bytes"] is None for s in orig_stats.values())
                            else sum(s["file_bytes"] for s in orig_stats.values()))
-    merged_stats = model_stats(merged_model, merged_path)
+    merged_stats = _stats(merged_model, merged_path)
     report = {
         "onnxmerge_version": info.version,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -78,15 +109,14 @@ def build_report(*, merged_model: onnx.ModelProto, merged_path: str | os.PathLik
         "latency": None,
     }
     if data:
-        report["evaluation"] = evaluate(merged_model, info, data,
-                                        {name: m for name, (m, _) in loaded.items()},
-                                        progress=progress)
+        report["evaluation"] = evaluate(merged_model, info, data, dict(originals), progress=progress)
     if latency:
-        rows = latency_table(merged_model, [m for m, _ in loaded.values()], pack_model,
+        rows = latency_table(merged_model, list(originals.values()), pack_model,
                              batch_sizes=batch_sizes, threads=threads, budget_s=latency_budget_s,
                              progress=progress)
         report["latency"] = {"rows": rows, "budget_s_per_cell": latency_budget_s,
                              "machine": machine_info()}
+    report["memory"] = memory_figures(originals)  # last: the peak of everything so far
     return report
 
 
@@ -109,6 +139,10 @@ def _int(v) -> str:
 
 def _x(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
+
+
+def _gb(v) -> str:
+    return f"{v / 1e9:.2f} GB" if v >= 1e8 else f"{v / 1e6:.1f} MB"
 
 
 def _pct(v) -> str:
@@ -152,7 +186,7 @@ def format_report(report: dict) -> str:
             ["layer", "models", "r", "C", "segments", "rel. error", "k-means s", "dense", "codebook", "indices",
              "ratio"],
             [[g["layer"], str(len(g["members"])), str(g["r"]), str(g["codewords"]), str(g["segments"]),
-              "0 (exact)" if g["exact"] else f"{g['kmeans_rel_error']:.4f}", f"{g['kmeans_seconds']:.2f}",
+              "0 (exact)" if g["exact"] else f"{g['kmeans_rel_error']:.4f}", _seconds(g.get("kmeans_seconds")),
               _int(g["dense_params"]), _int(g["codebook_params"]), _int(g["index_params"]),
               _x(g["compression_params"])] for g in layers]))
     notes = (report.get("fidelity") or {}).get("notes")
@@ -173,7 +207,7 @@ def format_report(report: dict) -> str:
     cal = report.get("calibration")
     if cal:
         cfg, summ = cal["config"], cal["summary"]
-        out += ["", f"Calibration: {summ['steps']} steps in {summ['seconds']:.1f} s on {summ['processes']} "
+        out += ["", f"Calibration: {summ['steps']} steps in {_seconds(summ.get('seconds'), 1)} s on {summ['processes']} "
                     f"process(es); lr {cfg['lr']}, batch {cfg['batch_size']}, layer-loss weight "
                     f"{cfg['layer_loss_weight']}, distillation {cfg['distill_weight']} at T={cfg['temperature']}, "
                     f"labels {'used where given' if cfg['use_labels'] else 'not used'}, seed {cfg['seed']}"]
@@ -183,6 +217,15 @@ def format_report(report: dict) -> str:
                  f"{summ[name]['loss_first']:.4f}", f"{summ[name]['loss_last']:.4f}"]
                 for name in summ if isinstance(summ[name], dict)]
         out.append(_table(["task", "acc before", "acc after", "original", "loss first", "loss last"], rows))
+
+    mem = report.get("memory")
+    if mem and mem.get("peak_rss_bytes") is not None:
+        out += ["", f"Memory: peak {_gb(mem['peak_rss_bytes'])} resident (this process, up to the report)"
+                    + ("" if mem["inputs_disk_bytes"] is None else
+                       f"; inputs {_gb(mem['inputs_disk_bytes'])} on disk (models and external data): "
+                       f"{_x(mem['peak_over_inputs'])} the inputs")]
+        if mem.get("over_aim"):
+            out.append(f"  note: peak memory is over {PEAK_AIM:g}x the inputs' size")
 
     lat = report.get("latency")
     if lat:
@@ -236,3 +279,8 @@ def write_report_json(report: dict, path: str | os.PathLike) -> None:
     """Write `report` as JSON to `path` atomically: a temporary file in the same folder, renamed."""
     path = Path(path)
     write_text_atomic(path, json.dumps(report, indent=2, default=_json_default) + "\n")
+
+
+def _seconds(value, digits: int = 2) -> str:
+    """A timing, or "-" for a model read from a file (timings are kept out of model files)."""
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -10,6 +10,7 @@ task. `write_sweep` writes the models chosen, the table as JSON and Markdown, an
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from onnxmerge.errors import UsageError
 from onnxmerge.evaluate import evaluate
 from onnxmerge.latency import latency_table
 from onnxmerge.metrics import count_parameters, count_macs, parameter_bytes
-from onnxmerge.saving import save_atomic, write_text_atomic
+from onnxmerge.saving import save_atomic, write_bytes_atomic, write_text_atomic
 
 
 def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict, *,
@@ -132,6 +133,7 @@ def plot_sweep(table: list[dict], path: str | Path) -> Path:
     ax.legend(lines, [l.get_label() for l in lines], loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()  # rendered in memory, then written atomically: no partial PNG on Ctrl-C
+    fig.savefig(buffer, dpi=120, format="png")
     plt.close(fig)
-    return Path(path)
+    return write_bytes_atomic(path, buffer.getvalue())

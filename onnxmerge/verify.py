@@ -4,6 +4,8 @@
 `check_exact`: each task's outputs still equal its original model's outputs to float rounding, on
 seeded random inputs, in onnxruntime with graph optimisations off (onnxsim's check).
 `compare`: the same comparison as figures, for the report and the model's metadata.
+`validate_output`: the final model, as it is about to be written, runs and gives every task outputs
+of its original's shapes, all finite.
 """
 
 from __future__ import annotations
@@ -56,14 +58,16 @@ def check_invariants(state: MergeState) -> None:
             raise MergeError(f"{where}: onnx.checker: {str(e).splitlines()[0]}") from None
 
 
-def compare(state: MergeState, batch: int = 4, seed: int = 0) -> dict[str, float]:
+def compare(state: MergeState, batch: int = 4, seed: int = 0,
+            merged: onnx.ModelProto | None = None) -> dict[str, float]:
     """Max abs difference, relative to the output magnitude, between each task now and its original.
 
-    One session at a time (the merged model first, then each original), so that checking big
-    models holds one of them in memory, not all."""
+    `merged`: the combined model to compare, if already exported (the very model that is saved),
+    else it is exported from the state. One session at a time (the merged model first, then each
+    original), so that checking big models holds one of them in memory, not all."""
     out = {}
     if state.combined:
-        merged = combined_model(state)
+        merged = combined_model(state) if merged is None else merged
         merged_sess = session(merged)
         feeds_all = random_feeds(merged_sess, batch, seed)
         results = dict(zip([o.name for o in merged.graph.output], merged_sess.run(None, feeds_all)))
@@ -78,8 +82,18 @@ def compare(state: MergeState, batch: int = 4, seed: int = 0) -> dict[str, float
             got = session(task_model(task, state)).run([o.name for o in task.original.graph.output], feeds)
         ref = ref_sess.run(None, feeds)
         del ref_sess
+        _check_original_finite(task, ref)
         out[task.name] = max(_rel_diff(g, r) for g, r in zip(got, ref))
     return out
+
+
+def _check_original_finite(task: Task, outputs: list[np.ndarray]) -> None:
+    """An input model whose own outputs overflow on the seeded inputs (finite but huge weights: a
+    corrupt file) leaves nothing to compare the merged model with: its file is what is wrong."""
+    for o, value in zip(task.original.graph.output, outputs):
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            raise MergeError(f"{task.path}: the model's own output {o.name} is NaN or infinite on seeded random "
+                             "inputs (weights too large for float32?); it cannot be merged and checked")
 
 
 def check_exact(state: MergeState, diffs: dict[str, float] | None = None) -> None:
@@ -89,19 +103,86 @@ def check_exact(state: MergeState, diffs: dict[str, float] | None = None) -> Non
             raise MergeError(f"task {task} no longer reproduces its original model (relative difference {diff:.3g} > {EXACT_TOL:g})")
 
 
+def validate_output(model: onnx.ModelProto, info, originals: dict, where: str = "merged model",
+                    batch: int = 2, seed: int = 0) -> dict:
+    """Run the final merged model once, as deployed, on seeded random inputs at `batch`, and check
+    each task's outputs: present, of the original output's shape (its symbolic batch dim = `batch`)
+    and finite. A MergeError naming `where`, the task and the output otherwise, so that a broken
+    model (NaN weights from calibration, a pass that dropped an output) is never written.
+
+    `info`: the model's MergedInfo (task -> output name map); `originals`: task name -> original
+    ModelProto or path (only its output declarations are read). Returns the figure for the
+    model's metadata."""
+    from onnxmerge.latency import make_session
+
+    try:
+        sess = make_session(model, threads=1)  # native models with the kernels, else their portable form
+        feeds = random_feeds(sess, batch, seed)
+        results = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    except MergeError:
+        raise
+    except Exception as e:  # onnxruntime's own exception types: the model does not load or run
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise MergeError(f"{where}: not written: the merged model does not run in onnxruntime ({text})") from None
+    del sess
+    for task in info.tasks:
+        declared = _declared_outputs(originals[task.name])
+        for orig, merged in task.outputs.items():
+            problem = _output_problem(results.get(merged), declared.get(orig), batch)
+            if problem:
+                raise MergeError(f"{where}: not written: task {task.name}: output {merged} {problem}")
+    return {"batch": batch, "seed": seed, "passed": True,
+            "checked": "every task output runs, has its original's shape and is finite on seeded random inputs"}
+
+
+def _declared_outputs(original) -> dict[str, tuple]:
+    """Output name -> declared dims (int, or None where symbolic or unknown) of an original model."""
+    if not isinstance(original, onnx.ModelProto):  # a path: the declarations, not the weights
+        original = onnx.load(str(original), load_external_data=False)
+    out = {}
+    for o in original.graph.output:
+        shape = o.type.tensor_type.shape
+        out[o.name] = (tuple(d.dim_value if d.HasField("dim_value") else None for d in shape.dim)
+                       if o.type.tensor_type.HasField("shape") else None)
+    return out
+
+
+def _output_problem(value, dims: tuple | None, batch: int) -> str | None:
+    """What is wrong with one output value against its original's declared dims, or None."""
+    if value is None:
+        return "is missing"
+    if dims is not None:
+        want = tuple(batch if k == 0 and d is None else d for k, d in enumerate(dims))
+        fits = len(want) == value.ndim and all(d is None or d == v for d, v in zip(want, value.shape))
+        if not fits:
+            shown = "(" + ",".join("?" if d is None else str(d) for d in want) + ")"
+            return f"has shape {tuple(value.shape)}, but the original's is {shown} at batch {batch}"
+    if np.issubdtype(value.dtype, np.floating):
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            return f"has {bad} NaN or infinite value(s) of {value.size} on seeded random inputs"
+    return None
+
+
 def dump(state: MergeState, folder: Path, stem: str) -> None:
+    """--dump-dir: the model(s) after a pass, each written atomically (no partial file on Ctrl-C)."""
+    from onnxmerge.saving import save_atomic
+
     if state.combined:
-        onnx.save(combined_model(state), str(folder / f"{stem}.onnx"))
+        save_atomic(combined_model(state), folder / f"{stem}.onnx")
     else:
         for task in state.tasks:
-            onnx.save(task_model(task, state), str(folder / f"{stem}_{task.name}.onnx"))
+            save_atomic(task_model(task, state), folder / f"{stem}_{task.name}.onnx")
 
 
 def _rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
     if got.shape != ref.shape:
         return float("inf")
-    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
-    return float(np.max(np.abs(got.astype(np.float64) - ref)) / scale) if ref.size else 0.0
+    if not ref.size:
+        return 0.0
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the NaN is the answer, not a warning
+        scale = max(1.0, float(np.max(np.abs(ref))))
+        return float(np.max(np.abs(got.astype(np.float64) - ref)) / scale)
 
 
 def check_native(native: onnx.ModelProto, portable: onnx.ModelProto, batch: int = 2, seed: int = 0) -> float:

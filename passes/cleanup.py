@@ -8,7 +8,7 @@ Exact: nothing is computed differently.
 
 import onnx_graphsurgeon as gs
 
-from onnxmerge.graphs import to_model
+from onnxmerge.graphs import light_model
 from onnxmerge.loading import infer_shapes
 from onnxmerge.pass_manager import Pass, PassResult
 
@@ -27,6 +27,11 @@ class CleanupGraphPass(Pass):
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Variable) and id(tensor) not in io:
                 tensor.shape, tensor.dtype = None, None
-        model = infer_shapes(to_model(graph, state.opset, state.ir_version), "merged graph")
-        state.graph = gs.import_onnx(model)
+        # inferred on the graph without its weights' data (no copy of them), and the shapes and
+        # types written back into the graph's tensors by name
+        model, _ = light_model(graph, state.opset, state.ir_version)
+        inferred = gs.import_onnx(infer_shapes(model, "merged graph")).tensors()
+        for name, tensor in graph.tensors().items():
+            if isinstance(tensor, gs.Variable) and name in inferred:
+                tensor.shape, tensor.dtype = inferred[name].shape, inferred[name].dtype
         return PassResult(state, [(n.name, n.op) for n in state.graph.nodes] != before)

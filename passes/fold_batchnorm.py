@@ -11,7 +11,8 @@ statistics of their own layer (zipper paper, section 3).
 
 Declines, leaving the BatchNormalization in place, when: the producer is not a Conv/Gemm, its output
 is used elsewhere too, its weight or bias is not a constant or is read by another node (weights can
-be shared on purpose), or the BatchNormalization runs in training mode.
+be shared on purpose), the BatchNormalization runs in training mode, or the folded weights would not
+be finite (a variance below -epsilon, or an overflow of the weight's type).
 """
 
 import numpy as np
@@ -32,7 +33,6 @@ class FoldBatchNormPass(TaskPass):
                 continue
             layer = bn.inputs[0].inputs[0]
             gamma, beta, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:5])
-            scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
             weight = layer.inputs[1]
             w = weight.values.astype(np.float64)
             out_axis = weight_out_axis(layer)
@@ -40,8 +40,15 @@ class FoldBatchNormPass(TaskPass):
             shape[out_axis] = -1
             n_out = w.shape[out_axis]
             bias = _bias_values(layer, n_out)
-            weight.values = (w * scale.reshape(shape)).astype(weight.values.dtype)
-            new_bias = (scale * (bias - mean) + beta).astype(weight.values.dtype)
+            with np.errstate(all="ignore"):  # checked below: a negative variance, or an overflow
+                scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+                new_weight = (w * scale.reshape(shape)).astype(weight.values.dtype)
+                new_bias = (scale * (bias - mean) + beta).astype(weight.values.dtype)
+            if not (np.isfinite(new_weight).all() and np.isfinite(new_bias).all()):
+                state.notes.append(f"{task.name}: BatchNormalization {bn.name} kept: folded into {layer.name} "
+                                   "its weights would not be finite in their type")
+                continue
+            weight.values = new_weight
             bias_const = gs.Constant(f"{bn.outputs[0].name}_folded_bias", new_bias)  # tensor names are unique
             if len(layer.inputs) > 2:
                 layer.inputs[2] = bias_const

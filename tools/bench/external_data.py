@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Big models with external data: peak memory of a `pack` merge against the size of its inputs.
+
+Two VGG-style models with random weights (three conv3x3-ReLU-maxpool blocks, then FC 4096-H-H-10,
+H chosen for the requested size) are written with their weights in external data files (cached in
+`--out-dir`, rebuilt when the sizes change), then merged by the command line in a fresh subprocess,
+so that its wall time and peak resident memory (getrusage of the child) are its own. The target of
+issue 8 is a peak of at most three times the inputs' size on disk (model files + external data).
+
+    python tools/bench/external_data.py [--mb 400,550] [--out-dir build/bench_models/external_data]
+
+`--mb 1100,1100` gives a merged model over 2 GB, which is itself written with external data.
+Prints the figures; exits with status 1 when the merge fails or the output does not load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET_RATIO = 3.0
+CONV = [64, 128, 256]  # channels of the three conv blocks; 32x32 input -> 256 x 4 x 4 = 4096 features
+FEATURES = CONV[-1] * 4 * 4
+
+
+def hidden_width(megabytes: float) -> int:
+    """H such that the two big FC layers (4096 x H and H x H float32) hold about `megabytes` MB."""
+    n = megabytes * 1e6 / 4
+    return int((-FEATURES + math.sqrt(FEATURES ** 2 + 4 * n)) / 2)
+
+
+def vgg_like(hidden: int, seed: int):
+    """The ONNX model: input (N, 3, 32, 32) -> logits (N, 10), He-initialised random weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def weight(name, shape, fan_in):
+        w = rng.standard_normal(shape, dtype=np.float32)
+        w *= np.float32(math.sqrt(2.0 / fan_in))
+        return numpy_helper.from_array(w, name)
+
+    nodes, inits, x, channels = [], [], "input", 3
+    for k, c in enumerate(CONV):
+        inits += [weight(f"conv{k}.w", (c, channels, 3, 3), channels * 9), numpy_helper.from_array(np.zeros(c, np.float32), f"conv{k}.b")]
+        nodes += [helper.make_node("Conv", [x, f"conv{k}.w", f"conv{k}.b"], [f"c{k}"], name=f"conv{k}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{k}"], [f"r{k}"], name=f"relu{k}"),
+                  helper.make_node("MaxPool", [f"r{k}"], [f"p{k}"], name=f"pool{k}", kernel_shape=[2, 2], strides=[2, 2])]
+        x, channels = f"p{k}", c
+    nodes.append(helper.make_node("Flatten", [x], ["flat"], name="flatten"))
+    x, width = "flat", FEATURES
+    for k, out in enumerate([hidden, hidden, 10]):
+        inits += [weight(f"fc{k}.w", (out, width), width), numpy_helper.from_array(np.zeros(out, np.float32), f"fc{k}.b")]
+        y = "logits" if out == 10 else f"g{k}"
+        nodes.append(helper.make_node("Gemm", [x, f"fc{k}.w", f"fc{k}.b"], [y], name=f"fc{k}", transB=1))
+        if out != 10:
+            nodes.append(helper.make_node("Relu", [y], [f"h{k}"], name=f"fc_relu{k}"))
+            x = f"h{k}"
+        width = out
+    graph = helper.make_graph(nodes, f"vgg_like_{hidden}", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def ensure_models(out_dir: Path, sizes_mb: list[float]) -> list[Path]:
+    """The models of the requested sizes in `out_dir`, each `<name>.onnx` + `<name>.onnx.data`;
+    built only when missing (a stamp file records the size each was built for)."""
+    import onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed, mb in enumerate(sizes_mb):
+        hidden = hidden_width(mb)
+        path = out_dir / f"vgg_like_{seed}_h{hidden}.onnx"
+        paths.append(path)
+        if path.exists() and (out_dir / f"{path.name}.data").exists():
+            continue
+        print(f"building {path} (H = {hidden}, about {mb:.0f} MB)", flush=True)
+        model = vgg_like(hidden, seed)
+        for stale in (path, out_dir / f"{path.name}.data"):  # onnx appends to an existing data file
+            stale.unlink(missing_ok=True)
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+        del model
+    return paths
+
+
+def run_child(cmd: list[str]) -> dict:
+    """Run `cmd` as a child: wall seconds, peak RSS in bytes (getrusage of the children: KiB on
+    Linux), return code."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if before and after <= before:
+        print("warning: an earlier child peaked higher; the peak is an upper bound", flush=True)
+    return {"wall": wall, "peak": after * 1024, "rc": proc.returncode}
+
+
+def check_output(output: Path, inputs: list[Path]) -> float:
+    """Load the merged model and its originals in onnxruntime (by path, with their external data)
+    and return the largest output difference on one random batch; NaN if it cannot be run."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    merged = ort.InferenceSession(str(output), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    got = dict(zip([o.name for o in merged.get_outputs()], merged.run(None, {merged.get_inputs()[0].name: x})))
+    del merged
+    worst = 0.0
+    for path in inputs:
+        ref = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        worst = max(worst, float(np.max(np.abs(got[f"{path.stem}/logits"] - ref))))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", default="400,550", help="approximate size in MB of each model (default 400,550)")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "build/bench_models/external_data")
+    ap.add_argument("--method", default="pack", help="merging method (default pack)")
+    args = ap.parse_args(argv)
+
+    sizes = [float(s) for s in args.mb.split(",")]
+    inputs = ensure_models(args.out_dir.resolve(), sizes)
+    output = args.out_dir.resolve() / f"merged_{args.method}.onnx"
+    report = output.with_suffix(".json")
+    cmd = [sys.executable, "-m", "onnxmerge", *map(str, inputs), "-o", str(output), "--method", args.method,
+           "--no-latency", "--quiet", "--report", str(report)]
+    print("running:", shlex.join(cmd), flush=True)
+    run = run_child(cmd)
+    in_bytes = sum(p.stat().st_size + (p.parent / f"{p.name}.data").stat().st_size for p in inputs)
+    print(f"merge: rc {run['rc']}, wall {run['wall']:.1f} s, peak RSS {run['peak'] / 1e9:.2f} GB, "
+          f"inputs on disk {in_bytes / 1e9:.2f} GB, peak / inputs {run['peak'] / in_bytes:.2f}x "
+          f"(target <= {TARGET_RATIO:.0f}x)", flush=True)
+    if run["rc"] != 0 or not output.exists():
+        return 1
+    data = output.parent / f"{output.name}.data"
+    out_bytes = output.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    memory = json.loads(report.read_text()).get("memory", {})
+    print(f"output: {out_bytes / 1e9:.2f} GB ({'with' if data.exists() else 'without'} external data); "
+          f"the report's own figures: {memory}")
+    diff = check_output(output, inputs)
+    print(f"merged vs originals in onnxruntime, max abs difference: {diff:.3g}")
+    return 0 if np.isfinite(diff) and diff < 1e-3 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
