@@ -40,6 +40,9 @@ from onnxmerge.passes.fold_constants import FoldConstantsPass
 from onnxmerge.passes.load_weights import LoadWeightsPass
 from onnxmerge.passes.remove_identity import RemoveIdentityPass
 
+# validate_output's run of the merged model (the figures in its metadata)
+VALIDATE_BATCH, VALIDATE_SEED = 2, 0
+
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
@@ -252,9 +255,13 @@ def merge(
     state = PassManager(pipeline, verify=verify_passes, dump_dir=dump_dir, progress=progress).run(state)
 
     # the model compared with the originals is the one written below (unless calibration or the
-    # native form replace it: they are checked by validate_output, and check_native, instead)
-    model = verify.combined_model(state)
-    fidelity = verify.compare(state, merged=model)
+    # native form replace it: they are checked by validate_output, and check_native, instead): the
+    # merged graph, run on its own arrays, then exported with the arrays handed over to the model
+    # (the weights held once); the same session's run at validate_output's batch and seed serves
+    # its check of that model
+    checked_run = {"batch": VALIDATE_BATCH, "seed": VALIDATE_SEED}
+    fidelity = verify.compare(state, also=checked_run)
+    model = compared = verify.combined_model(state, release=True)
     if chosen.exact:
         try:
             verify.check_exact(state, fidelity)
@@ -279,7 +286,8 @@ def merge(
     # the last check before writing: the model as saved (metadata aside) runs and every task's
     # outputs have their original's shape and are finite
     info.fidelity["output_check"] = verify.validate_output(
-        model, info, {t.name: t.original for t in state.tasks}, where=str(output or "merged model"))
+        model, info, {t.name: t.original for t in state.tasks}, where=str(output or "merged model"),
+        batch=VALIDATE_BATCH, seed=VALIDATE_SEED, results=checked_run["outputs"] if model is compared else None)
     write_metadata(model, info)
     model.producer_name, model.producer_version = "onnxmerge", onnxmerge.__version__
     check_model(model)  # onnx.checker; a big model without serialising its weights

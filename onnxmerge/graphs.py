@@ -22,19 +22,63 @@ FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.T
                          onnx.TensorProto.BFLOAT16})
 
 
-def to_model(graph: gs.Graph, opset: int, ir_version: int) -> onnx.ModelProto:
+def to_model(graph: gs.Graph, opset: int, ir_version: int,
+             release: list[gs.Graph] | None = None) -> onnx.ModelProto:
     """Export a gs graph to a ModelProto of the given opset and IR version.
 
     The big weights are filled in one tensor at a time (graphsurgeon's export builds every tensor
-    and then copies them all into the graph: a transient second copy of the weights)."""
+    and then copies them all into the graph: a transient second copy of the weights).
+
+    `release` (graphs that may share arrays with `graph`, e.g. the task graphs it was combined
+    from): as each big weight is copied into the model, the constants of `graph` and of these
+    graphs that hold that very array read their values from the model's tensor instead
+    (`ModelValues`), so that the array is freed: the weights are then held once, by the model,
+    not twice. The graphs keep their values (loaded on access) and export as before."""
     model, weights = light_model(graph, opset, ir_version)
+    owners: dict[int, list[gs.Constant]] = {}
+    if release is not None:
+        arrays = {id(values) for values, _ in weights.values()}
+        for g in [graph, *release]:
+            for t in g.tensors().values():
+                if isinstance(t, gs.Constant) and isinstance(t._values, np.ndarray) and id(t._values) in arrays:
+                    owners.setdefault(id(t._values), []).append(t)
     for tensor in model.graph.initializer:
         if tensor.name in weights:
-            values, location = weights[tensor.name]
+            values, location = weights.pop(tensor.name)
             tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
             if location is not None:  # as graphsurgeon exports it
                 tensor.data_location = location
+            for const in owners.pop(id(values), []):
+                const._values = ModelValues(tensor)
+            del values
     return model
+
+
+class ModelValues(LazyValues):
+    """A constant's values read from a tensor of an exported model (`to_model`'s `release`).
+    graphsurgeon's export renames a lazy constant's tensor in place: here it gets a copy, so the
+    model's tensor is never changed."""
+
+    def __init__(self, tensor: onnx.TensorProto):  # LazyValues's own reads `tensor` (a copy) twice
+        from onnx_graphsurgeon.importers.onnx_importer import get_itemsize, get_onnx_tensor_dtype
+
+        self._tensor = tensor
+        self.shape = tuple(tensor.dims)
+        self.dtype = get_onnx_tensor_dtype(tensor)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * get_itemsize(self.dtype)
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        own = onnx.TensorProto()
+        own.CopyFrom(self._tensor)
+        return own
+
+    @tensor.setter
+    def tensor(self, value: onnx.TensorProto) -> None:
+        self._tensor = value
+
+    def load(self) -> np.ndarray:
+        return numpy_helper.to_array(self._tensor).copy()
 
 
 def _export(graph: gs.Graph, opset: int, ir_version: int) -> onnx.ModelProto:

@@ -286,13 +286,84 @@ def external_files(path: str | Path) -> list[Path]:
     """The external data files the ONNX model at `path` refers to (empty for a one-file model or a
     file that is not ONNX). Reads the model's structure only, not its weights."""
     path = Path(path)
+    names = None
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not ONNX, unreadable: it refers to nothing we know of
-        return []
-    names = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-             for e in t.external_data if e.key == "location"}
+        if path.stat().st_size > WEIGHTS_APART_BYTES:  # a big one-file model: not parsed whole
+            names = _external_locations(path)
+    except (OSError, ValueError):
+        names = None
+    if names is None:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:  # not ONNX, unreadable: it refers to nothing we know of
+            return []
+        names = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
     return sorted(path.parent / n for n in names)
+
+
+def _external_locations(path: Path) -> set[str] | None:
+    """The external data locations of the initializers of the ONNX file at `path`, read field by
+    field from the file (the weights stored in it are skipped, never read: loading a big one-file
+    model to learn that it has no external data would hold its weights twice). None where the file
+    is not laid out as protobuf fields (the caller then parses it whole)."""
+    with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+
+        def varint() -> int:
+            n, shift = 0, 0
+            while True:
+                b = f.read(1)
+                if not b or shift > 63:
+                    raise ValueError("bad varint")
+                n |= (b[0] & 0x7F) << shift
+                shift += 7
+                if not b[0] & 0x80:
+                    return n
+
+        def fields(stop: int):
+            """(field number, wire type, value or length) up to `stop`; a length-delimited value's
+            bytes start at f.tell() and must be consumed (or skipped) by the caller."""
+            while f.tell() < stop:
+                key = varint()
+                field, wire = key >> 3, key & 7
+                if wire == 0:
+                    yield field, wire, varint()
+                elif wire == 1:
+                    f.seek(8, 1)
+                elif wire == 5:
+                    f.seek(4, 1)
+                elif wire == 2:
+                    n = varint()
+                    start = f.tell()
+                    if start + n > stop:
+                        raise ValueError("field past its message")
+                    yield field, wire, n
+                    f.seek(start + n)
+                else:
+                    raise ValueError("unsupported wire type")
+            if f.tell() != stop:
+                raise ValueError("message overruns")
+
+        locations = set()
+        for field, wire, n in fields(end):
+            if field != 7 or wire != 2:  # ModelProto.graph
+                continue
+            for gfield, gwire, gn in fields(f.tell() + n):
+                if gfield != 5 or gwire != 2:  # GraphProto.initializer
+                    continue
+                external, where = False, []
+                for tfield, twire, tn in fields(f.tell() + gn):
+                    if tfield == 14 and twire == 0:  # TensorProto.data_location
+                        external = tn == onnx.TensorProto.EXTERNAL
+                    elif tfield == 13 and twire == 2:  # TensorProto.external_data (key/value entry)
+                        entry = onnx.StringStringEntryProto()
+                        entry.ParseFromString(f.read(tn))
+                        if entry.key == "location":
+                            where.append(entry.value)
+                if external:
+                    locations.update(where)
+        return locations
 
 
 def disk_bytes(path: str | Path) -> int:

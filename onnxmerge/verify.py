@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxmerge.errors import MergeError
-from onnxmerge.graphs import random_feeds, session, to_model
+from onnxmerge.graphs import light_model, random_feeds, session, to_model
 from onnxmerge.state import MergeState, Task
 
 # Exact rewrites (folding BatchNorm, packing, degenerate settings of the methods) reorder float
@@ -29,8 +29,21 @@ def task_model(task: Task, state: MergeState) -> onnx.ModelProto:
     return to_model(task.graph, state.opset, state.ir_version)
 
 
-def combined_model(state: MergeState) -> onnx.ModelProto:
-    return to_model(state.graph, state.opset, state.ir_version)
+def combined_model(state: MergeState, release: bool = False) -> onnx.ModelProto:
+    """The merged graph as a ModelProto; `release`: the graph's big constants (and the task
+    graphs' constants that share their arrays) then read their values from the model's tensors,
+    so that the weights are held once, not twice (graphs.to_model)."""
+    if not release:
+        return to_model(state.graph, state.opset, state.ir_version)
+    return to_model(state.graph, state.opset, state.ir_version,
+                    release=[t.graph for t in state.tasks])
+
+
+def merged_session(state: MergeState):
+    """A session of the merged graph as `combined_model` exports it, given the graph's own arrays
+    (no exported ModelProto, nor a copy of its raw data, beside onnxruntime's own copy)."""
+    light, weights = light_model(state.graph, state.opset, state.ir_version)
+    return session(light, weights={name: values for name, (values, _) in weights.items()})
 
 
 def check_invariants(state: MergeState) -> None:
@@ -59,18 +72,26 @@ def check_invariants(state: MergeState) -> None:
 
 
 def compare(state: MergeState, batch: int = 4, seed: int = 0,
-            merged: onnx.ModelProto | None = None) -> dict[str, float]:
+            merged: onnx.ModelProto | None = None, also: dict | None = None) -> dict[str, float]:
     """Max abs difference, relative to the output magnitude, between each task now and its original.
 
     `merged`: the combined model to compare, if already exported (the very model that is saved),
-    else it is exported from the state. One session at a time (the merged model first, then each
-    original), so that checking big models holds one of them in memory, not all."""
+    else the merged graph is run as it would export (`merged_session`: on its own arrays).
+    One session at a time (the merged model first, then each original), so that checking big
+    models holds one of them in memory, not all.
+
+    `also`: {"batch": b, "seed": s} runs the merged model a second time, on `random_feeds` at that
+    batch and seed, and stores its outputs by name under "outputs" (validate_output's run, without
+    a second session of the same model)."""
     out = {}
     if state.combined:
-        merged = combined_model(state) if merged is None else merged
-        merged_sess = session(merged)
+        merged_sess = session(merged) if merged is not None else merged_session(state)
+        names = [o.name for o in merged_sess.get_outputs()]
         feeds_all = random_feeds(merged_sess, batch, seed)
-        results = dict(zip([o.name for o in merged.graph.output], merged_sess.run(None, feeds_all)))
+        results = dict(zip(names, merged_sess.run(None, feeds_all)))
+        if also is not None:
+            extra = random_feeds(merged_sess, also["batch"], also["seed"])
+            also["outputs"] = dict(zip(names, merged_sess.run(None, extra)))
         del merged, merged_sess
     for task in state.tasks:
         ref_sess = session(task.original)
@@ -104,27 +125,30 @@ def check_exact(state: MergeState, diffs: dict[str, float] | None = None) -> Non
 
 
 def validate_output(model: onnx.ModelProto, info, originals: dict, where: str = "merged model",
-                    batch: int = 2, seed: int = 0) -> dict:
+                    batch: int = 2, seed: int = 0, results: dict | None = None) -> dict:
     """Run the final merged model once, as deployed, on seeded random inputs at `batch`, and check
     each task's outputs: present, of the original output's shape (its symbolic batch dim = `batch`)
     and finite. A MergeError naming `where`, the task and the output otherwise, so that a broken
     model (NaN weights from calibration, a pass that dropped an output) is never written.
 
     `info`: the model's MergedInfo (task -> output name map); `originals`: task name -> original
-    ModelProto or path (only its output declarations are read). Returns the figure for the
-    model's metadata."""
+    ModelProto or path (only its output declarations are read). `results`: the model's outputs by
+    name on `random_feeds` at `batch` and `seed`, where they were already computed (`compare`'s
+    `also`, on this very model): checked without running the model again. Returns the figure for
+    the model's metadata."""
     from onnxmerge.latency import make_session
 
-    try:
-        sess = make_session(model, threads=1)  # native models with the kernels, else their portable form
-        feeds = random_feeds(sess, batch, seed)
-        results = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-    except MergeError:
-        raise
-    except Exception as e:  # onnxruntime's own exception types: the model does not load or run
-        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise MergeError(f"{where}: not written: the merged model does not run in onnxruntime ({text})") from None
-    del sess
+    if results is None:
+        try:
+            sess = make_session(model, threads=1)  # native models with the kernels, else their portable form
+            feeds = random_feeds(sess, batch, seed)
+            results = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        except MergeError:
+            raise
+        except Exception as e:  # onnxruntime's own exception types: the model does not load or run
+            text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise MergeError(f"{where}: not written: the merged model does not run in onnxruntime ({text})") from None
+        del sess
     for task in info.tasks:
         declared = _declared_outputs(originals[task.name])
         for orig, merged in task.outputs.items():
