@@ -145,8 +145,13 @@ def check_runs(path: Path, declared: list[onnx.ValueInfoProto]) -> None:
 
 
 def _ort_run_error(e: BaseException) -> str:
-    """An onnxruntime load or run error as 'node NAME (Op): what is wrong', without the status prefix
-    and the C++ source location (the whole message: its details say which shapes disagree)."""
+    """An onnxruntime load or run error as 'node NAME (Op): what is wrong' (the whole message: its
+    details say which shapes disagree)."""
+    return _ort_message(e)[:300]
+
+
+def _ort_message(e: BaseException) -> str:
+    """An onnxruntime error's text without the status prefix and the C++ source location."""
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .*? failed: ?)?", "",
                   _first_line(e, limit=2000))
     text = re.sub(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ",
@@ -154,7 +159,7 @@ def _ort_run_error(e: BaseException) -> str:
     # a source location, with the C++ function's signature where onnxruntime prints one
     text = re.sub(r"\S+\.(?:cc|h|cpp):\d+ (?:[\w:<>]+ )*[\w:<>~]+(?:\(\))?\([^()]*\)(?: const)?"
                   r"(?: \[with [^\]]*\])? ", "", text)
-    return re.sub(r"\S+\.(?:cc|h|cpp):\d+ \S+ ", "", text)[:300]
+    return re.sub(r"\S+\.(?:cc|h|cpp):\d+ \S+ ", "", text)
 
 
 def non_utf8_field(message, where: str = "model") -> str | None:
@@ -248,10 +253,9 @@ def runtime_refusal(ir_version: int, opset: int) -> str | None:
 
 
 def _ort_reason(e: BaseException) -> str:
-    """The sentence that says what is wrong in an onnxruntime error, without its status prefix, the
-    C++ source location and function signature, or the paragraph of caveats before it."""
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e, limit=2000))
-    text = re.sub(r"^\S+:\d+ [^(]*\([^)]*\) ", "", text)
+    """The sentence that says what is wrong in an onnxruntime error, without the paragraph of
+    caveats before it."""
+    text = _ort_message(e)
     sentences = [s for s in re.split(r"(?<=\.) ", text.strip()) if s]
     return (sentences[-1] if sentences else text)[:300]
 
