@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -37,6 +38,10 @@ def to_model(graph: gs.Graph, opset: int, ir_version: int,
     model, weights = light_model(graph, opset, ir_version)
     owners: dict[int, list[gs.Constant]] = {}
     if release is not None:
+        # graphsurgeon's Graph.copy (light_model's, and every earlier one's) leaves behind tensor
+        # copies in reference cycles that still point at the arrays: collected now, or the arrays
+        # released below would live on until Python's next collection, beside the model's copy
+        gc.collect()
         arrays = {id(values) for values, _ in weights.values()}
         for g in [graph, *release]:
             for t in g.tensors().values():
@@ -45,12 +50,22 @@ def to_model(graph: gs.Graph, opset: int, ir_version: int,
     for tensor in model.graph.initializer:
         if tensor.name in weights:
             values, location = weights.pop(tensor.name)
-            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+            for const in owners.pop(id(values), []):  # read from `tensor` once it is filled in
+                const._values = ModelValues(tensor)
+            # the bytes first, then the array released (where nothing else holds it), then the
+            # bytes copied into the tensor: two copies of the tensor at a time, not three
+            # (numpy_helper.from_array's layout: raw little-endian data; dims and type as stubbed)
+            if values.dtype.kind in "OSU":  # strings: no raw data (numpy_helper's string_data)
+                tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+            else:
+                data = np.asarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
+                del values
+                del tensor.external_data[:]
+                tensor.ClearField("data_location")
+                tensor.raw_data = data
+                del data
             if location is not None:  # as graphsurgeon exports it
                 tensor.data_location = location
-            for const in owners.pop(id(values), []):
-                const._values = ModelValues(tensor)
-            del values
     return model
 
 
@@ -168,11 +183,35 @@ def session(model: onnx.ModelProto | str | os.PathLike, *, threads: int | None =
         # a big model: no serialised copy of its weights (nor a 2 GB limit); one copy as arrays
         model, moved = split_weights(model)
         weights = {stub.name: tensor_array(tensor) for stub, tensor in moved}
-    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in (weights or {}).values()]
-    if values:
-        so.add_external_initializers(list(weights), values)
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(Path(model))
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    if not weights:
+        src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(Path(model))
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return _session_on_arrays(model, so, weights, prepack=optimize)
+
+
+def _session_on_arrays(light: onnx.ModelProto, so: ort.SessionOptions, weights: dict[str, np.ndarray],
+                       prepack: bool) -> ort.InferenceSession:
+    """A session of `light` (its big weights: stubs at saving.IN_MEMORY) that computes on the arrays
+    `weights` themselves. `add_initializer` is onnxruntime's one way to use a caller's buffer in
+    place (`add_external_initializers` copies every weight, and pre-packing copies a Gemm's or
+    MatMul's weights again, transiently 3x the weights); it overrides initializers of the model,
+    so the stubs stay, and they are checked against a file at their location: the light model is
+    loaded by path, from a temporary folder holding it and an empty stand-in for that file, which
+    onnxruntime never reads. A check session (`prepack` False) also leaves pre-packing off (its
+    packed copy would sit beside the arrays); a timing one keeps it, as a deployment runs."""
+    import tempfile
+
+    from onnxmerge.saving import IN_MEMORY
+
+    values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for name, a in weights.items()}
+    for name, value in values.items():
+        so.add_initializer(name, value)
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    with tempfile.TemporaryDirectory(prefix="onnxmerge-session-") as folder:
+        (Path(folder) / IN_MEMORY).touch()
+        onnx.save_model(light, str(Path(folder) / "model.onnx"))
+        sess = ort.InferenceSession(str(Path(folder) / "model.onnx"), so, providers=["CPUExecutionProvider"])
     sess.onnxmerge_weights = values  # onnxruntime reads them in place: they live as long as the session
     return sess
 

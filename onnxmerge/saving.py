@@ -248,11 +248,28 @@ def write_one_file(model: onnx.ModelProto, path: Path) -> None:
         f.write(rest.SerializeToString())
         f.write(_GRAPH_TAG + _varint(graph_len) + graph_bytes)
         for tensor, n in zip(model.graph.initializer, sizes):
-            data = tensor.SerializeToString()
-            if len(data) != n:  # raw data that does not fit the tensor's dims: never write it
+            pieces = _tensor_pieces(tensor)
+            if sum(map(len, pieces)) != n:  # raw data that does not fit the tensor's dims: never write it
                 raise MergeError(f"tensor {tensor.name!r}: its data does not match its type and shape {list(tensor.dims)}")
             f.write(_INITIALIZER_TAG + _varint(n))
-            f.write(data)
+            for piece in pieces:
+                f.write(piece)
+            del pieces
+
+
+def _tensor_pieces(tensor: onnx.TensorProto) -> list[bytes]:
+    """`tensor.SerializeToString()` in pieces whose concatenation is those very bytes (fields in
+    field-number order): the fields before raw_data, raw_data's key and length, its bytes, the
+    fields after it. Serialising a tensor whole holds its data twice beside the tensor (the
+    encoder's buffer and the bytes object made of it); reading raw_data alone, once."""
+    if not tensor.HasField("raw_data"):
+        return [tensor.SerializeToString()]
+    numbers = {field.name: field.number for field, _ in tensor.ListFields()}
+    before, after = onnx.TensorProto(), onnx.TensorProto()
+    _copy_fields(tensor, before, skip=tuple(name for name, k in numbers.items() if k >= _RAW_DATA_FIELD))
+    _copy_fields(tensor, after, skip=tuple(name for name, k in numbers.items() if k <= _RAW_DATA_FIELD))
+    raw = tensor.raw_data
+    return [before.SerializeToString(), _RAW_DATA_TAG + _varint(len(raw)), raw, after.SerializeToString()]
 
 
 def _serialized_tensor_size(tensor: onnx.TensorProto) -> int:
@@ -270,6 +287,9 @@ def _serialized_tensor_size(tensor: onnx.TensorProto) -> int:
 # GraphProto.initializer = 5
 _GRAPH_TAG = bytes([7 << 3 | 2])
 _INITIALIZER_TAG = bytes([5 << 3 | 2])
+# TensorProto.raw_data = 9, length-delimited
+_RAW_DATA_FIELD = onnx.TensorProto.RAW_DATA_FIELD_NUMBER
+_RAW_DATA_TAG = bytes([_RAW_DATA_FIELD << 3 | 2])
 
 
 def _varint(n: int) -> bytes:

@@ -40,8 +40,8 @@ def combined_model(state: MergeState, release: bool = False) -> onnx.ModelProto:
 
 
 def merged_session(state: MergeState):
-    """A session of the merged graph as `combined_model` exports it, given the graph's own arrays
-    (no exported ModelProto, nor a copy of its raw data, beside onnxruntime's own copy)."""
+    """A session of the merged graph as `combined_model` exports it, computing on the graph's own
+    arrays in place (graphs.session): no exported ModelProto, and no copy of the weights."""
     light, weights = light_model(state.graph, state.opset, state.ir_version)
     return session(light, weights={name: values for name, (values, _) in weights.items()})
 

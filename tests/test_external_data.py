@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
@@ -173,3 +174,86 @@ def test_report_shows_peak_memory_and_input_size(external_pair, tmp_path, capsys
     assert f"{memory['peak_over_inputs']:.2f}x the inputs" in line
     # tiny models: the interpreter alone is far over 3x their size, and the report says so
     assert "note: peak memory is over 3x the inputs' size" in text
+
+
+def test_check_session_computes_on_the_arrays_in_place(big_paths):
+    """A session given a big model's weights as arrays computes on those very arrays: onnxruntime
+    holds no copy of them (nor a pre-packed one), so checking a model costs no second copy of its
+    weights. Changed in place, the arrays change the outputs of the session already made."""
+    from onnxmerge.graphs import random_feeds, session
+
+    model = conv_bn_model(seed=0, channels=8)
+    light, moved = saving.split_weights(model)
+    arrays = {stub.name: numpy_helper.to_array(tensor).copy() for stub, tensor in moved}
+    assert "w2" in arrays  # the Gemm's weight is among them (pre-packing would copy it)
+    sess = session(light, weights=arrays)
+    feeds = random_feeds(sess, 2)
+    before = sess.run(None, feeds)[0]
+    np.testing.assert_allclose(before, session(model).run(None, feeds)[0], rtol=1e-6)
+    arrays["w2"] *= 2
+    after = sess.run(None, feeds)[0]
+    fresh = session(light, weights={k: v.copy() for k, v in arrays.items()}).run(None, feeds)[0]
+    assert not np.allclose(after, before)
+    np.testing.assert_array_equal(after, fresh)
+
+
+def test_optimised_session_on_arrays_runs_the_model(big_paths):
+    """With onnxruntime's optimisations and pre-packing (timing, evaluation), a big model's session
+    on its arrays computes what the model does."""
+    from onnxmerge.graphs import random_feeds, session
+
+    model = conv_bn_model(seed=1, channels=8)
+    assert saving.weights_apart(model)
+    want_sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got_sess = session(model, optimize=True, threads=None)
+    feeds = random_feeds(got_sess, 3)
+    np.testing.assert_allclose(got_sess.run(None, feeds)[0], want_sess.run(None, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_export_with_release_frees_the_graph_arrays(big_paths):
+    """Exported with `release`, the graph's weights are held once, by the model: each array is
+    freed as it is copied into the model, although graphsurgeon's graph copies (every pass makes
+    some) leave tensor copies in reference cycles that point at the arrays. Python's automatic
+    collection is off here: it must not be what frees them."""
+    import gc
+    import weakref
+
+    from onnxmerge.graphs import import_graph, to_model
+
+    model = conv_bn_model(seed=2, channels=8)
+    graph = import_graph(model)
+    arrays = {t.name: t.values for t in graph.tensors().values()
+              if isinstance(t, gs.Constant) and t.values.nbytes >= saving.EXTERNAL_TENSOR_BYTES}
+    assert len(arrays) >= 2
+    want = {name: a.copy() for name, a in arrays.items()}
+    refs = {name: weakref.ref(a) for name, a in arrays.items()}
+    del arrays
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        graph.copy()  # the cyclic garbage a pass leaves behind
+        exported = to_model(graph, 17, 8, release=[])
+        alive = [name for name, ref in refs.items() if ref() is not None]
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert alive == []
+    got = {t.name: numpy_helper.to_array(t) for t in exported.graph.initializer}
+    for name, values in want.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+        np.testing.assert_array_equal(graph.tensors()[name].values, values, err_msg=name)  # read from the model
+
+
+def test_one_file_writer_writes_each_tensor_as_protobuf_does():
+    """The one-file writer writes a tensor in pieces (its data read once, not serialised with the
+    rest): the pieces are exactly the tensor's serialised bytes, whatever fields it has."""
+    tensors = list(conv_bn_model(seed=0, channels=8).graph.initializer)
+    extra = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "x")
+    extra.doc_string = "fields before and after raw_data"
+    extra.data_location = onnx.TensorProto.DEFAULT
+    entry = extra.metadata_props.add()
+    entry.key, entry.value = "k", "v"
+    tensors += [extra, onnx.helper.make_tensor("listed", onnx.TensorProto.FLOAT, [2], [1.0, 2.0]),
+                numpy_helper.from_array(np.array([True, False]), "flags")]
+    for tensor in tensors:
+        assert b"".join(saving._tensor_pieces(tensor)) == tensor.SerializeToString(), tensor.name

@@ -8,9 +8,14 @@ so that its wall time and peak resident memory (getrusage of the child) are its 
 issue 8 is a peak of at most three times the inputs' size on disk (model files + external data).
 
     python tools/bench/external_data.py [--mb 400,550] [--out-dir build/bench_models/external_data]
+                                        [--label TEXT] [--no-write]
 
 `--mb 1100,1100` gives a merged model over 2 GB, which is itself written with external data.
-Prints the figures; exits with status 1 when the merge fails or the output does not load.
+Prints the figures and writes them to the `external_data` section of BENCHMARKS.md (unless
+`--no-write`): the run's details, and a row in the table of runs by code version, labelled
+`--label` (default: the git commit, marked when the working tree has changes); the table's other
+rows are kept from the file, as the figures of earlier code cannot be measured again. Exits with
+status 1 when the merge fails or the output does not load.
 """
 
 from __future__ import annotations
@@ -24,11 +29,15 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks_md import BENCHMARKS, ROOT, markers, write_section  # noqa: E402  (tools/bench is not a package)
+
+SECTION = "external_data"
 TARGET_RATIO = 3.0
 CONV = [64, 128, 256]  # channels of the three conv blocks; 32x32 input -> 256 x 4 x 4 = 4096 features
 FEATURES = CONV[-1] * 4 * 4
@@ -100,16 +109,18 @@ def ensure_models(out_dir: Path, sizes_mb: list[float]) -> list[Path]:
 
 
 def run_child(cmd: list[str]) -> dict:
-    """Run `cmd` as a child: wall seconds, peak RSS in bytes (getrusage of the children: KiB on
+    """Run `cmd` as a child: wall seconds, CPU seconds (user + system: less sensitive than the wall
+    time to other jobs on a shared machine), peak RSS in bytes (getrusage of the children: KiB on
     Linux), return code."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT)
     wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if before and after <= before:
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if before.ru_maxrss and after.ru_maxrss <= before.ru_maxrss:
         print("warning: an earlier child peaked higher; the peak is an upper bound", flush=True)
-    return {"wall": wall, "peak": after * 1024, "rc": proc.returncode}
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"wall": wall, "cpu": cpu, "peak": after.ru_maxrss * 1024, "rc": proc.returncode}
 
 
 def check_output(output: Path, inputs: list[Path]) -> float:
@@ -130,11 +141,79 @@ def check_output(output: Path, inputs: list[Path]) -> float:
     return worst
 
 
+def code_label() -> str:
+    """The code measured: the git commit, marked when the working tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD") or "unknown commit"
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except OSError:
+        return "unknown code"
+    return f"{head} with uncommitted changes" if dirty else head
+
+
+TABLE_HEADER = ["| code | wall | peak RSS | peak / inputs on disk |", "|---|---|---|---|"]
+
+
+def earlier_rows(path: Path, label: str) -> list[str]:
+    """The table rows of this section in `path` (earlier code's figures), but the one for `label`."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    begin, end = markers(SECTION)
+    if begin not in text or end not in text:
+        return []
+    body = text[text.index(begin):text.index(end)].splitlines()
+    if TABLE_HEADER[0] not in body:
+        return []
+    rows = []
+    for line in body[body.index(TABLE_HEADER[0]) + 2:]:
+        if not line.startswith("|"):
+            break
+        if line.split("|")[1].strip() != label:
+            rows.append(line)
+    return rows
+
+
+def section(run: dict, cmd: list[str], in_bytes: int, label: str, rows: list[str], out_bytes: int | None,
+            external: bool, diff: float | None) -> str:
+    """The BENCHMARKS.md section: what was run, its figures, and the table of runs by code version."""
+    from onnxmerge.latency import machine_info
+
+    ratio = run["peak"] / in_bytes
+    shown = shlex.join(os.path.relpath(c, ROOT) if c.startswith(f"{ROOT}{os.sep}") else c for c in cmd)
+    lines = ["## Big models with external data: `pack` of two VGG-style models, peak memory against the inputs", "",
+             "Written by `tools/bench/external_data.py` (rerun it to update this section; the table keeps the rows of "
+             "earlier code from this file). It builds two VGG-style models with random weights, saved with external "
+             "data, and merges them with `pack` in a child process; peak memory is the child's maximum resident set "
+             "size (getrusage), against the inputs' size on disk (model files and external data).", "",
+             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; code: {label}",
+             f"- command: `{shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}`, which runs `{shown}`",
+             f"- machine: {machine_info()['cpu']}, {machine_info()['usable_cores']} usable cores, "
+             f"load average {os.getloadavg()[0]:.1f} at the end (other jobs share it)"]
+    if run["rc"] != 0 or out_bytes is None:
+        lines.append(f"- **FAIL**: the merge exited with status {run['rc']} after {run['wall']:.1f} s "
+                     f"(peak RSS {run['peak'] / 1e9:.2f} GB)")
+    else:
+        lines += [f"- inputs {in_bytes / 1e9:.2f} GB on disk; output {out_bytes / 1e9:.2f} GB "
+                  f"({'with' if external else 'without'} external data); merged vs originals in onnxruntime, "
+                  f"max abs difference {diff:.3g}",
+                  f"- wall {run['wall']:.1f} s (CPU time of the merge, user + system: {run['cpu']:.1f} s), peak RSS **{run['peak'] / 1e9:.2f} GB = {ratio:.2f}x the inputs** "
+                  f"(target of issue 8: at most {TARGET_RATIO:g}x: {'met' if ratio <= TARGET_RATIO else '**not met**'})"]
+    row = f"| {label} | {run['wall']:.1f} s | {run['peak'] / 1e9:.2f} GB | {ratio:.1f}x |"
+    lines += ["", "Runs by code version (earlier rows: earlier code, measured the same way):", "", *TABLE_HEADER, *rows, row]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", default="400,550", help="approximate size in MB of each model (default 400,550)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "build/bench_models/external_data")
     ap.add_argument("--method", default="pack", help="merging method (default pack)")
+    ap.add_argument("--label", help="the code measured, for the table row (default: the git commit)")
+    ap.add_argument("--no-write", action="store_true", help="print the section instead of updating BENCHMARKS.md")
     args = ap.parse_args(argv)
 
     sizes = [float(s) for s in args.mb.split(",")]
@@ -149,16 +228,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"merge: rc {run['rc']}, wall {run['wall']:.1f} s, peak RSS {run['peak'] / 1e9:.2f} GB, "
           f"inputs on disk {in_bytes / 1e9:.2f} GB, peak / inputs {run['peak'] / in_bytes:.2f}x "
           f"(target <= {TARGET_RATIO:.0f}x)", flush=True)
-    if run["rc"] != 0 or not output.exists():
-        return 1
-    data = output.parent / f"{output.name}.data"
-    out_bytes = output.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    memory = json.loads(report.read_text()).get("memory", {})
-    print(f"output: {out_bytes / 1e9:.2f} GB ({'with' if data.exists() else 'without'} external data); "
-          f"the report's own figures: {memory}")
-    diff = check_output(output, inputs)
-    print(f"merged vs originals in onnxruntime, max abs difference: {diff:.3g}")
-    return 0 if np.isfinite(diff) and diff < 1e-3 else 1
+    ok, out_bytes, external, diff = False, None, False, None
+    if run["rc"] == 0 and output.exists():
+        data = output.parent / f"{output.name}.data"
+        external = data.exists()
+        out_bytes = output.stat().st_size + (data.stat().st_size if external else 0)
+        memory = json.loads(report.read_text()).get("memory", {})
+        print(f"output: {out_bytes / 1e9:.2f} GB ({'with' if external else 'without'} external data); "
+              f"the report's own figures: {memory}")
+        diff = check_output(output, inputs)
+        print(f"merged vs originals in onnxruntime, max abs difference: {diff:.3g}")
+        ok = bool(np.isfinite(diff) and diff < 1e-3)
+    label = args.label or code_label()
+    if args.mb != ap.get_default("mb"):  # a row of other sizes is not comparable with the others
+        label += f" (--mb {args.mb})"
+    cmd_shown = ["python", *cmd[1:]]
+    text = section(run, cmd_shown, in_bytes, label, earlier_rows(BENCHMARKS, label), out_bytes, external, diff)
+    if args.no_write:
+        print(text)
+    else:
+        write_section(BENCHMARKS, SECTION, text)
+        print(f"wrote section {SECTION} of {BENCHMARKS}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
