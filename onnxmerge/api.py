@@ -27,7 +27,7 @@ from onnxmerge.contract import MergedInfo, TaskInfo, read_metadata, write_metada
 from onnxmerge.data import check_fits, check_labels
 from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.graphs import import_graph, input_signature
-from onnxmerge.loading import _first_line, file_sha256, load_model, reconcile_versions
+from onnxmerge.loading import MergedInput, _first_line, file_sha256, find_merged_input, load_model, reconcile_versions
 from onnxmerge.pass_manager import Pass, PassManager
 from onnxmerge.registry import get_method
 from onnxmerge.saving import check_model, check_output_path, save_atomic
@@ -79,16 +79,41 @@ def task_names(paths: list[Path], names: list[str] | None) -> list[str]:
     return names
 
 
-def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: int | None = None) -> MergeState:
-    """Load, check and version-reconcile the input models into a fresh MergeState."""
+def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: int | None = None,
+               method: str = "") -> MergeState:
+    """Load, check and version-reconcile the input models into a fresh MergeState.
+
+    With method mtz, a merged mtz model given first stands for its tasks (loading.find_merged_input):
+    they come first under their own names, their originals are its sub-models, and their recorded
+    sources and sha256 are carried over into the new model's metadata."""
     paths = [Path(p) for p in inputs]
-    names = task_names(paths, names)
-    models = {str(p): load_model(p) for p in paths}
+    base = find_merged_input(paths) if method == "mtz" else None
+    own = paths[1:] if base else paths
+    names = task_names(own, names) if base is None else _added_names(base, own, names)
+    models = {**(base.originals() if base else {}), **{str(p): load_model(p) for p in own}}
     models, opset, ir_version = reconcile_versions(models, opset)
+    # (name, its model's key, path, sha256), a merged model's tasks first
+    entries = [(t.name, f"{base.path} (task {t.name})", Path(t.source), t.sha256) for t in base.info.tasks] if base else []
+    entries += [(n, str(p), p, file_sha256(p)) for n, p in zip(names, own)]
     # each task's graph has constants of its own (graphs.import_graph), never the original's tensors
-    tasks = [Task(name=n, original=models[str(p)], graph=_named(import_graph(models[str(p)])), path=p,
-                  sha256=file_sha256(p)) for n, p in zip(names, paths)]
-    return MergeState(tasks=tasks, opset=opset, ir_version=ir_version)
+    tasks = [Task(name=n, original=models[key], graph=_named(import_graph(models[key])), path=p, sha256=sha)
+             for n, key, p, sha in entries]
+    return MergeState(tasks=tasks, opset=opset, ir_version=ir_version, base=base)
+
+
+def _added_names(base: MergedInput, own: list[Path], names: list[str] | None) -> list[str]:
+    """The task names of the models after a merged model: `names` gives theirs (or every task's, the
+    merged model's under their own names), else their file stems; none may be a merged task's."""
+    if names is not None and len(names) == len(base.names) + len(own):
+        if names[:len(base.names)] != base.names:
+            raise UsageError(f"--names: the tasks of {base.path} keep their names ({', '.join(base.names)})")
+        names = names[len(base.names):]
+    names = task_names(own, names)
+    for n, p in zip(names, own):
+        if n in base.names:
+            raise UsageError(f"{p}: task name {n!r} is already a task of {base.path}; give the added model "
+                             "another name with --names")
+    return names
 
 
 def check_task_data(state: MergeState, data: dict, flag: str = "--data") -> None:
@@ -216,6 +241,7 @@ def merge(
     data: dict | None = None,
     calib: dict | None = None,
     calibration: CalibrationConfig | None = None,
+    validation: dict | None = None,
     warm_start: onnx.ModelProto | None = None,
     checkpoint: Checkpoint | None = None,
 ) -> MergeResult:
@@ -224,7 +250,9 @@ def merge(
     `data` (task name -> onnxmerge.data.Dataset) is checked against the tasks' inputs before any pass
     runs, so that a report or calibration does not fail after the work is done. With `calib` (task
     name -> Dataset) the merged model is calibrated against the originals as the last step
-    (onnxmerge.calibrate), with `calibration`'s settings. `warm_start`, an earlier merged model of the
+    (onnxmerge.calibrate), with `calibration`'s settings. `validation` (task name -> labelled
+    Dataset) is held-out data for choices made during the merge (mtz's --tolerance; without it,
+    samples of `calib` are held out). `warm_start`, an earlier merged model of the
     same tasks, gives the starting weights (progressive zippering: onnxmerge.sweep). `checkpoint`
     (onnxmerge.calibrate.Checkpoint) makes the calibration save its state and resume from it; the
     file is removed once the merged model is saved.
@@ -240,11 +268,12 @@ def merge(
     method_params = chosen.parameters(params or {})
     pairs = parse_pairs(align) if isinstance(align, str) else align
 
-    state = load_tasks(inputs, names, opset)
+    state = load_tasks(inputs, names, opset, chosen.name)
     check_task_data(state, data or {})
     check_task_data(state, calib or {}, flag="--calib")
+    check_task_data(state, validation or {}, flag="--validation")
     state.method, state.params, state.progress = chosen.name, dict(method_params), progress
-    state.calib, state.calibration = dict(calib or {}), calibration
+    state.calib, state.calibration, state.validation = dict(calib or {}), calibration, dict(validation or {})
     method_passes = chosen.passes(method_params)
     if method_passes:  # a method with passes rewrites layers (pack has none)
         check_has_layers(state, chosen.name)
@@ -275,6 +304,7 @@ def merge(
                         t.channel_order) for t in state.tasks],
         fidelity={"max_rel_diff_random_inputs": fidelity, "alignment": [a.to_dict() for a in state.alignments],
                   **state.figures, **({"notes": state.notes} if state.notes else {})},
+        layout=state.layout,
     )
     if calib and not state.calibrated:
         calibrated = calibrate(model, info, {t.name: t.original for t in state.tasks}, calib, calibration,

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check invariants and exactness after every pass")
     p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass that changed it")
     _method_args(p)
+    p.add_argument("--validation", action="append", default=[], metavar="TASK=PATH",
+                   help="labelled held-out data per task for mtz --tolerance, data the models were not trained on "
+                        "(default: a fifth of --calib, at most 1,000 samples, is held out); repeatable")
     g = p.add_argument_group("progressive zippering (method zipper)")
     g.add_argument("--sweep", action="store_true",
                    help="share layers 1, 2, ... one at a time, calibrating after each; writes "
@@ -248,6 +251,7 @@ def cmd_merge(args) -> int:
         check_output_path(args.output, [*args.inputs, *_data_files(args)])
     data = _load_data(args.data)  # refuse bad data before any work
     calib = _load_data(args.calib)
+    validation = _load_data(args.validation)
     config = _calib_config(args) if calib else None
     if args.sweep:
         return _sweep(args, names, data, calib, config)
@@ -263,8 +267,10 @@ def cmd_merge(args) -> int:
     result = merge(args.inputs, args.output, method=args.method, names=names,
                    separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
                    verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
-                   calib=calib, calibration=config, params=params, checkpoint=checkpoint)
-    originals = {t.name: str(t.path) for t in result.state.tasks}
+                   calib=calib, calibration=config, validation=validation, params=params, checkpoint=checkpoint)
+    # a merged input's tasks are compared with its sub-models, as the merge compared them
+    merged = result.state.base.names if result.state.base else []
+    originals = {t.name: t.original if t.name in merged else str(t.path) for t in result.state.tasks}
     model, info = result.model, result.info
     del result  # the merge state holds every model and graph: free it before the report loads the originals
     _print_report(model, args.output, info, originals, data, args)
@@ -283,6 +289,8 @@ def _check_merge_flags(args) -> None:
                       if given]
         if sweep_only:
             raise UsageError(f"{', '.join(sweep_only)}: only with --sweep (progressive zippering)")
+    if args.validation and args.param_tolerance is None:
+        raise UsageError("--validation: only with --method mtz --tolerance (the held-out data its choices are measured on)")
     if not args.calib:
         d = CalibrationConfig()
         settings = {"--steps": (args.steps, d.steps), "--lr": (args.lr, d.lr),
@@ -299,10 +307,11 @@ def _check_merge_flags(args) -> None:
 
 
 def _data_files(args) -> list[str]:
-    """The files and folders named by --data and --calib (none of them may be overwritten)."""
+    """The files and folders named by --data, --calib and --validation (none of them may be overwritten)."""
     from onnxmerge.data import parse_task_paths
 
-    return [*parse_task_paths(getattr(args, "data", [])).values(), *parse_task_paths(getattr(args, "calib", [])).values()]
+    return [*parse_task_paths(getattr(args, "data", [])).values(), *parse_task_paths(getattr(args, "calib", [])).values(),
+            *parse_task_paths(getattr(args, "validation", [])).values()]
 
 
 def _sweep(args, names, data, calib, config) -> int:
@@ -506,7 +515,7 @@ def _print_report(model, path, info, originals: dict, data: dict, args, quiet_te
 
     pack = None
     latency = not args.no_latency
-    if latency and info.method != "pack":
+    if latency and info.method != "pack" and all(isinstance(m, str) for m in originals.values()):
         # the second latency reference: the same tasks side by side in one session
         order = [t.name for t in info.tasks]
         pack = merge([originals[n] for n in order], method="pack", names=order).model

@@ -11,6 +11,10 @@ A merged model carries, in `metadata_props`:
                         gives a layer's channel order where channel matching permuted it
     onnxmerge.fidelity  JSON: the measured fidelity (per task, the max abs difference to the original on
                         seeded random inputs, relative to the output magnitude) and the alignment
+    onnxmerge.layout    mtz only, JSON: the zipped network's column layout (onnxmerge.zipped.ZippedNet.layout:
+                        per channel space and task, the merged column of each of the task's channels; per
+                        layer, the initializers of its weights), from which a later mtz merge rebuilds the
+                        network to zip further tasks into it (`onnxmerge merged.onnx c.onnx --method mtz`)
 
 Timings (`seconds`, `*_seconds`) are left out of the file, so that the same inputs, settings and seed
 give byte-identical models; the report printed after a merge still shows them.
@@ -52,6 +56,7 @@ class MergedInfo:
     params: dict[str, Any]
     tasks: list[TaskInfo]
     fidelity: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, Any] | None = None  # mtz: the zipped network's layout (written only where given)
 
     def task(self, name: str) -> TaskInfo:
         for t in self.tasks:
@@ -73,6 +78,8 @@ def write_metadata(model: onnx.ModelProto, info: MergedInfo) -> None:
         "tasks": json.dumps([t.__dict__ for t in info.tasks]),
         "fidelity": json.dumps(without_timings(info.fidelity), sort_keys=True),
     }
+    if info.layout is not None:  # other methods' files keep exactly the keys they always had
+        values["layout"] = json.dumps(info.layout, separators=(",", ":"))
     for key, value in values.items():
         model.metadata_props.add(key=PREFIX + key, value=value)
 
@@ -101,6 +108,7 @@ def read_metadata(model: onnx.ModelProto, path: str = "model") -> MergedInfo:
             params=json.loads(props.get("params", "{}")),
             tasks=[TaskInfo(**t) for t in json.loads(props["tasks"])],
             fidelity=json.loads(props.get("fidelity", "{}")),
+            layout=json.loads(props["layout"]) if "layout" in props else None,
         )
     except (ValueError, TypeError) as e:
         raise MergeError(f"{path}: unreadable onnxmerge metadata ({e})") from None
@@ -113,3 +121,31 @@ def logits_output(task: TaskInfo, ranks: dict[str, int]) -> tuple[str, str]:
         if ranks.get(merged) == 2:
             return orig, merged
     raise MergeError(f"task {task.name!r}: no output of shape (batch, classes) among {', '.join(task.outputs)}")
+
+
+def task_model(model: onnx.ModelProto, task: TaskInfo, path: str = "model") -> onnx.ModelProto:
+    """The part of merged `model` that computes `task`'s outputs, with the task's original input and
+    output names: what stands for the task's original model where only the merged model is at hand
+    (an mtz merge that adds tasks to a merged model). No onnxmerge metadata: it is not a merged model."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    wanted = {**task.inputs, **task.outputs}  # original name -> merged name
+    missing = [m for m in wanted.values() if m not in tensors]
+    if missing:
+        raise MergeError(f"{path}: task {task.name!r}'s tensor(s) {', '.join(missing)} named in its metadata "
+                         "are not in the graph")
+    graph.inputs = [tensors[m] for m in task.inputs.values()]
+    graph.outputs = [tensors[m] for m in task.outputs.values()]
+    graph.cleanup(remove_unused_graph_inputs=True)
+    kept = graph.tensors()
+    clash = [o for o, m in wanted.items() if o != m and o in kept]
+    if clash:
+        raise MergeError(f"{path}: task {task.name!r}'s original tensor name(s) {', '.join(clash)} are taken "
+                         "by other tensors of the merged graph")
+    for original, merged in wanted.items():
+        kept[merged].name = original
+    sub = gs.export_onnx(graph)
+    sub.ir_version = model.ir_version
+    return sub

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from onnx import version_converter
 from onnx.external_data_helper import load_external_data_for_model
 from google.protobuf.message import DecodeError
 
+from onnxmerge.contract import MergedInfo, read_metadata, task_model
 from onnxmerge.errors import MergeError, UsageError
 
 # The operator set onnxmerge understands (ai.onnx domain). Constant is folded away on load.
@@ -45,18 +47,19 @@ def opset_of(model: onnx.ModelProto) -> int:
     return 1
 
 
-def unsupported_nodes(model: onnx.ModelProto) -> list[str]:
-    """'OpType (node name)' for each node outside the supported operator set."""
+def unsupported_nodes(model: onnx.ModelProto, extra_ops: frozenset[str] = frozenset()) -> list[str]:
+    """'OpType (node name)' for each node outside the supported operator set (and `extra_ops`)."""
     bad = []
     for i, node in enumerate(model.graph.node):
-        if node.domain not in DEFAULT_DOMAINS or node.op_type not in SUPPORTED_OPS:
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in SUPPORTED_OPS | extra_ops:
             op = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
             bad.append(f"{op} ({node.name or f'node #{i}'})")
     return bad
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """Load, check and shape-infer one input model; a one-line MergeError if it is unusable."""
+def load_model(path: str | Path, extra_ops: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """Load, check and shape-infer one input model; a one-line MergeError if it is unusable.
+    `extra_ops`: operators accepted beside SUPPORTED_OPS (a merged mtz model's ZIPPED_OPS)."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file")
@@ -96,7 +99,7 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     except UnicodeDecodeError:  # the checker quotes a corrupt name or string that is not UTF-8
         raise MergeError(f"{path}: invalid ONNX model (a name or string in it is not valid UTF-8: "
                          "the file is corrupt)") from None
-    bad = unsupported_nodes(model)
+    bad = unsupported_nodes(model, extra_ops)
     if bad:
         raise MergeError(f"{path}: unsupported operator(s): {', '.join(bad)}")
     check_finite_weights(model, str(path))
@@ -347,3 +350,66 @@ def _changed_ops(model: onnx.ModelProto, source: int, target: int) -> list[str]:
 def _first_line(e: BaseException, limit: int = 300) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:limit]
+
+
+# ----------------------------------------------------------------------------------------------
+# a merged mtz model as an input: further tasks are zipped into it (onnxmerge.zipped.ZippedNet.resume)
+
+# what an mtz merged model has beside SUPPORTED_OPS: the views of its columns (onnxmerge.zipped)
+ZIPPED_OPS = frozenset({"Slice", "Gather"})
+
+
+@dataclass
+class MergedInput:
+    """A model merged by `onnxmerge --method mtz`, given as the first input of a further mtz merge:
+    it stands for its tasks, and the models after it are zipped into its network."""
+
+    path: Path
+    model: onnx.ModelProto
+    info: MergedInfo
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.info.tasks]
+
+    def originals(self) -> dict[str, onnx.ModelProto]:
+        """Each task's stand-in original, keyed like reconcile_versions's models: its sub-model of the
+        merged model (contract.task_model), as the true originals are not at hand."""
+        return {f"{self.path} (task {t.name})": task_model(self.model, t, str(self.path)) for t in self.info.tasks}
+
+
+def find_merged_input(paths: list[Path]) -> MergedInput | None:
+    """The merged mtz model among the inputs of an mtz merge, loaded and checked, or None where they
+    are all ordinary models. A one-line UsageError where a merged model cannot take further tasks:
+    merged by another method, or by an onnxmerge that did not record the layout, or not the first
+    input, or not the only merged model."""
+    found = [(k, p, info) for k, p in enumerate(paths) if (info := _merged_metadata(p)) is not None]
+    if not found:
+        return None
+    k, path, info = found[0]
+    if len(found) > 1:
+        raise UsageError(f"{found[1][1]}: a second merged model (besides {path}); mtz adds ordinary models to one "
+                         "merged model")
+    if info.method != "mtz":
+        raise UsageError(f"{path}: a model merged with --method {info.method or '(unknown)'}; mtz adds tasks only to "
+                         "a model merged with --method mtz")
+    if not info.layout:
+        raise UsageError(f"{path}: merged with --method mtz by onnxmerge {info.version or '(unknown version)'}, which "
+                         "did not record the zipped network's layout (onnxmerge.layout); merge the original models "
+                         "again to add tasks")
+    if k != 0:
+        raise UsageError(f"{path}: give the merged model first: its tasks are zipped first, the models after it "
+                         "are added to them")
+    return MergedInput(path, load_model(path, extra_ops=ZIPPED_OPS), info)
+
+
+def _merged_metadata(path: Path) -> MergedInfo | None:
+    """The onnxmerge metadata of the model at `path`, or None where it has none (or is no readable
+    model: load_model then says what is wrong with it)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX, unreadable, a folder: load_model reports it
+        return None
+    if not any(p.key == "onnxmerge.tasks" for p in model.metadata_props):
+        return None
+    return read_metadata(model, str(path))

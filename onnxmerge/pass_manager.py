@@ -63,8 +63,9 @@ class PassManager:
     """Runs passes in order.
 
     verify:   after each pass that changed something, check the graph invariants (unique names,
-              topological order, onnx.checker) and, for exact passes, that every task still
-              reproduces its original model's outputs (onnxmerge.verify).
+              topological order, onnx.checker) and, for exact passes while every pass so far was
+              exact, that every task still reproduces its original model's outputs
+              (onnxmerge.verify; after a lossy pass, such as mtz's, no pass can reproduce them).
     dump_dir: write the model after each pass that changed it, as NN_PassName[_task].onnx.
     """
 
@@ -81,6 +82,7 @@ class PassManager:
         if self.dump_dir:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
         done: list[str] = []
+        exact = True  # every pass that changed the graph so far reproduces the originals
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress, leave=False, delay=1.0)
         for i, p in enumerate(bar):
             bar.set_postfix_str(p.name, refresh=False)
@@ -94,10 +96,11 @@ class PassManager:
             state = result.state
             done.append(p.name)
             if result.modified:
+                exact &= p.exact
                 if self.verify:
                     try:
                         verify.check_invariants(state)
-                        if p.exact:
+                        if exact:
                             verify.check_exact(state)
                     except MergeError as e:
                         raise MergeError(f"--verify after pass {p.name} (after {', '.join(done[:-1]) or 'nothing'}): {e}") from None

@@ -235,7 +235,7 @@ register(Method(
         "mtz_seed": Option(0, "seed of the Hessian sample and random pairing", parse=int),
         "tolerance": Option(None, "adaptive: per layer, the most pairs (up to --share-ratio) whose merge, after "
                             "--retrain-steps, keeps each task within this many accuracy points of its original on "
-                            "held-out --calib samples (labels needed)", parse=_number("tolerance")),
+                            "labelled held-out samples (--validation, else a fifth of --calib)", parse=_number("tolerance")),
     },
     # zip_neurons: a threshold replaces the share ratio's counts; --tolerance bisects each layer's count
     # up to the share ratio, so it ignores a threshold and per-layer counts

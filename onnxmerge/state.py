@@ -58,8 +58,13 @@ class MergeState:
     figures: dict[str, Any] = field(default_factory=dict)  # a method's measurements, reported as fidelity
     progress: bool = False  # whether long passes show progress bars
     calib: dict[str, Any] = field(default_factory=dict)  # task -> calibration Dataset (methods that need data)
+    # task -> labelled held-out Dataset for choices made during the merge (mtz --tolerance)
+    validation: dict[str, Any] = field(default_factory=dict)
     calibration: Any = None  # the CalibrationConfig for methods that retrain as they go
     calibrated: bool = False  # a method already calibrated the model (merge skips its last calibration)
+    # mtz: the merged mtz model given as the first input, whose tasks come first (loading.MergedInput)
+    base: Any = None
+    layout: dict[str, Any] | None = None  # mtz: the zipped network's layout, for the metadata (onnxmerge.layout)
 
     @property
     def combined(self) -> bool:

@@ -14,10 +14,15 @@ only the input columns of those tasks (a Slice when they are contiguous, else a 
 order [task A only | shared | task B only] makes every view of two tasks contiguous.
 
 Sharing nothing, the built graph computes each task's original layers on its own columns: exact.
+
+A merged model records `layout()` in its metadata (onnxmerge.layout), so that a later merge can
+rebuild the network from the file (`ZippedNet.resume`) and zip further tasks into it, as the
+authors' `merge_new_task` zips each further task into the network of the tasks before it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
-from onnxmerge.errors import UsageError
+from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.layers import Layer
 
 # ops that act on each channel alone, so they commute with any choice and order of columns
@@ -96,6 +101,7 @@ class ZippedNet:
         self.input_name, self.output_names = input_name, output_names
         self.template = graphs[0]
         _check_same_architecture(task_names, graphs, layers)
+        self.architecture = _fingerprint(graphs[0], layers[0])
         self.spaces: list[Space] = []
         self.layers: list[ZLayer] = []
         self.tensor_space: dict[str, tuple[int, int]] = {}  # template tensor -> (space, unit)
@@ -178,8 +184,10 @@ class ZippedNet:
             zl.in_space, zl.out_space = renumber[find(zl.in_space)], renumber[find(zl.out_space)]
             self._init_weights(zl, [_layer_weights(g, l) for g, l in zip(self.graphs, per_task)])
 
-    def _init_weights(self, zl: ZLayer, weights: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """The block-diagonal dense weight: each task's rows read that task's columns."""
+    def _init_weights(self, zl: ZLayer, weights: list[tuple[np.ndarray, np.ndarray]],
+                      tasks: frozenset[int] | None = None) -> None:
+        """The block-diagonal dense weight: each task's rows read that task's columns (`tasks`:
+        only those tasks' rows, which have one task each; the other rows are left zero)."""
         ins, outs = self.spaces[zl.in_space], self.spaces[zl.out_space]
         shape = weights[0][0].shape
         n_in = len(ins.columns) * zl.unit if zl.kind == "fc" else len(ins.columns)
@@ -187,6 +195,8 @@ class ZippedNet:
         zl.bias = np.zeros(len(outs.columns), np.float32)
         zl.zeros = float(np.mean([(w == 0).mean() for w, _ in weights]))
         for r, col in enumerate(outs.columns):
+            if tasks is not None and not col.keys() <= tasks:
+                continue
             (t, o), = col.items()
             w, b = weights[t]
             view = ins.view(frozenset({t}))
@@ -254,6 +264,120 @@ class ZippedNet:
         for zl in self.layers:
             if zl.mask is not None:  # retraining keeps a pruned layer's mask
                 zl.weight *= zl.mask
+
+    # ------------------------------------------------------------------------------------------
+    # a merged model as the start of a further merge (the authors' merge_new_task, across runs)
+
+    def layout(self) -> dict:
+        """What a later merge needs to rebuild this network from the model `build` last wrote (the
+        metadata entry onnxmerge.layout): the tasks; the architecture's fingerprint; per space and
+        task, the column of each of the task's channels; per layer, the fraction of zeros of the
+        tasks' own weights and the (weight, bias) initializers of its runs, in build order."""
+        runs: dict[int, list[list[str]]] = {zl.index: [] for zl in self.layers}
+        for run in self.runs:
+            runs[run.layer].append([run.weight, run.bias])
+        spaces = []
+        for sp in self.spaces:
+            where: list[dict[int, int]] = [{} for _ in self.task_names]
+            for k, col in enumerate(sp.columns):
+                for t, c in col.items():
+                    where[t][c] = k
+            spaces.append([[w[c] for c in range(len(w))] for w in where])
+        return {"tasks": list(self.task_names), "architecture": self.architecture, "spaces": spaces,
+                "layers": [{"node": zl.node, "zeros": zl.zeros, "runs": runs[zl.index]} for zl in self.layers]}
+
+    @classmethod
+    def resume(cls, layout: dict, model: onnx.ModelProto, where: str, added: str, task_names: list[str],
+               graphs: list[gs.Graph], layers: list[list[Layer]], input_name: str,
+               output_names: list[dict[str, str]], opset: int, ir_version: int) -> ZippedNet:
+        """The zipped network of merged `model` (at `where`, which `build` wrote with `layout`) with
+        the tasks of `graphs` added, unshared: the state of a one-run merge of all the tasks just
+        before the first added task is zipped (Algorithm 1 for q = the number of merged tasks), so
+        that `merge_task` continues as if the merge had never stopped.
+
+        `task_names` and `output_names` cover every task, the merged ones first (their output maps
+        in their outputs' order); `graphs` and `layers` are the added tasks' (`added`: the first one's
+        file, for errors). The merged tasks' structure is the added models' architecture (checked
+        against the layout's fingerprint), their columns the layout's, their weights `model`'s
+        initializers; the rebuilt network must compute `model`'s outputs (checked)."""
+        n_base = len(layout["tasks"])
+        if len(task_names) != n_base + len(graphs):
+            raise MergeError(f"{where}: its layout has {n_base} tasks, its metadata {len(task_names) - len(graphs)}")
+        outputs = [o.name for o in graphs[0].outputs]
+        for t in range(n_base):
+            if len(output_names[t]) != len(outputs):
+                raise UsageError(f"{added}: has {len(outputs)} output(s), task {task_names[t]} of {where} "
+                                 f"{len(output_names[t])}; mtz zips models of one architecture")
+        # the merged tasks stand on the first added graph: its nodes, with their outputs' merged names
+        names = [dict(zip(outputs, output_names[t].values())) for t in range(n_base)] + output_names[n_base:]
+        net = cls(task_names, [graphs[0]] * n_base + list(graphs), [layers[0]] * n_base + list(layers),
+                  input_name, names, opset, ir_version)
+        if layout.get("architecture") != net.architecture:
+            raise UsageError(f"{added}: not of the architecture of the tasks of {where} (operators, attributes "
+                             "or layer shapes differ); mtz zips models of one architecture")
+        if len(layout["spaces"]) != len(net.spaces) or len(layout["layers"]) != len(net.layers):
+            raise MergeError(f"{where}: its layout does not fit its architecture (onnxmerge.layout is corrupt)")
+        base = frozenset(range(n_base))
+        for s, (sp, per_task) in enumerate(zip(net.spaces, layout["spaces"])):
+            if s == 0:  # the model input: every task reads every column, as _analyse made it
+                continue
+            columns: list[dict[int, int]] = [{} for _ in range(1 + max((k for w in per_task for k in w), default=-1))]
+            for t, cols in enumerate(per_task):
+                if len(cols) != sum(t in c for c in sp.columns):
+                    raise MergeError(f"{where}: its layout gives task {task_names[t]} {len(cols)} channels where "
+                                     f"its architecture has {sum(t in c for c in sp.columns)}")
+                for c, k in enumerate(cols):
+                    if t in columns[k]:
+                        raise MergeError(f"{where}: its layout puts two channels of task {task_names[t]} in one column")
+                    columns[k][t] = c
+            if not all(columns):
+                raise MergeError(f"{where}: its layout leaves a column without a task (onnxmerge.layout is corrupt)")
+            # [the merged tasks' columns | each added task's own], as _analyse and relayout order them
+            sp.columns = columns + [c for c in sp.columns if not c.keys() & base]
+            sp.merged = set(base)
+        added_tasks = frozenset(range(n_base, len(task_names)))
+        for zl, entry in zip(net.layers, layout["layers"]):
+            fresh = [_layer_weights(g, ls[zl.index]) for g, ls in zip(graphs, layers)]
+            net._init_weights(zl, [fresh[0]] * n_base + fresh, tasks=added_tasks)
+            zl.zeros = (float(entry["zeros"]) * n_base + sum(float((w == 0).mean()) for w, _ in fresh)) / len(task_names)
+        net.build()  # the runs: in each layer, the merged tasks' come first, as in `model`
+        inits = {i.name: i for i in model.graph.initializer}
+        for zl, entry in zip(net.layers, layout["layers"]):
+            owners = net.spaces[zl.out_space].owners
+            runs = [r for r in net.runs if r.layer == zl.index and owners(r.rows[0]) <= base]
+            if len(runs) != len(entry["runs"]):
+                raise MergeError(f"{where}: its layout gives layer {zl.node} {len(entry['runs'])} weight runs, its "
+                                 f"columns make {len(runs)} (onnxmerge.layout is corrupt)")
+            for run, (wname, bname) in zip(runs, entry["runs"]):
+                if wname not in inits or bname not in inits:
+                    raise MergeError(f"{where}: no initializer {wname if wname not in inits else bname} that its "
+                                     "layout names (was the file edited after onnxmerge wrote it?)")
+                w, b = numpy_helper.to_array(inits[wname]), numpy_helper.to_array(inits[bname])
+                want = (len(run.rows), len(run.needed), *zl.weight.shape[2:])
+                if w.shape != want or b.shape != (len(run.rows),):
+                    raise MergeError(f"{where}: initializer {wname} has shape {w.shape} where its layout makes {want}")
+                rows = np.asarray(run.rows)
+                zl.weight[rows[:, None], run.needed[None, :]] = w
+                zl.bias[rows] = b
+        net._check_rebuilt(model, where, [n for t in range(n_base) for n in names[t].values()])
+        return net
+
+    def _check_rebuilt(self, model: onnx.ModelProto, where: str, outputs: list[str], tol: float = 1e-5) -> None:
+        """Refuse a rebuilt network that does not compute `model`'s `outputs` (those of the merged
+        tasks): the same weights in the same graph, so only float rounding may differ."""
+        from onnxmerge.graphs import random_feeds, session
+
+        ref = session(model)
+        feeds = random_feeds(ref, 4, seed=0)
+        expected = ref.run(outputs, feeds)
+        del ref
+        got = session(self.build()).run(outputs, {self.input_name: next(iter(feeds.values()))})
+        for name, g, r in zip(outputs, got, expected):
+            diff = float(np.abs(g - r).max()) / max(1.0, float(np.abs(r).max()))
+            if not diff <= tol:
+                raise MergeError(f"{where}: the network rebuilt from its layout (onnxmerge.layout) differs from the "
+                                 f"file's in output {name} (relative difference {diff:.3g}); was the file edited "
+                                 "after onnxmerge wrote it?")
 
 
 class _Builder:
@@ -418,6 +542,19 @@ def _check_same_architecture(names: list[str], graphs: list[gs.Graph], layers: l
                              "operators, attributes or layer shapes")
     if len(graphs[0].inputs) != 1:
         raise UsageError(f"mtz: {names[0]} has {len(graphs[0].inputs)} inputs; models of one input are supported")
+
+
+def _fingerprint(graph: gs.Graph, layers: list[Layer]) -> str:
+    """What _check_same_architecture compares (each node's operator and attributes, the layers'
+    signatures), hashed: an added model must have the architecture of a merged model's tasks."""
+    def plain(value):  # attribute values that print the same for equal models (no object ids)
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return type(value).__name__
+    nodes = [(n.op, sorted((k, plain(v)) for k, v in n.attrs.items())) for n in graph.nodes]
+    return hashlib.sha256(repr((nodes, [l.signature for l in layers])).encode()).hexdigest()[:16]
 
 
 def _heads(graph: gs.Graph, layers: dict[str, Layer]) -> set[str]:

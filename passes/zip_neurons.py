@@ -17,6 +17,10 @@ is the sum of theirs: the authors' `merge_new_task`), layer by layer in topologi
 4. `retrain_steps` steps of calibration (onnxmerge.calibrate: the tasks' losses and distillation
    from the originals; a step is one batch of every task) re-boost the tasks before the next layer.
 
+A merged mtz model given as the first input stands for its tasks: its network is rebuilt from the
+layout in its metadata (onnxmerge.zipped.ZippedNet.resume) and the other models are zipped into it
+from q = its number of tasks on, exactly as in one run of all the models.
+
 A residual space (a block's output and its skip input) is decided at its first producer; its later
 producers are merged at their own turn, with the pairs already fixed. Task heads are never shared.
 Pruned models (3.6): a merged weight keeps the union of the two nonzero masks, and retraining keeps
@@ -36,6 +40,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxmerge import mtz_math
+from onnxmerge.alignment import Alignment
 from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.graphs import session
 from onnxmerge.layers import layer_label
@@ -90,12 +95,13 @@ class ZipNeuronsPass(Pass):
                              "same shape and type (and --separate-inputs must not be given)")
         missing = [t.name for t in state.tasks if t.name not in state.calib]
         if missing and self._shares_anything():
+            base = state.base.names if state.base else []
+            of = f" (the merged side's Hessians sum those of {state.base.path}'s tasks)" if set(missing) & set(base) else ""
             raise UsageError(f"mtz computes its layer-wise Hessians from calibration data: give --calib TASK=PATH for "
-                             f"{', '.join(missing)}")
-        first = state.tasks[0]
-        input_name = first.input_map[first.graph.inputs[0].name]
-        net = ZippedNet([t.name for t in state.tasks], [t.graph for t in state.tasks], [t.layers for t in state.tasks],
-                        input_name, [t.output_map for t in state.tasks], state.opset, state.ir_version)
+                             f"{', '.join(missing)}{of}")
+        input_name = state.tasks[0].input_map[state.tasks[0].graph.inputs[0].name]
+        net, start = self._net(state, input_name)
+        first = state.tasks[0 if state.base is None else start]  # a task whose graph is of the architecture
         labels = {zl.index: layer_label(first.layers, zl.index) for zl in net.layers}
         unknown = set(self.counts) - set(labels.values()) - {l.node for l in first.layers}
         if unknown:
@@ -106,17 +112,45 @@ class ZipNeuronsPass(Pass):
         self.rng = np.random.default_rng(self.seed)
         report: list[dict] = []
         zipper = _Zipper(self, state, net)
-        for q in range(1, len(state.tasks)):
+        for q in range(start, len(state.tasks)):
             report += zipper.merge_task(q, labels)
         self.net = net  # for tests and tools that look at the zipped network
         model = net.build()
         onnx.checker.check_model(model)
         state.graph = gs.import_onnx(model)
+        state.layout = net.layout()  # of the model just built: its initializers are the file's
         for task in state.tasks:
             task.layer_map = {}  # a shared neuron stands for no single original channel
         state.figures["mtz"] = {"layers": report, **zipper.summary()}
+        if state.base:
+            merged = state.base.names
+            state.figures["mtz"]["added_to"] = {"model": str(state.base.path), "tasks": merged}
+            state.notes.append(f"tasks {', '.join(merged)} come from {state.base.path}: their originals (the teachers "
+                               "of retraining, the reference of the fidelity figures and of --tolerance) are that "
+                               "model's sub-models, not their original models")
         state.calibrated = True  # --calib fed the Hessians and the retraining: no calibration after the merge
         return PassResult(state, True)
+
+    def _net(self, state: MergeState, input_name: str) -> tuple[ZippedNet, int]:
+        """The zipped network to start from and the first task to zip into it: all tasks unshared
+        and task 1; or, where the first input is a merged mtz model (state.base), its network rebuilt
+        from its layout with the other models added, and the first of them (merge_new_task)."""
+        tasks = state.tasks
+        if state.base is None:
+            net = ZippedNet([t.name for t in tasks], [t.graph for t in tasks], [t.layers for t in tasks], input_name,
+                            [t.output_map for t in tasks], state.opset, state.ir_version)
+            return net, 1
+        start = len(state.base.names)
+        added = tasks[start:]
+        net = ZippedNet.resume(state.base.info.layout, state.base.model, str(state.base.path), str(added[0].path),
+                               [t.name for t in tasks], [t.graph for t in added], [t.layers for t in added],
+                               input_name, [t.output_map for t in tasks], state.opset, state.ir_version)
+        # one architecture (the layout's fingerprint matched): the identity alignment, as a one-run merge
+        # records it, not that of the merged tasks' sub-models, whose layers are the zipped runs
+        arch = added[0].layers
+        state.alignments = [Alignment.of(tasks[0].name, arch, t.name, arch, [(i, i) for i in range(len(arch))],
+                                         "identity") for t in tasks[1:]]
+        return net, start
 
     def _shares_anything(self) -> bool:
         return self.share_ratio > 0 or any(self.counts.values()) or self.threshold is not None
@@ -139,13 +173,17 @@ class _Zipper:
     def __init__(self, opts: ZipNeuronsPass, state: MergeState, net: ZippedNet):
         self.opts, self.state, self.net = opts, state, net
         self.calib, self.validation = dict(state.calib), {}
-        if opts.tolerance is not None:  # adaptive: hold out labelled samples to measure each task's accuracy
+        if opts.tolerance is not None:  # adaptive: each task's accuracy on labelled held-out samples
             for task in state.tasks:
-                ds = state.calib.get(task.name)
+                ds, flag = state.validation.get(task.name), "--validation"
+                if ds is None:  # hold out samples of --calib: the originals may have been trained on them
+                    ds, flag = state.calib.get(task.name), "--calib"
                 if ds is None or ds.y is None:
-                    raise UsageError(f"mtz --tolerance measures accuracy: task {task.name}'s --calib data needs labels")
-                n_val = min(1000, len(ds) // 5)
-                self.calib[task.name], self.validation[task.name] = _split(ds, n_val, opts.seed)
+                    raise UsageError(f"mtz --tolerance measures accuracy: task {task.name}'s {flag} data needs labels")
+                if flag == "--validation":
+                    self.validation[task.name] = ds
+                else:
+                    self.calib[task.name], self.validation[task.name] = _split(ds, min(1000, len(ds) // 5), opts.seed)
             self.reference = self.accuracy(originals=True)
         self.data = {t: self.calib[task.name].subset(opts.hessian_samples, seed=opts.seed).x
                      for t, task in enumerate(state.tasks) if task.name in self.calib}
@@ -253,16 +291,25 @@ class _Zipper:
         cand_p, cand_q = self.candidates(zl, side_p, q)
         start = (self.net.spaces, self.net.layers)
         best: tuple | None = None
+        hessians = None  # every trial starts from `start`: the layer's Hessians are the same in each
 
         def attempt(n: int) -> bool:
-            nonlocal best
+            nonlocal best, hessians
             self.net.spaces, self.net.layers = copy.deepcopy(start)
-            row = self.choose(zl, side_p, q, label, n=n)
+            if n and hessians is None:
+                hessians = self.hessians(zl, side_p, q)
+            row = self.choose(zl, side_p, q, label, n=n, hessians=hessians)
             self.retrain()
             acc = self.accuracy()
             self.trials += 1
             row["accuracy"] = acc
             ok = all(self.reference[t] - acc[t] <= self.opts.tolerance / 100 for t in acc)
+            if self.state.progress:  # a trial with retraining takes minutes: say how each went
+                from tqdm import tqdm
+
+                tqdm.write(f"mtz {label}: {n} pairs: " + ", ".join(
+                    f"{t} {100 * acc[t]:.2f}% ({100 * (acc[t] - self.reference[t]):+.2f})" for t in acc)
+                    + (" within" if ok else " beyond") + f" the tolerance of {self.opts.tolerance} points")
             if ok or n == 0:
                 best = (self.net.spaces, self.net.layers, row)
             return ok
@@ -297,7 +344,10 @@ class _Zipper:
             out[task.name] = float((logits.argmax(axis=1) == ds.y).mean())
         return out
 
-    def choose(self, zl: ZLayer, side_p: frozenset[int], q: int, label: str, n: int | None = None) -> dict:
+    def choose(self, zl: ZLayer, side_p: frozenset[int], q: int, label: str, n: int | None = None,
+               hessians: tuple | None = None) -> dict:
+        """Steps 1-3 of Algorithm 1 for layer `zl`: `n` pairs (default: the options' count), with the
+        layer's (H_P, H_q, columns) where already computed."""
         net, opts = self.net, self.opts
         space_id = zl.out_space
         cand_p, cand_q = self.candidates(zl, side_p, q)
@@ -306,7 +356,7 @@ class _Zipper:
         if n == 0:
             net.relayout(space_id, side_p, q, [])
             return {"layer": label, "node": zl.node, "candidates": [len(cand_p), len(cand_q)], "shared": 0}
-        h_p, h_q, cols = self.hessians(zl, side_p, q)
+        h_p, h_q, cols = hessians or self.hessians(zl, side_p, q)
         a = self.vectors(zl, zl.weight[cand_p], zl.bias[cand_p], cols)
         b = self.vectors(zl, zl.weight[cand_q], zl.bias[cand_q], cols)
         with self.timer("pair costs"):

@@ -78,13 +78,13 @@ def original_errors(paths: dict, test: dict) -> dict[str, float]:
             for k in paths}
 
 
-def zip_pair(paths: dict, calib: dict, **params):
+def zip_pair(paths: dict, calib: dict, validation: dict | None = None, lr: float = LR, **params):
     from onnxmerge.api import merge
     from onnxmerge.calibrate import CalibrationConfig
 
     t0 = time.perf_counter()
     result = merge([str(p) for p in paths.values()], method="mtz", names=list(paths), calib=calib,
-                   calibration=CalibrationConfig(lr=LR, batch_size=BATCH), progress=True,
+                   validation=validation, calibration=CalibrationConfig(lr=lr, batch_size=BATCH), progress=True,
                    params={"hessian_samples": HESSIAN_SAMPLES, **params})
     return result, time.perf_counter() - t0
 
@@ -111,15 +111,29 @@ def table1(arch: str, budget: int, layers: int) -> tuple[list[str], dict]:
     return rows, fig
 
 
-def adaptive(pair: dict, tolerance: float, steps: int) -> tuple[list[str], dict]:
+def held_out(name: str, split_at: int | None):
+    """(calibration, validation) of dataset `name`: the train split up to `split_at` and the rest (the
+    models were trained on the first part only), or the whole train split and None."""
+    from onnxmerge.data import Dataset
+
+    train = data(name, "train")
+    if split_at is None:
+        return train, None
+    return train.take(split_at), Dataset(train.x[split_at:], train.y[split_at:], train.source, train.preprocessing)
+
+
+def adaptive(pair: dict, tolerance: float, steps: int, split_at: int | None = None, lr: float = LR) -> tuple[list[str], dict]:
     from onnxmerge.latency import latency_table
     from onnxmerge.metrics import model_stats
 
-    calib = {k: data(ds, "train") for k, (_, ds) in pair.items()}
+    sets = {k: held_out(ds, split_at) for k, (_, ds) in pair.items()}
+    calib = {k: c for k, (c, _) in sets.items()}
+    validation = {k: v for k, (_, v) in sets.items() if v is not None}
     tests = {k: data(ds, "test") for k, (_, ds) in pair.items()}
     paths = {k: p for k, (p, _) in pair.items()}
     orig = original_errors(paths, tests)
-    result, seconds = zip_pair(paths, calib, share_ratio=1.0, tolerance=tolerance, retrain_steps=steps)
+    result, seconds = zip_pair(paths, calib, share_ratio=1.0, tolerance=tolerance, retrain_steps=steps,
+                               validation=validation or None, lr=lr)
     err = errors(result, tests)
     import onnx
 
