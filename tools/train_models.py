@@ -384,6 +384,13 @@ MTZ_SPECS = [
          train_samples=VALIDATION_FROM,
          notes={"paper": "the different-tasks pair (Fashion-MNIST side), trained as lenet5_mnist_55k",
                 "why": "the other LeNet-5s' settings", "setup": _MTZ_NOTE}),
+    Spec("resnet_mnist_55k", "mtz", "resnet", "mnist", epochs=5, lr=4e-3, seed=5, train_samples=VALIDATION_FROM,
+         notes={"paper": "the ResNet-style pair (MNIST side), trained as lenet5_mnist_55k: the last 5,000 training "
+                         "images are its validation split", "why": "resnet_mnist's settings", "setup": _MTZ_NOTE}),
+    Spec("resnet_fashion_55k", "mtz", "resnet", "fashion-mnist", epochs=5, lr=4e-3, seed=6,
+         train_samples=VALIDATION_FROM,
+         notes={"paper": "the ResNet-style pair (Fashion-MNIST side), trained as resnet_mnist_55k",
+                "why": "resnet_fashion's settings", "setup": _MTZ_NOTE}),
     Spec("resnet_mnist", "mtz", "resnet", "mnist", epochs=5, lr=4e-3, seed=0,
          notes={"why": "the tests group's resnet_mnist trained 5 epochs instead of 2, for a better baseline",
                 "setup": _MTZ_NOTE}),
