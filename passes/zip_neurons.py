@@ -142,9 +142,13 @@ class ZipNeuronsPass(Pass):
             return net, 1
         start = len(state.base.names)
         added = tasks[start:]
-        net = ZippedNet.resume(state.base.info.layout, state.base.model, str(state.base.path), str(added[0].path),
-                               [t.name for t in tasks], [t.graph for t in added], [t.layers for t in added],
-                               input_name, [t.output_map for t in tasks], state.opset, state.ir_version)
+        try:
+            net = ZippedNet.resume(state.base.info.layout, state.base.model, str(state.base.path), str(added[0].path),
+                                   [t.name for t in tasks], [t.graph for t in added], [t.layers for t in added],
+                                   input_name, [t.output_map for t in tasks], state.opset, state.ir_version)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a layout of the wrong form
+            raise MergeError(f"{state.base.path}: its layout (onnxmerge.layout) is corrupt "
+                             f"({type(e).__name__}: {str(e)[:120]})") from None
         # one architecture (the layout's fingerprint matched): the identity alignment, as a one-run merge
         # records it, not that of the merged tasks' sub-models, whose layers are the zipped runs
         arch = added[0].layers

@@ -4,6 +4,7 @@ The merged model's network is rebuilt from the layout in its metadata and the fu
 zipped into it (the authors' merge_new_task across runs): the same network as one run of all the
 models, sharing nothing reproduces every task, and what cannot work is refused in one line."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -103,6 +104,17 @@ def _without_layout(src, dst):
     return dst
 
 
+def _layout_edited(src, dst, edit):
+    """The merged file with `edit` applied to its layout (the JSON of onnxmerge.layout)."""
+    model = onnx.load(str(src))
+    entry = next(p for p in model.metadata_props if p.key == "onnxmerge.layout")
+    layout = json.loads(entry.value)
+    edit(layout)
+    entry.value = json.dumps(layout)
+    onnx.save(model, str(dst))
+    return dst
+
+
 def _edited_graph(src, dst):
     """The merged file with the first two runs of its first concatenated layer swapped in the graph
     (runs of equal width: it still runs) while its layout and weights stay as onnxmerge wrote them."""
@@ -121,6 +133,8 @@ def test_refusals_name_the_file_and_write_nothing(tmp_path):
     old = _without_layout(ab, tmp_path / "old.onnx")
     edited = _edited_graph(ab, tmp_path / "edited.onnx")
     second = shutil.copy(ab, tmp_path / "ab2.onnx")
+    no_spaces = _layout_edited(ab, tmp_path / "no_spaces.onnx", lambda l: l.pop("spaces"))
+    text_zeros = _layout_edited(ab, tmp_path / "text_zeros.onnx", lambda l: l["layers"][0].update(zeros="x"))
     third, resnet = paths([THIRD["lenet"], RESNETS[1]])
     out = tmp_path / "out.onnx"
     cases = [
@@ -133,6 +147,8 @@ def test_refusals_name_the_file_and_write_nothing(tmp_path):
         ([ab, third], ["fashion1"], {k: v for k, v in calib3().items() if k != "fashion"}, UsageError,
          ["--calib", "fashion", str(ab)]),
         ([edited, third], ["fashion1"], calib3(), MergeError, [str(edited), "rebuilt", "differs"]),
+        ([no_spaces, third], ["fashion1"], calib3(), MergeError, [str(no_spaces), "layout", "corrupt", "spaces"]),
+        ([text_zeros, third], ["fashion1"], calib3(), MergeError, [str(text_zeros), "layout", "corrupt"]),
     ]
     for inputs, names, data, error, words in cases:
         with pytest.raises(error) as e:
