@@ -16,6 +16,15 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
 
 
+def read_section(path: Path, name: str) -> str | None:
+    """The text of section `name` of `path` (markers included), or None where it has none."""
+    begin, end = markers(name)
+    text = path.read_text() if path.exists() else ""
+    if begin not in text or end not in text:
+        return None
+    return text[text.index(begin):text.index(end) + len(end)]
+
+
 def write_section(path: Path, name: str, body: str) -> None:
     """Replace section `name` of `path` (or append it) with `body`, writing atomically."""
     begin, end = markers(name)

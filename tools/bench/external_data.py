@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, markers, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, read_section, write_section  # noqa: E402  (tools/bench is not a package)
 
 SECTION = "external_data"
 TARGET_RATIO = 3.0
@@ -159,13 +159,8 @@ TABLE_HEADER = ["| code | wall | peak RSS | peak / inputs on disk |", "|---|---|
 
 def earlier_rows(path: Path, label: str) -> list[str]:
     """The table rows of this section in `path` (earlier code's figures), but the one for `label`."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    begin, end = markers(SECTION)
-    if begin not in text or end not in text:
-        return []
-    body = text[text.index(begin):text.index(end)].splitlines()
+    text = read_section(path, SECTION)
+    body = text.splitlines() if text is not None else []
     if TABLE_HEADER[0] not in body:
         return []
     rows = []
