@@ -20,25 +20,25 @@ import onnx
 import onnx_graphsurgeon as gs
 
 import onnxmerge
-from onnxmerge import verify
-from onnxmerge.alignment import parse_pairs
-from onnxmerge.calibrate import CalibrationConfig, Checkpoint, calibrate, record_calibration
-from onnxmerge.contract import MergedInfo, TaskInfo, read_metadata, write_metadata
+from onnxmerge.pipeline import checks as verify
+from onnxmerge.graph.alignment import parse_pairs
+from onnxmerge.calibration.calibrate import CalibrationConfig, Checkpoint, calibrate, record_calibration
+from onnxmerge.model.contract import MergedInfo, TaskInfo, read_metadata, write_metadata
 from onnxmerge.data import check_fits, check_labels
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.graphs import import_graph, input_signature
-from onnxmerge.loading import MergedInput, _first_line, file_sha256, find_merged_input, load_model, reconcile_versions
-from onnxmerge.pass_manager import Pass, PassManager
-from onnxmerge.registry import get_method
-from onnxmerge.saving import check_model, check_output_path, save_atomic
-from onnxmerge.state import MergeState, Task
-from onnxmerge.passes.align_layers import AlignLayersPass
-from onnxmerge.passes.cleanup import CleanupGraphPass
-from onnxmerge.passes.combine_graphs import CombineGraphsPass
-from onnxmerge.passes.fold_batchnorm import FoldBatchNormPass
-from onnxmerge.passes.fold_constants import FoldConstantsPass
-from onnxmerge.passes.load_weights import LoadWeightsPass
-from onnxmerge.passes.remove_identity import RemoveIdentityPass
+from onnxmerge.graph.convert import import_graph, input_signature
+from onnxmerge.model.loading import MergedInput, _first_line, file_sha256, find_merged_input, load_model, reconcile_versions
+from onnxmerge.pipeline.manager import Pass, PassManager
+from onnxmerge.pipeline.method import get_method
+from onnxmerge.model.saving import check_model, check_output_path, save_atomic
+from onnxmerge.pipeline.state import MergeState, Task
+from onnxmerge.passes.common.align_layers import AlignLayersPass
+from onnxmerge.passes.common.cleanup import CleanupGraphPass
+from onnxmerge.passes.common.combine_graphs import CombineGraphsPass
+from onnxmerge.passes.common.fold_batchnorm import FoldBatchNormPass
+from onnxmerge.passes.common.fold_constants import FoldConstantsPass
+from onnxmerge.passes.common.load_weights import LoadWeightsPass
+from onnxmerge.passes.common.remove_identity import RemoveIdentityPass
 
 # validate_output's run of the merged model (the figures in its metadata)
 VALIDATE_BATCH, VALIDATE_SEED = 2, 0
@@ -133,7 +133,7 @@ def check_task_data(state: MergeState, data: dict, flag: str = "--data") -> None
 def check_merged_data(model: onnx.ModelProto, info: MergedInfo, data: dict, flag: str = "--data") -> None:
     """`check_task_data` for a merged model (the calibrate and eval commands): each task's data must
     fit the task's input in `model`, and its labels the task's class-score output."""
-    from onnxmerge.contract import logits_output
+    from onnxmerge.model.contract import logits_output
 
     inputs = {i.name: i for i in model.graph.input}
     outputs = {o.name: o for o in model.graph.output}
@@ -164,7 +164,7 @@ def class_output(outputs: list[onnx.ValueInfoProto]) -> tuple[str, int | None]:
     return "", None
 
 
-# the operators that carry the weights the sharing methods rewrite (onnxmerge.layers)
+# the operators that carry the weights the sharing methods rewrite (onnxmerge.graph.layers)
 LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
 
@@ -198,9 +198,9 @@ def _save(model: onnx.ModelProto, output: str | Path) -> Path:
 
 def _emit_native(model: onnx.ModelProto, info: MergedInfo) -> onnx.ModelProto:
     """The codebook method's native form: EConv / EFC nodes, checked against the portable form with
-    the ops' numpy reference (onnxmerge.lookup_ops)."""
+    the ops' numpy reference (onnxmerge.graph.ops)."""
     from onnxmerge import kernels
-    from onnxmerge.lookup_ops import to_native
+    from onnxmerge.graph.ops import to_native
 
     native, kept = to_native(model)
     info.fidelity["native_vs_portable_rel_diff"] = verify.check_native(native, model)
@@ -250,11 +250,11 @@ def merge(
     `data` (task name -> onnxmerge.data.Dataset) is checked against the tasks' inputs before any pass
     runs, so that a report or calibration does not fail after the work is done. With `calib` (task
     name -> Dataset) the merged model is calibrated against the originals as the last step
-    (onnxmerge.calibrate), with `calibration`'s settings. `validation` (task name -> labelled
+    (onnxmerge.calibration.calibrate), with `calibration`'s settings. `validation` (task name -> labelled
     Dataset) is held-out data for choices made during the merge (mtz's --tolerance; without it,
     samples of `calib` are held out). `warm_start`, an earlier merged model of the
     same tasks, gives the starting weights (progressive zippering: onnxmerge.sweep). `checkpoint`
-    (onnxmerge.calibrate.Checkpoint) makes the calibration save its state and resume from it; the
+    (onnxmerge.calibration.calibrate.Checkpoint) makes the calibration save its state and resume from it; the
     file is removed once the merged model is saved.
     """
     chosen = get_method(method)

@@ -13,10 +13,10 @@ import sys
 import threading
 from pathlib import Path
 
-from onnxmerge.calibrate import CHECKPOINT_EVERY
-from onnxmerge.contract import read_metadata
+from onnxmerge.calibration.calibrate import CHECKPOINT_EVERY
+from onnxmerge.model.contract import read_metadata
 from onnxmerge.errors import OnnxMergeError, UsageError
-from onnxmerge.registry import METHODS
+from onnxmerge.pipeline.method import METHODS
 
 COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "methods")
 SWEEP_STEPS_PER_LAYER = 200  # --steps-per-layer's default
@@ -44,7 +44,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calib_args(p: argparse.ArgumentParser, required: bool) -> None:
-    from onnxmerge.calibrate import CalibrationConfig
+    from onnxmerge.calibration.calibrate import CalibrationConfig
 
     d = CalibrationConfig()
     g = p.add_argument_group("calibration (fine-tuning against the original models; needs PyTorch)")
@@ -97,8 +97,8 @@ def _method_params(args) -> dict:
 def _checkpoint(args, files: list):
     """The calibration checkpoint of this command (default OUTPUT.ckpt), checked before any work:
     not one of `files`, not there unless --resume, there with it."""
-    from onnxmerge.calibrate import Checkpoint
-    from onnxmerge.saving import check_output_path
+    from onnxmerge.calibration.calibrate import Checkpoint
+    from onnxmerge.model.saving import check_output_path
 
     if not args.calib:  # its flags without --calib are refused by _check_merge_flags
         return None
@@ -108,7 +108,7 @@ def _checkpoint(args, files: list):
 
 
 def _calib_config(args):
-    from onnxmerge.calibrate import CalibrationConfig
+    from onnxmerge.calibration.calibrate import CalibrationConfig
 
     return CalibrationConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                              layer_loss_weight=args.layer_loss_weight, distill_weight=args.distill_weight,
@@ -246,7 +246,7 @@ def cmd_merge(args) -> int:
     _check_merge_flags(args)
     _check_report_path(args, [*args.inputs, args.output, *_data_files(args)])
     if not args.sweep:  # the model must not overwrite a data file either (the sweep checks its own outputs)
-        from onnxmerge.saving import check_output_path
+        from onnxmerge.model.saving import check_output_path
 
         check_output_path(args.output, [*args.inputs, *_data_files(args)])
     data = _load_data(args.data)  # refuse bad data before any work
@@ -280,7 +280,7 @@ def cmd_merge(args) -> int:
 def _check_merge_flags(args) -> None:
     """Refuse flags that would be silently ignored: the sweep's flags without --sweep, calibration
     settings without --calib (a setting counts as given where it differs from its default)."""
-    from onnxmerge.calibrate import CalibrationConfig
+    from onnxmerge.calibration.calibrate import CalibrationConfig
 
     if not args.sweep:
         sweep_only = [flag for flag, given in (("--keep", args.keep is not None),
@@ -315,7 +315,7 @@ def _data_files(args) -> list[str]:
 
 
 def _sweep(args, names, data, calib, config) -> int:
-    from onnxmerge.saving import check_output_path
+    from onnxmerge.model.saving import check_output_path
     from onnxmerge.sweep import sweep_markdown, write_sweep, zipper_sweep
 
     if args.method != "zipper":
@@ -349,11 +349,11 @@ def _sweep(args, names, data, calib, config) -> int:
 
 def cmd_calibrate(args) -> int:
     from onnxmerge.api import check_merged_data, check_writable
-    from onnxmerge.calibrate import calibrate, config_dict, init_distributed, record_calibration
-    from onnxmerge.contract import write_metadata
-    from onnxmerge.evaluate import evaluate
-    from onnxmerge.saving import check_output_path, save_atomic
-    from onnxmerge.verify import validate_output
+    from onnxmerge.calibration.calibrate import calibrate, config_dict, init_distributed, record_calibration
+    from onnxmerge.model.contract import write_metadata
+    from onnxmerge.measure.evaluate import evaluate
+    from onnxmerge.model.saving import check_output_path, save_atomic
+    from onnxmerge.pipeline.checks import validate_output
 
     config = _calib_config(args)
     path, model, info, originals = _open_merged(args)
@@ -383,11 +383,11 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from onnxmerge.alignment import format_alignment, parse_pairs
+    from onnxmerge.graph.alignment import format_alignment, parse_pairs
     from onnxmerge.api import load_tasks, normalise_passes
-    from onnxmerge.layers import format_layers
-    from onnxmerge.pass_manager import PassManager
-    from onnxmerge.passes.align_layers import AlignLayersPass
+    from onnxmerge.graph.layers import format_layers
+    from onnxmerge.pipeline.manager import PassManager
+    from onnxmerge.passes.common.align_layers import AlignLayersPass
 
     pairs = parse_pairs(args.align) if args.align else None
     state = PassManager([*normalise_passes(), AlignLayersPass(pairs)]).run(load_tasks(args.inputs))
@@ -442,7 +442,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from onnxmerge.registry import METHODS
+    from onnxmerge.pipeline.method import METHODS
 
     for m in METHODS.values():
         defaults = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "no parameters"
@@ -468,7 +468,7 @@ def _open_merged(args):
 
 def _check_report_path(args, files: list) -> None:
     """--report must not overwrite a model and its folder must exist: checked before any work."""
-    from onnxmerge.saving import check_output_path
+    from onnxmerge.model.saving import check_output_path
 
     if getattr(args, "report", None):
         check_output_path(args.report, [f for f in files if f])
@@ -477,7 +477,7 @@ def _check_report_path(args, files: list) -> None:
 def _find_originals(info, given: list[str], path: Path) -> dict[str, str]:
     """The original model of every task: --original TASK=PATH, else the recorded source if unchanged."""
     from onnxmerge.data import parse_task_paths
-    from onnxmerge.loading import file_sha256
+    from onnxmerge.model.loading import file_sha256
 
     originals = parse_task_paths(given)
     names = [t.name for t in info.tasks]
@@ -511,7 +511,7 @@ def _print_report(model, path, info, originals: dict, data: dict, args, quiet_te
                   extra: dict | None = None) -> dict:
     """Build, print and (with --report) write the report of a merged model."""
     from onnxmerge.api import merge
-    from onnxmerge.report import build_report, format_report, write_report_json
+    from onnxmerge.measure.report import build_report, format_report, write_report_json
 
     pack = None
     latency = not args.no_latency

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.saving import write_bytes_atomic
+from onnxmerge.model.saving import write_bytes_atomic
 
 __all__ = [
     "Dataset",

@@ -18,12 +18,12 @@ from pathlib import Path
 import onnx
 from tqdm import tqdm
 
-from onnxmerge.calibrate import CalibrationConfig
+from onnxmerge.calibration.calibrate import CalibrationConfig
 from onnxmerge.errors import UsageError
-from onnxmerge.evaluate import evaluate
-from onnxmerge.latency import latency_table
-from onnxmerge.metrics import count_parameters, count_macs, parameter_bytes
-from onnxmerge.saving import save_atomic, write_bytes_atomic, write_text_atomic
+from onnxmerge.measure.evaluate import evaluate
+from onnxmerge.measure.latency import latency_table
+from onnxmerge.measure.metrics import count_parameters, count_macs, parameter_bytes
+from onnxmerge.model.saving import save_atomic, write_bytes_atomic, write_text_atomic
 
 
 def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict, *,

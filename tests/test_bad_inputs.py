@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import conv_bn_model, init, make_model
-from onnxmerge.graphs import random_feeds, session
+from onnxmerge.graph.convert import random_feeds, session
 from test_cli_errors import assert_one_line, run_cli
 
 FAST = ("--no-latency", "-q")
@@ -262,7 +262,7 @@ def test_model_without_weight_bearing_layers_is_refused_by_sharing_methods(metho
 def test_pack_merges_models_without_weight_bearing_layers(tmp_path, capsys):
     """pack places the graphs side by side: a layerless model is merged as it is, and the merged
     model records that its outputs were checked before it was written."""
-    from onnxmerge.contract import read_metadata
+    from onnxmerge.model.contract import read_metadata
 
     a, b = save(_relu_only(), tmp_path / "relu_a.onnx"), save(_relu_only(), tmp_path / "relu_b.onnx")
     out = tmp_path / "out.onnx"
@@ -480,13 +480,13 @@ def test_dump_dir_that_is_a_file(tiny_pair, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# the final model is validated before it is written (onnxmerge.verify.validate_output)
+# the final model is validated before it is written (onnxmerge.pipeline.checks.validate_output)
 
 
 def _nan_calibration(task: str):
-    """A stand-in for onnxmerge.calibrate.calibrate that returns the model with `task`'s weights NaN
+    """A stand-in for onnxmerge.calibration.calibrate.calibrate that returns the model with `task`'s weights NaN
     (as a diverged calibration would), without running PyTorch."""
-    from onnxmerge.calibrate import CalibrationResult
+    from onnxmerge.calibration.calibrate import CalibrationResult
 
     def fake(model, info, teachers, calib, config=None, **kwargs):
         broken = onnx.ModelProto()
@@ -511,11 +511,11 @@ def test_merge_whose_calibration_gives_nan_is_not_written(tiny_pair, tmp_path, c
 
 
 def test_calibrate_command_whose_result_is_nan_is_not_written(tiny_pair, tmp_path, capsys, monkeypatch):
-    import onnxmerge.calibrate
+    import onnxmerge.calibration.calibrate
 
     merged = tmp_path / "merged.onnx"
     assert run_cli(capsys, *tiny_pair, "-o", merged, *FAST)[0] == 0
-    monkeypatch.setattr(onnxmerge.calibrate, "calibrate", _nan_calibration("tiny0"))
+    monkeypatch.setattr(onnxmerge.calibration.calibrate, "calibrate", _nan_calibration("tiny0"))
     calib = npz(tmp_path / "calib.npz", x=samples())
     out = tmp_path / "calibrated.onnx"
     fails(capsys, tmp_path, 1, ["calibrate", merged, "-o", out, "--calib", f"tiny0={calib}", *FAST],
@@ -527,7 +527,7 @@ def test_validate_output_catches_a_shape_that_is_not_the_originals(tiny_pair):
     give 5 classes; the merged model gives 4) is refused with the task and the output named."""
     from onnxmerge.api import merge
     from onnxmerge.errors import MergeError
-    from onnxmerge.verify import validate_output
+    from onnxmerge.pipeline.checks import validate_output
 
     result = merge(tiny_pair)
     assert validate_output(result.model, result.info, {t.name: t.original for t in result.state.tasks})["passed"]

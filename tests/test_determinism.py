@@ -1,7 +1,7 @@
 """The same inputs, flags and seed give a byte-identical merged model (DESIGN.md, "The merged model").
 
 Each method runs twice through the command line into two different files, whose sha256 must agree:
-the model file holds no wall-clock timings (onnxmerge.contract.without_timings), and every random
+the model file holds no wall-clock timings (onnxmerge.model.contract.without_timings), and every random
 choice (k-means initialisation, Hessian samples, calibration batches) is seeded. The settings are the
 smallest that still exercise each method's random parts.
 """
@@ -74,7 +74,7 @@ def test_timings_stay_out_of_the_model_but_in_the_report(tmp_path):
     """The k-means timings that make the codebook report are in the in-memory info the report is
     built from, and not in the file (a time never repeats, so it would break the test above)."""
     from onnxmerge.api import merge
-    from onnxmerge.contract import read_metadata
+    from onnxmerge.model.contract import read_metadata
 
     out = tmp_path / "m.onnx"
     result = merge([shipped(FASHION), shipped(DIGITS)], out, method="codebook", params={"preset": "light"})

@@ -129,8 +129,8 @@ def test_batchnorm_fold_that_would_overflow_is_declined_quietly(recwarn):
     the fold is declined, with a note, and the model stays exact."""
     import onnx_graphsurgeon as gs
 
-    from onnxmerge.passes.fold_batchnorm import FoldBatchNormPass
-    from onnxmerge.state import MergeState, Task
+    from onnxmerge.passes.common.fold_batchnorm import FoldBatchNormPass
+    from onnxmerge.pipeline.state import MergeState, Task
 
     model = conv_bn_model(seed=1, with_dropout=False)
     w = numpy_helper.to_array(_initializer(model, "w1")).copy()
@@ -196,7 +196,7 @@ def test_codebook_weights_too_large_for_kmeans(tmp_path, capsys):
     Fashion LeNet (its outputs stay finite: ReLU clips what it reaches). k-means' float32 distances
     overflowed and the codebook pass wrote code indices beyond the codebook (onnxruntime: 'indices
     element out of data bounds')."""
-    from onnxmerge.kmeans import batched_kmeans, max_magnitude
+    from onnxmerge.passes.codebook._kmeans import batched_kmeans, max_magnitude
 
     model = onnx.load(str(shipped(EXAMPLES / "fashion_lenet.onnx")))
     w = numpy_helper.to_array(_initializer(model, "features.4.weight")).copy()

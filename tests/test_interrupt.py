@@ -18,7 +18,7 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import EXAMPLES, conv_bn_model, shipped
-from onnxmerge import saving
+from onnxmerge.model import saving
 from onnxmerge.api import merge
 from onnxmerge.cli import main
 
@@ -132,7 +132,7 @@ def test_checkpoint_of_other_settings_is_refused(merged, tmp_path, capsys):
     """A checkpoint (here the first one, at step EVERY, after which the run is stopped by an
     exception) is refused by a run with another learning rate, in one line, and kept."""
     out, ckpt = tmp_path / "cal.onnx", tmp_path / "cal.onnx.ckpt"
-    from onnxmerge import calibrate as cal
+    from onnxmerge.calibration import calibrate as cal
 
     real = cal._Trainer.save
 

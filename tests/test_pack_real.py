@@ -11,9 +11,9 @@ import pytest
 from conftest import EXAMPLES, MODELS, shipped
 from onnxmerge.api import merge
 from onnxmerge.data import load_dataset
-from onnxmerge.evaluate import run_original, run_task
-from onnxmerge.graphs import session
-from onnxmerge.verify import EXACT_TOL
+from onnxmerge.measure.evaluate import run_original, run_task
+from onnxmerge.graph.convert import session
+from onnxmerge.pipeline.checks import EXACT_TOL
 
 PAIRS = {
     "example pair": (EXAMPLES / "fashion_lenet.onnx", EXAMPLES / "digits_lenet.onnx",
@@ -71,8 +71,8 @@ def test_lenet_vgg_alignment_is_strictly_increasing_and_printed(capsys):
 
 def test_mobilenet_layers_are_depthwise():
     from onnxmerge.api import load_tasks, normalise_passes
-    from onnxmerge.layers import layer_view
-    from onnxmerge.pass_manager import PassManager
+    from onnxmerge.graph.layers import layer_view
+    from onnxmerge.pipeline.manager import PassManager
 
     state = PassManager(normalise_passes()).run(load_tasks([MODELS / "mobilenet_mnist.onnx"]))
     layers = layer_view(state.tasks[0].graph)
@@ -86,7 +86,7 @@ def test_example_pair_on_full_test_splits(tmp_path):
     import json
 
     from onnxmerge.data import load_named, shared_data_dir
-    from onnxmerge.evaluate import evaluate
+    from onnxmerge.measure.evaluate import evaluate
 
     if shared_data_dir() is None:
         pytest.skip("../shared/data not found: full-dataset test skipped")

@@ -65,7 +65,7 @@ def test_readme_api_example_runs(tmp_path, monkeypatch):
 
 
 def test_readme_lists_every_registered_method():
-    from onnxmerge.registry import METHODS
+    from onnxmerge.pipeline.method import METHODS
 
     for m in METHODS.values():
         assert re.search(rf"^\| `{m.name}` \|.*\| {re.escape(m.summary)} \|", README, re.M), m.name

@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from onnxmerge.api import merge
-    from onnxmerge.calibrate import CalibrationConfig, calibrate, perturb_weights
+    from onnxmerge.calibration.calibrate import CalibrationConfig, calibrate, perturb_weights
     from onnxmerge.data import load_named, shared_data_dir
-    from onnxmerge.evaluate import evaluate
-    from onnxmerge.latency import machine_info
+    from onnxmerge.measure.evaluate import evaluate
+    from onnxmerge.measure.latency import machine_info
 
     if shared_data_dir() is None:
         print("calibration bench: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)

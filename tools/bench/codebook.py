@@ -55,11 +55,11 @@ def run(name: str, presets: list[str], steps: int, lr: float, individual: bool, 
     from train_models import ensure_bench_models
 
     from onnxmerge.api import merge
-    from onnxmerge.calibrate import CalibrationConfig, calibrate
-    from onnxmerge.contract import write_metadata
+    from onnxmerge.calibration.calibrate import CalibrationConfig, calibrate
+    from onnxmerge.model.contract import write_metadata
     from onnxmerge.data import load_named
-    from onnxmerge.evaluate import evaluate
-    from onnxmerge.saving import save_atomic
+    from onnxmerge.measure.evaluate import evaluate
+    from onnxmerge.model.saving import save_atomic
 
     tasks = EXPERIMENTS[name]
     paths = ensure_bench_models([m for m, _, _ in tasks.values()])
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from onnxmerge.data import shared_data_dir
-    from onnxmerge.latency import machine_info
+    from onnxmerge.measure.latency import machine_info
 
     if shared_data_dir() is None:
         print("codebook bench: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
               f"- machine: {machine_info()['cpu']}, CPU",
               "- presets: accu = conv r=4 C=128, fc r=4 C=64; light = r=8 C=64 (heads dense, per task)",
               f"- calibration: {args.steps} steps, lr {args.lr}, batch 64, CE + per-layer L1 + distillation "
-              "(onnxmerge.calibrate defaults otherwise), on the train splits; accuracy on the full test splits",
+              "(onnxmerge.calibration.calibrate defaults otherwise), on the train splits; accuracy on the full test splits",
               "- compression: the originals' ONNX files together / the merged ONNX file", ""]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)

@@ -102,7 +102,7 @@ def merged_figures(output: Path) -> tuple[list[dict], dict]:
     """The per-layer codebook table and the check on random inputs, from the merged model's metadata."""
     import onnx
 
-    from onnxmerge.contract import read_metadata
+    from onnxmerge.model.contract import read_metadata
 
     fidelity = read_metadata(onnx.load(str(output), load_external_data=False), str(output)).fidelity
     return fidelity.get("codebook_layers", []), fidelity.get("max_rel_diff_random_inputs", {})
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print the section instead of updating BENCHMARKS.md")
     args = ap.parse_args(argv)
 
-    from onnxmerge.latency import machine_info
+    from onnxmerge.measure.latency import machine_info
 
     inputs = ensure_models(args.out_dir.resolve())
     output = args.out_dir.resolve() / "vgg16_codebook_light.onnx"

@@ -175,7 +175,7 @@ def earlier_rows(path: Path, label: str) -> list[str]:
 def section(run: dict, cmd: list[str], in_bytes: int, label: str, rows: list[str], out_bytes: int | None,
             external: bool, diff: float | None) -> str:
     """The BENCHMARKS.md section: what was run, its figures, and the table of runs by code version."""
-    from onnxmerge.latency import machine_info
+    from onnxmerge.measure.latency import machine_info
 
     ratio = run["peak"] / in_bytes
     shown = shlex.join(os.path.relpath(c, ROOT) if c.startswith(f"{ROOT}{os.sep}") else c for c in cmd)

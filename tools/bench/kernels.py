@@ -8,13 +8,13 @@ trained by tools/train_models.py when missing) is merged with the codebook metho
 
 - per layer: every EConv / EFC node of the merged model is cut out as a one-node model (same
   codebook, codes, bias and attributes; batch dim symbolic) and timed against the equivalent dense
-  one-node Conv / Gemm whose weight is `onnxmerge.codebook.reconstruct(...)` (stock onnxruntime,
+  one-node Conv / Gemm whose weight is `onnxmerge.passes.codebook._codebook.reconstruct(...)` (stock onnxruntime,
   MLAS). ratio = dense median / native median (> 1: the native kernel is faster). The theoretical
-  ratio is dense MACs / lookup ops (lookup ops as `onnxmerge.metrics._macs_lookup`:
+  ratio is dense MACs / lookup ops (lookup ops as `onnxmerge.measure.metrics._macs_lookup`:
   N*pixels_in*V*C*r + prod(Y)*kh*kw*V), and "reached" = measured ratio / theoretical ratio.
 - whole model: the merged native model (kernels registered) and the merged portable model
   (`to_portable`: dense Conv / Gemm rebuilt at session creation) against the two originals in
-  separate sessions run one after another (onnxmerge.latency.latency_table, interleaved in one
+  separate sessions run one after another (onnxmerge.measure.latency.latency_table, interleaved in one
   process); speed-up = originals' median / merged median.
 
 Both at one thread and onnxruntime's default threads, batch 1 and 32. Only ratios taken side by side
@@ -75,8 +75,8 @@ def layer_models(merged, node, shapes: dict) -> tuple[dict, object, object]:
     import onnx
     from onnx import helper, numpy_helper
 
-    from onnxmerge.codebook import reconstruct
-    from onnxmerge.lookup_ops import DOMAIN, DOMAIN_VERSION
+    from onnxmerge.passes.codebook._codebook import reconstruct
+    from onnxmerge.graph.ops import DOMAIN, DOMAIN_VERSION
 
     init = {t.name: t for t in merged.graph.initializer}
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -126,10 +126,10 @@ def layer_models(merged, node, shapes: dict) -> tuple[dict, object, object]:
 
 
 def time_layers(merged, args) -> list[dict]:
-    from onnxmerge.graphs import random_feeds
-    from onnxmerge.latency import candidate, compare_latency, make_session
-    from onnxmerge.lookup_ops import DOMAIN
-    from onnxmerge.metrics import _shapes
+    from onnxmerge.graph.convert import random_feeds
+    from onnxmerge.measure.latency import candidate, compare_latency, make_session
+    from onnxmerge.graph.ops import DOMAIN
+    from onnxmerge.measure.metrics import _shapes
 
     shapes = _shapes(merged)
     rows = []
@@ -228,19 +228,19 @@ def section(results, machine, command, args, isa) -> str:
         "- models: `build/bench_models/paper_lenet_fsdd.onnx` (digits) + `paper_lenet_fashion32.onnx` "
         "(fashion) merged with `method=\"codebook\"`, `emit=\"native\"`, no calibration (timing only)",
         f"- how: each cell times its candidates interleaved, round by round, in one process "
-        f"(onnxmerge.latency.compare_latency; at least {args.min_rounds} rounds and {args.budget:g} s per "
+        f"(onnxmerge.measure.latency.compare_latency; at least {args.min_rounds} rounds and {args.budget:g} s per "
         "cell, random inputs); ratios are medians' ratios, q1-q3 the quartiles of the per-round paired "
         "ratios. Absolute times follow the machine's load; read the ratios. threads `1`: one intra-op "
         "thread; `default`: onnxruntime's default.",
         "- per layer: each EConv / EFC node alone (same codebook, codes, bias, attributes) against a "
         "one-node dense Conv / Gemm with the reconstructed weight (MLAS). measured ratio = dense median "
         "/ native median (> 1: native faster); theory = dense MACs / lookup ops per sample, lookup ops "
-        "= pixels_in*V*C*r + prod(Y)*kh*kw*V (`onnxmerge.metrics._macs_lookup`); reached = measured / "
+        "= pixels_in*V*C*r + prod(Y)*kh*kw*V (`onnxmerge.measure.metrics._macs_lookup`); reached = measured / "
         "theory. The digits and fashion nodes of a layer have the same shapes (one shared codebook, own "
         "codes); both are listed. Before timing, each pair is checked to give the same outputs.",
         "- whole model: native merged model (kernels registered) and portable merged model "
         "(`to_portable`: dense weights rebuilt at session creation, stock onnxruntime) against the two "
-        "originals in separate sessions run one after another (`onnxmerge.latency.latency_table`); "
+        "originals in separate sessions run one after another (`onnxmerge.measure.latency.latency_table`); "
         "speed-up = originals' median / merged median (> 1: merged faster).",
         "",
         "### Targets (issue 6: one thread, batch 1, native merged vs originals)",
@@ -274,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from onnxmerge import kernels
     from onnxmerge.api import merge
-    from onnxmerge.latency import latency_table, machine_info
-    from onnxmerge.lookup_ops import to_portable
-    from onnxmerge.metrics import model_stats
+    from onnxmerge.measure.latency import latency_table, machine_info
+    from onnxmerge.graph.ops import to_portable
+    from onnxmerge.measure.metrics import model_stats
     from train_models import ensure_bench_models
 
     if not kernels.available():

@@ -4,7 +4,7 @@
 Merges onnxmerge/examples/fashion_lenet.onnx and digits_lenet.onnx with `pack` (the two networks side
 by side in one graph), then times, for batch 1 and 32 with one thread and with onnxruntime's default
 threads, the packed model in one session against the originals in two sessions run one after
-another. Both candidates run interleaved round by round in this one process (onnxmerge.latency), so
+another. Both candidates run interleaved round by round in this one process (onnxmerge.measure.latency), so
 the speed-up (originals' median / pack median) is the figure to read; absolute times follow the
 machine's load.
 
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
 
     from onnxmerge.api import merge
-    from onnxmerge.latency import latency_table, machine_info
-    from onnxmerge.metrics import model_stats
-    from onnxmerge.report import format_latency_rows
+    from onnxmerge.measure.latency import latency_table, machine_info
+    from onnxmerge.measure.metrics import model_stats
+    from onnxmerge.measure.report import format_latency_rows
 
     result = merge([str(p) for p in MODELS.values()], None, method="pack", names=list(MODELS))
     threads = tuple(None if t.strip() == "default" else int(t) for t in args.threads.split(","))

@@ -73,15 +73,15 @@ def data(name: str, split: str):
 
 
 def errors(result, test: dict) -> dict[str, float]:
-    from onnxmerge.evaluate import evaluate
+    from onnxmerge.measure.evaluate import evaluate
 
     got = evaluate(result.model, result.info, test, progress=False)
     return {k: 100 * (1 - v["accuracy"]) for k, v in got.items()}
 
 
 def original_errors(paths: dict, test: dict) -> dict[str, float]:
-    from onnxmerge.evaluate import run_original
-    from onnxmerge.latency import make_session
+    from onnxmerge.measure.evaluate import run_original
+    from onnxmerge.measure.latency import make_session
 
     return {k: 100 * float(np.mean(run_original(make_session(str(paths[k])), test[k].x).argmax(1) != test[k].y))
             for k in paths}
@@ -89,7 +89,7 @@ def original_errors(paths: dict, test: dict) -> dict[str, float]:
 
 def zip_pair(paths: dict, calib: dict, validation: dict | None = None, lr: float = LR, **params):
     from onnxmerge.api import merge
-    from onnxmerge.calibrate import CalibrationConfig
+    from onnxmerge.calibration.calibrate import CalibrationConfig
 
     t0 = time.perf_counter()
     result = merge([str(p) for p in paths.values()], method="mtz", names=list(paths), calib=calib,
@@ -134,8 +134,8 @@ def held_out(name: str, split_at: int | None):
 def zip_tasks(pair: dict, steps: int, split_at: int | None = None, lr: float = LR, **params) -> tuple[list[str], dict]:
     """A pair of different tasks zipped with `params` (adaptive with `tolerance`, measured on the held-out
     split) and `steps` retraining steps per layer or trial: one table row and its figures."""
-    from onnxmerge.latency import latency_table
-    from onnxmerge.metrics import model_stats
+    from onnxmerge.measure.latency import latency_table
+    from onnxmerge.measure.metrics import model_stats
 
     sets = {k: held_out(ds, split_at) for k, (_, ds) in pair.items()}
     calib = {k: c for k, (c, _) in sets.items()}
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.no_train:
         ensure_models()
-    from onnxmerge.latency import machine_info
+    from onnxmerge.measure.latency import machine_info
 
     parts = []
     table = [(arch, budget, layers) for arch, budget, layers in [("lenet300", 550, 2), ("lenet5", 600, 3)]

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print the section instead of updating BENCHMARKS.md")
     args = ap.parse_args(argv)
 
-    from onnxmerge.latency import machine_info
+    from onnxmerge.measure.latency import machine_info
 
     out_dir = args.out_dir.resolve()
     inputs = ensure_models(out_dir)

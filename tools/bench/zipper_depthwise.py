@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
 
     from onnxmerge.api import merge
-    from onnxmerge.latency import latency_table, machine_info
-    from onnxmerge.metrics import count_macs, count_parameters
+    from onnxmerge.measure.latency import latency_table, machine_info
+    from onnxmerge.measure.metrics import count_macs, count_parameters
 
     originals = {"mnist": str(MODELS[0]), "fashion": str(MODELS[1])}
     orig = [onnx.load(str(p)) for p in MODELS]

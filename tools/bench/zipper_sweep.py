@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
 
-    from onnxmerge.calibrate import CalibrationConfig
+    from onnxmerge.calibration.calibrate import CalibrationConfig
     from onnxmerge.data import load_named, shared_data_dir
-    from onnxmerge.latency import machine_info
+    from onnxmerge.measure.latency import machine_info
     from onnxmerge.sweep import sweep_markdown, zipper_sweep
 
     if shared_data_dir() is None:

@@ -1,0 +1,328 @@
+"""The two emitted forms of a codebook layer, and the numpy reference of the `ai.onnxmerge` ops.
+
+A codebook layer (onnxmerge.passes.codebook._codebook) is a shared codebook [V', C, r] (float) and one model's code
+indices (uint8 when C <= 256, else uint16; conv [V, p, n, m], fc [V, out]). It is written in one of
+two forms with identical numbers:
+
+- portable (`--emit gather`): the codebook-gather subgraph rebuilds the dense weight and the
+  original Conv / Gemm / MatMul reads it. All its inputs are initializers, so onnxruntime folds it
+  once at session creation: compressed on disk, dense speed at run time, any onnxruntime.
+
+      codes -> Cast(int64) -> Reshape [V, K] -> Add(Range(0, V*C, C) as [V, 1]) -------+
+      codebook -> Reshape [V'*C, r] ------------------------------------------------+-> Gather
+        -> [V, K, r] -> Reshape / Transpose -> [p, V*r, n, m] or [out, V*r] -> Slice to depth d
+        -> (Transpose to the stored orientation) -> Conv / Gemm / MatMul
+
+  (the segment offsets v*C make one Gather pick codeword codes[v, k] of segment v; the index
+  tensor is int64 [V, K], one entry per piece, and the offsets cost three scalars.)
+
+- native (`--emit native`): one `ai.onnxmerge::EConv` / `EFC` node per layer, whose kernel computes
+  NeuralMerger's eq. 9 with lookup tables (onnxmerge.kernels):
+
+      EConv(X [N, d, H, W], codebook, codes [V, p, n, m], B?) -> Y [N, p, Ho, Wo]
+            attributes in_channels = d, kernel_shape, strides, pads, dilations (Conv's meaning)
+      EFC(X [N, d], codebook, codes [V, out], B?) -> Y [N, out]       attribute in_features = d
+
+`econv_reference` / `efc_reference` are the numpy oracle of the native ops (the lookup-table
+computation itself, not the dense weight), and `run_reference` runs a native model with them in
+onnx's reference evaluator. `to_native` and `to_portable` convert a whole model between the forms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import shape_inference
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from onnxmerge.errors import MergeError
+from onnxmerge.measure.metrics import node_macs
+
+DOMAIN, DOMAIN_VERSION = "ai.onnxmerge", 1
+NATIVE_OPS = ("EConv", "EFC")
+CHAIN_OPS = frozenset({"Cast", "Reshape", "Range", "Add", "Gather", "Slice", "Transpose"})
+
+
+# ----------------------------------------------------------------------------------------------
+# numpy reference of the native ops (eq. 9)
+
+
+def _tables(x: np.ndarray, codebook: np.ndarray, n_seg: int) -> np.ndarray:
+    """T[..., v, c, ...] = <segment v of x along axis 1, codeword c of segment v>: the lookup tables."""
+    r = codebook.shape[2]
+    d = x.shape[1]
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, n_seg * r - d)  # the last segment is zero-padded, as the codebook's pieces were
+    xs = np.pad(x, pad).reshape(x.shape[0], n_seg, r, *x.shape[2:])
+    return np.einsum("nvr...,vcr->nvc...", xs, codebook[:n_seg].astype(x.dtype))
+
+
+def efc_reference(x: np.ndarray, codebook: np.ndarray, codes: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """y[n, o] = sum_v T[n, v, codes[v, o]] + b[o]  (E-FC, section 3.2)."""
+    n_seg = codes.shape[0]
+    table = _tables(x, codebook, n_seg)  # [N, V, C]
+    y = table[:, np.arange(n_seg)[:, None], codes.astype(np.int64)].sum(axis=1)  # [N, V, out] -> [N, out]
+    return y + bias if bias is not None else y
+
+
+def econv_reference(x: np.ndarray, codebook: np.ndarray, codes: np.ndarray, bias: np.ndarray | None = None, *,
+                    strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)) -> np.ndarray:
+    """y[n, o, y, x] = sum_{v, i, j} T[n, v, codes[v, o, i, j], y*s + i*dil, x*s + j*dil] + b[o]  (eq. 9).
+
+    The tables T are computed once per input pixel (V*C dot products of length r) and every output
+    is a sum of table entries picked by the code indices."""
+    n_seg, p, kh, kw = codes.shape
+    x = np.pad(x, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
+    table = _tables(x, codebook, n_seg)  # [N, V, C, H, W]
+    sh, sw = strides
+    dh, dw = dilations
+    ho = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    y = np.zeros((x.shape[0], p, ho, wo), x.dtype)
+    seg = np.arange(n_seg)[:, None]
+    for i in range(kh):
+        for j in range(kw):
+            window = table[..., i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+            y += window[:, seg, codes[:, :, i, j].astype(np.int64)].sum(axis=1)  # [N, V, p, Ho, Wo] -> [N, p, ...]
+    return y + bias.reshape(1, -1, 1, 1) if bias is not None else y
+
+
+class EConv(OpRun):
+    """ai.onnxmerge::EConv for onnx.reference.ReferenceEvaluator."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, codebook, codes, bias=None, in_channels=None, kernel_shape=None, strides=None, pads=None,
+             dilations=None):
+        return (econv_reference(x, codebook, codes, bias, strides=strides or (1, 1), pads=pads or (0, 0, 0, 0),
+                                dilations=dilations or (1, 1)),)
+
+
+class EFC(OpRun):
+    """ai.onnxmerge::EFC for onnx.reference.ReferenceEvaluator."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, codebook, codes, bias=None, in_features=None):
+        return (efc_reference(x, codebook, codes, bias),)
+
+
+def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a model (native ops included) in onnx's numpy reference evaluator."""
+    ev = ReferenceEvaluator(model, new_ops=[EConv, EFC])
+    names = [o.name for o in model.graph.output]
+    return dict(zip(names, ev.run(names, feeds)))
+
+
+def is_native(model: onnx.ModelProto) -> bool:
+    return any(n.domain == DOMAIN for n in model.graph.node)
+
+
+# ----------------------------------------------------------------------------------------------
+# the portable form
+
+
+def _const(name: str, values) -> gs.Constant:
+    return gs.Constant(name, np.asarray(values, dtype=np.int64))
+
+
+def gather_weight(graph: gs.Graph, codebook: gs.Constant, codes: gs.Constant, kind: str, depth: int,
+                  out_axis: int, prefix: str) -> gs.Variable:
+    """Add the codebook-gather subgraph for one layer to `graph`; returns the dense weight tensor
+    (conv [p, d, n, m]; fc [out, in] when out_axis is 0, else [in, out])."""
+    n_seg, r = codes.values.shape[0], codebook.values.shape[2]
+    k = int(np.prod(codes.values.shape[1:]))
+
+    def node(op, inputs, out_shape, dtype=np.float32, **attrs):
+        out = gs.Variable(f"{prefix}/{op.lower()}_{len(chain)}", dtype=dtype, shape=list(out_shape))
+        chain.append(gs.Node(op, f"{prefix}/{op}_{len(chain)}", attrs, inputs, [out]))
+        return out
+
+    chain: list[gs.Node] = []
+    n_codes = codebook.values.shape[1]
+    idx = node("Cast", [codes], codes.values.shape, np.int64, to=onnx.TensorProto.INT64)
+    idx = node("Reshape", [idx, _const(f"{prefix}/pieces_shape", [n_seg, k])], [n_seg, k], np.int64)
+    offsets = node("Range", [_const(f"{prefix}/zero", 0), _const(f"{prefix}/offset_end", n_seg * n_codes),
+                             _const(f"{prefix}/offset_step", n_codes)], [n_seg], np.int64)
+    offsets = node("Reshape", [offsets, _const(f"{prefix}/offsets_shape", [n_seg, 1])], [n_seg, 1], np.int64)
+    idx = node("Add", [idx, offsets], [n_seg, k], np.int64)
+    flat = node("Reshape", [codebook, _const(f"{prefix}/codewords_shape", [-1, r])],
+                [codebook.values.shape[0] * n_codes, r])
+    vec = node("Gather", [flat, idx], [n_seg, k, r], axis=0)
+    if kind == "conv":
+        _, p, kh, kw = codes.values.shape
+        w = node("Reshape", [vec, _const(f"{prefix}/pieces5", [n_seg, p, kh, kw, r])], [n_seg, p, kh, kw, r])
+        w = node("Transpose", [w], [p, n_seg, r, kh, kw], perm=[1, 0, 4, 2, 3])
+        w = node("Reshape", [w, _const(f"{prefix}/padded_shape", [p, n_seg * r, kh, kw])], [p, n_seg * r, kh, kw])
+        out = node("Slice", [w, _const(f"{prefix}/depth_start", [0]), _const(f"{prefix}/depth_end", [depth]),
+                             _const(f"{prefix}/depth_axis", [1])], [p, depth, kh, kw])
+    else:
+        n_out = codes.values.shape[1]
+        w = node("Transpose", [vec], [n_out, n_seg, r], perm=[1, 0, 2])
+        w = node("Reshape", [w, _const(f"{prefix}/padded_shape", [n_out, n_seg * r])], [n_out, n_seg * r])
+        out = node("Slice", [w, _const(f"{prefix}/depth_start", [0]), _const(f"{prefix}/depth_end", [depth]),
+                             _const(f"{prefix}/depth_axis", [1])], [n_out, depth])
+        if out_axis == 1:
+            out = node("Transpose", [out], [depth, n_out], perm=[1, 0])
+    graph.nodes.extend(chain)
+    return out
+
+
+def find_chain(weight: gs.Tensor) -> tuple[gs.Constant, gs.Constant] | None:
+    """(codebook, codes) when `weight` is made by a codebook-gather subgraph, else None."""
+    if isinstance(weight, gs.Constant) or not weight.inputs:
+        return None
+    consts, stack, seen = [], [weight], set()
+    while stack:
+        t = stack.pop()
+        if isinstance(t, gs.Constant):
+            consts.append(t)
+            continue
+        if not t.inputs:
+            return None  # reaches a graph input: not a constant subgraph
+        node = t.inputs[0]
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op not in CHAIN_OPS:
+            return None
+        stack.extend(node.inputs)
+    codebooks = [c for c in consts if c.values.dtype == np.float32 and c.values.ndim == 3]
+    codes = [c for c in consts if c.values.dtype in (np.uint8, np.uint16)]
+    if len(codebooks) != 1 or len(codes) != 1:
+        return None
+    return codebooks[0], codes[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# converting between the forms
+
+
+def _graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(shape_inference.infer_shapes(model))
+
+
+def _export(graph: gs.Graph, model: onnx.ModelProto, native: bool) -> onnx.ModelProto:
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph, do_type_check=True)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    for op in model.opset_import:
+        if op.domain != DOMAIN:
+            out.opset_import.append(op)
+    if native:
+        out.opset_import.add(domain=DOMAIN, version=DOMAIN_VERSION)
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    return out
+
+
+def to_native(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Replace the codebook layers of the portable form by EConv / EFC nodes where that pays.
+
+    Returns the model and the layers left in the portable form, with the reason: what the kernels
+    do not support (2-D convolutions with groups 1, Gemm with alpha = beta = 1 and transA = 0,
+    MatMul of a 2-D input), or a lookup that takes at least as many operations as the dense layer
+    (eq. 9's tables cost V*C*r per input pixel, e.g. a first convolution with one input channel and
+    r = 1): such a layer keeps its dense Conv / Gemm, which onnxruntime runs faster, and the same
+    compressed file."""
+    candidate, kept = _to_native(model, skip={})
+    dense, lookup = node_macs(model), node_macs(candidate)
+    slower = {}
+    for node in candidate.graph.node:
+        ops, macs = lookup.get(node.name), dense.get(node.name)
+        if node.domain == DOMAIN and ops is not None and macs is not None and ops >= macs:
+            slower[node.name] = f"the lookup takes at least the dense layer's operations ({ops:,} vs {macs:,} per sample)"
+    return _to_native(model, skip=slower) if slower else (candidate, kept)
+
+
+def _to_native(model: onnx.ModelProto, skip: dict[str, str]) -> tuple[onnx.ModelProto, list[str]]:
+    """to_native without the cost rule: every supported layer but those in `skip` (name -> reason)."""
+    graph = _graph(model)
+    kept = []
+    for node in list(graph.nodes):
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        found = find_chain(node.inputs[1])
+        if found is None:
+            continue
+        codebook, codes = found
+        why = skip.get(node.name) or _native_unsupported(node)
+        if why:
+            kept.append(f"{node.name}: {why}")
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        bias = node.inputs[2:3]
+        if node.op == "Conv":
+            depth = int(node.inputs[1].shape[1])
+            kernel = list(codes.values.shape[2:])
+            attrs = {"in_channels": depth, "kernel_shape": kernel,
+                     "strides": list(node.attrs.get("strides", [1, 1])),
+                     "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
+                     "dilations": list(node.attrs.get("dilations", [1, 1]))}
+            if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
+                kept.append(f"{node.name}: auto_pad")
+                continue
+            op = "EConv"
+        else:
+            depth = int(x.shape[1]) if x.shape and isinstance(x.shape[1], int) else None
+            if depth is None:
+                kept.append(f"{node.name}: input features unknown")
+                continue
+            attrs, op = {"in_features": depth}, "EFC"
+        node.inputs.clear()
+        node.outputs.clear()
+        y.dtype = np.float32
+        graph.nodes.append(gs.Node(op, node.name, attrs, [x, codebook, codes, *bias], [y], domain=DOMAIN))
+    return _export(graph, model, native=True), kept
+
+
+def _native_unsupported(node: gs.Node) -> str | None:
+    if node.op == "Conv":
+        w = node.inputs[1]
+        if not w.shape or len(w.shape) != 4:
+            return "not a 2-D convolution"
+        if node.attrs.get("group", 1) != 1:
+            return "grouped convolution"
+        if any(d != 1 for d in node.attrs.get("dilations", [1, 1])):
+            return "dilation other than 1"
+        return None
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
+            return "Gemm with transA, alpha or beta"
+        if len(node.inputs) > 2 and len(node.inputs[2].shape or ()) != 1:
+            return "Gemm bias not 1-D"
+        return None
+    x = node.inputs[0]
+    if not x.shape or len(x.shape) != 2:
+        return "MatMul input not 2-D"
+    return None
+
+
+def to_portable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every EConv / EFC node by the codebook-gather subgraph and a Conv / Gemm: the same
+    numbers in stock onnxruntime."""
+    if not is_native(model):
+        return model
+    graph = _graph(model)
+    for node in list(graph.nodes):
+        if node.domain != DOMAIN:
+            continue
+        if node.op not in NATIVE_OPS:
+            raise MergeError(f"node {node.name!r}: unknown {DOMAIN} operator {node.op}")
+        x, codebook, codes, *bias = node.inputs
+        y = node.outputs[0]
+        kind = "conv" if node.op == "EConv" else "fc"
+        depth = int(node.attrs["in_channels" if kind == "conv" else "in_features"])
+        w = gather_weight(graph, codebook, codes, kind, depth, 0, node.name)
+        node.inputs.clear()
+        node.outputs.clear()
+        if kind == "conv":
+            attrs = {k: node.attrs[k] for k in ("kernel_shape", "strides", "pads", "dilations") if k in node.attrs}
+            graph.nodes.append(gs.Node("Conv", node.name, attrs, [x, w, *bias], [y]))
+        else:
+            graph.nodes.append(gs.Node("Gemm", node.name, {"transB": 1}, [x, w, *bias], [y]))
+    return _export(graph, model, native=False)

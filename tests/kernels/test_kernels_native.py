@@ -1,0 +1,278 @@
+"""The native ai.onnxmerge kernels (kernels/lookup_impl.cc, pack.cc, custom_op.cc) in onnxruntime
+against the numpy oracle (onnxmerge.graph.ops), on every instruction set this CPU runs, at one and
+several threads, with constant (packed once) and non-constant codebooks and codes; and a real merged
+model's native form against its portable form.
+
+Skipped, with the loader's reason, when the library is not built (python kernels/build.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import EXAMPLES
+from onnxmerge import kernels
+from onnxmerge.graph.ops import econv_reference, efc_reference, is_native, to_portable
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason() or "built")
+
+TOL = 1e-5
+
+
+def rel(got: np.ndarray, want: np.ndarray) -> float:
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
+
+
+def native_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
+    options = kernels.register(ort.SessionOptions())
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def one_node(op: str, x_rank: int, codebook, codes, bias, constant: bool = True, **attrs) -> onnx.ModelProto:
+    """A one-node model; codebook and codes are initializers, or graph inputs if not `constant`."""
+    tensors = [numpy_helper.from_array(codebook, "codebook"), numpy_helper.from_array(codes, "codes")]
+    names = ["X", "codebook", "codes"]
+    if bias is not None:
+        tensors.append(numpy_helper.from_array(bias, "B"))
+        names.append("B")
+    node = helper.make_node(op, names, ["Y"], domain="ai.onnxmerge", **attrs)
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None] * x_rank)]
+    if not constant:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in tensors[:2]]
+        tensors = tensors[2:]
+    graph = helper.make_graph([node], "g", inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * x_rank)], tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnxmerge", 1)])
+    model.ir_version = 8
+    return model
+
+
+def random_layer(rng, d: int, extra_dims: tuple[int, ...]):
+    """codebook [V', C, r], codes [V, *extra_dims] (uint16 when C > 256), with V = ceil(d / r) (sometimes
+    one more, an all-padding segment) and V' >= V."""
+    r = int(rng.integers(1, 9))
+    n_codes = int(rng.choice([int(rng.integers(1, 65)), int(rng.integers(200, 301))]))
+    n_seg = -(-d // r) + int(rng.random() < 0.15)
+    n_seg_book = n_seg + int(rng.integers(0, 3)) * int(rng.random() < 0.4)
+    codebook = rng.standard_normal((n_seg_book, n_codes, r)).astype(np.float32)
+    dtype = np.uint16 if n_codes > 256 else np.uint8
+    codes = rng.integers(0, n_codes, (n_seg, *extra_dims)).astype(dtype)
+    return codebook, codes
+
+
+def econv_config(seed: int):
+    rng = np.random.default_rng(seed)
+    d, p = int(rng.integers(1, 41)), int(rng.integers(1, 17))
+    kh, kw = (int(k) for k in rng.integers(1, 6, 2))
+    strides = [int(s) for s in rng.integers(1, 3, 2)]
+    pads = [int(q) for q in rng.integers(0, 3, 4)]
+    h = int(rng.integers(max(1, kh - pads[0] - pads[2]), kh + 12))
+    w = int(rng.integers(max(1, kw - pads[1] - pads[3]), kw + 12))
+    x = rng.standard_normal((int(rng.integers(1, 4)), d, h, w)).astype(np.float32)
+    codebook, codes = random_layer(rng, d, (p, kh, kw))
+    bias = rng.standard_normal(p).astype(np.float32) if rng.random() < 0.5 else None
+    return x, codebook, codes, bias, dict(in_channels=d, kernel_shape=[kh, kw], strides=strides, pads=pads,
+                                          dilations=[1, 1])
+
+
+def efc_config(seed: int):
+    rng = np.random.default_rng(1000 + seed)
+    d, out = int(rng.integers(1, 200)), int(rng.integers(1, 70))
+    x = rng.standard_normal((int(rng.integers(1, 4)), d)).astype(np.float32)
+    codebook, codes = random_layer(rng, d, (out,))
+    bias = rng.standard_normal(out).astype(np.float32) if rng.random() < 0.5 else None
+    return x, codebook, codes, bias, dict(in_features=d)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_econv_matches_the_numpy_reference(seed):
+    x, codebook, codes, bias, attrs = econv_config(seed)
+    model = one_node("EConv", 4, codebook, codes, bias, **attrs)
+    got = native_session(model).run(None, {"X": x})[0]
+    want = econv_reference(x, codebook, codes, bias, strides=attrs["strides"], pads=attrs["pads"])
+    assert rel(got, want) <= TOL, attrs
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_efc_matches_the_numpy_reference(seed):
+    x, codebook, codes, bias, attrs = efc_config(seed)
+    model = one_node("EFC", 2, codebook, codes, bias, **attrs)
+    got = native_session(model).run(None, {"X": x})[0]
+    assert rel(got, efc_reference(x, codebook, codes, bias)) <= TOL
+
+
+def test_the_configurations_cover_both_code_types_and_optional_inputs():
+    configs = [econv_config(s) for s in range(30)] + [efc_config(s) for s in range(30)]
+    assert {c[2].dtype for c in configs} == {np.dtype(np.uint8), np.dtype(np.uint16)}
+    assert any(c[3] is None for c in configs) and any(c[3] is not None for c in configs)
+    assert any(c[1].shape[0] > c[2].shape[0] for c in configs)  # V' > V
+    assert any(max(c[4].get("strides", [1])) == 2 and max(c[4].get("pads", [0])) > 0 for c in configs)
+
+
+def test_bad_inputs_are_reported_not_read_out_of_bounds():
+    rng = np.random.default_rng(0)
+    codebook = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    codes = np.full((2, 5), 4, np.uint8)  # index 4 of a 4-codeword codebook
+    x = np.ones((1, 6), np.float32)
+    # constant codes are checked once, when the session creates the kernel
+    with pytest.raises(Exception, match="out of range"):
+        native_session(one_node("EFC", 2, codebook, codes, None, in_features=6))
+    # codes fed at run time are checked on every run
+    sess = native_session(one_node("EFC", 2, codebook, codes, None, constant=False, in_features=6))
+    with pytest.raises(Exception, match="out of range"):
+        sess.run(None, {"X": x, "codebook": codebook, "codes": codes})
+    assert sess.run(None, {"X": x, "codebook": codebook, "codes": codes.clip(0, 3)})[0].shape == (1, 5)
+    sess = native_session(one_node("EFC", 2, codebook, codes.clip(0, 3), None, in_features=6))
+    with pytest.raises(Exception, match="in_features"):
+        sess.run(None, {"X": np.ones((1, 5), np.float32)})
+    bad_type = one_node("EFC", 2, codebook, codes.clip(0, 3).astype(np.int32), None, in_features=6)
+    with pytest.raises(Exception, match="uint8 or uint16"):
+        native_session(bad_type).run(None, {"X": x})
+    conv = one_node("EConv", 4, codebook, np.zeros((2, 3, 5, 5), np.uint8), None, in_channels=6, kernel_shape=[5, 5])
+    with pytest.raises(Exception, match="does not fit"):
+        native_session(conv).run(None, {"X": np.ones((1, 6, 3, 3), np.float32)})
+
+
+# --------------------------------------------------------------------------------------------
+# instruction sets, threads, non-constant inputs, and shapes that exercise the tiling
+
+def large_configs():
+    """Layers big enough for every code path: EConv whose tables need several row tiles and segment
+    groups (kernels/pack.cc), outputs wider than two vectors, both strides; EFC at batch 1 (register
+    tables on AVX-512 for C <= 64, scalar otherwise), 5 and 40 (one and several sample tiles)."""
+    rng = np.random.default_rng(7)
+    out = []
+    for d, p, hw, k, stride, n_codes, n in [(24, 12, 40, 3, 1, 256, 2), (16, 5, 37, 5, 2, 64, 1), (9, 7, 21, 3, 1, 300, 3)]:
+        codebook, codes = random_layer(rng, d, (p, k, k))
+        codebook = rng.standard_normal((codebook.shape[0], n_codes, codebook.shape[2])).astype(np.float32)
+        codes = rng.integers(0, n_codes, codes.shape).astype(np.uint16 if n_codes > 256 else np.uint8)
+        x = rng.standard_normal((n, d, hw, hw)).astype(np.float32)
+        out.append(("EConv", x, codebook, codes, rng.standard_normal(p).astype(np.float32),
+                    dict(in_channels=d, kernel_shape=[k, k], strides=[stride, stride], pads=[1, 2, 1, 0],
+                         dilations=[1, 1])))
+    for n, n_codes, d, n_out in [(1, 64, 300, 70), (1, 20, 50, 33), (1, 200, 90, 40), (5, 64, 130, 21), (40, 48, 77, 100)]:
+        r = int(rng.integers(1, 9))
+        n_seg = -(-d // r)
+        codebook = rng.standard_normal((n_seg, n_codes, r)).astype(np.float32)
+        codes = rng.integers(0, n_codes, (n_seg, n_out)).astype(np.uint8)
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        out.append(("EFC", x, codebook, codes, rng.standard_normal(n_out).astype(np.float32), dict(in_features=d)))
+    return out
+
+
+# the EConv / EFC layers of tools/bench/kernels.py (the paper LeNet pair merged at accu and light):
+# (op, input shape per sample, output channels, kernel, pads, r, C)
+BENCH_LAYERS = [("EConv", (32, 16, 16), 64, 5, 2, 4, 128), ("EConv", (32, 16, 16), 64, 5, 2, 8, 64),
+                ("EFC", (4096,), 1024, 1, 0, 4, 64), ("EFC", (4096,), 1024, 1, 0, 8, 64)]
+
+
+@pytest.mark.parametrize("layer", BENCH_LAYERS, ids=lambda l: f"{l[0]}-r{l[5]}-C{l[6]}")
+@pytest.mark.parametrize("batch", [1, 32])
+def test_the_benchmark_layer_shapes_match_the_reference(layer, batch):
+    op, x_shape, p, k, pad, r, n_codes = layer
+    rng = np.random.default_rng(sum(x_shape) + r + batch)
+    n_seg = -(-x_shape[0] // r)
+    codebook = rng.standard_normal((n_seg, n_codes, r)).astype(np.float32)
+    codes = rng.integers(0, n_codes, (n_seg, p, k, k) if op == "EConv" else (n_seg, p)).astype(np.uint8)
+    bias = rng.standard_normal(p).astype(np.float32)
+    x = rng.standard_normal((batch, *x_shape)).astype(np.float32)
+    attrs = (dict(in_channels=x_shape[0], kernel_shape=[k, k], strides=[1, 1], pads=[pad] * 4, dilations=[1, 1])
+             if op == "EConv" else dict(in_features=x_shape[0]))
+    got = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
+    assert rel(got, reference(op, x, codebook, codes, bias, attrs)) <= TOL
+
+
+def reference(op, x, codebook, codes, bias, attrs):
+    if op == "EFC":
+        return efc_reference(x, codebook, codes, bias)
+    return econv_reference(x, codebook, codes, bias, strides=attrs["strides"], pads=attrs["pads"])
+
+
+def test_the_library_reports_its_instruction_sets():
+    isas = kernels.isas()
+    assert isas and isas[-1] == "generic" and set(isas) <= {"avx512", "avx2", "generic"}
+    assert kernels.isa() == isas[0]
+
+
+@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+def test_every_instruction_set_matches_the_reference(isa, monkeypatch):
+    monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
+    cases = large_configs() + [("EConv", *econv_config(s)) for s in range(8)] + [("EFC", *efc_config(s)) for s in range(8)]
+    for op, x, codebook, codes, bias, attrs in cases:
+        got = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
+        assert rel(got, reference(op, x, codebook, codes, bias, attrs)) <= TOL, (isa, op, x.shape, attrs)
+
+
+def test_an_unknown_instruction_set_is_refused(monkeypatch):
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "avx9000")
+    op, x, codebook, codes, bias, attrs = large_configs()[-1]
+    with pytest.raises(Exception, match="unknown instruction set 'avx9000'"):
+        native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs))
+
+
+def test_threads_and_non_constant_inputs_give_the_same_numbers():
+    """Each output is summed by one work item in a fixed order, so several threads give the single
+    thread's result bit for bit; codebooks and codes fed at run time give the packed result."""
+    for op, x, codebook, codes, bias, attrs in large_configs():
+        one = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
+        two = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs), threads=2).run(None, {"X": x})[0]
+        fed = native_session(one_node(op, x.ndim, codebook, codes, bias, constant=False, **attrs)).run(
+            None, {"X": x, "codebook": codebook, "codes": codes})[0]
+        np.testing.assert_array_equal(two, one)
+        np.testing.assert_array_equal(fed, one)
+
+
+def test_merged_lenets_native_kernels_equal_the_portable_form():
+    from onnxmerge.api import merge
+    from onnxmerge.data import load_dataset
+
+    names = ("fashion_lenet", "digits_lenet")
+    result = merge([EXAMPLES / f"{n}.onnx" for n in names], method="codebook", params={"emit": "native"})
+    native = result.model
+    assert is_native(native)
+    ops = sorted({n.op_type for n in native.graph.node if n.domain == "ai.onnxmerge"})
+    assert ops == ["EConv", "EFC"]
+    portable = to_portable(native)
+    assert not is_native(portable)
+    data = {n: load_dataset(EXAMPLES / f"{n.split('_')[0]}_eval.npz").x for n in names}
+    batch = min(len(x) for x in data.values())  # the tasks' inputs share the batch dimension
+    data = {n: x[:batch] for n, x in data.items()}
+    feeds = {t.inputs["input"]: data[t.name] for t in result.info.tasks}
+    outs = [o.name for o in native.graph.output]
+    got = dict(zip(outs, native_session(native).run(outs, feeds)))
+    want = dict(zip(outs, ort.InferenceSession(portable.SerializeToString(),
+                                               providers=["CPUExecutionProvider"]).run(outs, feeds)))
+    for t in result.info.tasks:
+        name = t.outputs["logits"]
+        assert got[name].shape == (len(data[t.name]), 10)
+        assert rel(got[name], want[name]) <= TOL, name
+        assert (got[name].argmax(1) == want[name].argmax(1)).mean() >= 0.99
+
+
+def test_evaluation_of_a_native_model_runs_the_kernels_and_matches_the_portable_form(monkeypatch):
+    from onnxmerge.graph import ops as lookup_ops
+    from onnxmerge.api import merge
+    from onnxmerge.data import load_dataset
+    from onnxmerge.measure.evaluate import evaluate
+    from onnxmerge.measure.latency import make_session
+
+    result = merge([EXAMPLES / "fashion_lenet.onnx", EXAMPLES / "digits_lenet.onnx"], method="codebook",
+                   params={"emit": "native"})
+    portable_model = to_portable(result.model)
+
+    def refuse(model):
+        raise AssertionError("the native model was rewritten to its portable form")
+
+    monkeypatch.setattr(lookup_ops, "to_portable", refuse)  # with the kernels built, sessions run EConv / EFC
+    make_session(result.model, threads=1)
+    data = {"fashion_lenet": load_dataset(EXAMPLES / "fashion_eval.npz"),
+            "digits_lenet": load_dataset(EXAMPLES / "digits_eval.npz")}
+    native = evaluate(result.model, result.info, data, progress=False)
+    portable = evaluate(portable_model, result.info, data, progress=False)
+    for name in data:
+        assert native[name]["accuracy"] == portable[name]["accuracy"]
