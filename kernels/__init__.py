@@ -22,14 +22,17 @@ LIBRARY = Path(__file__).with_name("libonnxmerge_kernels.so")
 
 
 def library_path() -> Path | None:
+    """The built kernel library, or None where it is not built."""
     return LIBRARY if LIBRARY.is_file() else None
 
 
 def available() -> bool:
+    """Whether the native kernels are built (and can be registered in a session)."""
     return library_path() is not None
 
 
 def unavailable_reason() -> str:
+    """Why the native kernels are unavailable, in one line ("" where they are built)."""
     if available():
         return ""
     return (f"native kernels unavailable: {LIBRARY.name} is not built (it needs onnxruntime's C/C++ headers, "

@@ -105,6 +105,7 @@ def build(include_dir: str | Path | None = None, out: str | Path | None = None, 
 
 
 def main() -> int:
+    """`python kernels/build.py`: build the library here; exit status 1 with the reason if it cannot."""
     path = build(verbose=True)
     if path is None:
         print(f"native kernels not built: {last_reason}", file=sys.stderr)

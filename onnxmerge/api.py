@@ -1,7 +1,12 @@
-"""The Python API: `merge` runs the whole pipeline of DESIGN.md, "Flow of one merge".
+"""The Python API: `merge` runs a method's declared pipeline (DESIGN.md, "Flow of one merge").
 
-    load + check -> reconcile versions -> normalise (fold constants, drop Identity/Dropout, fold
-    BatchNorm) -> layer view + alignment -> combine -> method passes -> cleanup -> verify -> save
+    load + check + reconcile versions -> the method's passes (passes/<method>/__init__.py: normalise,
+    align, its rewrites, combine, cleanup) -> compare with the originals -> calibrate (with data) ->
+    the method's after-calibration passes -> validate -> save
+
+The API names no method: what a method needs (a merged model as input, layers to rewrite, a warm
+start) it declares in its `Method` entry; what its passes need from calibration and measurement
+reaches them through `MergeState.services`.
 
 >>> from onnxmerge.api import merge
 >>> result = merge(["a.onnx", "b.onnx"], "merged.onnx", method="pack")
@@ -20,25 +25,33 @@ import onnx
 import onnx_graphsurgeon as gs
 
 import onnxmerge
-from onnxmerge.pipeline import checks as verify
-from onnxmerge.graph.alignment import parse_pairs
-from onnxmerge.calibration.calibrate import CalibrationConfig, Checkpoint, calibrate, record_calibration
-from onnxmerge.model.contract import MergedInfo, TaskInfo, read_metadata, write_metadata
+from onnxmerge.calibration.calibrate import (
+    CalibrationConfig,
+    Checkpoint,
+    calibrate,
+    record_calibration,
+)
 from onnxmerge.data import check_fits, check_labels
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.graph.convert import import_graph, input_signature
-from onnxmerge.model.loading import MergedInput, _first_line, file_sha256, find_merged_input, load_model, reconcile_versions
-from onnxmerge.pipeline.manager import Pass, PassManager
-from onnxmerge.pipeline.method import get_method
+from onnxmerge.graph.alignment import parse_pairs
+from onnxmerge.graph.convert import import_graph
+from onnxmerge.measure.evaluate import run_task
+from onnxmerge.model.contract import MergedInfo, TaskInfo, logits_output, write_metadata
+from onnxmerge.model.loading import (
+    MergedInput,
+    file_sha256,
+    find_merged_input,
+    first_line,
+    load_model,
+    reconcile_versions,
+)
+from onnxmerge.model.runtime import input_signature
 from onnxmerge.model.saving import check_model, check_output_path, save_atomic
-from onnxmerge.pipeline.state import MergeState, Task
-from onnxmerge.passes.common.align_layers import AlignLayersPass
-from onnxmerge.passes.common.cleanup import CleanupGraphPass
-from onnxmerge.passes.common.combine_graphs import CombineGraphsPass
-from onnxmerge.passes.common.fold_batchnorm import FoldBatchNormPass
-from onnxmerge.passes.common.fold_constants import FoldConstantsPass
-from onnxmerge.passes.common.load_weights import LoadWeightsPass
-from onnxmerge.passes.common.remove_identity import RemoveIdentityPass
+from onnxmerge.passes import BASELINE, get_method
+from onnxmerge.pipeline import checks
+from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.pipeline.method import split_pipeline
+from onnxmerge.pipeline.state import MergeState, Services, Task
 
 # validate_output's run of the merged model (the figures in its metadata)
 VALIDATE_BATCH, VALIDATE_SEED = 2, 0
@@ -52,10 +65,6 @@ class MergeResult:
     info: MergedInfo
     state: MergeState
     path: Path | None = None
-
-
-def normalise_passes() -> list[Pass]:
-    return [FoldConstantsPass(), RemoveIdentityPass(), FoldBatchNormPass()]
 
 
 def task_names(paths: list[Path], names: list[str] | None) -> list[str]:
@@ -80,14 +89,15 @@ def task_names(paths: list[Path], names: list[str] | None) -> list[str]:
 
 
 def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: int | None = None,
-               method: str = "") -> MergeState:
+               extends: str | None = None) -> MergeState:
     """Load, check and version-reconcile the input models into a fresh MergeState.
 
-    With method mtz, a merged mtz model given first stands for its tasks (loading.find_merged_input):
-    they come first under their own names, their originals are its sub-models, and their recorded
-    sources and sha256 are carried over into the new model's metadata."""
+    With `extends` (the name of a method that adds tasks to a model it merged), such a merged model
+    given first stands for its tasks (loading.find_merged_input): they come first under their own
+    names, their originals are its sub-models, and their recorded sources and sha256 are carried over
+    into the new model's metadata."""
     paths = [Path(p) for p in inputs]
-    base = find_merged_input(paths) if method == "mtz" else None
+    base = find_merged_input(paths, extends) if extends else None
     own = paths[1:] if base else paths
     names = task_names(own, names) if base is None else _added_names(base, own, names)
     models = {**(base.originals() if base else {}), **{str(p): load_model(p) for p in own}}
@@ -133,8 +143,6 @@ def check_task_data(state: MergeState, data: dict, flag: str = "--data") -> None
 def check_merged_data(model: onnx.ModelProto, info: MergedInfo, data: dict, flag: str = "--data") -> None:
     """`check_task_data` for a merged model (the calibrate and eval commands): each task's data must
     fit the task's input in `model`, and its labels the task's class-score output."""
-    from onnxmerge.model.contract import logits_output
-
     inputs = {i.name: i for i in model.graph.input}
     outputs = {o.name: o for o in model.graph.output}
     for name, ds in data.items():
@@ -170,13 +178,13 @@ LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
 def check_has_layers(state: MergeState, method: str) -> None:
     """Refuse a model with no weight-bearing layer (Conv, Gemm, MatMul) for a method that rewrites
-    layers: zipper, codebook and mtz share or compress layer weights, so such a model gives them
-    nothing to work on and the merge would be meaningless (or fail deep inside a pass). `pack`,
-    which only places the graphs side by side, merges such a model as it is."""
+    layers (Method.rewrites_layers): such a model gives it nothing to work on and the merge would be
+    meaningless (or fail deep inside a pass). The baseline, which only places the graphs side by
+    side, merges such a model as it is."""
     for task in state.tasks:
         if not any(node.op in LAYER_OPS for node in task.graph.nodes):
             raise MergeError(f"{task.path}: no weight-bearing layer (Conv, Gemm or MatMul): nothing for method "
-                             f"{method} to share; --method pack merges it as it is")
+                             f"{method} to share; --method {BASELINE} merges it as it is")
 
 
 def check_writable(output: str | Path) -> None:
@@ -193,23 +201,7 @@ def _save(model: onnx.ModelProto, output: str | Path) -> Path:
     try:
         return save_atomic(model, output)
     except OSError as e:
-        raise MergeError(f"{output}: cannot write the merged model ({e.strerror or _first_line(e)})") from None
-
-
-def _emit_native(model: onnx.ModelProto, info: MergedInfo) -> onnx.ModelProto:
-    """The codebook method's native form: EConv / EFC nodes, checked against the portable form with
-    the ops' numpy reference (onnxmerge.graph.ops)."""
-    from onnxmerge import kernels
-    from onnxmerge.graph.ops import to_native
-
-    native, kept = to_native(model)
-    info.fidelity["native_vs_portable_rel_diff"] = verify.check_native(native, model)
-    notes = info.fidelity.setdefault("notes", [])
-    notes.extend(f"portable form kept for {k}" for k in kept)
-    if not kernels.available():
-        notes.append(f"{kernels.unavailable_reason()}; onnxmerge evaluates and times this model in its portable "
-                     "form, which computes the same numbers")
-    return native
+        raise MergeError(f"{output}: cannot write the merged model ({e.strerror or first_line(e)})") from None
 
 
 def _named(graph: gs.Graph) -> gs.Graph:
@@ -244,6 +236,7 @@ def merge(
     validation: dict | None = None,
     warm_start: onnx.ModelProto | None = None,
     checkpoint: Checkpoint | None = None,
+    portable_fallback: bool = False,
 ) -> MergeResult:
     """Merge the models at `inputs` with `method` and (if `output` is given) save the result atomically.
 
@@ -255,7 +248,9 @@ def merge(
     samples of `calib` are held out). `warm_start`, an earlier merged model of the
     same tasks, gives the starting weights (progressive zippering: onnxmerge.sweep). `checkpoint`
     (onnxmerge.calibration.calibrate.Checkpoint) makes the calibration save its state and resume from it; the
-    file is removed once the merged model is saved.
+    file is removed once the merged model is saved. `portable_fallback`: a native form that this
+    machine cannot run (kernels not built) is written in its portable form, with a warning in
+    `result.state.warnings` (the command line's choice).
     """
     chosen = get_method(method)
     if len(inputs) < (1 if chosen.single else 2):
@@ -265,23 +260,23 @@ def merge(
         check_writable(output)
     if dump_dir is not None and Path(dump_dir).exists() and not Path(dump_dir).is_dir():
         raise UsageError(f"--dump-dir {dump_dir}: is a file, not a folder")
+    if warm_start is not None and chosen.sweep is None:
+        raise UsageError(f"method {chosen.name} cannot start from an earlier merged model (warm_start)")
     method_params = chosen.parameters(params or {})
-    pairs = parse_pairs(align) if isinstance(align, str) else align
+    before, after = split_pipeline(chosen.pipeline(method_params))
 
-    state = load_tasks(inputs, names, opset, chosen.name)
+    state = load_tasks(inputs, names, opset, chosen.name if chosen.extends_merged else None)
     check_task_data(state, data or {})
     check_task_data(state, calib or {}, flag="--calib")
     check_task_data(state, validation or {}, flag="--validation")
-    state.method, state.params, state.progress = chosen.name, dict(method_params), progress
-    state.calib, state.calibration, state.validation = dict(calib or {}), calibration, dict(validation or {})
-    method_passes = chosen.passes(method_params)
-    if method_passes:  # a method with passes rewrites layers (pack has none)
+    if chosen.rewrites_layers:
         check_has_layers(state, chosen.name)
-    warm = [LoadWeightsPass(warm_start, read_metadata(warm_start).params.get("share", 0))] if warm_start else []
-    pipeline = [*normalise_passes(), AlignLayersPass(pairs), *warm,
-                *[p for p in method_passes if p.stage == "task"], CombineGraphsPass(separate_inputs),
-                *[p for p in method_passes if p.stage != "task"], CleanupGraphPass()]
-    state = PassManager(pipeline, verify=verify_passes, dump_dir=dump_dir, progress=progress).run(state)
+    state.method, state.params, state.progress = chosen.name, dict(method_params), progress
+    state.align = parse_pairs(align) if isinstance(align, str) else align
+    state.separate_inputs, state.warm_start, state.portable_fallback = separate_inputs, warm_start, portable_fallback
+    state.calib, state.calibration, state.validation = dict(calib or {}), calibration, dict(validation or {})
+    state.services = Services(calibrate=calibrate, calibration_config=CalibrationConfig, run_task=run_task)
+    state = PassManager(before, verify=verify_passes, dump_dir=dump_dir, progress=progress).run(state)
 
     # the model compared with the originals is the one written below (unless calibration or the
     # native form replace it: they are checked by validate_output, and check_native, instead): the
@@ -289,11 +284,11 @@ def merge(
     # (the weights held once); the same session's run at validate_output's batch and seed serves
     # its check of that model
     checked_run = {"batch": VALIDATE_BATCH, "seed": VALIDATE_SEED}
-    fidelity = verify.compare(state, also=checked_run)
-    model = compared = verify.combined_model(state, release=True)
+    fidelity = checks.compare(state, also=checked_run)
+    model = compared = checks.combined_model(state, release=True)
     if chosen.exact:
         try:
-            verify.check_exact(state, fidelity)
+            checks.check_exact(state, fidelity)
         except MergeError as e:
             raise MergeError(f"method {chosen.name} is exact, but {e}: this is a bug") from None
     info = MergedInfo(
@@ -311,11 +306,14 @@ def merge(
                                progress=progress, checkpoint=checkpoint)
         model = calibrated.model
         record_calibration(info, calibration or CalibrationConfig(), calibrated)
-    if state.params.get("emit") == "native":
-        model = _emit_native(model, info)
+    # the method's after-calibration passes rewrite the exported model (each checks its own result:
+    # the native form against the portable one)
+    state.model, state.info = model, info
+    state = PassManager(after, progress=progress).run(state)
+    model = state.model
     # the last check before writing: the model as saved (metadata aside) runs and every task's
     # outputs have their original's shape and are finite
-    info.fidelity["output_check"] = verify.validate_output(
+    info.fidelity["output_check"] = checks.validate_output(
         model, info, {t.name: t.original for t in state.tasks}, where=str(output or "merged model"),
         batch=VALIDATE_BATCH, seed=VALIDATE_SEED, results=checked_run["outputs"] if model is compared else None)
     write_metadata(model, info)
@@ -325,3 +323,9 @@ def merge(
     if checkpoint is not None:
         checkpoint.remove()  # only now: a kill before the model is saved leaves it to resume from
     return MergeResult(model, info, state, path)
+
+
+def baseline_model(inputs: list[str | Path], names: list[str]) -> onnx.ModelProto:
+    """The tasks side by side in one graph, sharing nothing (the baseline method): the report's
+    second latency reference, beside the originals in separate sessions."""
+    return merge(inputs, method=BASELINE, names=names).model

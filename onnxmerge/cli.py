@@ -14,9 +14,9 @@ import threading
 from pathlib import Path
 
 from onnxmerge.calibration.calibrate import CHECKPOINT_EVERY
-from onnxmerge.model.contract import read_metadata
 from onnxmerge.errors import OnnxMergeError, UsageError
-from onnxmerge.pipeline.method import METHODS
+from onnxmerge.model.contract import read_metadata
+from onnxmerge.passes import BASELINE, METHODS, get_method
 
 COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "methods")
 SWEEP_STEPS_PER_LAYER = 200  # --steps-per-layer's default
@@ -117,6 +117,7 @@ def _calib_config(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command; the merge command's method flags come from the methods' options."""
     parser = _Parser(prog="onnxmerge", description="Merge well-trained ONNX networks into one multi-task model.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{merge,inspect,eval,calibrate,demo,methods}")
 
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="MODEL.onnx")
     p.add_argument("-o", "--output", required=True, metavar="MERGED.onnx")
     p.add_argument("--method", default="auto", choices=["auto", *METHODS],
-                   help="merging method (see 'onnxmerge methods'); auto picks pack")
+                   help=f"merging method (see 'onnxmerge methods'); auto picks {BASELINE}")
     p.add_argument("--names", help="comma-separated task names (default: the input file names)")
     p.add_argument("--separate-inputs", action="store_true", help="one input per task even when they agree")
     p.add_argument("--align", metavar="PAIRS", help="layer mapping between the first two models, e.g. 0=0,1=2")
@@ -133,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass that changed it")
     _method_args(p)
     p.add_argument("--validation", action="append", default=[], metavar="TASK=PATH",
-                   help="labelled held-out data per task for mtz --tolerance, data the models were not trained on "
+                   help="labelled held-out data per task for a method's choices (see --tolerance), data the models were not trained on "
                         "(default: a fifth of --calib, at most 1,000 samples, is held out); repeatable")
-    g = p.add_argument_group("progressive zippering (method zipper)")
+    g = p.add_argument_group("progressive sharing, layer after layer (methods with a layer count: "
+                              + ", ".join(m.name for m in METHODS.values() if m.sweep) + ")")
     g.add_argument("--sweep", action="store_true",
                    help="share layers 1, 2, ... one at a time, calibrating after each; writes "
                         "OUTPUT_share<K>.onnx per step and OUTPUT_sweep.{json,md,png}")
@@ -191,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `onnxmerge` command: returns the exit status (0, 1 for a failure, 2 for a usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "merge")
@@ -240,6 +243,7 @@ def _catch_sigterm():
 
 
 def cmd_merge(args) -> int:
+    """`onnxmerge a.onnx b.onnx -o merged.onnx`: merge, then print (and with --report write) the report."""
     from onnxmerge.api import merge
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
@@ -256,18 +260,14 @@ def cmd_merge(args) -> int:
     if args.sweep:
         return _sweep(args, names, data, calib, config)
     checkpoint = _checkpoint(args, args.inputs)
-    params = _method_params(args)
-    if params.get("emit") == "native":
-        from onnxmerge import kernels
-
-        if not kernels.available():  # a model this machine cannot run natively: write the portable form
-            print(f"onnxmerge: warning: --emit native: {kernels.unavailable_reason()}; writing --emit gather",
-                  file=sys.stderr)
-            params["emit"] = "gather"
+    # a native form that this machine cannot run is written in its portable form (with a warning)
     result = merge(args.inputs, args.output, method=args.method, names=names,
                    separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
                    verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
-                   calib=calib, calibration=config, validation=validation, params=params, checkpoint=checkpoint)
+                   calib=calib, calibration=config, validation=validation, params=_method_params(args),
+                   checkpoint=checkpoint, portable_fallback=True)
+    for warning in result.state.warnings:
+        print(f"onnxmerge: warning: {warning}", file=sys.stderr)
     # a merged input's tasks are compared with its sub-models, as the merge compared them
     merged = result.state.base.names if result.state.base else []
     originals = {t.name: t.original if t.name in merged else str(t.path) for t in result.state.tasks}
@@ -288,9 +288,11 @@ def _check_merge_flags(args) -> None:
                                                ("--steps-per-layer", args.steps_per_layer != SWEEP_STEPS_PER_LAYER))
                       if given]
         if sweep_only:
-            raise UsageError(f"{', '.join(sweep_only)}: only with --sweep (progressive zippering)")
-    if args.validation and args.param_tolerance is None:
-        raise UsageError("--validation: only with --method mtz --tolerance (the held-out data its choices are measured on)")
+            raise UsageError(f"{', '.join(sweep_only)}: only with --sweep (progressive sharing)")
+    measured = [(m.name, m.validation) for m in METHODS.values() if m.validation]
+    if args.validation and all(getattr(args, f"param_{option}") is None for _, option in measured):
+        flags = " or ".join(f"--method {name} --{option.replace('_', '-')}" for name, option in measured)
+        raise UsageError(f"--validation: only with {flags} (the held-out data its choices are measured on)")
     if not args.calib:
         d = CalibrationConfig()
         settings = {"--steps": (args.steps, d.steps), "--lr": (args.lr, d.lr),
@@ -316,13 +318,15 @@ def _data_files(args) -> list[str]:
 
 def _sweep(args, names, data, calib, config) -> int:
     from onnxmerge.model.saving import check_output_path
-    from onnxmerge.sweep import sweep_markdown, write_sweep, zipper_sweep
+    from onnxmerge.sweep import sweep, sweep_markdown, write_sweep
 
-    if args.method != "zipper":
-        raise UsageError("--sweep is progressive zippering: give --method zipper")
+    method = get_method(args.method)
+    sweepable = [m.name for m in METHODS.values() if m.sweep]
+    if method.sweep is None:
+        raise UsageError(f"--sweep is progressive sharing, layer after layer: give --method {' or '.join(sweepable)}")
     params = _method_params(args)
-    if "share" in params:
-        raise UsageError("--sweep shares 1, 2, ... layers in turn: leave out --share")
+    if method.sweep in params:
+        raise UsageError(f"--sweep shares 1, 2, ... layers in turn: leave out --{method.sweep}")
     ignored = [flag for flag, given in (("--separate-inputs", args.separate_inputs), ("--align", args.align),
                                         ("--opset", args.opset), ("--verify", args.verify),
                                         ("--dump-dir", args.dump_dir), ("--report", args.report),
@@ -337,10 +341,9 @@ def _sweep(args, names, data, calib, config) -> int:
         keep = [int(k) for k in args.keep.split(",")] if args.keep else None
     except ValueError:
         raise UsageError(f"--keep {args.keep}: give layer counts like 2,4") from None
-    rows = zipper_sweep(args.inputs, names, calib, data, steps_per_layer=args.steps_per_layer,
-                        calibration=config, depthwise=params.get("depthwise", "shared"),
-                        match=params.get("match", "none"), latency_budget_s=args.latency_budget,
-                        up_to=args.sweep_to, progress=not args.quiet)
+    rows = sweep(method, args.inputs, names, calib, data, steps_per_layer=args.steps_per_layer,
+                 calibration=config, params=params, latency_budget_s=args.latency_budget,
+                 up_to=args.sweep_to, progress=not args.quiet)
     written = write_sweep(rows, args.output, keep)
     print(sweep_markdown([{k: v for k, v in r.items() if k != "model"} for r in rows]))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -348,10 +351,16 @@ def _sweep(args, names, data, calib, config) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    """`onnxmerge calibrate merged.onnx -o out.onnx --calib ...`: fine-tune a merged model against its originals."""
     from onnxmerge.api import check_merged_data, check_writable
-    from onnxmerge.calibration.calibrate import calibrate, config_dict, init_distributed, record_calibration
-    from onnxmerge.model.contract import write_metadata
+    from onnxmerge.calibration.calibrate import (
+        calibrate,
+        config_dict,
+        init_distributed,
+        record_calibration,
+    )
     from onnxmerge.measure.evaluate import evaluate
+    from onnxmerge.model.contract import write_metadata
     from onnxmerge.model.saving import check_output_path, save_atomic
     from onnxmerge.pipeline.checks import validate_output
 
@@ -383,11 +392,12 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    """`onnxmerge inspect a.onnx [b.onnx]`: the layer view of each model and their alignment."""
+    from onnxmerge.api import load_tasks
     from onnxmerge.graph.alignment import format_alignment, parse_pairs
-    from onnxmerge.api import load_tasks, normalise_passes
     from onnxmerge.graph.layers import format_layers
+    from onnxmerge.passes.common import AlignLayersPass, normalise_passes
     from onnxmerge.pipeline.manager import PassManager
-    from onnxmerge.passes.common.align_layers import AlignLayersPass
 
     pairs = parse_pairs(args.align) if args.align else None
     state = PassManager([*normalise_passes(), AlignLayersPass(pairs)]).run(load_tasks(args.inputs))
@@ -408,6 +418,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """`onnxmerge eval merged.onnx --data ...`: the report of a merged model against its originals."""
     from onnxmerge.api import check_merged_data
 
     path, model, info, originals = _open_merged(args)
@@ -421,6 +432,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """`onnxmerge demo`: merge the shipped example models and print the report."""
     from importlib.resources import files
 
     from onnxmerge.api import merge
@@ -442,8 +454,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from onnxmerge.pipeline.method import METHODS
-
+    """`onnxmerge methods`: every registered method, its paper and its defaults."""
     for m in METHODS.values():
         defaults = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "no parameters"
         print(f"{m.name}: {m.summary}\n    paper: {m.paper}\n    {defaults}; exact: {'yes' if m.exact else 'no'}")
@@ -510,17 +521,15 @@ def _load_any(path: Path):
 def _print_report(model, path, info, originals: dict, data: dict, args, quiet_text: bool = False,
                   extra: dict | None = None) -> dict:
     """Build, print and (with --report) write the report of a merged model."""
-    from onnxmerge.api import merge
+    from onnxmerge.api import baseline_model
     from onnxmerge.measure.report import build_report, format_report, write_report_json
 
-    pack = None
+    side_by_side = None
     latency = not args.no_latency
-    if latency and info.method != "pack" and all(isinstance(m, str) for m in originals.values()):
-        # the second latency reference: the same tasks side by side in one session
-        order = [t.name for t in info.tasks]
-        pack = merge([originals[n] for n in order], method="pack", names=order).model
+    if latency and info.method != BASELINE and all(isinstance(m, str) for m in originals.values()):
+        side_by_side = baseline_model([originals[t.name] for t in info.tasks], [t.name for t in info.tasks])
     report = build_report(merged_model=model, merged_path=path, info=info, originals=originals,
-                          pack_model=pack, data=data, latency=latency,
+                          pack_model=side_by_side, data=data, latency=latency,
                           latency_budget_s=args.latency_budget, progress=not args.quiet)
     report.update(extra or {})
     if not quiet_text:

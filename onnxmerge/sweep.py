@@ -1,9 +1,10 @@
-"""Progressive zippering: share layers 1, 2, ..., L-1 one at a time, calibrating after each.
+"""Progressive sharing (`--sweep`): share layers 1, 2, ..., L-1 one at a time, calibrating after each.
 
 The zipper paper (section 3, Table 1, Figures 3-4) merges layer 1 and calibrates, then merges layer 2
 starting from the calibrated model, and so on, giving a sequence of merged models from which the user
-picks one by accuracy and speed. `zipper_sweep` does that and returns one row per model, like the
-paper's Table 1: merged layers, compression, MAC ratio, measured speed-up over the originals in
+picks one by accuracy and speed. `sweep` does that for a method that declares the layer-count
+parameter it walks (`Method.sweep`; zipper's `share`) and starts from an earlier merged model
+(`warm_start`), and returns one row per model, like the paper's Table 1: merged layers, compression, MAC ratio, measured speed-up over the originals in
 separate sessions (batch 1, one thread, ratio of medians in one process), memory, and accuracy per
 task. `write_sweep` writes the models chosen, the table as JSON and Markdown, and a PNG plot.
 """
@@ -18,53 +19,52 @@ from pathlib import Path
 import onnx
 from tqdm import tqdm
 
+from onnxmerge.api import merge
 from onnxmerge.calibration.calibrate import CalibrationConfig
 from onnxmerge.errors import UsageError
 from onnxmerge.measure.evaluate import evaluate
 from onnxmerge.measure.latency import latency_table
-from onnxmerge.measure.metrics import count_parameters, count_macs, parameter_bytes
+from onnxmerge.measure.metrics import count_macs, count_parameters, parameter_bytes
 from onnxmerge.model.saving import save_atomic, write_bytes_atomic, write_text_atomic
+from onnxmerge.pipeline.method import Method
 
 
-def zipper_sweep(inputs: list, names: list[str] | None, calib: dict, data: dict, *,
-                 steps_per_layer: int = 200, calibration: CalibrationConfig | None = None,
-                 depthwise: str = "shared", match: str = "none", latency_budget_s: float = 1.0,
-                 up_to: int | None = None, progress: bool = True) -> list[dict]:
-    """Merge with share = 1, 2, ..., `up_to` (default: all layers but the heads), each step starting
-    from the previous calibrated model; one row per model.
+def sweep(method: Method, inputs: list, names: list[str] | None, calib: dict, data: dict, *,
+          steps_per_layer: int = 200, calibration: CalibrationConfig | None = None, params: dict | None = None,
+          latency_budget_s: float = 1.0, up_to: int | None = None, progress: bool = True) -> list[dict]:
+    """Merge with `method.sweep` = 1, 2, ..., `up_to` (default: all layers but the heads), each step
+    starting from the previous calibrated model, the method's other `params` fixed; one row per model.
 
     Row 0 is the merged model with nothing shared (the originals, BatchNorm folded). Each row holds
     the model itself under "model". Compression counts the originals' parameters as exported, so
     row 0 already shows what folding BatchNorm saves.
     """
-    from onnxmerge.api import merge
-
     if not data:
         raise UsageError("--sweep needs --data TASK=PATH to measure accuracy along the sweep")
     config = replace(calibration or CalibrationConfig(), steps=steps_per_layer)
-    params = {"depthwise": depthwise, "match": match}
-    base = merge(inputs, method="zipper", names=names, params=params | {"share": 0})
+    knob, params = method.sweep, dict(params or {})
+    base = merge(inputs, method=method.name, names=names, params=params | {knob: 0})
     originals = {t.name: str(t.path) for t in base.state.tasks}
     n_layers = len(base.state.tasks[0].layers)
     orig_models = [onnx.load(p) for p in originals.values()]
     totals = {"params": sum(map(count_parameters, orig_models)), "macs": sum(map(count_macs, orig_models))}
-    rows = [_row(base, originals, totals, data, latency_budget_s, reference=None)]
+    rows = [_row(base, 0, originals, totals, data, latency_budget_s, reference=None)]
     previous, done = None, 0
     last = n_layers - 1 if up_to is None else min(up_to, n_layers - 1)
-    bar = tqdm(range(1, last + 1), desc="zipper sweep", unit="layer", disable=not progress)
+    bar = tqdm(range(1, last + 1), desc=f"{method.name} sweep", unit="layer", disable=not progress)
     for k in bar:
         if k <= done:
             continue  # a residual block already shared whole by the previous step
-        result = merge(inputs, method="zipper", names=names, params=params | {"share": k},
+        result = merge(inputs, method=method.name, names=names, params=params | {knob: k},
                        calib=calib or None, calibration=config, warm_start=previous)
-        done = result.info.params["share"]
+        done = result.info.params[knob]
         previous = result.model
-        rows.append(_row(result, originals, totals, data, latency_budget_s, reference=rows[0]["original_accuracy"]))
+        rows.append(_row(result, done, originals, totals, data, latency_budget_s, reference=rows[0]["original_accuracy"]))
         bar.set_postfix_str(f"share {done}: " + ", ".join(f"{t} {a:.1%}" for t, a in rows[-1]["accuracy"].items()))
     return rows
 
 
-def _row(result, originals: dict, totals: dict, data: dict, latency_budget_s: float, reference: dict | None) -> dict:
+def _row(result, shared: int, originals: dict, totals: dict, data: dict, latency_budget_s: float, reference: dict | None) -> dict:
     """One line of the table; `totals`: the originals' parameters and MACs together; `reference`: the
     originals' accuracy, measured once in the first row."""
     model = result.model
@@ -72,7 +72,7 @@ def _row(result, originals: dict, totals: dict, data: dict, latency_budget_s: fl
     lat = latency_table(model, originals, batch_sizes=(1,), threads=(1,), budget_s=latency_budget_s,
                         progress=False)[0]
     return {
-        "share": result.info.params.get("share", 0),
+        "share": shared,
         "compression": totals["params"] / count_parameters(model),
         "mac_ratio": totals["macs"] / count_macs(model),
         "speedup": lat["speedup_vs_originals"],
@@ -99,6 +99,7 @@ def write_sweep(rows: list[dict], stem: str | Path, keep: list[int] | None = Non
 
 
 def sweep_markdown(table: list[dict]) -> str:
+    """The sweep's rows as the Markdown table of the paper's Table 1."""
     tasks = list(table[0]["accuracy"])
     head = ["merged layers", "compression", "MAC ratio", "speed-up (b=1, 1 thread)", "weights MB"]
     head += [f"{t} accuracy (change)" for t in tasks]

@@ -72,3 +72,14 @@ def shipped(path: Path) -> Path:
     """A model or data file that ships with the repository; a test fails loudly if it is missing."""
     assert path.exists(), f"{path} is missing: run tools/train_models.py"
     return path
+
+
+def pytest_sessionstart(session):
+    """With ONNXMERGE_REQUIRE_KERNELS set (CI where onnxruntime's headers are present), missing native
+    kernels fail the run instead of skipping every kernel test."""
+    import os
+
+    from onnxmerge import kernels
+
+    if os.environ.get("ONNXMERGE_REQUIRE_KERNELS") and not kernels.available():
+        pytest.exit(f"ONNXMERGE_REQUIRE_KERNELS is set, but {kernels.unavailable_reason()}", returncode=1)

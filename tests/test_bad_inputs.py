@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_cli_errors import assert_one_line, run_cli
 
 from conftest import conv_bn_model, init, make_model
-from onnxmerge.graph.convert import random_feeds, session
-from test_cli_errors import assert_one_line, run_cli
+from onnxmerge.model.runtime import random_feeds, session
 
 FAST = ("--no-latency", "-q")
 
@@ -456,7 +456,7 @@ FLAGS = {
     "tolerance_and_layer_share": (["--method", "mtz", "--tolerance", "1", "--layer-share", "conv1=1"],
                                   "--tolerance and --layer-share contradict"),
     "mtz_separate_inputs": (["--method", "mtz", "--separate-inputs"], "--separate-inputs must not be given"),
-    "sweep_with_codebook": (["--method", "codebook", "--sweep"], "--sweep is progressive zippering"),
+    "sweep_with_codebook": (["--method", "codebook", "--sweep"], "--sweep is progressive sharing"),
     "sweep_with_share": (["--method", "zipper", "--sweep", "--share", "1"], "leave out --share"),
     "keep_without_sweep": (["--keep", "2"], "--keep: only with --sweep"),
     "sweep_to_without_sweep": (["--sweep-to", "1"], "--sweep-to: only with --sweep"),

@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import onnx
-import pytest
 from onnx import helper
 
 from conftest import make_model
@@ -168,7 +167,7 @@ def test_unnamed_nodes_and_odd_file_names(tmp_path):
         paths.append(tmp_path / name)
         onnx.save(m, str(paths[-1]))
     a = merge(paths, tmp_path / "a.onnx", verify_passes=True)
-    b = merge(paths, tmp_path / "b.onnx")
+    merge(paths, tmp_path / "b.onnx")
     assert [t.name for t in a.info.tasks] == ["t.hidden", "t-dash"]
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     umask = os.umask(0)

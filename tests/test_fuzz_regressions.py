@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_cli_errors import assert_one_line, no_output, run_cli
 
 from conftest import EXAMPLES, MODELS, conv_bn_model, shipped
-from test_cli_errors import assert_one_line, no_output, run_cli
 
 
 def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:

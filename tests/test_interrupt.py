@@ -18,9 +18,9 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import EXAMPLES, conv_bn_model, shipped
-from onnxmerge.model import saving
 from onnxmerge.api import merge
 from onnxmerge.cli import main
+from onnxmerge.model import saving
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("fashion_lenet", "digits_lenet")

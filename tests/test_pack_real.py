@@ -12,7 +12,7 @@ from conftest import EXAMPLES, MODELS, shipped
 from onnxmerge.api import merge
 from onnxmerge.data import load_dataset
 from onnxmerge.measure.evaluate import run_original, run_task
-from onnxmerge.graph.convert import session
+from onnxmerge.model.runtime import session
 from onnxmerge.pipeline.checks import EXACT_TOL
 
 PAIRS = {
@@ -70,8 +70,9 @@ def test_lenet_vgg_alignment_is_strictly_increasing_and_printed(capsys):
 
 
 def test_mobilenet_layers_are_depthwise():
-    from onnxmerge.api import load_tasks, normalise_passes
+    from onnxmerge.api import load_tasks
     from onnxmerge.graph.layers import layer_view
+    from onnxmerge.passes.common import normalise_passes
     from onnxmerge.pipeline.manager import PassManager
 
     state = PassManager(normalise_passes()).run(load_tasks([MODELS / "mobilenet_mnist.onnx"]))

@@ -1,6 +1,5 @@
 """The README's examples run as written (onnx-graphsurgeon's habit): its CLI commands and its API code."""
 
-import os
 import re
 import shlex
 import subprocess
@@ -65,7 +64,7 @@ def test_readme_api_example_runs(tmp_path, monkeypatch):
 
 
 def test_readme_lists_every_registered_method():
-    from onnxmerge.pipeline.method import METHODS
+    from onnxmerge.passes import METHODS
 
     for m in METHODS.values():
         assert re.search(rf"^\| `{m.name}` \|.*\| {re.escape(m.summary)} \|", README, re.M), m.name

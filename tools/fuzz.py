@@ -964,7 +964,7 @@ def _debug_rerun(argv: list[str]) -> str:
 
 def _feeds(sess, batch_default: int = 2) -> dict:
     """Random feeds for a session: batch 2 where the batch dim is free, else the fixed one."""
-    from onnxmerge.graph.convert import random_feeds
+    from onnxmerge.model.runtime import random_feeds
 
     fixed = {a.shape[0] for a in sess.get_inputs() if a.shape and isinstance(a.shape[0], int)}
     return random_feeds(sess, fixed.pop() if len(fixed) == 1 else batch_default, seed=0)
@@ -975,7 +975,7 @@ def check_written(path: Path) -> str | None:
     full check, open in onnxruntime and give finite outputs on a random input wherever the original
     model gives finite outputs on that input."""
     from onnxmerge.model.contract import read_metadata
-    from onnxmerge.graph.convert import session
+    from onnxmerge.model.runtime import session
 
     try:
         model = onnx.load(str(path))

@@ -42,10 +42,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxmerge.model.contract import MergedInfo, TaskInfo, logits_output
 from onnxmerge.data import check_fits
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.graph.convert import FLOAT_TYPES, input_signature
+from onnxmerge.graph.convert import FLOAT_TYPES
+from onnxmerge.model.contract import MergedInfo, TaskInfo, logits_output
+from onnxmerge.model.loading import first_line, load_model
+from onnxmerge.model.runtime import input_signature
 from onnxmerge.model.saving import model_digest, write_atomic
 
 CHECKPOINT_FORMAT = 1
@@ -356,13 +358,11 @@ class _Trainer:
 
 def _load_checkpoint(path: Path, fingerprint: str, torch) -> dict:
     """The checkpoint at `path`, refused in one line unless it is one of this very calibration."""
-    from onnxmerge.model.loading import _first_line
-
     try:
         # weights_only: the file holds tensors and plain values only, so no pickled code runs
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise MergeError(f"{path}: not a calibration checkpoint ({_first_line(e)})") from None
+        raise MergeError(f"{path}: not a calibration checkpoint ({first_line(e)})") from None
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         raise MergeError(f"{path}: not a calibration checkpoint of this onnxmerge version")
     if saved.get("fingerprint") != fingerprint:
@@ -459,7 +459,6 @@ def _rank_world(torch) -> tuple[int, int]:
 def _load(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
-    from onnxmerge.model.loading import load_model
 
     return load_model(model)
 
@@ -495,6 +494,7 @@ def perturb_weights(model: onnx.ModelProto, sigma: float, seed: int = 0) -> onnx
 
 
 def config_dict(config: CalibrationConfig) -> dict[str, Any]:
+    """The settings as a JSON-ready dict (the report and the metadata record them)."""
     return asdict(config)
 
 

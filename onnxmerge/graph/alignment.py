@@ -115,6 +115,7 @@ def parse_pairs(spec: str) -> list[tuple[int, int]]:
 
 
 def format_alignment(al: Alignment, la: list[Layer], lb: list[Layer]) -> str:
+    """The alignment as a table: the paired layers of both models and each pair's score."""
     rows = [(f"{al.a} #", "layer", "", f"{al.b} #", "layer", "score")]
     for i, j in al.pairs:
         rows.append((str(i), _describe(la[i]), "<->", str(j), _describe(lb[j]),

@@ -155,6 +155,7 @@ def format_layers(layers: list[Layer]) -> str:
 
 
 def table(rows: list[tuple]) -> str:
+    """Rows as a left-aligned text table, a rule under the first (the header)."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -25,22 +25,28 @@ two forms with identical numbers:
 
 `econv_reference` / `efc_reference` are the numpy oracle of the native ops (the lookup-table
 computation itself, not the dense weight), and `run_reference` runs a native model with them in
-onnx's reference evaluator. `to_native` and `to_portable` convert a whole model between the forms.
+onnx's reference evaluator. `to_portable` turns a native model back into the portable form (the codebook method's
+EmitNativePass, onnxmerge.passes.codebook.emit_native, writes the native form).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from onnx import shape_inference
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from onnxmerge import kernels
 from onnxmerge.errors import MergeError
-from onnxmerge.measure.metrics import node_macs
+from onnxmerge.kernels import DOMAIN
+from onnxmerge.model.runtime import session
 
-DOMAIN, DOMAIN_VERSION = "ai.onnxmerge", 1
+DOMAIN_VERSION = 1
 NATIVE_OPS = ("EConv", "EFC")
 CHAIN_OPS = frozenset({"Cast", "Reshape", "Range", "Add", "Gather", "Slice", "Transpose"})
 
@@ -117,6 +123,7 @@ def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
 
 
 def is_native(model: onnx.ModelProto) -> bool:
+    """Whether `model` has ai.onnxmerge nodes (the codebook method's native form)."""
     return any(n.domain == DOMAIN for n in model.graph.node)
 
 
@@ -200,11 +207,14 @@ def find_chain(weight: gs.Tensor) -> tuple[gs.Constant, gs.Constant] | None:
 # converting between the forms
 
 
-def _graph(model: onnx.ModelProto) -> gs.Graph:
+def shaped_graph(model: onnx.ModelProto) -> gs.Graph:
+    """`model` as a gs.Graph with inferred shapes (the emitted forms need the layers' shapes)."""
     return gs.import_onnx(shape_inference.infer_shapes(model))
 
 
-def _export(graph: gs.Graph, model: onnx.ModelProto, native: bool) -> onnx.ModelProto:
+def export_with_domain(graph: gs.Graph, model: onnx.ModelProto, native: bool) -> onnx.ModelProto:
+    """`graph` as a model with `model`'s IR version, opsets and metadata, importing the ai.onnxmerge
+    domain where it holds native nodes (`native`)."""
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=True)
     out.ir_version = model.ir_version
@@ -220,94 +230,12 @@ def _export(graph: gs.Graph, model: onnx.ModelProto, native: bool) -> onnx.Model
     return out
 
 
-def to_native(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """Replace the codebook layers of the portable form by EConv / EFC nodes where that pays.
-
-    Returns the model and the layers left in the portable form, with the reason: what the kernels
-    do not support (2-D convolutions with groups 1, Gemm with alpha = beta = 1 and transA = 0,
-    MatMul of a 2-D input), or a lookup that takes at least as many operations as the dense layer
-    (eq. 9's tables cost V*C*r per input pixel, e.g. a first convolution with one input channel and
-    r = 1): such a layer keeps its dense Conv / Gemm, which onnxruntime runs faster, and the same
-    compressed file."""
-    candidate, kept = _to_native(model, skip={})
-    dense, lookup = node_macs(model), node_macs(candidate)
-    slower = {}
-    for node in candidate.graph.node:
-        ops, macs = lookup.get(node.name), dense.get(node.name)
-        if node.domain == DOMAIN and ops is not None and macs is not None and ops >= macs:
-            slower[node.name] = f"the lookup takes at least the dense layer's operations ({ops:,} vs {macs:,} per sample)"
-    return _to_native(model, skip=slower) if slower else (candidate, kept)
-
-
-def _to_native(model: onnx.ModelProto, skip: dict[str, str]) -> tuple[onnx.ModelProto, list[str]]:
-    """to_native without the cost rule: every supported layer but those in `skip` (name -> reason)."""
-    graph = _graph(model)
-    kept = []
-    for node in list(graph.nodes):
-        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
-            continue
-        found = find_chain(node.inputs[1])
-        if found is None:
-            continue
-        codebook, codes = found
-        why = skip.get(node.name) or _native_unsupported(node)
-        if why:
-            kept.append(f"{node.name}: {why}")
-            continue
-        x, y = node.inputs[0], node.outputs[0]
-        bias = node.inputs[2:3]
-        if node.op == "Conv":
-            depth = int(node.inputs[1].shape[1])
-            kernel = list(codes.values.shape[2:])
-            attrs = {"in_channels": depth, "kernel_shape": kernel,
-                     "strides": list(node.attrs.get("strides", [1, 1])),
-                     "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
-                     "dilations": list(node.attrs.get("dilations", [1, 1]))}
-            if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
-                kept.append(f"{node.name}: auto_pad")
-                continue
-            op = "EConv"
-        else:
-            depth = int(x.shape[1]) if x.shape and isinstance(x.shape[1], int) else None
-            if depth is None:
-                kept.append(f"{node.name}: input features unknown")
-                continue
-            attrs, op = {"in_features": depth}, "EFC"
-        node.inputs.clear()
-        node.outputs.clear()
-        y.dtype = np.float32
-        graph.nodes.append(gs.Node(op, node.name, attrs, [x, codebook, codes, *bias], [y], domain=DOMAIN))
-    return _export(graph, model, native=True), kept
-
-
-def _native_unsupported(node: gs.Node) -> str | None:
-    if node.op == "Conv":
-        w = node.inputs[1]
-        if not w.shape or len(w.shape) != 4:
-            return "not a 2-D convolution"
-        if node.attrs.get("group", 1) != 1:
-            return "grouped convolution"
-        if any(d != 1 for d in node.attrs.get("dilations", [1, 1])):
-            return "dilation other than 1"
-        return None
-    if node.op == "Gemm":
-        if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
-            return "Gemm with transA, alpha or beta"
-        if len(node.inputs) > 2 and len(node.inputs[2].shape or ()) != 1:
-            return "Gemm bias not 1-D"
-        return None
-    x = node.inputs[0]
-    if not x.shape or len(x.shape) != 2:
-        return "MatMul input not 2-D"
-    return None
-
-
 def to_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace every EConv / EFC node by the codebook-gather subgraph and a Conv / Gemm: the same
     numbers in stock onnxruntime."""
     if not is_native(model):
         return model
-    graph = _graph(model)
+    graph = shaped_graph(model)
     for node in list(graph.nodes):
         if node.domain != DOMAIN:
             continue
@@ -325,4 +253,19 @@ def to_portable(model: onnx.ModelProto) -> onnx.ModelProto:
             graph.nodes.append(gs.Node("Conv", node.name, attrs, [x, w, *bias], [y]))
         else:
             graph.nodes.append(gs.Node("Gemm", node.name, {"transB": 1}, [x, w, *bias], [y]))
-    return _export(graph, model, native=False)
+    return export_with_domain(graph, model, native=False)
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None
+                 ) -> ort.InferenceSession:
+    """A CPU session with onnxruntime's graph optimisations, as a deployment would run it
+    (threads as in `onnxmerge.model.runtime.session`). A model in the codebook method's native form runs
+    with onnxmerge's kernels registered, or, where they are not built, in its portable form, which
+    computes the same numbers."""
+    # a path is read for its nodes only, and handed to onnxruntime as a path (no serialised copy)
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    native = is_native(proto)
+    if native and not kernels.available():
+        full = proto if proto is model else onnx.load(str(model))
+        model, native = to_portable(full), False
+    return session(model, threads=threads, optimize=True, native=native)

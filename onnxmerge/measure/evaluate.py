@@ -22,11 +22,11 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from onnxmerge.model.contract import MergedInfo, TaskInfo, logits_output
 from onnxmerge.data import Dataset, check_fits
 from onnxmerge.errors import MergeError
-from onnxmerge.graph.convert import input_dtype
-from onnxmerge.measure.latency import make_session
+from onnxmerge.graph.ops import make_session
+from onnxmerge.model.contract import MergedInfo, TaskInfo, logits_output
+from onnxmerge.model.runtime import input_dtype
 
 
 def _check_fits(arg, ds, task: str) -> None:

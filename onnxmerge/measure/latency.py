@@ -27,7 +27,9 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnxmerge.errors import MergeError
-from onnxmerge.graph.convert import random_feeds, session
+from onnxmerge.graph.ops import make_session
+from onnxmerge.model.runtime import random_feeds
+
 
 @dataclass
 class Step:
@@ -35,24 +37,6 @@ class Step:
 
     session: ort.InferenceSession
     feeds: dict[str, np.ndarray]
-
-
-def make_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None
-                 ) -> ort.InferenceSession:
-    """A CPU session with onnxruntime's graph optimisations, as a deployment would run it
-    (threads as in `onnxmerge.graph.convert.session`). A model in the codebook method's native form runs
-    with onnxmerge's kernels registered, or, where they are not built, in its portable form, which
-    computes the same numbers."""
-    from onnxmerge import kernels
-    from onnxmerge.graph.ops import is_native, to_portable
-
-    # a path is read for its nodes only, and handed to onnxruntime as a path (no serialised copy)
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
-    native = is_native(proto)
-    if native and not kernels.available():
-        full = proto if proto is model else onnx.load(str(model))
-        model, native = to_portable(full), False
-    return session(model, threads=threads, optimize=True, native=native)
 
 
 def candidate(sessions: list[ort.InferenceSession], batch: int) -> list[Step]:

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxmerge.model.contract import MergedInfo
 from onnxmerge.measure.evaluate import evaluate
 from onnxmerge.measure.latency import latency_table, machine_info
 from onnxmerge.measure.metrics import model_stats
+from onnxmerge.model.contract import MergedInfo
 from onnxmerge.model.saving import disk_bytes, split_weights, write_text_atomic
 
 _SIZE_KEYS = ("params", "float_params", "index_params", "param_bytes", "file_bytes", "macs")

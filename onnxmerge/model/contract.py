@@ -19,7 +19,7 @@ A merged model carries, in `metadata_props`:
 Timings (`seconds`, `*_seconds`) are left out of the file, so that the same inputs, settings and seed
 give byte-identical models; the report printed after a merge still shows them.
 
-Outputs are named `<task>/<original name>`; inputs are shared (original name kept) when the tasks take
+Outputs are named `<task>/<original name>`; what a method shares between tasks is `shared/<name>`; inputs are shared (original name kept) when the tasks take
 the same input, else `<task>/<original name>`.
 """
 
@@ -34,6 +34,8 @@ import onnx
 from onnxmerge.errors import MergeError
 
 PREFIX = "onnxmerge."
+# what a method computes once for several tasks is named shared/<name> in the merged graph
+SHARED = "shared/"
 
 
 @dataclass

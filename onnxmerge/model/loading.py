@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import version_converter
 from onnx.external_data_helper import load_external_data_for_model
-from google.protobuf.message import DecodeError
 
-from onnxmerge.model.contract import MergedInfo, read_metadata, task_model
 from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.model.contract import MergedInfo, read_metadata, task_model
+from onnxmerge.model.runtime import random_feeds, session
+from onnxmerge.model.saving import split_weights
 
 # The operator set onnxmerge understands (ai.onnx domain). Constant is folded away on load.
 SUPPORTED_OPS = frozenset(
@@ -33,6 +35,7 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (recorded per task in the metadata)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -41,6 +44,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def opset_of(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset version."""
     for imp in model.opset_import:
         if imp.domain in DEFAULT_DOMAINS:
             return imp.version
@@ -68,13 +72,13 @@ def load_model(path: str | Path, extra_ops: frozenset[str] = frozenset()) -> onn
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError) as e:
-        raise MergeError(f"{path}: not an ONNX model (the file does not parse: {_first_line(e)})") from None
+        raise MergeError(f"{path}: not an ONNX model (the file does not parse: {first_line(e)})") from None
     except OSError as e:
-        raise MergeError(f"{path}: cannot read the file ({_first_line(e)})") from None
+        raise MergeError(f"{path}: cannot read the file ({first_line(e)})") from None
     try:  # apart from the parse, so that a missing or short data file is not called a broken model
         load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as e:
-        raise MergeError(f"{path}: cannot read the model's external data ({_first_line(e)})") from None
+        raise MergeError(f"{path}: cannot read the model's external data ({first_line(e)})") from None
     if not model.graph.node and not model.graph.output:
         raise MergeError(f"{path}: not an ONNX model (empty or truncated file)")
     if not model.graph.output:
@@ -95,7 +99,7 @@ def load_model(path: str | Path, extra_ops: frozenset[str] = frozenset()) -> onn
         # by path, so that models over 2 GB with external data are checked too
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
-        raise MergeError(f"{path}: invalid ONNX model ({_first_line(e)})") from None
+        raise MergeError(f"{path}: invalid ONNX model ({first_line(e)})") from None
     except UnicodeDecodeError:  # the checker quotes a corrupt name or string that is not UTF-8
         raise MergeError(f"{path}: invalid ONNX model (a name or string in it is not valid UTF-8: "
                          "the file is corrupt)") from None
@@ -117,8 +121,6 @@ def check_runs(path: Path, declared: list[onnx.ValueInfoProto]) -> None:
     like pass onnx.checker and shape inference; every later step runs the inputs in onnxruntime,
     where such a failure would look like onnxmerge's own bug. By path, so that external data is found
     as the user gave it."""
-    from onnxmerge.graph.convert import random_feeds, session
-
     batch = 2  # not 1, which an output could have by chance where it should follow the batch
     try:
         sess = session(path)
@@ -156,7 +158,7 @@ def _ort_run_error(e: BaseException) -> str:
 def _ort_message(e: BaseException) -> str:
     """An onnxruntime error's text without the status prefix and the C++ source location."""
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .*? failed: ?)?", "",
-                  _first_line(e, limit=2000))
+                  first_line(e, limit=2000))
     text = re.sub(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ",
                   r"node \2 (\1): ", text)
     # a source location, with the C++ function's signature where onnxruntime prints one
@@ -226,7 +228,7 @@ def check_finite_weights(model: onnx.ModelProto, where: str) -> None:
             values = numpy_helper.to_array(tensor)
         except ValueError as e:  # stored data of another size than the dims say (the checker lets it by)
             raise MergeError(f"{where}: weight {name!r} does not hold the data its dims "
-                             f"{list(tensor.dims)} say ({_first_line(e)})") from None
+                             f"{list(tensor.dims)} say ({first_line(e)})") from None
         bad = int(values.size - np.count_nonzero(np.isfinite(values)))
         if bad:
             raise MergeError(f"{where}: weight {name!r} has {bad} NaN or infinite value(s) of {values.size}; "
@@ -273,13 +275,11 @@ def infer_shapes(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     """Strict shape inference, with data propagation; the inferred value infos and output types are
     written into `model`, which is returned. It runs on a copy without the data of the big weights
     (saving.split_weights; shapes need only their dims): no copy of the weights, no 2 GB limit."""
-    from onnxmerge.model.saving import split_weights
-
     light, _ = split_weights(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:  # onnx raises InferenceError or bare RuntimeError depending on the op
-        raise MergeError(f"{where}: shape inference failed ({_first_line(e)})") from None
+        raise MergeError(f"{where}: shape inference failed ({first_line(e)})") from None
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     for output, typed in zip(model.graph.output, inferred.graph.output):
@@ -311,7 +311,7 @@ def reconcile_versions(
                 names = ", ".join(blocking) or "unknown operators"
                 raise MergeError(
                     f"{where}: cannot convert from opset {source} to {opset}; blocking operators: "
-                    f"{names} ({_first_line(e)})"
+                    f"{names} ({first_line(e)})"
                 ) from None
             model = infer_shapes(model, where)
         out[where] = model
@@ -347,22 +347,24 @@ def _changed_ops(model: onnx.ModelProto, source: int, target: int) -> list[str]:
     return out
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most `limit` characters), for one-line errors."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:limit]
 
 
 # ----------------------------------------------------------------------------------------------
-# a merged mtz model as an input: further tasks are zipped into it (onnxmerge.passes.mtz._zipped.ZippedNet.resume)
+# a merged model as an input that stands for its tasks: further tasks are added to it by the method that
+# merged it (Method.extends_merged; mtz: onnxmerge.passes.mtz._zipped.ZippedNet.resume)
 
-# what an mtz merged model has beside SUPPORTED_OPS: the views of its columns (onnxmerge.passes.mtz._zipped)
-ZIPPED_OPS = frozenset({"Slice", "Gather"})
+# what a merged model has beside SUPPORTED_OPS: the views of shared tensors' columns
+VIEW_OPS = frozenset({"Slice", "Gather"})
 
 
 @dataclass
 class MergedInput:
-    """A model merged by `onnxmerge --method mtz`, given as the first input of a further mtz merge:
-    it stands for its tasks, and the models after it are zipped into its network."""
+    """A merged model given as the first input of a further merge by its method: it stands for its
+    tasks, and the models after it are added to its network."""
 
     path: Path
     model: onnx.ModelProto
@@ -378,8 +380,8 @@ class MergedInput:
         return {f"{self.path} (task {t.name})": task_model(self.model, t, str(self.path)) for t in self.info.tasks}
 
 
-def find_merged_input(paths: list[Path]) -> MergedInput | None:
-    """The merged mtz model among the inputs of an mtz merge, loaded and checked, or None where they
+def find_merged_input(paths: list[Path], method: str) -> MergedInput | None:
+    """The merged model among the inputs of a merge by `method`, loaded and checked, or None where they
     are all ordinary models. A one-line UsageError where a merged model cannot take further tasks:
     merged by another method, or by an onnxmerge that did not record the layout, or not the first
     input, or not the only merged model."""
@@ -388,19 +390,19 @@ def find_merged_input(paths: list[Path]) -> MergedInput | None:
         return None
     k, path, info = found[0]
     if len(found) > 1:
-        raise UsageError(f"{found[1][1]}: a second merged model (besides {path}); mtz adds ordinary models to one "
-                         "merged model")
-    if info.method != "mtz":
-        raise UsageError(f"{path}: a model merged with --method {info.method or '(unknown)'}; mtz adds tasks only to "
-                         "a model merged with --method mtz")
+        raise UsageError(f"{found[1][1]}: a second merged model (besides {path}); {method} adds ordinary models to "
+                         "one merged model")
+    if info.method != method:
+        raise UsageError(f"{path}: a model merged with --method {info.method or '(unknown)'}; {method} adds tasks only "
+                         f"to a model merged with --method {method}")
     if not info.layout:
-        raise UsageError(f"{path}: merged with --method mtz by onnxmerge {info.version or '(unknown version)'}, which "
-                         "did not record the zipped network's layout (onnxmerge.layout); merge the original models "
-                         "again to add tasks")
+        raise UsageError(f"{path}: merged with --method {method} by onnxmerge {info.version or '(unknown version)'}, "
+                         "which did not record the merged network's layout (onnxmerge.layout); merge the original "
+                         "models again to add tasks")
     if k != 0:
         raise UsageError(f"{path}: give the merged model first: its tasks are zipped first, the models after it "
                          "are added to them")
-    return MergedInput(path, load_model(path, extra_ops=ZIPPED_OPS), info)
+    return MergedInput(path, load_model(path, extra_ops=VIEW_OPS), info)
 
 
 def _merged_metadata(path: Path) -> MergedInfo | None:

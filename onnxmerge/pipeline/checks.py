@@ -17,7 +17,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxmerge.errors import MergeError
-from onnxmerge.graph.convert import light_model, random_feeds, session, to_model
+from onnxmerge.graph.convert import light_model, to_model
+from onnxmerge.graph.ops import make_session, run_reference
+from onnxmerge.model.runtime import random_feeds, session
+from onnxmerge.model.saving import save_atomic
 from onnxmerge.pipeline.state import MergeState, Task
 
 # Exact rewrites (folding BatchNorm, packing, degenerate settings of the methods) reorder float
@@ -26,6 +29,7 @@ EXACT_TOL = 1e-5
 
 
 def task_model(task: Task, state: MergeState) -> onnx.ModelProto:
+    """A task's own graph (as normalised so far) as a model."""
     return to_model(task.graph, state.opset, state.ir_version)
 
 
@@ -47,6 +51,7 @@ def merged_session(state: MergeState):
 
 
 def check_invariants(state: MergeState) -> None:
+    """Unique node and tensor names, topological order and onnx.checker on the graph(s) of `state`."""
     graphs = [("merged graph", state.graph)] if state.combined else [(t.name, t.graph) for t in state.tasks]
     for where, graph in graphs:
         seen_nodes = set()
@@ -136,8 +141,6 @@ def validate_output(model: onnx.ModelProto, info, originals: dict, where: str = 
     name on `random_feeds` at `batch` and `seed`, where they were already computed (`compare`'s
     `also`, on this very model): checked without running the model again. Returns the figure for
     the model's metadata."""
-    from onnxmerge.measure.latency import make_session
-
     if results is None:
         try:
             sess = make_session(model, threads=1)  # native models with the kernels, else their portable form
@@ -190,8 +193,6 @@ def _output_problem(value, dims: tuple | None, batch: int) -> str | None:
 
 def dump(state: MergeState, folder: Path, stem: str) -> None:
     """--dump-dir: the model(s) after a pass, each written atomically (no partial file on Ctrl-C)."""
-    from onnxmerge.model.saving import save_atomic
-
     if state.combined:
         save_atomic(combined_model(state), folder / f"{stem}.onnx")
     else:
@@ -213,8 +214,6 @@ def check_native(native: onnx.ModelProto, portable: onnx.ModelProto, batch: int 
     """The native form (EConv / EFC nodes, run by their numpy reference, onnxmerge.graph.ops) against
     the portable form in onnxruntime on seeded random inputs: the relative difference, which must be
     float rounding."""
-    from onnxmerge.graph.ops import run_reference
-
     sess = session(portable)
     feeds = random_feeds(sess, batch, seed)
     want = dict(zip([o.name for o in portable.graph.output], sess.run(None, feeds)))

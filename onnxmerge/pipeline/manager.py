@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from onnxmerge.errors import MergeError, OnnxMergeError
+from onnxmerge.pipeline import checks as verify
 from onnxmerge.pipeline.state import MergeState, Task
 
 
@@ -77,7 +78,6 @@ class PassManager:
         self.progress = progress
 
     def run(self, state: MergeState) -> MergeState:
-        from onnxmerge.pipeline import checks as verify  # verify imports export helpers that import passes
 
         if self.dump_dir:
             self.dump_dir.mkdir(parents=True, exist_ok=True)

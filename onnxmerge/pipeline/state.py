@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -45,7 +45,23 @@ class Task:
 
 
 @dataclass
+class Services:
+    """What a pass may need from calibration and measurement, handed in by the API: passes never
+    import them (DESIGN.md, layout). Each is None where the caller gave none."""
+
+    # onnxmerge.calibration.calibrate.calibrate(model, info, originals, data, config, progress=...)
+    calibrate: Callable[..., Any] | None = None
+    # onnxmerge.calibration.calibrate.CalibrationConfig: the settings type (its defaults, dataclasses.replace)
+    calibration_config: type | None = None
+    # onnxmerge.measure.evaluate.run_task(session, task_info, x): a task's outputs in a merged model
+    run_task: Callable[..., Any] | None = None
+
+
+@dataclass
 class MergeState:
+    """Everything a pipeline carries from pass to pass: the tasks, the combined graph, what the
+    caller asked for, the report's notes, and each method's own slot (`slots[method name]`)."""
+
     tasks: list[Task]
     opset: int
     ir_version: int
@@ -54,17 +70,31 @@ class MergeState:
     shared_input: bool = False  # whether the combined graph feeds one input to every task
     method: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    # what the caller asked for: --align pairs (first two tasks), --separate-inputs, a warm start
+    align: list[tuple[int, int]] | None = None
+    separate_inputs: bool = False
+    warm_start: onnx.ModelProto | None = None  # an earlier merged model of the same tasks (a sweep's last step)
     notes: list[str] = field(default_factory=list)  # what the report should tell the user
+    warnings: list[str] = field(default_factory=list)  # what the command line prints as warnings
     figures: dict[str, Any] = field(default_factory=dict)  # a method's measurements, reported as fidelity
     progress: bool = False  # whether long passes show progress bars
+    portable_fallback: bool = False  # --emit native without built kernels writes the portable form
     calib: dict[str, Any] = field(default_factory=dict)  # task -> calibration Dataset (methods that need data)
-    # task -> labelled held-out Dataset for choices made during the merge (mtz --tolerance)
+    # task -> labelled held-out Dataset for choices made during the merge (a method's trials)
     validation: dict[str, Any] = field(default_factory=dict)
     calibration: Any = None  # the CalibrationConfig for methods that retrain as they go
+    services: Services = field(default_factory=Services)
     calibrated: bool = False  # a method already calibrated the model (merge skips its last calibration)
-    # mtz: the merged mtz model given as the first input, whose tasks come first (loading.MergedInput)
+    # a merged model given as the first input, whose tasks come first (loading.MergedInput;
+    # methods with extends_merged)
     base: Any = None
-    layout: dict[str, Any] | None = None  # mtz: the zipped network's layout, for the metadata (onnxmerge.layout)
+    # a method's description of the merged network, written as metadata onnxmerge.layout, from
+    # which it can extend the file later (extends_merged)
+    layout: dict[str, Any] | None = None
+    # after calibration: the exported model and its metadata, which after-calibration passes rewrite
+    model: onnx.ModelProto | None = None
+    info: Any = None  # onnxmerge.model.contract.MergedInfo
+    slots: dict[str, Any] = field(default_factory=dict)  # method name -> that method's private state
 
     @property
     def combined(self) -> bool:

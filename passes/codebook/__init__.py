@@ -1,0 +1,51 @@
+"""`codebook`: Chou et al., "Unifying and Merging Well-trained Deep Neural Networks for Inference
+Stage" (IJCAI 2018, NeuralMerger).
+
+Aligned layers share k-means codebooks of 1x1xr kernel pieces (eqs. 4-8; _kmeans, _codebook); each
+model keeps its code indices (share_codebooks.ShareCodebooksPass, the portable codebook-gather form).
+After calibration, `--emit native` rewrites the layers into lookup-table EConv / EFC nodes (eq. 9;
+emit_native.EmitNativePass).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxmerge.passes import common
+from onnxmerge.passes.codebook._codebook import index_dtype, parse_layer_params
+from onnxmerge.passes.codebook.emit_native import EmitNativePass
+from onnxmerge.passes.codebook.share_codebooks import ShareCodebooksPass
+from onnxmerge.pipeline.method import Method, Option, positive
+
+
+def _pipeline(p: dict[str, Any]) -> list:
+    if p["codewords"] is not None:
+        index_dtype(p["codewords"])  # refuse an impossible C before any work
+    share = ShareCodebooksPass(p["preset"], p["r"], p["codewords"], parse_layer_params(p["layer_params"]),
+                               p["heads"], p["kmeans_init"], seed=p["kmeans_seed"])
+    return common.pipeline(combined=[share], after=[EmitNativePass()] if p["emit"] == "native" else [])
+
+
+METHOD = Method(
+    name="codebook",
+    paper="Chou et al., Unifying and Merging Well-trained Deep Neural Networks for Inference Stage (IJCAI 2018, NeuralMerger)",
+    summary="aligned layers share k-means codebooks of 1x1xr kernel pieces (eqs. 4-8); code indices per model",
+    build=_pipeline,
+    single=True,  # one model alone: compressed with codebooks of its own (the paper's Table 3 baseline)
+    options={
+        "preset": Option("accu", "r and C per layer kind: accu (conv 4/128, fc 4/64) or light (conv 8/64, fc 8/64)",
+                         choices=("accu", "light")),
+        "r": Option(None, "segment length along depth for every layer (overrides the preset)", parse=positive("r")),
+        "codewords": Option(None, "codewords C per segment for every layer (overrides the preset; uint8 indices "
+                            "up to 256, uint16 beyond)", parse=positive("codewords")),
+        "layer_params": Option("", "per-layer R/C, e.g. 'conv2=8/128,fc1=8/64' (layers of the first model, "
+                               "convK / fcK or node names)"),
+        "heads": Option("keep", "keep: each model's last layer stays dense; codebook: compress it too",
+                        choices=("keep", "codebook")),
+        "emit": Option("gather", "gather: portable codebook-gather subgraph; native: ai.onnxmerge EConv/EFC nodes "
+                       "(need onnxmerge.kernels in the session)", choices=("gather", "native")),
+        "kmeans_init": Option(3, "k-means initialisations per segment (the lowest error is kept)",
+                              parse=positive("kmeans-init")),
+        "kmeans_seed": Option(0, "k-means seed", parse=int),
+    },
+)

@@ -24,14 +24,20 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from onnxmerge.passes.codebook._codebook import PRESETS, Group, Member, Setting, build_group, logical_fc
 from onnxmerge.errors import UsageError
 from onnxmerge.graph.layers import Layer, layer_label, weight_out_axis
 from onnxmerge.graph.ops import gather_weight
+from onnxmerge.model.contract import SHARED
+from onnxmerge.passes.codebook._codebook import (
+    PRESETS,
+    Group,
+    Member,
+    Setting,
+    build_group,
+    logical_fc,
+)
 from onnxmerge.pipeline.manager import Pass, PassResult
 from onnxmerge.pipeline.state import MergeState
-
-SHARED = "shared/"
 
 
 class ShareCodebooksPass(Pass):

@@ -13,16 +13,17 @@ class AlignLayersPass(Pass):
     stage = "task"
 
     def __init__(self, pairs: list[tuple[int, int]] | None = None):
-        self.pairs = pairs  # user-given mapping between the first two tasks
+        self.pairs = pairs  # user-given mapping between the first two tasks (default: the merge's --align)
 
     def call(self, state) -> PassResult:
         for task in state.tasks:
             task.layers = layer_view(task.graph, task.name)
         first = state.tasks[0]
+        pairs = self.pairs if self.pairs is not None else state.align
         state.alignments = []
         for i, other in enumerate(state.tasks[1:]):
-            if self.pairs is not None and i == 0:
-                al = Alignment.of(first.name, first.layers, other.name, other.layers, self.pairs, "user")
+            if pairs is not None and i == 0:
+                al = Alignment.of(first.name, first.layers, other.name, other.layers, pairs, "user")
             else:
                 al = align(first.name, first.layers, other.name, other.layers)
             state.alignments.append(al)

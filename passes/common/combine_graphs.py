@@ -24,7 +24,7 @@ class CombineGraphsPass(Pass):
         if state.combined:
             raise MergeError("CombineGraphsPass: the tasks are already combined")
         graphs = [t.graph.copy() for t in state.tasks]
-        share = not self.separate_inputs and len(graphs) > 1 and all(
+        share = not (self.separate_inputs or state.separate_inputs) and len(graphs) > 1 and all(
             _signature(g) == _signature(graphs[0]) for g in graphs[1:])
         shared_inputs = [gs.Variable(t.name, t.dtype, t.shape) for t in graphs[0].inputs] if share else []
         nodes, inputs, outputs = [], list(shared_inputs), []

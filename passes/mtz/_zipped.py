@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.graph.layers import Layer
+from onnxmerge.model.runtime import random_feeds, session
 
 # ops that act on each channel alone, so they commute with any choice and order of columns
 CHANNELWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "MaxPool", "AveragePool",
@@ -365,8 +366,6 @@ class ZippedNet:
     def _check_rebuilt(self, model: onnx.ModelProto, where: str, outputs: list[str], tol: float = 1e-5) -> None:
         """Refuse a rebuilt network that does not compute `model`'s `outputs` (those of the merged
         tasks): the same weights in the same graph, so only float rounding may differ."""
-        from onnxmerge.graph.convert import random_feeds, session
-
         ref = session(model)
         feeds = random_feeds(ref, 4, seed=0)
         expected = ref.run(outputs, feeds)

@@ -39,14 +39,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmerge.passes.mtz import _hessian as mtz_math
-from onnxmerge.graph.alignment import Alignment
+from onnxmerge.data import Dataset
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.graph.convert import session
+from onnxmerge.graph.alignment import Alignment
 from onnxmerge.graph.layers import layer_label
+from onnxmerge.model.contract import MergedInfo, TaskInfo
+from onnxmerge.model.runtime import session
+from onnxmerge.passes.mtz import _hessian as mtz_math
+from onnxmerge.passes.mtz._zipped import ZippedNet, ZLayer
 from onnxmerge.pipeline.manager import Pass, PassResult
 from onnxmerge.pipeline.state import MergeState
-from onnxmerge.passes.mtz._zipped import ZippedNet, ZLayer
 
 KEEP_BYTES = 4 << 30  # layer inputs kept for the next layers, at most (_LayerInputs)
 HESSIAN_ROWS = 65536  # input rows per task a conv layer's Hessian is estimated from (uniformly subsampled)
@@ -115,6 +117,7 @@ class ZipNeuronsPass(Pass):
         for q in range(start, len(state.tasks)):
             report += zipper.merge_task(q, labels)
         self.net = net  # for tests and tools that look at the zipped network
+        state.slots["mtz"] = {"net": net}
         model = net.build()
         onnx.checker.check_model(model)
         state.graph = gs.import_onnx(model)
@@ -333,9 +336,7 @@ class _Zipper:
 
     def accuracy(self, originals: bool = False) -> dict[str, float]:
         """Each task's accuracy on its held-out samples (the originals', or the zipped network's)."""
-        from onnxmerge.measure.evaluate import run_task
-        from onnxmerge.model.contract import TaskInfo
-
+        run_task = self.state.services.run_task
         out = {}
         sess = None if originals else session(self.net.build(), threads=None, optimize=True)
         for task in self.state.tasks:
@@ -425,11 +426,11 @@ class _Zipper:
         steps = self.opts.retrain_steps * len(self.calib)
         if not steps:
             return
-        from onnxmerge.calibration.calibrate import CalibrationConfig, calibrate
-        from onnxmerge.model.contract import MergedInfo, TaskInfo
-
         state = self.state
-        config = dataclasses.replace(state.calibration or CalibrationConfig(), steps=steps, layer_loss_weight=0.0,
+        calibrate, config_type = state.services.calibrate, state.services.calibration_config
+        if calibrate is None:
+            raise MergeError("mtz retraining needs the calibration service (onnxmerge.api.merge hands it in)")
+        config = dataclasses.replace(state.calibration or config_type(), steps=steps, layer_loss_weight=0.0,
                                      seed=self.opts.seed + len(self.retrain_history))
         info = MergedInfo("", "mtz", {}, [TaskInfo(t.name, "", "", t.input_map, t.output_map) for t in state.tasks])
         result = calibrate(self.net.build(), info, {t.name: t.original for t in state.tasks}, self.calib, config,
@@ -450,8 +451,6 @@ class _Zipper:
 
 def _split(ds, n: int, seed: int):
     """(the rest, `n` held-out samples drawn at random) of labelled Dataset `ds`."""
-    from onnxmerge.data import Dataset
-
     held = np.zeros(len(ds), bool)
     held[np.random.default_rng(seed).choice(len(ds), size=n, replace=False)] = True
     return tuple(Dataset(ds.x[m], ds.y[m], ds.source, dict(ds.preprocessing)) for m in (~held, held))

@@ -69,7 +69,9 @@ import onnx_graphsurgeon as gs
 from scipy.optimize import linear_sum_assignment
 
 from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.graph.convert import to_model
 from onnxmerge.graph.layers import Layer, weight_out_axis
+from onnxmerge.model.runtime import session
 from onnxmerge.pipeline.manager import TaskPass
 
 # glue ops that act on each channel separately (shape and channel order pass through)
@@ -583,8 +585,6 @@ def _expand(p: np.ndarray, size: int) -> np.ndarray:
 
 def _layer_outputs(task, state, k: int, data: np.ndarray) -> list[np.ndarray]:
     """Layer outputs 0..k-1 of the task's current graph on `data`, each as [channels, values]."""
-    from onnxmerge.graph.convert import session, to_model
-
     graph = task.graph.copy()
     tensors = graph.tensors()
     if len(graph.inputs) != 1:

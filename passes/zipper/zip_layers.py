@@ -28,10 +28,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.model.contract import SHARED
 from onnxmerge.pipeline.manager import Pass, PassResult
 from onnxmerge.pipeline.state import MergeState, Task
-
-SHARED = "shared/"
 
 
 class ZipLayersPass(Pass):
@@ -86,7 +85,6 @@ class ZipLayersPass(Pass):
 def _share_prefix(state: MergeState, prefixes: list[list[gs.Node]], twins: list[dict[str, gs.Tensor]],
                   cut: dict[str, gs.Tensor]) -> None:
     """Make every other task read the first task's prefix, which becomes the shared backbone."""
-    first = state.tasks[0]
     for task, prefix, twin in zip(state.tasks[1:], prefixes[1:], twins):
         inside = {id(n) for n in prefix}
         tensor = cut[task.name]

@@ -1,7 +1,7 @@
 """The torch bridge: every real model and op configuration against onnxruntime, parameters, write-back.
 
 Tolerance: max |module - onnxruntime| <= 1e-5 * max(1, max |onnxruntime|) (verify.EXACT_TOL), with
-onnxruntime's graph optimisations off (onnxmerge.graph.convert.session).
+onnxruntime's graph optimisations off (onnxmerge.model.runtime.session).
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLES, MODELS, shipped
-from onnxmerge.api import load_tasks, merge, normalise_passes
+from onnxmerge.api import load_tasks, merge
 from onnxmerge.calibration.bridge import OPS, OnnxModule, to_module
 from onnxmerge.data import load_dataset
 from onnxmerge.errors import MergeError
-from onnxmerge.graph.convert import session
-from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.model.runtime import session
+from onnxmerge.passes.common import normalise_passes
 from onnxmerge.pipeline.checks import EXACT_TOL, task_model
+from onnxmerge.pipeline.manager import PassManager
 
 REAL = [(EXAMPLES / "fashion_lenet.onnx", EXAMPLES / "fashion_eval.npz"),
         (EXAMPLES / "digits_lenet.onnx", EXAMPLES / "digits_eval.npz")] + [

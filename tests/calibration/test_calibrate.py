@@ -12,11 +12,12 @@ from onnx import numpy_helper
 
 from conftest import MODELS, shipped
 from onnxmerge.api import merge
-from onnxmerge.calibration.calibrate import CalibrationConfig, calibrate, perturb_weights as perturb
-from onnxmerge.model.contract import read_metadata
+from onnxmerge.calibration.calibrate import CalibrationConfig, calibrate
+from onnxmerge.calibration.calibrate import perturb_weights as perturb
 from onnxmerge.data import Dataset, load_dataset, load_named, shared_data_dir
 from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.measure.evaluate import evaluate
+from onnxmerge.model.contract import read_metadata
 
 PAIR = [MODELS / "lenet_mnist.onnx", MODELS / "lenet_fashion.onnx"]
 NAMES = ["mnist", "fashion"]

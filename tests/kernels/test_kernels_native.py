@@ -255,11 +255,11 @@ def test_merged_lenets_native_kernels_equal_the_portable_form():
 
 
 def test_evaluation_of_a_native_model_runs_the_kernels_and_matches_the_portable_form(monkeypatch):
-    from onnxmerge.graph import ops as lookup_ops
     from onnxmerge.api import merge
     from onnxmerge.data import load_dataset
+    from onnxmerge.graph import ops as lookup_ops
+    from onnxmerge.graph.ops import make_session
     from onnxmerge.measure.evaluate import evaluate
-    from onnxmerge.measure.latency import make_session
 
     result = merge([EXAMPLES / "fashion_lenet.onnx", EXAMPLES / "digits_lenet.onnx"], method="codebook",
                    params={"emit": "native"})

@@ -7,10 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxmerge.model.contract import MergedInfo, TaskInfo, read_metadata, write_metadata
 from onnxmerge.errors import MergeError
+from onnxmerge.graph.ops import make_session
 from onnxmerge.measure.evaluate import evaluate, run_original, run_task
-from onnxmerge.measure.latency import make_session
+from onnxmerge.model.contract import MergedInfo, TaskInfo, read_metadata, write_metadata
 
 RNG = np.random.default_rng(0)
 SHAPES = {"a": (1, 4, 4), "b": (2, 3, 3)}

@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge.errors import MergeError
-from onnxmerge.measure.latency import (Step, candidate, compare_latency, latency_table, machine_info,
-                               make_session, random_feeds)
+from onnxmerge.graph.ops import make_session
+from onnxmerge.measure.latency import Step, candidate, compare_latency, latency_table, machine_info, random_feeds
 
 
 def matmul_chain(k: int, width: int = 256, batch_dim="N", name="x"):

@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxmerge.model.contract import MergedInfo, TaskInfo, read_metadata, write_metadata
 from onnxmerge.measure.report import build_report, format_report, write_report_json
+from onnxmerge.model.contract import MergedInfo, TaskInfo, read_metadata, write_metadata
 
 RNG = np.random.default_rng(1)
 W = {t: RNG.standard_normal((16, 4)).astype(np.float32) for t in "ab"}

@@ -18,9 +18,9 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import conv_bn_model
-from onnxmerge.model import saving
 from onnxmerge.api import merge
 from onnxmerge.cli import main
+from onnxmerge.model import saving
 
 
 def save_external(model: onnx.ModelProto, path: Path) -> Path:
@@ -180,7 +180,7 @@ def test_check_session_computes_on_the_arrays_in_place(big_paths):
     """A session given a big model's weights as arrays computes on those very arrays: onnxruntime
     holds no copy of them (nor a pre-packed one), so checking a model costs no second copy of its
     weights. Changed in place, the arrays change the outputs of the session already made."""
-    from onnxmerge.graph.convert import random_feeds, session
+    from onnxmerge.model.runtime import random_feeds, session
 
     model = conv_bn_model(seed=0, channels=8)
     light, moved = saving.split_weights(model)
@@ -200,7 +200,7 @@ def test_check_session_computes_on_the_arrays_in_place(big_paths):
 def test_optimised_session_on_arrays_runs_the_model(big_paths):
     """With onnxruntime's optimisations and pre-packing (timing, evaluation), a big model's session
     on its arrays computes what the model does."""
-    from onnxmerge.graph.convert import random_feeds, session
+    from onnxmerge.model.runtime import random_feeds, session
 
     model = conv_bn_model(seed=1, channels=8)
     assert saving.weights_apart(model)

@@ -56,9 +56,9 @@ def run(name: str, presets: list[str], steps: int, lr: float, individual: bool, 
 
     from onnxmerge.api import merge
     from onnxmerge.calibration.calibrate import CalibrationConfig, calibrate
-    from onnxmerge.model.contract import write_metadata
     from onnxmerge.data import load_named
     from onnxmerge.measure.evaluate import evaluate
+    from onnxmerge.model.contract import write_metadata
     from onnxmerge.model.saving import save_atomic
 
     tasks = EXPERIMENTS[name]

@@ -51,7 +51,6 @@ def hidden_width(megabytes: float) -> int:
 
 def vgg_like(hidden: int, seed: int):
     """The ONNX model: input (N, 3, 32, 32) -> logits (N, 10), He-initialised random weights."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

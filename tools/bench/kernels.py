@@ -10,7 +10,7 @@ trained by tools/train_models.py when missing) is merged with the codebook metho
   codebook, codes, bias and attributes; batch dim symbolic) and timed against the equivalent dense
   one-node Conv / Gemm whose weight is `onnxmerge.passes.codebook._codebook.reconstruct(...)` (stock onnxruntime,
   MLAS). ratio = dense median / native median (> 1: the native kernel is faster). The theoretical
-  ratio is dense MACs / lookup ops (lookup ops as `onnxmerge.measure.metrics._macs_lookup`:
+  ratio is dense MACs / lookup ops (lookup ops as `onnxmerge.graph.macs._macs_lookup`:
   N*pixels_in*V*C*r + prod(Y)*kh*kw*V), and "reached" = measured ratio / theoretical ratio.
 - whole model: the merged native model (kernels registered) and the merged portable model
   (`to_portable`: dense Conv / Gemm rebuilt at session creation) against the two originals in
@@ -75,8 +75,8 @@ def layer_models(merged, node, shapes: dict) -> tuple[dict, object, object]:
     import onnx
     from onnx import helper, numpy_helper
 
-    from onnxmerge.passes.codebook._codebook import reconstruct
     from onnxmerge.graph.ops import DOMAIN, DOMAIN_VERSION
+    from onnxmerge.passes.codebook._codebook import reconstruct
 
     init = {t.name: t for t in merged.graph.initializer}
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -126,10 +126,10 @@ def layer_models(merged, node, shapes: dict) -> tuple[dict, object, object]:
 
 
 def time_layers(merged, args) -> list[dict]:
-    from onnxmerge.graph.convert import random_feeds
-    from onnxmerge.measure.latency import candidate, compare_latency, make_session
-    from onnxmerge.graph.ops import DOMAIN
+    from onnxmerge.graph.ops import DOMAIN, make_session
+    from onnxmerge.measure.latency import candidate, compare_latency
     from onnxmerge.measure.metrics import _shapes
+    from onnxmerge.model.runtime import random_feeds
 
     shapes = _shapes(merged)
     rows = []
@@ -235,7 +235,7 @@ def section(results, machine, command, args, isa) -> str:
         "- per layer: each EConv / EFC node alone (same codebook, codes, bias, attributes) against a "
         "one-node dense Conv / Gemm with the reconstructed weight (MLAS). measured ratio = dense median "
         "/ native median (> 1: native faster); theory = dense MACs / lookup ops per sample, lookup ops "
-        "= pixels_in*V*C*r + prod(Y)*kh*kw*V (`onnxmerge.measure.metrics._macs_lookup`); reached = measured / "
+        "= pixels_in*V*C*r + prod(Y)*kh*kw*V (`onnxmerge.graph.macs._macs_lookup`); reached = measured / "
         "theory. The digits and fashion nodes of a layer have the same shapes (one shared codebook, own "
         "codes); both are listed. Before timing, each pair is checked to give the same outputs.",
         "- whole model: native merged model (kernels registered) and portable merged model "
@@ -271,13 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     import onnx
+    from train_models import ensure_bench_models
 
     from onnxmerge import kernels
     from onnxmerge.api import merge
-    from onnxmerge.measure.latency import latency_table, machine_info
     from onnxmerge.graph.ops import to_portable
+    from onnxmerge.measure.latency import latency_table, machine_info
     from onnxmerge.measure.metrics import model_stats
-    from train_models import ensure_bench_models
 
     if not kernels.available():
         print("kernels: onnxmerge's native kernels are not built (python kernels/build.py); "

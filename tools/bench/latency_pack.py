@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
+
 EXAMPLES = ROOT / "onnxmerge" / "examples"
 MODELS = {"fashion": EXAMPLES / "fashion_lenet.onnx", "digits": EXAMPLES / "digits_lenet.onnx"}
 

@@ -80,8 +80,8 @@ def errors(result, test: dict) -> dict[str, float]:
 
 
 def original_errors(paths: dict, test: dict) -> dict[str, float]:
+    from onnxmerge.graph.ops import make_session
     from onnxmerge.measure.evaluate import run_original
-    from onnxmerge.measure.latency import make_session
 
     return {k: 100 * float(np.mean(run_original(make_session(str(paths[k])), test[k].x).argmax(1) != test[k].y))
             for k in paths}

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from onnxmerge.calibration.calibrate import CalibrationConfig
     from onnxmerge.data import load_named, shared_data_dir
     from onnxmerge.measure.latency import machine_info
-    from onnxmerge.sweep import sweep_markdown, zipper_sweep
+    from onnxmerge.passes import METHODS
+    from onnxmerge.sweep import sweep, sweep_markdown
 
     if shared_data_dir() is None:
         print("zipper_sweep: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
@@ -80,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [str(ROOT / "tests" / "models" / f) for f in files]
         for match in args.matches.split(","):
             t0 = time.perf_counter()
-            rows = zipper_sweep(inputs, list(DATA), calib, test, steps_per_layer=args.steps_per_layer,
-                                calibration=config, match=match, latency_budget_s=args.latency_budget,
-                                up_to=args.sweep_to)
+            rows = sweep(METHODS["zipper"], inputs, list(DATA), calib, test, steps_per_layer=args.steps_per_layer,
+                         calibration=config, params={"match": match}, latency_budget_s=args.latency_budget,
+                         up_to=args.sweep_to)
             table = sweep_markdown([{k: v for k, v in r.items() if k != "model"} for r in rows])
             lines += [f"### {title}, match {match} ({time.perf_counter() - t0:.0f} s)", "", table.strip(), ""]
             print("\n".join(lines[-4:]), flush=True)

@@ -10,18 +10,19 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import EXAMPLES, MODELS, shipped
-from onnxmerge.api import load_tasks, merge, normalise_passes
-from onnxmerge.passes.codebook._codebook import Member, Setting, build_group, parse_layer_params, pieces, reconstruct
+from onnxmerge.api import load_tasks, merge
 from onnxmerge.data import load_dataset
 from onnxmerge.errors import UsageError
-from onnxmerge.measure.evaluate import run_task
-from onnxmerge.graph.convert import session
 from onnxmerge.graph.layers import weight_out_axis
-from onnxmerge.graph.ops import (econv_reference, efc_reference, find_chain, is_native, run_reference,
-                                  to_native, to_portable)
-from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.graph.ops import econv_reference, efc_reference, find_chain, is_native, run_reference, to_portable
+from onnxmerge.measure.evaluate import run_task
 from onnxmerge.measure.report import build_report, format_report
+from onnxmerge.model.runtime import session
+from onnxmerge.passes.codebook._codebook import Member, Setting, build_group, parse_layer_params, pieces, reconstruct
+from onnxmerge.passes.codebook.emit_native import to_native
+from onnxmerge.passes.common import normalise_passes
 from onnxmerge.pipeline.checks import EXACT_TOL, task_model
+from onnxmerge.pipeline.manager import PassManager
 
 PAIR = [EXAMPLES / "fashion_lenet.onnx", EXAMPLES / "digits_lenet.onnx"]
 DATA = {"fashion_lenet": EXAMPLES / "fashion_eval.npz", "digits_lenet": EXAMPLES / "digits_eval.npz"}

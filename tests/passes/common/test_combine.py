@@ -7,7 +7,7 @@ import pytest
 from conftest import conv_bn_model
 from onnxmerge.api import merge
 from onnxmerge.model.contract import read_metadata
-from onnxmerge.graph.convert import random_feeds, session
+from onnxmerge.model.runtime import random_feeds, session
 
 
 def run(model, feeds):
@@ -52,8 +52,9 @@ def test_pack_separate_inputs_and_three_models(tmp_path):
 
 
 def test_different_input_shapes_get_separate_inputs(tmp_path):
-    from conftest import make_model
     from onnx import helper
+
+    from conftest import make_model
 
     a = tmp_path / "a.onnx"
     onnx.save(conv_bn_model(), str(a))

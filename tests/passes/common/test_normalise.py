@@ -6,13 +6,14 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from conftest import conv_bn_model, init, make_model
-from onnxmerge.api import load_tasks, normalise_passes
-from onnxmerge.graph.convert import random_feeds, session
-from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.api import load_tasks
+from onnxmerge.model.runtime import random_feeds, session
+from onnxmerge.passes.common import normalise_passes
 from onnxmerge.passes.common.fold_batchnorm import FoldBatchNormPass
 from onnxmerge.passes.common.remove_identity import RemoveIdentityPass
-from onnxmerge.pipeline.state import MergeState, Task
 from onnxmerge.pipeline.checks import check_exact, check_invariants, task_model
+from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.pipeline.state import MergeState, Task
 
 
 def state_of(model: onnx.ModelProto) -> MergeState:

@@ -13,14 +13,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from test_mtz import LENETS, NAMES, RESNETS, SAMPLES, calib, outputs, paths
 
 from conftest import MODELS, shipped
-from test_mtz import LENETS, NAMES, RESNETS, SAMPLES, calib, outputs, paths
 from onnxmerge.api import merge
-from onnxmerge.model.contract import read_metadata
 from onnxmerge.data import load_dataset
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.graph.convert import session
+from onnxmerge.model.contract import read_metadata
+from onnxmerge.model.runtime import session
 
 THIRD = {"lenet": "lenet_fashion_seed1.onnx", "resnet": "resnet_fashion.onnx"}  # the model added to A+B
 NAMES3 = [*NAMES, "fashion1"]

@@ -10,8 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import onnxmerge.passes.mtz._hessian as mtz
-from onnxmerge.passes.mtz._hessian import (HessianAccumulator, PairCosts, layer_rows, pair_greedy, pair_optimal,
-                                pair_random)
+from onnxmerge.passes.mtz._hessian import (
+    HessianAccumulator,
+    PairCosts,
+    layer_rows,
+    pair_greedy,
+    pair_optimal,
+    pair_random,
+)
 
 # ----------------------------------------------------------------------------- helpers
 

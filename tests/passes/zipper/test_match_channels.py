@@ -9,12 +9,13 @@ import pytest
 from onnx import helper
 
 from conftest import MODELS, init, make_model, shipped
-from onnxmerge.api import load_tasks, normalise_passes
-from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.api import load_tasks
+from onnxmerge.passes.common import normalise_passes
 from onnxmerge.passes.common.align_layers import AlignLayersPass
 from onnxmerge.passes.zipper.match_channels import MatchChannelsPass
-from onnxmerge.pipeline.state import MergeState, Task
 from onnxmerge.pipeline.checks import check_exact
+from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.pipeline.state import MergeState, Task
 
 PAIRS = {"lenet": 5, "mobilenet": 12}  # architecture -> number of layers
 

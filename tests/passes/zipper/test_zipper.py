@@ -5,15 +5,16 @@ import onnx
 import pytest
 
 from conftest import MODELS, shipped
-from onnxmerge.api import load_tasks, merge, normalise_passes
+from onnxmerge.api import load_tasks, merge
 from onnxmerge.data import load_dataset
 from onnxmerge.errors import UsageError
-from onnxmerge.measure.evaluate import run_task
-from onnxmerge.graph.convert import session
 from onnxmerge.graph.layers import layer_view
+from onnxmerge.measure.evaluate import run_task
 from onnxmerge.measure.metrics import count_macs
-from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.model.runtime import session
+from onnxmerge.passes.common import normalise_passes
 from onnxmerge.pipeline.checks import task_model
+from onnxmerge.pipeline.manager import PassManager
 
 PAIRS = {
     "lenet": ("lenet_mnist.onnx", "lenet_fashion.onnx"),
@@ -126,13 +127,14 @@ def test_sweep_without_calibration_equals_direct_merges(pair, depthwise, match, 
     """With no calibration steps, each step of the progressive sweep (warm-started from the previous
     model) is exactly the direct merge at that share: the warm start loses nothing."""
     from onnxmerge.model.contract import read_metadata
-    from onnxmerge.sweep import write_sweep, zipper_sweep
+    from onnxmerge.passes import METHODS
+    from onnxmerge.sweep import sweep, write_sweep
 
     evaluation = {"mnist": load_dataset(shipped(MODELS / "mnist_eval.npz")).take(64),
                   "fashion": load_dataset(shipped(MODELS / "fashion_eval.npz")).take(64)}
     params = {"depthwise": depthwise, "match": match}
-    rows = zipper_sweep(paths(pair), NAMES, {}, evaluation, steps_per_layer=0, latency_budget_s=0.01,
-                        progress=False, **params)
+    rows = sweep(METHODS["zipper"], paths(pair), NAMES, {}, evaluation, steps_per_layer=0, latency_budget_s=0.01,
+                 progress=False, params=params)
     n_layers = len(layer_view(PassManager(normalise_passes()).run(load_tasks(paths(pair)[:1])).tasks[0].graph))
     assert [r["share"] for r in rows] == list(range(n_layers))
     assert all(a["compression"] <= b["compression"] for a, b in zip(rows, rows[1:]))

@@ -1,0 +1,129 @@
+"""EmitNativePass: the codebook method's native form, after calibration (`--emit native`).
+
+Each codebook layer of the portable form (Gather of the codebook by the indices, then Conv / Gemm /
+MatMul; onnxmerge.graph.ops) becomes one `ai.onnxmerge::EConv` / `EFC` node whose kernel computes
+NeuralMerger's eq. 9 with lookup tables, where the kernels support the layer and the lookup takes
+fewer operations than the dense layer. The native model is checked against the portable one with the
+ops' numpy reference (onnxmerge.pipeline.checks.check_native). Where the kernels are not built, the
+command line writes the portable form instead (`MergeState.portable_fallback`) and warns; the Python
+API writes the native form, which onnxmerge then runs in its portable form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxmerge import kernels
+from onnxmerge.graph.macs import node_macs
+from onnxmerge.graph.ops import export_with_domain, find_chain, shaped_graph
+from onnxmerge.kernels import DOMAIN
+from onnxmerge.pipeline import checks
+from onnxmerge.pipeline.manager import Pass, PassResult
+
+
+class EmitNativePass(Pass):
+    """Rewrites `state.model` (the exported, calibrated model) into the native form. Precondition:
+    the model is in the portable form; records the native-vs-portable difference and the layers kept
+    portable in `state.info.fidelity`."""
+
+    exact = True  # the native form computes the portable form's numbers (checked by check_native)
+    stage = "after"
+
+    def call(self, state) -> PassResult:
+        if not kernels.available() and state.portable_fallback:
+            state.warnings.append(f"--emit native: {kernels.unavailable_reason()}; writing --emit gather")
+            state.params["emit"] = "gather"
+            return PassResult(state, False)
+        portable = state.model
+        native, kept = to_native(portable)
+        fidelity = state.info.fidelity
+        fidelity["native_vs_portable_rel_diff"] = checks.check_native(native, portable)
+        notes = fidelity.setdefault("notes", [])
+        notes.extend(f"portable form kept for {k}" for k in kept)
+        if not kernels.available():
+            notes.append(f"{kernels.unavailable_reason()}; onnxmerge evaluates and times this model in its portable "
+                         "form, which computes the same numbers")
+        state.model = native
+        return PassResult(state, True)
+
+
+def to_native(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Replace the codebook layers of the portable form by EConv / EFC nodes where that pays.
+
+    Returns the model and the layers left in the portable form, with the reason: what the kernels
+    do not support (2-D convolutions with groups 1, Gemm with alpha = beta = 1 and transA = 0,
+    MatMul of a 2-D input), or a lookup that takes at least as many operations as the dense layer
+    (eq. 9's tables cost V*C*r per input pixel, e.g. a first convolution with one input channel and
+    r = 1): such a layer keeps its dense Conv / Gemm, which onnxruntime runs faster, and the same
+    compressed file."""
+    candidate, kept = _to_native(model, skip={})
+    dense, lookup = node_macs(model), node_macs(candidate)
+    slower = {}
+    for node in candidate.graph.node:
+        ops, macs = lookup.get(node.name), dense.get(node.name)
+        if node.domain == DOMAIN and ops is not None and macs is not None and ops >= macs:
+            slower[node.name] = f"the lookup takes at least the dense layer's operations ({ops:,} vs {macs:,} per sample)"
+    return _to_native(model, skip=slower) if slower else (candidate, kept)
+
+
+def _to_native(model: onnx.ModelProto, skip: dict[str, str]) -> tuple[onnx.ModelProto, list[str]]:
+    """to_native without the cost rule: every supported layer but those in `skip` (name -> reason)."""
+    graph = shaped_graph(model)
+    kept = []
+    for node in list(graph.nodes):
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        found = find_chain(node.inputs[1])
+        if found is None:
+            continue
+        codebook, codes = found
+        why = skip.get(node.name) or _native_unsupported(node)
+        if why:
+            kept.append(f"{node.name}: {why}")
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        bias = node.inputs[2:3]
+        if node.op == "Conv":
+            depth = int(node.inputs[1].shape[1])
+            kernel = list(codes.values.shape[2:])
+            attrs = {"in_channels": depth, "kernel_shape": kernel,
+                     "strides": list(node.attrs.get("strides", [1, 1])),
+                     "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
+                     "dilations": list(node.attrs.get("dilations", [1, 1]))}
+            if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
+                kept.append(f"{node.name}: auto_pad")
+                continue
+            op = "EConv"
+        else:
+            depth = int(x.shape[1]) if x.shape and isinstance(x.shape[1], int) else None
+            if depth is None:
+                kept.append(f"{node.name}: input features unknown")
+                continue
+            attrs, op = {"in_features": depth}, "EFC"
+        node.inputs.clear()
+        node.outputs.clear()
+        y.dtype = np.float32
+        graph.nodes.append(gs.Node(op, node.name, attrs, [x, codebook, codes, *bias], [y], domain=DOMAIN))
+    return export_with_domain(graph, model, native=True), kept
+
+
+def _native_unsupported(node: gs.Node) -> str | None:
+    if node.op == "Conv":
+        w = node.inputs[1]
+        if not w.shape or len(w.shape) != 4:
+            return "not a 2-D convolution"
+        if node.attrs.get("group", 1) != 1:
+            return "grouped convolution"
+        return None
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
+            return "Gemm with transA, alpha or beta"
+        if len(node.inputs) > 2 and len(node.inputs[2].shape or ()) != 1:
+            return "Gemm bias not 1-D"
+        return None
+    x = node.inputs[0]
+    if not x.shape or len(x.shape) != 2:
+        return "MatMul input not 2-D"
+    return None
