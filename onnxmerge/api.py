@@ -204,6 +204,21 @@ def _save(model: onnx.ModelProto, output: str | Path) -> Path:
         raise MergeError(f"{output}: cannot write the merged model ({e.strerror or first_line(e)})") from None
 
 
+def _merged_info(state: MergeState, fidelity: dict[str, float]) -> MergedInfo:
+    """The metadata of the merged model of `state` (onnxmerge.model.contract), with its measured
+    fidelity and what the method reported."""
+    return MergedInfo(
+        version=onnxmerge.__version__,
+        method=state.method,
+        params=state.params,
+        tasks=[TaskInfo(t.name, str(t.path.resolve()), t.sha256, t.input_map, t.output_map, t.layer_map,
+                        t.channel_order) for t in state.tasks],
+        fidelity={"max_rel_diff_random_inputs": fidelity, "alignment": [a.to_dict() for a in state.alignments],
+                  **state.figures, **({"notes": state.notes} if state.notes else {})},
+        layout=state.layout,
+    )
+
+
 def _named(graph: gs.Graph) -> gs.Graph:
     """Give unnamed nodes deterministic, unique names: layers, errors and passes refer to nodes by name."""
     taken = {n.name for n in graph.nodes if n.name}
@@ -265,6 +280,7 @@ def merge(
     method_params = chosen.parameters(params or {})
     before, after = split_pipeline(chosen.pipeline(method_params))
 
+    # load -> the method's passes -> compare -> calibrate -> its after-calibration passes -> validate -> save
     state = load_tasks(inputs, names, opset, chosen.name if chosen.extends_merged else None)
     check_task_data(state, data or {})
     check_task_data(state, calib or {}, flag="--calib")
@@ -291,16 +307,7 @@ def merge(
             checks.check_exact(state, fidelity)
         except MergeError as e:
             raise MergeError(f"method {chosen.name} is exact, but {e}: this is a bug") from None
-    info = MergedInfo(
-        version=onnxmerge.__version__,
-        method=chosen.name,
-        params=state.params,
-        tasks=[TaskInfo(t.name, str(t.path.resolve()), t.sha256, t.input_map, t.output_map, t.layer_map,
-                        t.channel_order) for t in state.tasks],
-        fidelity={"max_rel_diff_random_inputs": fidelity, "alignment": [a.to_dict() for a in state.alignments],
-                  **state.figures, **({"notes": state.notes} if state.notes else {})},
-        layout=state.layout,
-    )
+    info = _merged_info(state, fidelity)
     if calib and not state.calibrated:
         calibrated = calibrate(model, info, {t.name: t.original for t in state.tasks}, calib, calibration,
                                progress=progress, checkpoint=checkpoint)

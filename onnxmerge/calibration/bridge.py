@@ -17,7 +17,7 @@ op implementations (`OPS`, tinygrad style) over the initializers held as paramet
 
 Each op follows the ONNX operator spec for opsets 13-21 (where inputs replaced attributes: Clip
 min/max, Pad pads, Reshape shape, Squeeze/Unsqueeze axes); the module matches onnxruntime with graph
-optimisations off to float rounding (tests/test_bridge.py). On CUDA, cuDNN convolutions use TF32 by
+optimisations off to float rounding (tests/calibration/test_bridge.py). On CUDA, cuDNN convolutions use TF32 by
 default (`torch.backends.cudnn.allow_tf32`); turn that off where ONNX-exact float32 is needed.
 
 Extending: `@register_op("OpType")` (or `register_op("OpType", domain="ai.onnxmerge")`, keyed

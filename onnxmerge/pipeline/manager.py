@@ -2,16 +2,18 @@
 
 A pass is a small class: its settings go in the constructor, `call(state)` returns
 `PassResult(state, modified)`, and `modified` is honest (the manager dumps and verifies only what
-changed). A `TaskPass` rewrites each task's graph on its own, before the tasks are combined; any other
-pass works on the combined graph. `exact = True` declares that the pass must not change any task's
-outputs beyond float rounding, which `--verify` then checks numerically.
+changed). A pass declares what it needs of the state (`requires`) and what it leaves (`ensures`),
+from `CONDITIONS`; the manager checks both around every pass, so a pipeline declared in the wrong
+order fails naming the pass and the missing condition. A `TaskPass` rewrites each task's graph on
+its own, before the tasks are combined. `exact = True` declares that the pass must not change any
+task's outputs beyond float rounding, which `--verify` then checks numerically.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
@@ -19,6 +21,15 @@ from tqdm import tqdm
 from onnxmerge.errors import MergeError, OnnxMergeError
 from onnxmerge.pipeline import checks as verify
 from onnxmerge.pipeline.state import MergeState, Task
+
+# condition -> (what it means, whether `state` meets it)
+CONDITIONS: dict[str, tuple[str, Callable[[MergeState], bool]]] = {
+    "separate": ("the task graphs, not yet combined", lambda s: not s.combined),
+    "aligned": ("each task's layer view and its alignment with the first (AlignLayersPass)",
+                lambda s: len(s.alignments) == len(s.tasks) - 1 and all(t.layers for t in s.tasks)),
+    "combined": ("the one multi-task graph (CombineGraphsPass)", lambda s: s.combined),
+    "exported": ("the exported, calibrated model (after the CALIBRATE step)", lambda s: s.model is not None),
+}
 
 
 @dataclass
@@ -31,8 +42,8 @@ class Pass:
     """Base class of all passes. Subclasses set `exact` and implement `call`."""
 
     exact: ClassVar[bool] = True
-    # "task": runs on each task graph before combining; "combined": needs the combined graph
-    stage: ClassVar[str] = "combined"
+    requires: ClassVar[tuple[str, ...]] = ()  # CONDITIONS the state must meet before the pass
+    ensures: ClassVar[tuple[str, ...]] = ()  # CONDITIONS the state meets after it
 
     @property
     def name(self) -> str:
@@ -45,11 +56,9 @@ class Pass:
 class TaskPass(Pass):
     """A pass that rewrites every task's graph separately, before the graphs are combined."""
 
-    stage = "task"
+    requires = ("separate",)
 
     def call(self, state: MergeState) -> PassResult:
-        if state.combined:
-            raise MergeError(f"{self.name} runs on the task graphs, but they are already combined")
         modified = False
         for task in state.tasks:
             modified |= self.rewrite(task.graph, task, state)
@@ -86,6 +95,7 @@ class PassManager:
         bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress, leave=False, delay=1.0)
         for i, p in enumerate(bar):
             bar.set_postfix_str(p.name, refresh=False)
+            self._check(p, p.requires, state, done, "requires")
             try:
                 result = p.call(state)
             except OnnxMergeError:
@@ -94,6 +104,7 @@ class PassManager:
                 after = ", ".join(done) or "nothing"
                 raise MergeError(f"pass {p.name} failed (after {after}): {type(e).__name__}: {e}") from e
             state = result.state
+            self._check(p, p.ensures, state, done, "ensures")
             done.append(p.name)
             if result.modified:
                 exact &= p.exact
@@ -107,3 +118,11 @@ class PassManager:
                 if self.dump_dir:
                     verify.dump(state, self.dump_dir, f"{i:02d}_{p.name}")
         return state
+
+    @staticmethod
+    def _check(p: Pass, conditions: tuple[str, ...], state: MergeState, done: list[str], what: str) -> None:
+        unmet = [c for c in conditions if not CONDITIONS[c][1](state)]
+        if unmet:
+            after = ", ".join(done) or "nothing"
+            meaning = "; ".join(f"{c}: {CONDITIONS[c][0]}" for c in unmet)
+            raise MergeError(f"pass {p.name} {what} {', '.join(unmet)} (after {after}), which does not hold ({meaning})")

@@ -29,7 +29,7 @@ class EmitNativePass(Pass):
     portable in `state.info.fidelity`."""
 
     exact = True  # the native form computes the portable form's numbers (checked by check_native)
-    stage = "after"
+    requires = ("exported",)
 
     def call(self, state) -> PassResult:
         if not kernels.available() and state.portable_fallback:

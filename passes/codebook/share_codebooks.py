@@ -15,7 +15,7 @@ The task heads (each model's last layer) stay per task and dense unless heads="c
 Depthwise and grouped convolutions and non-2-D convolutions stay dense (a note says so).
 
 Exactness: when C is at least the number of distinct pieces in every segment, k-means returns the
-pieces themselves and the merged model reproduces the originals (tests/test_codebook.py).
+pieces themselves and the merged model reproduces the originals (tests/passes/codebook/).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from onnxmerge.pipeline.state import MergeState
 
 class ShareCodebooksPass(Pass):
     exact = False
+    requires = ("aligned", "combined")
 
     def __init__(self, preset: str = "accu", r: int | None = None, codewords: int | None = None,
                  layer_params: dict[str, Setting] | None = None, heads: str = "keep", n_init: int = 3,

@@ -10,7 +10,8 @@ from onnxmerge.pipeline.manager import Pass, PassResult
 
 
 class AlignLayersPass(Pass):
-    stage = "task"
+    requires = ("separate",)
+    ensures = ("aligned",)
 
     def __init__(self, pairs: list[tuple[int, int]] | None = None):
         self.pairs = pairs  # user-given mapping between the first two tasks (default: the merge's --align)

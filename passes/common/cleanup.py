@@ -14,6 +14,8 @@ from onnxmerge.pipeline.manager import Pass, PassResult
 
 
 class CleanupGraphPass(Pass):
+    requires = ("combined",)
+
     def call(self, state) -> PassResult:
         graph = state.graph
         before = [(n.name, n.op) for n in graph.nodes]

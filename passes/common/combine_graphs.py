@@ -10,19 +10,17 @@ Exact: each task's subgraph is unchanged.
 
 import onnx_graphsurgeon as gs
 
-from onnxmerge.errors import MergeError
 from onnxmerge.pipeline.manager import Pass, PassResult
 
 
 class CombineGraphsPass(Pass):
-    stage = "task"
+    requires = ("separate",)
+    ensures = ("combined",)
 
     def __init__(self, separate_inputs: bool = False):
         self.separate_inputs = separate_inputs
 
     def call(self, state) -> PassResult:
-        if state.combined:
-            raise MergeError("CombineGraphsPass: the tasks are already combined")
         graphs = [t.graph.copy() for t in state.tasks]
         share = not (self.separate_inputs or state.separate_inputs) and len(graphs) > 1 and all(
             _signature(g) == _signature(graphs[0]) for g in graphs[1:])

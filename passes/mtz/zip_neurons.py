@@ -8,7 +8,7 @@ is the sum of theirs: the authors' `merge_new_task`), layer by layer in topologi
    (bias as a constant extra input), from each task's calibration data run through the current
    zipped network (onnxmerge.passes.mtz._hessian.layer_rows / HessianAccumulator);
 2. the functional difference of every neuron pair (eq. 12) as one matrix expression
-   (mtz_math.PairCosts), and the N_l pairs to share: N_l from `share_ratio`, per-layer counts, or all
+   (_hessian.PairCosts), and the N_l pairs to share: N_l from `share_ratio`, per-layer counts, or all
    pairs under `threshold`; paired greedily by cost (the authors' code) or by optimal assignment
    (both totals are reported);
 3. each shared neuron's incoming weights from shared inputs are the minimiser of eq. 6 (eqs. 10-11);
@@ -45,7 +45,7 @@ from onnxmerge.graph.alignment import Alignment
 from onnxmerge.graph.layers import layer_label
 from onnxmerge.model.contract import MergedInfo, TaskInfo
 from onnxmerge.model.runtime import session
-from onnxmerge.passes.mtz import _hessian as mtz_math
+from onnxmerge.passes.mtz import _hessian
 from onnxmerge.passes.mtz._zipped import ZippedNet, ZLayer
 from onnxmerge.pipeline.manager import Pass, PassResult
 from onnxmerge.pipeline.state import MergeState
@@ -69,6 +69,7 @@ def parse_counts(text: str) -> dict[str, int]:
 
 class ZipNeuronsPass(Pass):
     exact = False
+    requires = ("aligned", "combined")
     reuse_activations = True  # _LayerInputs; off only to check it against computing every input afresh
 
     def __init__(self, share_ratio: float = 1.0, counts: dict[str, int] | None = None,
@@ -90,8 +91,6 @@ class ZipNeuronsPass(Pass):
         self.pairing, self.damping, self.seed, self.tolerance = pairing, damping, seed, tolerance
 
     def call(self, state: MergeState) -> PassResult:
-        if not state.combined:
-            raise MergeError("ZipNeuronsPass runs on the combined graph")
         if not state.shared_input:
             raise UsageError("mtz shares neurons of models that take one input: the models' inputs must have the "
                              "same shape and type (and --separate-inputs must not be given)")
@@ -261,7 +260,7 @@ class _Zipper:
             t, x = item
             if zl.kind == "conv":
                 k = zl.weight.shape[2:]
-                rows = mtz_math.layer_rows(_columns(x, cols), kernel=k, strides=tuple(zl.attrs.get("strides", [1] * len(k))),
+                rows = _hessian.layer_rows(_columns(x, cols), kernel=k, strides=tuple(zl.attrs.get("strides", [1] * len(k))),
                                            pads=tuple(zl.attrs.get("pads", [0] * 2 * len(k))),
                                            dilations=tuple(zl.attrs.get("dilations", [1] * len(k))),
                                            max_rows=HESSIAN_ROWS, rng=np.random.default_rng(self.opts.seed))
@@ -269,9 +268,9 @@ class _Zipper:
                 rows = x.reshape(len(x), -1)[:, zl.feature_index(cols)]
             with self.timer("hessians"):
                 if rows.shape[0] < rows.shape[1]:  # fewer samples than inputs (VGG fc6): H = R^T R, low rank
-                    hs[t] = mtz_math.HessianRows.of(rows)
+                    hs[t] = _hessian.HessianRows.of(rows)
                 else:
-                    acc = mtz_math.HessianAccumulator(rows.shape[1])
+                    acc = _hessian.HessianAccumulator(rows.shape[1])
                     acc.add(rows)
                     hs[t] = acc.value()
             if not np.isfinite(getattr(hs[t], "r", hs[t])).all():  # --calib values so large that the layer's inputs overflow
@@ -365,12 +364,12 @@ class _Zipper:
         a = self.vectors(zl, zl.weight[cand_p], zl.bias[cand_p], cols)
         b = self.vectors(zl, zl.weight[cand_q], zl.bias[cand_q], cols)
         with self.timer("pair costs"):
-            costs = mtz_math.pair_costs(h_p, h_q, a, b, alpha=opts.alpha, damping=opts.damping)
+            costs = _hessian.pair_costs(h_p, h_q, a, b, alpha=opts.alpha, damping=opts.damping)
         with self.timer("pairing"):
-            found = {"optimal": mtz_math.pair_optimal(costs.cost, n=n, threshold=opts.threshold if n is None else None),
-                     "greedy": mtz_math.pair_greedy(costs.cost, n=n, threshold=opts.threshold if n is None else None)}
+            found = {"optimal": _hessian.pair_optimal(costs.cost, n=n, threshold=opts.threshold if n is None else None),
+                     "greedy": _hessian.pair_greedy(costs.cost, n=n, threshold=opts.threshold if n is None else None)}
         if opts.pairing == "random":
-            found["random"] = mtz_math.pair_random(len(cand_p), len(cand_q), len(found["optimal"][0]), self.opts.rng)
+            found["random"] = _hessian.pair_random(len(cand_p), len(cand_q), len(found["optimal"][0]), self.opts.rng)
         i, j = found[opts.pairing]
         # relayout puts the pairs' pending rows in sorted order: eq. 10 for them reuses `costs`
         chosen = sorted(zip([cand_p[x] for x in i], [cand_q[y] for y in j], i, j))
@@ -400,7 +399,7 @@ class _Zipper:
         b = self.vectors(zl, both[:, 1], biases[:, 1], cols)
         if solved is None:
             with self.timer("pair costs"):
-                costs = mtz_math.pair_costs(h_p, h_q, a, b, alpha=self.opts.alpha, damping=self.opts.damping)
+                costs = _hessian.pair_costs(h_p, h_q, a, b, alpha=self.opts.alpha, damping=self.opts.damping)
             i = j = np.arange(len(rows))
         else:
             costs, i, j = solved

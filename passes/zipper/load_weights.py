@@ -24,6 +24,7 @@ from onnxmerge.pipeline.manager import PassResult, TaskPass
 
 class LoadWeightsPass(TaskPass):
     exact = False
+    requires = ("separate", "aligned")
 
     def __init__(self, model: onnx.ModelProto | None = None, shared: int | None = None):
         """`model`: the earlier merged model, whose first `shared` layers are shared (default: the

@@ -68,7 +68,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from scipy.optimize import linear_sum_assignment
 
-from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.errors import UsageError
 from onnxmerge.graph.convert import to_model
 from onnxmerge.graph.layers import Layer, weight_out_axis
 from onnxmerge.model.runtime import session
@@ -120,6 +120,7 @@ class MatchChannelsPass(TaskPass):
     """
 
     exact = True
+    requires = ("separate", "aligned")
 
     def __init__(self, layers: int | str, similarity: str = "weights",
                  data: np.ndarray | dict[str, np.ndarray] | None = None):
@@ -144,8 +145,6 @@ class MatchChannelsPass(TaskPass):
         index = next(i for i, t in enumerate(state.tasks) if t is task)
         if index == 0 or self.layers == 0:
             return False  # the first task is the reference
-        if len(state.alignments) != len(state.tasks) - 1 or not task.layers:
-            raise MergeError(f"{self.name} needs the layer view and alignments: run AlignLayersPass first")
         first = state.tasks[0]
         try:
             k = self._matched_count(first, task, state, index)

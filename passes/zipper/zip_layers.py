@@ -35,6 +35,7 @@ from onnxmerge.pipeline.state import MergeState, Task
 
 class ZipLayersPass(Pass):
     exact = False
+    requires = ("aligned", "combined")
 
     def __init__(self, share: int | str = "all", depthwise: str = "shared"):
         if depthwise not in ("shared", "task"):
@@ -103,8 +104,6 @@ def _share_prefix(state: MergeState, prefixes: list[list[gs.Node]], twins: list[
 
 
 def _check_preconditions(state: MergeState) -> None:
-    if not state.combined:
-        raise MergeError("ZipLayersPass runs on the combined graph")
     if len(state.tasks) < 2:
         raise UsageError("zipper needs at least two models")
     if not state.shared_input:

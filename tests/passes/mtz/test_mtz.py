@@ -9,20 +9,20 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 
 from conftest import MODELS, shipped
-from onnxmerge.passes.mtz import _hessian as mtz_math
-from onnxmerge.api import load_tasks, merge, normalise_passes
+from onnxmerge.api import load_tasks, merge
 from onnxmerge.data import load_dataset
 from onnxmerge.errors import UsageError
 from onnxmerge.measure.evaluate import run_task
-from onnxmerge.graph.convert import session
-from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.measure.metrics import model_stats
+from onnxmerge.model.runtime import session
+from onnxmerge.passes.common import normalise_passes
 from onnxmerge.passes.common.align_layers import AlignLayersPass
 from onnxmerge.passes.common.combine_graphs import CombineGraphsPass
+from onnxmerge.passes.mtz import _hessian as mtz_math
 from onnxmerge.passes.mtz.zip_neurons import ZipNeuronsPass
-from onnxmerge.measure.metrics import model_stats
+from onnxmerge.pipeline.manager import PassManager
 
 LENETS = ["lenet_mnist.onnx", "lenet_fashion.onnx"]
 RESNETS = ["resnet_mnist.onnx", "resnet_fashion.onnx"]
@@ -157,6 +157,19 @@ def test_residual_spaces_share_with_their_skip_connections():
     model = net.build()
     got = session(model).run(None, {"input": x})
     assert all(np.isfinite(g).all() for g in got)
+    # Lossy but bounded. Half of every layer shared without retraining costs these independently trained
+    # ResNets about 40 points (on the eval sets mnist 99.6% -> 59%, fashion 90.6% -> 33%; relative logit
+    # error 0.73, 0.88). Plain averaging of the pairs comes close (mean error 0.86, mean accuracy 43%), but
+    # eq. 10 with a wrong sign (1.27, 12%), one model's weights for both (0.94, 28%), random pairs (1.08,
+    # 14%) or a hidden layer's Hessian on the wrong columns (0.93, 28%) do not.
+    sess, errors, accuracy = session(model), [], []
+    for task, file, data in zip(state.tasks, paths(RESNETS), calib().values()):
+        (out,) = task.output_map.values()
+        got = sess.run([out], {"input": data.x})[0]
+        ref = session(onnx.load(file)).run(None, {"input": data.x})[0]
+        errors.append(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        accuracy.append(np.mean(got.argmax(axis=1) == data.y))
+    assert np.mean(errors) <= 0.9 and np.mean(accuracy) >= 0.25, (errors, accuracy)
 
 
 def test_layer_inputs_kept_between_layers_equal_inputs_computed_afresh(monkeypatch):
