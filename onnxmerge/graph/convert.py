@@ -11,11 +11,8 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx as gs_dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from onnxmerge.model.saving import (
-    EXTERNAL_TENSOR_BYTES,
-    NUMPY_TYPES,
-    weightless,
-)
+from onnxmerge.model import saving
+from onnxmerge.model.saving import NUMPY_TYPES, weightless
 
 # the floating-point element types onnxmerge trains and averages
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -139,7 +136,7 @@ def light_model(graph: gs.Graph, opset: int, ir_version: int
     for tensor in copy.tensors().values():
         if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues):
             continue
-        if tensor._values.nbytes < EXTERNAL_TENSOR_BYTES:
+        if tensor._values.nbytes < saving.EXTERNAL_TENSOR_BYTES:  # read at call time (tests lower it)
             continue
         if isinstance(tensor._values, LazyValues) and tensor._values.tensor.data_type not in NUMPY_TYPES:
             continue  # loading would cast it (bfloat16, float8): exported with its data, as it is
