@@ -2,6 +2,10 @@
 
 Errors reach the user as one line naming the file and what is wrong, exit status 2 for usage errors
 and 1 for failures, no traceback unless --debug (DESIGN.md, "What bad input gets").
+
+Each command imports the API, calibration and measurement when it runs, not at start-up, so that
+`onnxmerge --help`, `onnxmerge methods` and usage errors answer without loading them. The CLI names
+no method: its flags, choices and checks come from the methods' entries (onnxmerge.passes).
 """
 
 from __future__ import annotations
