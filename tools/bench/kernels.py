@@ -126,9 +126,9 @@ def layer_models(merged, node, shapes: dict) -> tuple[dict, object, object]:
 
 
 def time_layers(merged, args) -> list[dict]:
+    from onnxmerge.graph.macs import _shapes
     from onnxmerge.graph.ops import DOMAIN, make_session
     from onnxmerge.measure.latency import candidate, compare_latency
-    from onnxmerge.measure.metrics import _shapes
     from onnxmerge.model.runtime import random_feeds
 
     shapes = _shapes(merged)

@@ -6,11 +6,12 @@ paper's variant) shares only the non-depthwise weights, so each task still compu
 (parameters saved, compute not). No calibration: this compares size, work and measured latency;
 accuracy after calibration is in the sweep section.
 
-    python tools/bench/zipper_depthwise.py
+    python tools/bench/zipper_depthwise.py [--no-write]
 """
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -24,6 +25,9 @@ MODELS = [ROOT / "tests/models/mobilenet_mnist.onnx", ROOT / "tests/models/mobil
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md as it is")
+    args = ap.parse_args(argv)
     import onnx
 
     from onnxmerge.api import merge
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["## Zipper: depthwise layers shared or per task (MobileNet-style pair, all layers but the heads)", "",
              "Written by `tools/bench/zipper_depthwise.py`; rerun it to update this section.", "",
              f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `python {shlex.join(['tools/bench/zipper_depthwise.py', *argv])}`",
+             f"- command: `python {shlex.join(['tools/bench/zipper_depthwise.py', *(a for a in argv if a != '--no-write')])}`",
              f"- machine: {machine_info()['cpu']}, {machine_info()['usable_cores']} cores; speed-up = originals "
              "in two sessions / merged, batch 1, one thread, medians interleaved in one process", "",
              "| variant | params (originals together / merged) | MACs (originals / merged) | measured speed-up |",
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"({params0 / count_parameters(model):.2f}x) | {macs0:,} / {count_macs(model):,} "
                      f"({macs0 / count_macs(model):.2f}x) | {row['speedup_vs_originals']:.2f}x |")
     print("\n".join(lines[-4:]))
-    if "--no-write" not in argv:
+    if not args.no_write:
         write_section(BENCHMARKS, "zipper_depthwise", "\n".join(lines))
         print(f"updated {BENCHMARKS}")
     return 0
