@@ -311,7 +311,7 @@ def resnet_section(argv_rest: list[str]) -> str:
               f"{VALIDATION_FROM:,} training images. Half the channels of every channel space shared ({choosing} "
               "choose the pairs; the other layers of a residual space follow them), not adaptive (a search would "
               f"run several trials of {TASKS_STEPS} steps, minutes each, for each of these {len(fig['layers'])} "
-              "layers). Retraining: Adam lr {TASKS_LR}, batch "
+              f"layers). Retraining: Adam lr {TASKS_LR}, batch "
               f"{BATCH} per task, {TASKS_STEPS} steps per zipped layer.", "",
               *TASKS_HEADER, *rows, "",
               f"- Test error change at half sharing: {' / '.join(points(c) for c in change.values())} points "
