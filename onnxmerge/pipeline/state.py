@@ -60,7 +60,7 @@ class Services:
 @dataclass
 class MergeState:
     """Everything a pipeline carries from pass to pass: the tasks, the combined graph, what the
-    caller asked for, the report's notes, and each method's own slot (`slots[method name]`)."""
+    caller asked for, and the report's notes; a method's private state stays in its passes."""
 
     tasks: list[Task]
     opset: int
@@ -94,7 +94,6 @@ class MergeState:
     # after calibration: the exported model and its metadata, which after-calibration passes rewrite
     model: onnx.ModelProto | None = None
     info: Any = None  # onnxmerge.model.contract.MergedInfo
-    slots: dict[str, Any] = field(default_factory=dict)  # method name -> that method's private state
 
     @property
     def combined(self) -> bool:

@@ -116,7 +116,6 @@ class ZipNeuronsPass(Pass):
         for q in range(start, len(state.tasks)):
             report += zipper.merge_task(q, labels)
         self.net = net  # for tests and tools that look at the zipped network
-        state.slots["mtz"] = {"net": net}
         model = net.build()
         onnx.checker.check_model(model)
         state.graph = gs.import_onnx(model)
