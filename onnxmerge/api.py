@@ -100,15 +100,17 @@ def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: 
     base = find_merged_input(paths, extends) if extends else None
     own = paths[1:] if base else paths
     names = task_names(own, names) if base is None else _added_names(base, own, names)
-    models = {**(base.originals() if base else {}), **{str(p): load_model(p) for p in own}}
+    notes: dict[str, list[str]] = {str(p): [] for p in own}
+    models = {**(base.originals() if base else {}), **{str(p): load_model(p, notes[str(p)]) for p in own}}
     models, opset, ir_version = reconcile_versions(models, opset)
     # (name, its model's key, path, sha256), a merged model's tasks first
     entries = [(t.name, f"{base.path} (task {t.name})", Path(t.source), t.sha256) for t in base.info.tasks] if base else []
     entries += [(n, str(p), p, file_sha256(p)) for n, p in zip(names, own)]
     # each task's graph has constants of its own (graphs.import_graph), never the original's tensors
-    tasks = [Task(name=n, original=models[key], graph=_named(import_graph(models[key])), path=p, sha256=sha)
-             for n, key, p, sha in entries]
-    return MergeState(tasks=tasks, opset=opset, ir_version=ir_version, base=base)
+    tasks = [Task(name=n, original=models[key], graph=_named(import_graph(models[key])), path=p, sha256=sha,
+                  modernised=bool(notes.get(key))) for n, key, p, sha in entries]
+    return MergeState(tasks=tasks, opset=opset, ir_version=ir_version, base=base,
+                      notes=[n for key in notes for n in notes[key]])
 
 
 def _added_names(base: MergedInput, own: list[Path], names: list[str] | None) -> list[str]:

@@ -274,7 +274,8 @@ def cmd_merge(args) -> int:
         print(f"onnxmerge: warning: {warning}", file=sys.stderr)
     # a merged input's tasks are compared with its sub-models, as the merge compared them
     merged = result.state.base.names if result.state.base else []
-    originals = {t.name: t.original if t.name in merged else str(t.path) for t in result.state.tasks}
+    # and a task whose file loading modernised (model.upgrade), with the graph it was merged from
+    originals = {t.name: t.original if t.name in merged or t.modernised else str(t.path) for t in result.state.tasks}
     model, info = result.model, result.info
     del result  # the merge state holds every model and graph: free it before the report loads the originals
     _print_report(model, args.output, info, originals, data, args)
@@ -399,7 +400,8 @@ def cmd_inspect(args) -> int:
     """`onnxmerge inspect a.onnx [b.onnx]`: the layer view of each model and their alignment."""
     from onnxmerge.api import load_tasks
     from onnxmerge.graph.alignment import format_alignment, parse_pairs
-    from onnxmerge.graph.layers import format_layers
+    from onnxmerge.graph.layers import format_layers, layer_label, table
+    from onnxmerge.passes import BASELINE, METHODS
     from onnxmerge.passes.common import AlignLayersPass, normalise_passes
     from onnxmerge.pipeline.manager import PassManager
 
@@ -407,15 +409,26 @@ def cmd_inspect(args) -> int:
     state = PassManager([*normalise_passes(), AlignLayersPass(pairs)]).run(load_tasks(args.inputs))
     first = state.tasks[0]
     alignments = list(zip(state.alignments, state.tasks[1:]))
+    explained = {t.name: {m.name: m.explain(t.layers) for m in METHODS.values() if m.explain and t.layers}
+                 for t in state.tasks}
     if args.json:
-        print(json.dumps({"models": {t.name: {"path": str(t.path), "layers": [l.to_dict() for l in t.layers]}
-                                     for t in state.tasks},
-                          "alignments": [al.to_dict() for al, _ in alignments]}, indent=2))
+        print(json.dumps({"models": {t.name: {"path": str(t.path), "layers": [l.to_dict() for l in t.layers],
+                                              "methods": explained[t.name]} for t in state.tasks},
+                          "alignments": [al.to_dict() for al, _ in alignments],
+                          "notes": state.notes}, indent=2))
         return 0
     for t in state.tasks:
         print(f"{t.path} (task {t.name}): {len(t.layers)} layers, opset {state.opset}")
         print(format_layers(t.layers))
+        if explained[t.name]:
+            methods = list(explained[t.name])
+            print(f"\nWhat each method does with these layers (at its defaults; {BASELINE} carries every layer as it is):")
+            print(table([("#", "name", *methods)] + [(str(l.index), layer_label(t.layers, l.index),
+                                                       *(explained[t.name][m][l.index] for m in methods))
+                                                      for l in t.layers]))
         print()
+    for note in state.notes:
+        print(f"note: {note}")
     for al, other in alignments:
         print(format_alignment(al, first.layers, other.layers))
     return 0
@@ -492,7 +505,7 @@ def _check_report_path(args, files: list) -> None:
 def _find_originals(info, given: list[str], path: Path) -> dict[str, str]:
     """The original model of every task: --original TASK=PATH, else the recorded source if unchanged."""
     from onnxmerge.data import parse_task_paths
-    from onnxmerge.model.loading import file_sha256
+    from onnxmerge.model.loading import as_loaded, file_sha256
 
     originals = parse_task_paths(given)
     names = [t.name for t in info.tasks]
@@ -508,7 +521,8 @@ def _find_originals(info, given: list[str], path: Path) -> dict[str, str]:
     if missing:
         raise UsageError(f"{path}: original model of task(s) {', '.join(missing)} not found (the recorded "
                          "source is missing or changed): give --original TASK=PATH")
-    return originals
+    # an original written the old way runs as the merge loaded it (a fixed batch dim freed, ...)
+    return {task: as_loaded(file) for task, file in originals.items()}
 
 
 def _load_any(path: Path):

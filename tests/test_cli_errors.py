@@ -50,16 +50,6 @@ def test_truncated_file(tiny_pair, tmp_path, capsys):
     assert no_output(tmp_path)
 
 
-def test_unsupported_operator(tiny_pair, tmp_path, capsys):
-    odd = tmp_path / "odd.onnx"
-    onnx.save(make_model([helper.make_node("Erf", ["input"], ["logits"], name="erf_node")], [],
-                         in_shape=("N", 4), out_shape=("N", 4)), str(odd))
-    code, _, err = run_cli(capsys, tiny_pair[0], odd, "-o", tmp_path / "out.onnx")
-    assert code == 1
-    assert_one_line(err, str(odd), "unsupported operator(s): Erf (erf_node)")
-    assert no_output(tmp_path)
-
-
 def test_output_equal_to_an_input_is_refused_and_input_untouched(tiny_pair, tmp_path, capsys):
     before = tiny_pair[0].read_bytes()
     code, _, err = run_cli(capsys, tiny_pair[0], tiny_pair[1], "-o", tiny_pair[0])

@@ -15,10 +15,16 @@ op implementations (`OPS`, tinygrad style) over the initializers held as paramet
 - `forward` runs only the nodes that the requested tensors depend on, so a per-layer loss can ask
   for intermediate tensors, and one task of a merged model runs without the other tasks' inputs.
 
-Each op follows the ONNX operator spec for opsets 13-21 (where inputs replaced attributes: Clip
-min/max, Pad pads, Reshape shape, Squeeze/Unsqueeze axes); the module matches onnxruntime with graph
-optimisations off to float rounding (tests/calibration/test_bridge.py). On CUDA, cuDNN convolutions use TF32 by
+Each op follows the ONNX operator spec for opsets 13-21 (where inputs replaced attributes, both forms:
+Clip min/max, Pad pads, Reshape shape, Squeeze/Unsqueeze axes, Split split, the Reduce ops' axes), and
+enough of the rest (Resize 18/19, Upsample 9, GroupNormalization 18 and 21, Swish 24) for the CNN graphs
+onnxruntime runs; the module matches onnxruntime with graph optimisations off to float rounding
+(tests/calibration/test_bridge.py). What an op cannot do (Resize cubic, ConvTranspose auto_pad, ...) and
+what fails inside an op are one-line `MergeError`s naming the node. On CUDA, cuDNN convolutions use TF32 by
 default (`torch.backends.cudnn.allow_tf32`); turn that off where ONNX-exact float32 is needed.
+
+The bridge does not use onnx2torch (an ONNX->PyTorch converter): it imports torchvision, whose PyPI wheel
+links CUDA and fails to import with the CPU build of torch; its converters were consulted for semantics only.
 
 Extending: `@register_op("OpType")` (or `register_op("OpType", domain="ai.onnxmerge")`, keyed
 "ai.onnxmerge.OpType") adds an op; its function gets the NodeProto, the input tensors (None for an
@@ -47,6 +53,7 @@ __all__ = ["OPS", "register_op", "OnnxModule", "to_module"]
 OPS: dict[str, Callable] = {}
 
 _MIN_OPSET = 13  # Softmax's axis semantics and Squeeze/Unsqueeze's axes input date from opset 13
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.* since 2.5
 
 
 def register_op(op_type: str, domain: str = ""):
@@ -270,29 +277,42 @@ def _expand(node, inputs, attrs):
 
 @register_op("Slice")
 def _slice(node, inputs, attrs):
+    """Positive steps slice; negative steps gather the indices begin, begin + step, ... (torch has no
+    negative slice step), with ONNX's clamping: begin to [0, n - 1], end to [-1, n - 1]."""
     x, starts, ends = inputs[:3]
     axes = inputs[3].tolist() if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
     steps = inputs[4].tolist() if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
-    index = [slice(None)] * x.dim()
     for a, b, e, st in zip(axes, starts.tolist(), ends.tolist(), steps):
-        if st != 1:
-            raise MergeError(f"Slice node {node.name!r}: steps other than 1 are not supported")
+        a = a % x.dim()
         n = x.shape[a]
         b, e = (b + n if b < 0 else b), (e + n if e < 0 else e)
-        index[a % x.dim()] = slice(max(0, min(b, n)), max(0, min(e, n)))
-    return x[tuple(index)]
+        if st > 0:
+            x = x[(slice(None),) * a + (slice(max(0, min(b, n)), max(0, min(e, n)), st),)]
+        elif st < 0:
+            b, e = max(0, min(b, n - 1)), max(-1, min(e, n - 1))
+            x = x.index_select(a, torch.arange(b, e, st, device=x.device))
+        else:
+            raise MergeError(f"Slice node {node.name!r}: a step of 0 is not allowed")
+    return x
 
 
-_TORCH_TYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
-                onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.INT32: torch.int32}
+_TP = onnx.TensorProto
+_TORCH_TYPES = {_TP.FLOAT: torch.float32, _TP.DOUBLE: torch.float64, _TP.FLOAT16: torch.float16,
+                _TP.BFLOAT16: torch.bfloat16, _TP.INT64: torch.int64, _TP.INT32: torch.int32, _TP.INT16: torch.int16,
+                _TP.INT8: torch.int8, _TP.UINT8: torch.uint8, _TP.BOOL: torch.bool}
 
 
 @register_op("Cast")
 def _cast(node, inputs, attrs):
     to = attrs["to"]
     if to not in _TORCH_TYPES:
-        raise MergeError(f"Cast node {node.name!r}: casting to {onnx.TensorProto.DataType.Name(to)} is not supported")
+        raise MergeError(f"Cast node {node.name!r}: casting to {_TP.DataType.Name(to)} is not supported")
     return inputs[0].to(_TORCH_TYPES[to])
+
+
+@register_op("CastLike")
+def _cast_like(node, inputs, attrs):
+    return inputs[0].to(inputs[1].dtype)
 
 
 def _codebook_weight(codebook: torch.Tensor, codes: torch.Tensor, depth: int) -> torch.Tensor:
@@ -372,6 +392,388 @@ _SIMPLE: dict[str, Callable] = {
 }
 for _name, _fn in _SIMPLE.items():
     OPS[_name] = (lambda fn: lambda node, inputs, attrs: fn(inputs, attrs))(_fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# activations and elementwise ops beyond the models the project trained itself
+
+
+def _pow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ONNX Pow keeps the base's type. The exponent is not trained: it is structure (2 in a decomposed
+    LayerNorm, 3 in a tanh Gelu), and its gradient a^b ln a is NaN wherever the base is negative."""
+    y = torch.pow(a, b.detach())
+    return y if y.dtype == a.dtype else y.to(a.dtype)
+
+
+def _fold(fn: Callable, tensors: list[torch.Tensor]) -> torch.Tensor:
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = fn(out, t)
+    return out
+
+
+_SELU_ALPHA, _SELU_GAMMA = 1.67326319217681884765625, 1.05070102214813232421875  # the spec's defaults
+_SIMPLE_MORE: dict[str, Callable] = {
+    "HardSigmoid": lambda i, a: torch.clamp(a.get("alpha", 0.2) * i[0] + a.get("beta", 0.5), 0.0, 1.0),
+    "HardSwish": lambda i, a: i[0] * torch.clamp(i[0] / 6 + 0.5, 0.0, 1.0),
+    "Elu": lambda i, a: F.elu(i[0], a.get("alpha", 1.0)),
+    "Selu": lambda i, a: a.get("gamma", _SELU_GAMMA) * F.elu(i[0], a.get("alpha", _SELU_ALPHA)),
+    "Celu": lambda i, a: F.celu(i[0], a.get("alpha", 1.0)),
+    "Softplus": lambda i, a: F.softplus(i[0]),
+    "Softsign": lambda i, a: i[0] / (1 + i[0].abs()),
+    "PRelu": lambda i, a: torch.where(i[0] < 0, i[0] * i[1], i[0]),  # slope broadcasts to x
+    "ThresholdedRelu": lambda i, a: torch.where(i[0] > a.get("alpha", 1.0), i[0], torch.zeros_like(i[0])),
+    "Gelu": lambda i, a: F.gelu(i[0], approximate=a.get("approximate", "none")),
+    "Erf": lambda i, a: torch.erf(i[0]),
+    "Mish": lambda i, a: F.mish(i[0]),
+    "Swish": lambda i, a: i[0] * torch.sigmoid(a.get("alpha", 1.0) * i[0]),
+    "LogSoftmax": lambda i, a: torch.log_softmax(i[0], a.get("axis", -1)),
+    "Hardmax": lambda i, a: torch.zeros_like(i[0]).scatter_(a.get("axis", -1), i[0].argmax(a.get("axis", -1), True), 1),
+    "Sum": lambda i, a: _fold(torch.add, i),
+    "Mean": lambda i, a: _fold(torch.add, i) / len(i),
+    "Max": lambda i, a: _fold(torch.maximum, i),
+    "Min": lambda i, a: _fold(torch.minimum, i),
+    "Pow": lambda i, a: _pow(i[0], i[1]),
+    "Sqrt": lambda i, a: torch.sqrt(i[0]),
+    "Exp": lambda i, a: torch.exp(i[0]),
+    "Log": lambda i, a: torch.log(i[0]),
+    "Neg": lambda i, a: torch.neg(i[0]),
+    "Abs": lambda i, a: torch.abs(i[0]),
+    "Reciprocal": lambda i, a: torch.reciprocal(i[0]),
+    "Floor": lambda i, a: torch.floor(i[0]),
+    "Ceil": lambda i, a: torch.ceil(i[0]),
+    "Round": lambda i, a: torch.round(i[0]),  # half to even, as ONNX
+    "Sign": lambda i, a: torch.sign(i[0]),
+    "Sin": lambda i, a: torch.sin(i[0]),
+    "Cos": lambda i, a: torch.cos(i[0]),
+    "Where": lambda i, a: torch.where(i[0], i[1], i[2]),
+    "Equal": lambda i, a: torch.eq(i[0], i[1]),
+    "Greater": lambda i, a: torch.gt(i[0], i[1]),
+    "GreaterOrEqual": lambda i, a: torch.ge(i[0], i[1]),
+    "Less": lambda i, a: torch.lt(i[0], i[1]),
+    "LessOrEqual": lambda i, a: torch.le(i[0], i[1]),
+    "Not": lambda i, a: torch.logical_not(i[0]),
+    "And": lambda i, a: torch.logical_and(i[0], i[1]),
+    "Or": lambda i, a: torch.logical_or(i[0], i[1]),
+    "Xor": lambda i, a: torch.logical_xor(i[0], i[1]),
+    # fmod=0 (integers only): the remainder takes the divisor's sign, as Python's %
+    "Mod": lambda i, a: torch.fmod(i[0], i[1]) if a.get("fmod", 0) else torch.remainder(i[0], i[1]),
+    "Einsum": lambda i, a: torch.einsum(a["equation"].replace(" ", ""), *i),
+    "Size": lambda i, a: torch.tensor(i[0].numel(), dtype=torch.int64, device=i[0].device),
+    "Tile": lambda i, a: i[0].repeat(i[1].tolist()),
+    "NonZero": lambda i, a: torch.nonzero(i[0]).t().contiguous(),  # row-major order, as ONNX
+    "GlobalMaxPool": lambda i, a: i[0].amax(dim=tuple(range(2, i[0].dim())), keepdim=True),
+}
+for _name, _fn in _SIMPLE_MORE.items():
+    OPS[_name] = (lambda fn: lambda node, inputs, attrs: fn(inputs, attrs))(_fn)
+
+
+@register_op("Trilu")
+def _trilu(node, inputs, attrs):
+    k = int(inputs[1].item()) if len(inputs) > 1 and inputs[1] is not None else 0
+    return torch.triu(inputs[0], k) if attrs.get("upper", 1) else torch.tril(inputs[0], k)
+
+
+@register_op("CumSum")
+def _cumsum(node, inputs, attrs):
+    x, axis = inputs[0], int(inputs[1].item()) % inputs[0].dim()
+    if attrs.get("reverse", 0):
+        x = x.flip(axis)
+    y = x.cumsum(axis).to(x.dtype)  # torch sums small integers as int64
+    if attrs.get("exclusive", 0):
+        y = torch.cat([torch.zeros_like(y.narrow(axis, 0, 1)), y.narrow(axis, 0, y.shape[axis] - 1)], axis)
+    return y.flip(axis) if attrs.get("reverse", 0) else y
+
+
+@register_op("ConstantOfShape")
+def _constant_of_shape(node, inputs, attrs):
+    value = attrs.get("value")
+    fill = torch.from_numpy(numpy_helper.to_array(value).reshape(-1)[:1].copy()) if value is not None \
+        else torch.zeros(1, dtype=torch.float32)
+    return fill.to(inputs[0].device).reshape(()).expand(inputs[0].tolist()).clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# normalisation, pooling, reductions
+
+
+@register_op("LRN")
+def _lrn(node, inputs, attrs):
+    """x / (bias + alpha / size * sum of x^2 over channels c - floor((size-1)/2) .. c + ceil((size-1)/2))^beta.
+    Written out: F.local_response_norm centres an even window the other way."""
+    x, size = inputs[0], attrs["size"]
+    before = (size - 1) // 2
+    sq = F.pad(x * x, [0, 0] * (x.dim() - 2) + [before, size - 1 - before])
+    window = _fold(torch.add, [sq.narrow(1, i, x.shape[1]) for i in range(size)])
+    return x / (attrs.get("bias", 1.0) + attrs.get("alpha", 1e-4) / size * window) ** attrs.get("beta", 0.75)
+
+
+@register_op("LpNormalization")
+def _lp_normalization(node, inputs, attrs):
+    p = attrs.get("p", 2)
+    if p not in (1, 2):
+        raise MergeError(f"LpNormalization node {node.name!r}: p={p} is not supported (1 or 2)")
+    x = inputs[0]
+    return x / torch.linalg.vector_norm(x, p, dim=attrs.get("axis", -1), keepdim=True)
+
+
+def _normalise(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normalised x, mean, 1 / sqrt(biased variance + eps)) over `dims`, kept as size-1 dims."""
+    mean = x.mean(dims, keepdim=True)
+    d = x - mean
+    inv = torch.rsqrt((d * d).mean(dims, keepdim=True) + eps)
+    return d * inv, mean, inv
+
+
+@register_op("InstanceNormalization")
+def _instance_norm(node, inputs, attrs):
+    x, scale, bias = inputs
+    y = _normalise(x, tuple(range(2, x.dim())), attrs.get("epsilon", 1e-5))[0]
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    return y * scale.reshape(shape) + bias.reshape(shape)
+
+
+@register_op("LayerNormalization")
+def _layer_norm(node, inputs, attrs):
+    """Outputs Y and, when asked for, Mean and InvStdDev (X's shape with 1 from `axis` on)."""
+    x, scale, bias = (inputs + [None])[:3]
+    axis = attrs.get("axis", -1) % x.dim()
+    y, mean, inv = _normalise(x, tuple(range(axis, x.dim())), attrs.get("epsilon", 1e-5))
+    y = y * scale
+    return [y if bias is None else y + bias, mean, inv][:len(node.output)]
+
+
+@register_op("GroupNormalization")
+def _group_norm(node, inputs, attrs):
+    """Opset 21: scale and bias per channel; opset 18: per group (told apart by their size; the same
+    when there are as many groups as channels)."""
+    x, scale, bias = inputs
+    n, c, groups = x.shape[0], x.shape[1], attrs["num_groups"]
+    y = _normalise(x.reshape(n, groups, -1), (2,), attrs.get("epsilon", 1e-5))[0]
+    if scale.numel() == c:
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        return y.reshape(x.shape) * scale.reshape(shape) + bias.reshape(shape)
+    if scale.numel() == groups:
+        return (y * scale.reshape(-1, 1) + bias.reshape(-1, 1)).reshape(x.shape)
+    raise MergeError(f"GroupNormalization node {node.name!r}: scale has {scale.numel()} values, for "
+                     f"{c} channels in {groups} groups")
+
+
+def _prod(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
+    for d in sorted(dims, reverse=True):
+        x = x.prod(d, keepdim=keepdim)
+    return x
+
+
+_REDUCE: dict[str, Callable] = {  # (x, dims, keepdim); on empty axes with noop_with_empty_axes, x itself
+    "ReduceMean": lambda x, d, k: x.mean(d, keepdim=k),
+    "ReduceSum": lambda x, d, k: x.sum(d, keepdim=k).to(x.dtype),
+    "ReduceMax": lambda x, d, k: x.amax(d, keepdim=k),
+    "ReduceMin": lambda x, d, k: x.amin(d, keepdim=k),
+    "ReduceProd": lambda x, d, k: _prod(x, d, k).to(x.dtype),
+    "ReduceL1": lambda x, d, k: x.abs().sum(d, keepdim=k).to(x.dtype),
+    "ReduceL2": lambda x, d, k: (x * x).sum(d, keepdim=k).sqrt(),
+    "ReduceSumSquare": lambda x, d, k: (x * x).sum(d, keepdim=k).to(x.dtype),
+    "ReduceLogSum": lambda x, d, k: x.sum(d, keepdim=k).log(),
+    "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, d, keepdim=k),
+}
+
+
+def _reduce_op(fn: Callable) -> Callable:
+    def reduce(node, inputs, attrs):
+        """axes: an attribute before opset 18 (ReduceSum: 13), an optional input since."""
+        x = inputs[0]
+        axes = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
+        axes = axes.tolist() if axes is not None else attrs.get("axes", [])
+        if not axes:
+            if attrs.get("noop_with_empty_axes", 0):
+                return x
+            axes = range(x.dim())
+        return fn(x, sorted({a % x.dim() for a in axes}), bool(attrs.get("keepdims", 1)))
+    return reduce
+
+
+for _name, _fn in _REDUCE.items():
+    OPS[_name] = _reduce_op(_fn)
+
+
+def _arg_op(fn: Callable) -> Callable:
+    def arg(node, inputs, attrs):
+        """The first extreme index along `axis`, the last with select_last_index; int64."""
+        x, keep = inputs[0], bool(attrs.get("keepdims", 1))
+        axis = attrs.get("axis", 0) % x.dim()
+        if attrs.get("select_last_index", 0):
+            return x.shape[axis] - 1 - fn(x.flip(axis), axis, keepdim=keep)
+        return fn(x, axis, keepdim=keep)
+    return arg
+
+
+OPS["ArgMax"], OPS["ArgMin"] = _arg_op(torch.argmax), _arg_op(torch.argmin)
+
+
+# ----------------------------------------------------------------------------------------------
+# shape and layout
+
+
+@register_op("Split")
+def _split(node, inputs, attrs):
+    """Sizes from the split input (13+; an attribute before), else num_outputs pieces of
+    ceil(n / num_outputs), the last smaller (18+), else equal pieces, one per output."""
+    x = inputs[0]
+    axis = attrs.get("axis", 0) % x.dim()
+    n = x.shape[axis]
+    split = inputs[1].tolist() if len(inputs) > 1 and inputs[1] is not None else attrs.get("split")
+    if not split:
+        k = attrs.get("num_outputs", len(node.output))
+        size = -(-n // k) if "num_outputs" in attrs else n // k
+        split = [size] * (k - 1) + [n - size * (k - 1)]
+        if split[-1] < 0 or ("num_outputs" not in attrs and n % k):
+            raise MergeError(f"Split node {node.name!r}: an axis of {n} cannot be split into {k} outputs")
+    return list(torch.split(x, split, axis))
+
+
+def _check_blocks(node, x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise MergeError(f"{node.op_type} node {node.name!r}: only 4-D inputs are supported, not {x.dim()}-D")
+
+
+@register_op("DepthToSpace")
+def _depth_to_space(node, inputs, attrs):
+    x, bs = inputs[0], attrs["blocksize"]
+    _check_blocks(node, x)
+    n, c, h, w = x.shape
+    if attrs.get("mode", "DCR") == "CRD":
+        y = x.reshape(n, c // bs ** 2, bs, bs, h, w).permute(0, 1, 4, 2, 5, 3)
+    else:
+        y = x.reshape(n, bs, bs, c // bs ** 2, h, w).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(n, c // bs ** 2, h * bs, w * bs)
+
+
+@register_op("SpaceToDepth")
+def _space_to_depth(node, inputs, attrs):
+    x, bs = inputs[0], attrs["blocksize"]
+    _check_blocks(node, x)
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // bs, bs, w // bs, bs).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * bs * bs, h // bs, w // bs)
+
+
+def _source_coords(mode: str, out_len: int, in_len: int, scale: float, device) -> torch.Tensor:
+    """ONNX Resize's coordinate_transformation_mode: the input coordinate of each output index, in
+    float32 as onnxruntime computes it."""
+    x = torch.arange(out_len, dtype=torch.float32, device=device)
+    if mode == "asymmetric":
+        return x / scale
+    if mode == "align_corners":
+        return x * (in_len - 1) / (out_len - 1) if out_len > 1 else torch.zeros_like(x)
+    if mode == "pytorch_half_pixel" and out_len == 1:
+        return torch.zeros_like(x)
+    if mode == "half_pixel_symmetric":
+        offset = in_len / 2 * (1 - out_len / (scale * in_len))
+        return offset + (x + 0.5) / scale - 0.5
+    return (x + 0.5) / scale - 0.5  # half_pixel, pytorch_half_pixel
+
+
+def _nearest_index(c: torch.Tensor, mode: str, scale: float) -> torch.Tensor:
+    if mode == "floor":
+        return c.floor()
+    if mode == "ceil":
+        return c.ceil()
+    if mode == "simple":  # Upsample's: truncate up-sampling, ceil down-sampling (onnxruntime)
+        return c.ceil() if scale < 1 else c.trunc()
+    tie = c - c.floor() == 0.5
+    return torch.where(tie, c.floor() if mode == "round_prefer_floor" else c.ceil(), c.round())
+
+
+_COORD_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric")
+_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil", "simple")
+
+
+def _interpolate(node, x: torch.Tensor, axes: list[int], out_sizes: list[int], scales: list[float], mode: str,
+                 coords: str, nearest: str) -> torch.Tensor:
+    """Resize one axis after another: nearest gathers, linear blends the two neighbours of the
+    clamped coordinate (differentiable in x)."""
+    if mode not in ("nearest", "linear"):
+        raise MergeError(f"{node.op_type} node {node.name!r}: mode {mode!r} is not supported (nearest, linear)")
+    if coords not in _COORD_MODES:
+        raise MergeError(f"{node.op_type} node {node.name!r}: coordinate_transformation_mode {coords!r} "
+                         "is not supported")
+    if nearest not in _NEAREST_MODES:
+        raise MergeError(f"{node.op_type} node {node.name!r}: nearest_mode {nearest!r} is not supported")
+    for a, out, scale in zip(axes, out_sizes, scales):
+        n = x.shape[a]
+        if out == n and scale == 1:
+            continue
+        c = _source_coords(coords, out, n, scale, x.device)
+        if mode == "nearest":
+            x = x.index_select(a, _nearest_index(c, nearest, scale).clamp(0, n - 1).long())
+            continue
+        c = c.clamp(0, n - 1)
+        lo = c.floor().long().clamp(max=n - 1)
+        hi = (lo + 1).clamp(max=n - 1)
+        w = (c - lo).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - a - 1))
+        x = x.index_select(a, lo) * (1 - w) + x.index_select(a, hi) * w
+    return x
+
+
+@register_op("Resize")
+def _resize(node, inputs, attrs):
+    """Opsets 13-19: scales or sizes input (the other empty or omitted), axes and
+    keep_aspect_ratio_policy (18); nearest and linear, every coordinate mode but tf_crop_and_resize."""
+    x, _, scales, sizes = (inputs + [None] * 3)[:4]
+    if attrs.get("antialias", 0):
+        raise MergeError(f"Resize node {node.name!r}: antialias is not supported")
+    axes = [a % x.dim() for a in attrs.get("axes", range(x.dim()))]
+    lengths = [x.shape[a] for a in axes]
+    if sizes is not None and sizes.numel():
+        out = sizes.tolist()
+        policy = attrs.get("keep_aspect_ratio_policy", "stretch")
+        if policy == "stretch":
+            factors = [float(np.float32(o) / np.float32(n)) for o, n in zip(out, lengths)]
+        else:
+            pick = min if policy == "not_larger" else max
+            factors = [pick(float(np.float32(o) / np.float32(n)) for o, n in zip(out, lengths))] * len(axes)
+            out = [int(f * n + 0.5) for f, n in zip(factors, lengths)]
+    elif scales is not None and scales.numel():
+        factors = [float(np.float32(s)) for s in scales.tolist()]
+        out = [int(np.float32(n) * np.float32(f)) for n, f in zip(lengths, factors)]
+    else:
+        raise MergeError(f"Resize node {node.name!r}: neither scales nor sizes is given")
+    return _interpolate(node, x, axes, out, factors, attrs.get("mode", "nearest"),
+                        attrs.get("coordinate_transformation_mode", "half_pixel"),
+                        attrs.get("nearest_mode", "round_prefer_floor"))
+
+
+@register_op("Upsample")
+def _upsample(node, inputs, attrs):
+    """Opset 9 (scales input; 7: attribute): asymmetric coordinates, onnxruntime's nearest rounding."""
+    x = inputs[0]
+    factors = inputs[1].tolist() if len(inputs) > 1 and inputs[1] is not None else attrs["scales"]
+    factors = [float(np.float32(f)) for f in factors]
+    out = [int(np.float32(n) * np.float32(f)) for n, f in zip(x.shape, factors)]
+    return _interpolate(node, x, list(range(x.dim())), out, factors, attrs.get("mode", "nearest"),
+                        "asymmetric", "simple")
+
+
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@register_op("ConvTranspose")
+def _conv_transpose(node, inputs, attrs):
+    """The full transposed convolution, then the pads cropped off and output_padding added at the
+    ends (zeros before the bias), which also covers asymmetric pads."""
+    x, w, b = (inputs + [None])[:3]
+    n = w.dim() - 2
+    if attrs.get("auto_pad", "NOTSET") != "NOTSET":
+        raise MergeError(f"ConvTranspose node {node.name!r}: auto_pad {attrs['auto_pad']!r} is not supported "
+                         "(NOTSET with explicit pads is)")
+    if "output_shape" in attrs:
+        raise MergeError(f"ConvTranspose node {node.name!r}: the output_shape attribute is not supported")
+    pads, extra = attrs.get("pads", [0] * 2 * n), attrs.get("output_padding", [0] * n)
+    y = _CONV_T[n](x, w, None, stride=attrs.get("strides", 1), groups=attrs.get("group", 1),
+                   dilation=attrs.get("dilations", 1))
+    y = F.pad(y, _torch_pad([-p for p in pads[:n]], [e - p for e, p in zip(extra, pads[n:])]))
+    return y if b is None else y + b.reshape((-1,) + (1,) * n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,7 +921,13 @@ class OnnxModule(torch.nn.Module):
         env.update({n: torch.as_tensor(feeds[n]) for n in need_feeds})
         for k in order:
             node, fn, attrs = self._nodes[k]
-            result = fn(node, [env[t] if t else None for t in node.input], attrs)
+            try:
+                result = fn(node, [env[t] if t else None for t in node.input], attrs)
+            except (MergeError, _OUT_OF_MEMORY):  # out of memory stays itself: a caller may retry smaller
+                raise
+            except Exception as e:  # a shape or type the op cannot take: one line naming the node
+                text = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+                raise MergeError(f"{node.op_type} node {node.name!r} failed in the torch bridge: {text}") from e
             if isinstance(result, torch.Tensor):
                 result = [result]
             env.update((name, r) for name, r in zip(node.output, result) if name)

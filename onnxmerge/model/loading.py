@@ -1,10 +1,11 @@
 """Loading and checking input models, and reconciling their IR and opset versions.
 
 Every input goes through `load_model`: it must exist, parse as ONNX (external data is loaded from
-beside the file), be stamped with an IR version and opset that onnxruntime runs, take inputs of fixed
-sample shape with a free batch dim, pass `onnx.checker`, use only the supported operators, hold only
-finite weights and survive shape inference. Each failure is one `MergeError` that names the file and,
-for operators, inputs and weights, every offending node, input or initializer.
+beside the file), be stamped with an IR version and opset that onnxruntime runs, pass `onnx.checker`,
+use operators of domains onnxruntime runs, hold only finite weights, take inputs of fixed sample
+shape with a batch dim that is free (or can be freed: onnxmerge.model.upgrade), survive shape
+inference and run in onnxruntime. Each failure is one `MergeError` that names the file and, for
+operators, inputs and weights, every offending node, input or initializer.
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.model.contract import MergedInfo, read_metadata, task_model
+from onnxmerge.kernels import DOMAIN
+from onnxmerge.model import upgrade
 from onnxmerge.model.runtime import random_feeds, session
 from onnxmerge.model.saving import split_weights
 
-# The operator set onnxmerge understands (ai.onnx domain). Constant is folded away on load.
-SUPPORTED_OPS = frozenset(
-    """Conv Gemm MatMul BatchNormalization Relu Clip LeakyRelu Sigmoid Tanh MaxPool AveragePool
-    GlobalAveragePool Flatten Reshape Add Concat Softmax Pad Dropout Identity Constant""".split()
-)
 DEFAULT_DOMAINS = ("", "ai.onnx")
+# what onnxruntime's CPU provider runs beside the default domain; other domains are refused by name
+RUNTIME_DOMAINS = (*DEFAULT_DOMAINS, "ai.onnx.ml", "com.microsoft")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -51,19 +51,20 @@ def opset_of(model: onnx.ModelProto) -> int:
     return 1
 
 
-def unsupported_nodes(model: onnx.ModelProto, extra_ops: frozenset[str] = frozenset()) -> list[str]:
-    """'OpType (node name)' for each node outside the supported operator set (and `extra_ops`)."""
-    bad = []
-    for i, node in enumerate(model.graph.node):
-        if node.domain not in DEFAULT_DOMAINS or node.op_type not in SUPPORTED_OPS | extra_ops:
-            op = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
-            bad.append(f"{op} ({node.name or f'node #{i}'})")
-    return bad
+def foreign_nodes(model: onnx.ModelProto) -> list[str]:
+    """'domain::OpType (node name)' for each node of a domain onnxruntime's CPU provider does not run
+    (onnxmerge's own ai.onnxmerge kernels among them: a merged model's native form)."""
+    return [f"{n.domain}::{n.op_type} ({n.name or f'node #{i}'})" for i, n in enumerate(model.graph.node)
+            if n.domain not in RUNTIME_DOMAINS]
 
 
-def load_model(path: str | Path, extra_ops: frozenset[str] = frozenset()) -> onnx.ModelProto:
-    """Load, check and shape-infer one input model; a one-line MergeError if it is unusable.
-    `extra_ops`: operators accepted beside SUPPORTED_OPS (a merged mtz model's ZIPPED_OPS)."""
+def load_model(path: str | Path, notes: list[str] | None = None) -> onnx.ModelProto:
+    """Load, check, modernise and shape-infer one input model; a one-line MergeError if it is unusable.
+
+    Any operator onnxruntime runs is accepted: the methods treat what is not a layer as glue. Graphs
+    written the old way (IR 3, an opset below upgrade.MIN_OPSET, a fixed batch dim) are brought to
+    the current form (onnxmerge.model.upgrade) and checked against the file; what was done is
+    appended to `notes`, one line each."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file")
@@ -94,7 +95,7 @@ def load_model(path: str | Path, extra_ops: frozenset[str] = frozenset()) -> onn
     if refusal:
         raise MergeError(f"{path}: onnxruntime {_ort_version()} cannot run a model of IR version "
                          f"{model.ir_version} and opset {opset_of(model)} ({refusal})")
-    check_inputs(model, str(path))
+    check_inputs(model, str(path), fixed_batch_ok=True)
     try:
         # by path, so that models over 2 GB with external data are checked too
         onnx.checker.check_model(str(path))
@@ -103,27 +104,69 @@ def load_model(path: str | Path, extra_ops: frozenset[str] = frozenset()) -> onn
     except UnicodeDecodeError:  # the checker quotes a corrupt name or string that is not UTF-8
         raise MergeError(f"{path}: invalid ONNX model (a name or string in it is not valid UTF-8: "
                          "the file is corrupt)") from None
-    bad = unsupported_nodes(model, extra_ops)
-    if bad:
-        raise MergeError(f"{path}: unsupported operator(s): {', '.join(bad)}")
+    foreign = foreign_nodes(model)
+    if foreign:
+        raise MergeError(f"{path}: operator(s) of a domain onnxruntime's CPU provider does not run: {', '.join(foreign)}"
+                         + (" (a merged model's native form: merge its portable form)"
+                            if any(n.domain == DOMAIN for n in model.graph.node) else ""))
     check_finite_weights(model, str(path))
+    model, changed = modernise(model, path, notes if notes is not None else [])
+    check_inputs(model, str(path))
     declared = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output]
     model = infer_shapes(model, str(path))  # which overwrites the declared outputs with inferred ones
-    check_runs(path, declared)
+    check_runs(path, declared, model if changed else None)
     return model
 
 
-def check_runs(path: Path, declared: list[onnx.ValueInfoProto]) -> None:
+def as_loaded(path: str | Path) -> str | onnx.ModelProto:
+    """The model at `path` as a merge loads it: the path itself where loading would leave the graph as
+    it is, else the modernised model (load_model), which is what a merged task was compared with."""
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    old = (opset_of(model) < upgrade.MIN_OPSET or upgrade.fixed_batch(model) is not None
+           or any(i.name in weights for i in model.graph.input))
+    return load_model(path) if old else str(path)
+
+
+def modernise(model: onnx.ModelProto, path: Path, notes: list[str]) -> tuple[onnx.ModelProto, bool]:
+    """A graph written the old way brought to the current form (onnxmerge.model.upgrade), and whether
+    anything changed; a fixed batch dim made symbolic is proven against the file (upgrade.check_freed)."""
+    where, changed = str(path), False
+    dropped = upgrade.drop_initializer_inputs(model)
+    if dropped:
+        notes.append(f"{path.name}: {dropped} initializer(s) listed as graph inputs (IR {model.ir_version}) "
+                     "taken as weights")
+        changed = True
+        model.ir_version = max(model.ir_version, 4)  # IR 3 requires the initializers among the inputs
+    source = opset_of(model)
+    if source < upgrade.MIN_OPSET:
+        model = upgrade.upgrade_opset(model, source, where)
+        notes.append(f"{path.name}: converted from opset {source} to {upgrade.MIN_OPSET}")
+        changed = True
+    batch = upgrade.fixed_batch(model)
+    if batch is not None:
+        model, rewritten = upgrade.free_batch(model, batch, where)
+        upgrade.check_freed(path, model, batch, where, rewritten)
+        notes.append(f"{path.name}: fixed batch dim {batch} made symbolic"
+                     + (f" (Reshape node(s) {', '.join(rewritten)} now copy the batch)" if rewritten else "")
+                     + f"; checked: the graph on two stacked batches equals the file's graph on each")
+        changed = True
+    elif changed:
+        upgrade.check_freed(path, model, 1, where, [])  # the conversion, checked the same way
+    return model, changed
+
+
+def check_runs(path: Path, declared: list[onnx.ValueInfoProto], model: onnx.ModelProto | None = None) -> None:
     """Refuse a model that onnxruntime cannot open, or run once on random inputs, or whose outputs on
     them are not finite, or do not follow the batch where `declared` (the file's graph outputs) gives
     them a batch dim or where evaluation and calibration read them as class scores (the first output
     of rank 2). Duplicate node names, a weight whose shape contradicts its node's attributes and the
     like pass onnx.checker and shape inference; every later step runs the inputs in onnxruntime,
     where such a failure would look like onnxmerge's own bug. By path, so that external data is found
-    as the user gave it."""
+    as the user gave it, or `model` where loading changed the graph (modernise)."""
     batch = 2  # not 1, which an output could have by chance where it should follow the batch
     try:
-        sess = session(path)
+        sess = session(path if model is None else model)
         outputs = sess.run(None, random_feeds(sess, batch))
     except MergeError as e:  # an input onnxmerge cannot feed (graphs.input_dtype)
         raise MergeError(f"{path}: {e}") from None
@@ -185,10 +228,11 @@ def non_utf8_field(message, where: str = "model") -> str | None:
     return None
 
 
-def check_inputs(model: onnx.ModelProto, where: str) -> None:
-    """Refuse graph inputs that onnxmerge cannot feed: not a tensor, no shape, no free batch dim, or
-    a sample dim that is not a fixed size. Every check, comparison, calibration and evaluation runs
-    the model at batch sizes of its own choosing on samples of the one shape the input declares."""
+def check_inputs(model: onnx.ModelProto, where: str, fixed_batch_ok: bool = False) -> None:
+    """Refuse graph inputs that onnxmerge cannot feed: not a tensor, no shape, no free batch dim
+    (unless `fixed_batch_ok`: before modernise frees it), or a sample dim that is not a fixed size.
+    Every check, comparison, calibration and evaluation runs the model at batch sizes of its own
+    choosing on samples of the one shape the input declares."""
     weights = {i.name for i in model.graph.initializer}
     for value in model.graph.input:
         if value.name in weights:  # an initializer listed as an input (IR < 4 habit): a weight
@@ -203,9 +247,10 @@ def check_inputs(model: onnx.ModelProto, where: str) -> None:
         shown = "(" + ",".join(map(str, dims)) + ")"
         if not dims:
             raise MergeError(f"{where}: input {value.name!r} is a scalar; onnxmerge needs a batch dim")
-        if isinstance(dims[0], int):
-            raise MergeError(f"{where}: input {value.name!r} has a fixed batch dim {dims[0]} (shape {shown}); "
-                             "onnxmerge runs models at any batch size: export it with a symbolic batch dim")
+        if isinstance(dims[0], int) and not fixed_batch_ok:
+            raise MergeError(f"{where}: input {value.name!r} has a fixed batch dim {dims[0]} (shape {shown}) and the "
+                             "other inputs another; onnxmerge runs models at any batch size: export it with a "
+                             "symbolic batch dim")
         unknown = [k for k, d in enumerate(dims[1:], start=1) if not isinstance(d, int) or d <= 0]
         if unknown:
             raise MergeError(f"{where}: input {value.name!r} has shape {shown}: dim(s) "
@@ -357,10 +402,6 @@ def first_line(e: BaseException, limit: int = 300) -> str:
 # a merged model as an input that stands for its tasks: further tasks are added to it by the method that
 # merged it (Method.extends_merged; mtz: onnxmerge.passes.mtz._zipped.ZippedNet.resume)
 
-# what a merged model has beside SUPPORTED_OPS: the views of shared tensors' columns
-VIEW_OPS = frozenset({"Slice", "Gather"})
-
-
 @dataclass
 class MergedInput:
     """A merged model given as the first input of a further merge by its method: it stands for its
@@ -402,7 +443,7 @@ def find_merged_input(paths: list[Path], method: str) -> MergedInput | None:
     if k != 0:
         raise UsageError(f"{path}: give the merged model first: its tasks are zipped first, the models after it "
                          "are added to them")
-    return MergedInput(path, load_model(path, extra_ops=VIEW_OPS), info)
+    return MergedInput(path, load_model(path), info)
 
 
 def _merged_metadata(path: Path) -> MergedInfo | None:

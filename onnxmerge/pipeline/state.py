@@ -42,6 +42,9 @@ class Task:
     # original layer output tensor -> its channel order in the merged graph (channel matching):
     # merged channel c holds original channel order[c]
     channel_order: dict[str, list[int]] = field(default_factory=dict)
+    # loading brought the file to the current form (model.upgrade): `original`, not the file at `path`,
+    # is what the merged task is compared with
+    modernised: bool = False
 
 
 @dataclass

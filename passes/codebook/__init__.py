@@ -14,7 +14,7 @@ from typing import Any
 from onnxmerge.passes import common
 from onnxmerge.passes.codebook._codebook import index_dtype, parse_layer_params
 from onnxmerge.passes.codebook.emit_native import EmitNativePass
-from onnxmerge.passes.codebook.share_codebooks import ShareCodebooksPass
+from onnxmerge.passes.codebook.share_codebooks import ShareCodebooksPass, explain
 from onnxmerge.pipeline.method import Method, Option, positive
 
 
@@ -31,6 +31,7 @@ METHOD = Method(
     paper="Chou et al., Unifying and Merging Well-trained Deep Neural Networks for Inference Stage (IJCAI 2018, NeuralMerger)",
     summary="aligned layers share k-means codebooks of 1x1xr kernel pieces (eqs. 4-8); code indices per model",
     build=_pipeline,
+    explain=explain,
     single=True,  # one model alone: compressed with codebooks of its own (the paper's Table 3 baseline)
     options={
         "preset": Option("accu", "r and C per layer kind: accu (conv 4/128, fc 4/64) or light (conv 8/64, fc 8/64)",

@@ -110,15 +110,12 @@ class ShareCodebooksPass(Pass):
                                   for t, j in members]) for label, setting, members in plan]
 
     def _eligible(self, state: MergeState, task: str, layers: list[Layer], index: int) -> bool:
-        layer = layers[index]
-        if index == len(layers) - 1 and self.heads == "keep":
-            return False
-        if layer.kind == "conv" and (layer.groups != 1 or len(layer.kernel) != 2):
-            note = f"codebook: {task}/{layer.node} stays dense ({'grouped' if layer.groups != 1 else 'not 2-D'})"
+        why = dense_reason(layers, index, self.heads)
+        if why and why != HEAD:
+            note = f"codebook: {task}/{layers[index].node} stays dense ({why})"
             if note not in state.notes:
                 state.notes.append(note)
-            return False
-        return True
+        return why is None
 
     def _setting(self, label: str | None, layer: Layer) -> Setting:
         if label is not None:
@@ -127,6 +124,27 @@ class ShareCodebooksPass(Pass):
                     return self.layer_params[key]
         base = PRESETS[self.preset][layer.kind]
         return Setting(self.r or base.r, self.codewords or base.codewords)
+
+
+HEAD = "the task head (--heads keep)"
+
+
+def dense_reason(layers: list[Layer], index: int, heads: str = "keep") -> str | None:
+    """Why layer `index` keeps its dense weight, or None where it gets codebooks: the task head under
+    --heads keep, and convolutions that the lookup form does not cover (grouped, depthwise, not 2-D)."""
+    layer = layers[index]
+    if index == len(layers) - 1 and heads == "keep":
+        return HEAD
+    if layer.kind == "conv" and layer.groups != 1:
+        return "depthwise" if layer.depthwise else "grouped"
+    if layer.kind == "conv" and len(layer.kernel) != 2:
+        return "not 2-D"
+    return None
+
+
+def explain(layers: list[Layer]) -> list[str]:
+    """What the method does with each layer at its defaults (`onnxmerge inspect`)."""
+    return [f"dense: {why}" if (why := dense_reason(layers, i)) else "codebook" for i in range(len(layers))]
 
 
 def _member(node: gs.Node, task: str, layer: Layer) -> Member:

@@ -6,6 +6,7 @@ evaluates with onnxruntime. Exact: folding evaluates the same operators on the s
 """
 
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from onnxmerge.pipeline.manager import TaskPass
 
@@ -13,6 +14,9 @@ from onnxmerge.pipeline.manager import TaskPass
 class FoldConstantsPass(TaskPass):
     def rewrite(self, graph: gs.Graph, task, state) -> bool:
         before = _signature(graph)
+        # graphsurgeon folds in onnxruntime sessions of its own, whose optimiser warns on stderr about
+        # nodes it leaves alone (UnsqueezeElimination, ...): not the user's concern
+        ort.set_default_logger_severity(3)
         graph.fold_constants(error_ok=False).cleanup()
         return _signature(graph) != before
 

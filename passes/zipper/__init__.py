@@ -33,12 +33,18 @@ def _pipeline(p: dict[str, Any]) -> list:
     return common.pipeline(task=[LoadWeightsPass(), *match], combined=[ZipLayersPass(p["share"], p["depthwise"])])
 
 
+def _explain(layers: list) -> list[str]:
+    """--share all shares every layer but the task head, depthwise ones included (--depthwise shared)."""
+    return ["shared (averaged)"] * (len(layers) - 1) + ["per task: the task head"]
+
+
 METHOD = Method(
     name="zipper",
     paper="Wu, Chan, Chen, On Merging MobileNets for Efficient Multitask Inference (EMC2 2019)",
     summary="same-architecture models share their first K layers (weights averaged, eq. 1), computed once",
     build=_pipeline,
     sweep="share",
+    explain=_explain,
     options={
         "share": Option("all", "layers to share from the input on (a number, or all = all but the task heads)",
                         parse=_layers),

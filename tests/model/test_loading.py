@@ -24,15 +24,29 @@ def test_not_onnx_and_truncated_and_missing(tmp_path):
         load_model(tmp_path / "nope.onnx")
 
 
-def test_unsupported_operators_are_listed_with_their_nodes(tmp_path):
+def test_any_operator_onnxruntime_runs_is_accepted(tmp_path):
     nodes = [helper.make_node("Relu", ["input"], ["r"], name="ok"),
              helper.make_node("Erf", ["r"], ["e"], name="erf_1"),
              helper.make_node("Exp", ["e"], ["logits"], name="exp_2")]
     path = tmp_path / "odd.onnx"
     onnx.save(make_model(nodes, [], in_shape=("N", 4), out_shape=("N", 4)), str(path))
+    assert [n.op_type for n in load_model(path).graph.node] == ["Relu", "Erf", "Exp"]
+
+
+def test_foreign_domains_are_listed_with_their_nodes(tmp_path):
+    nodes = [helper.make_node("Relu", ["input"], ["r"], name="ok"),
+             helper.make_node("Erf", ["r"], ["e"], name="erf_1", domain="com.example"),
+             helper.make_node("Exp", ["e"], ["logits"], name="exp_2", domain="com.example")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", 1, ["N", 4])],
+                              [helper.make_tensor_value_info("logits", 1, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    model.ir_version = 8
+    path = tmp_path / "odd.onnx"
+    onnx.save(model, str(path))
     with pytest.raises(MergeError) as e:
         load_model(path)
-    assert str(e.value) == f"{path}: unsupported operator(s): Erf (erf_1), Exp (exp_2)"
+    assert str(e.value) == (f"{path}: operator(s) of a domain onnxruntime's CPU provider does not run: "
+                            "com.example::Erf (erf_1), com.example::Exp (exp_2)")
 
 
 def test_external_data_is_loaded(tmp_path):
