@@ -6,9 +6,7 @@ import sys
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from conftest import make_model
 from onnxmerge.cli import main
 
 

@@ -23,9 +23,9 @@ from onnx import version_converter
 from onnx.external_data_helper import load_external_data_for_model
 
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.model.contract import MergedInfo, read_metadata, task_model
 from onnxmerge.kernels import DOMAIN
 from onnxmerge.model import upgrade
+from onnxmerge.model.contract import MergedInfo, read_metadata, task_model
 from onnxmerge.model.runtime import random_feeds, session
 from onnxmerge.model.saving import split_weights
 
@@ -149,7 +149,7 @@ def modernise(model: onnx.ModelProto, path: Path, notes: list[str]) -> tuple[onn
         upgrade.check_freed(path, model, batch, where, rewritten)
         notes.append(f"{path.name}: fixed batch dim {batch} made symbolic"
                      + (f" (Reshape node(s) {', '.join(rewritten)} now copy the batch)" if rewritten else "")
-                     + f"; checked: the graph on two stacked batches equals the file's graph on each")
+                     + "; checked: the graph on two stacked batches equals the file's graph on each")
         changed = True
     elif changed:
         upgrade.check_freed(path, model, 1, where, [])  # the conversion, checked the same way
