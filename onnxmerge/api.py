@@ -32,7 +32,7 @@ from onnxmerge.calibration.calibrate import (
     record_calibration,
 )
 from onnxmerge.data import check_fits, check_labels
-from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.errors import MergeError, UsageError, first_line
 from onnxmerge.graph.alignment import parse_pairs
 from onnxmerge.graph.convert import import_graph
 from onnxmerge.measure.evaluate import run_task
@@ -41,7 +41,6 @@ from onnxmerge.model.loading import (
     MergedInput,
     file_sha256,
     find_merged_input,
-    first_line,
     load_model,
     reconcile_versions,
 )

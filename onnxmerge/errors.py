@@ -19,3 +19,9 @@ class UsageError(OnnxMergeError):
 
 class MergeError(OnnxMergeError):
     exit_code = 1
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (at most `limit` characters), for one-line errors."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:limit]

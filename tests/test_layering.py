@@ -143,7 +143,7 @@ def test_constants_are_defined_once(constant):
         for node in ast.parse(path.read_text()).body:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
             for t in targets:
-                names = [e.id for e in t.elts] if isinstance(t, ast.Tuple) else [getattr(t, "id", None)]
+                names = [getattr(e, "id", None) for e in t.elts] if isinstance(t, ast.Tuple) else [getattr(t, "id", None)]
                 if constant in names:
                     where.append(module)
     assert len(where) == 1, f"{constant} is defined in {where}"

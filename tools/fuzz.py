@@ -65,21 +65,33 @@ REPORT = f"{OUT_DIR}/report.json"
 class Seed:
     path: str  # relative to the repository root
     family: str  # architectures of one family can be zipped together
-    hw: int  # input height = width
+    sample: str  # the input's sample shape, CxHxW: the key of its data in DATA
+
+
+def _zoo_seeds() -> tuple:
+    """The architecture zoo (tests/models/zoo, tools/zoo.py): 3x32x32 graphs of every common CNN
+    family and graphs written the old way; each its own family (a copy of itself zips with it)."""
+    manifest = json.loads((ROOT / "tests/models/zoo/zoo.json").read_text())["models"]
+    return tuple(Seed(f"tests/models/zoo/{m['file']}", name, "3x32x32") for name, m in sorted(manifest.items()))
 
 
 SEEDS = (
-    Seed("tests/models/lenet_mnist.onnx", "lenet", 28),
-    Seed("tests/models/lenet_fashion.onnx", "lenet", 28),
-    Seed("onnxmerge/examples/fashion_lenet.onnx", "lenet", 28),
-    Seed("onnxmerge/examples/digits_lenet.onnx", "lenet", 32),
-    Seed("tests/models/mobilenet_mnist.onnx", "mobilenet", 28),
-    Seed("tests/models/mobilenet_fashion.onnx", "mobilenet", 28),
-    Seed("tests/models/resnet_mnist.onnx", "resnet", 28),
-    Seed("tests/models/resnet_fashion.onnx", "resnet", 28),
+    Seed("tests/models/lenet_mnist.onnx", "lenet", "1x28x28"),
+    Seed("tests/models/lenet_fashion.onnx", "lenet", "1x28x28"),
+    Seed("onnxmerge/examples/fashion_lenet.onnx", "lenet", "1x28x28"),
+    Seed("onnxmerge/examples/digits_lenet.onnx", "lenet", "1x32x32"),
+    Seed("tests/models/mobilenet_mnist.onnx", "mobilenet", "1x28x28"),
+    Seed("tests/models/mobilenet_fashion.onnx", "mobilenet", "1x28x28"),
+    Seed("tests/models/resnet_mnist.onnx", "resnet", "1x28x28"),
+    Seed("tests/models/resnet_fashion.onnx", "resnet", "1x28x28"),
+    *_zoo_seeds(),
 )
-DATA = {28: ("tests/models/mnist_eval.npz", "tests/models/fashion_eval.npz", "onnxmerge/examples/fashion_calib.npz"),
-        32: ("onnxmerge/examples/digits_calib.npz", "onnxmerge/examples/digits_eval.npz")}
+# data files by sample shape; None: seeded random images with random labels of 10 classes (the zoo's
+# graphs have random weights, so no real data means more to them)
+DATA = {"1x28x28": ("tests/models/mnist_eval.npz", "tests/models/fashion_eval.npz",
+                    "onnxmerge/examples/fashion_calib.npz"),
+        "1x32x32": ("onnxmerge/examples/digits_calib.npz", "onnxmerge/examples/digits_eval.npz"),
+        "3x32x32": None}
 DATA_SAMPLES = 32  # per data file: enough for calibration batches and Hessians, small enough to be fast
 
 
@@ -96,11 +108,17 @@ class Corpus:
         raw = [(ROOT / s.path).read_bytes() for s in SEEDS]
         models = [onnx.load_from_string(b) for b in raw]
         data = {}
-        for hw, files in DATA.items():
-            data[hw] = []
+        for sample, files in DATA.items():
+            if files is None:
+                rng = np.random.default_rng(0)
+                shape = tuple(int(d) for d in sample.split("x"))
+                data[sample] = [{"x": rng.standard_normal((DATA_SAMPLES, *shape)).astype(np.float32),
+                                 "y": rng.integers(0, 10, DATA_SAMPLES).astype(np.int64)}]
+                continue
+            data[sample] = []
             for f in files:
                 with np.load(ROOT / f, allow_pickle=False) as z:
-                    data[hw].append({k: (z[k] if z[k].ndim == 0 else z[k][:DATA_SAMPLES]) for k in z.files})
+                    data[sample].append({k: (z[k] if z[k].ndim == 0 else z[k][:DATA_SAMPLES]) for k in z.files})
         return cls(models, raw, data)
 
 
@@ -904,7 +922,7 @@ def make_case(corpus: Corpus, seed: int, index: int) -> Case:
         if not wanted:
             continue
         for k, p in enumerate(picks):
-            d = dict(r.choice(corpus.data[SEEDS[p].hw]))
+            d = dict(r.choice(corpus.data[SEEDS[p].sample]))
             name = f"{flag[2:]}{k}.npz"
             if kind == "data" and (flag, k) == hit:
                 files[name], dn, dnotes = mutate_data(d, r, r.choice((1, 1, 2)))

@@ -43,10 +43,10 @@ import numpy as np
 import onnx
 
 from onnxmerge.data import check_fits
-from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.errors import MergeError, UsageError, first_line
 from onnxmerge.graph.convert import FLOAT_TYPES
 from onnxmerge.model.contract import MergedInfo, TaskInfo, logits_output
-from onnxmerge.model.loading import first_line, load_model
+from onnxmerge.model.loading import load_model
 from onnxmerge.model.runtime import input_signature
 from onnxmerge.model.saving import model_digest, write_atomic
 

@@ -25,6 +25,8 @@ import onnx
 from onnx import shape_inference
 
 from onnxmerge.errors import MergeError
+from onnxmerge.kernels import DOMAIN
+from onnxmerge.model.runtime import random_feeds, session
 
 
 def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -116,6 +118,26 @@ _MAC_RULES = {
 }
 
 
+def _rule(node: onnx.NodeProto):
+    return _MAC_RULES.get(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
+
+
+def _runtime_shapes(model: onnx.ModelProto, batch: int, names: list[str]) -> dict[str, list[int]]:
+    """The shapes of tensors `names` from one run at `batch` on seeded random inputs, where static
+    inference leaves dims unknown (a Reshape whose target is computed by Shape -> Div -> Concat, as
+    exporters write a channel shuffle); {} where the model does not run."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    known = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    try:
+        sess = session(m, native=any(n.domain == DOMAIN for n in m.graph.node))
+        values = sess.run(names, random_feeds(sess, batch))
+    except Exception:  # onnxruntime's own error types; the static error names the node
+        return {}
+    return {n: list(v.shape) for n, v in zip(names, values)}
+
+
 def count_macs(model: onnx.ModelProto, batch: int = 1) -> int:
     """Multiply-accumulates of one run of `model` at `batch` (Conv, ConvTranspose, Gemm, MatMul).
 
@@ -135,8 +157,13 @@ def node_macs(model: onnx.ModelProto, batch: int = 1) -> dict[str, int | None]:
 
 def _node_macs(model: onnx.ModelProto, batch: int, strict: bool = True):
     shapes = _shapes(_fix_batch(model, batch))
+    counted = [n for n in model.graph.node if _rule(n) is not None]
+    unknown = sorted({t for n in counted for t in [*n.input, *n.output][:3]
+                      if t and (shapes.get(t) is None or None in shapes[t])})
+    if unknown:
+        shapes.update(_runtime_shapes(model, batch, unknown))
     for i, node in enumerate(model.graph.node):
-        rule = _MAC_RULES.get(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
+        rule = _rule(node)
         if rule is None:
             continue
 

@@ -22,11 +22,11 @@ from google.protobuf.message import DecodeError
 from onnx import version_converter
 from onnx.external_data_helper import load_external_data_for_model
 
-from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.errors import MergeError, UsageError, first_line
 from onnxmerge.kernels import DOMAIN
 from onnxmerge.model import upgrade
 from onnxmerge.model.contract import MergedInfo, read_metadata, task_model
-from onnxmerge.model.runtime import random_feeds, session
+from onnxmerge.model.runtime import ort_error_text, ort_message, random_feeds, session
 from onnxmerge.model.saving import split_weights
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -171,7 +171,7 @@ def check_runs(path: Path, declared: list[onnx.ValueInfoProto], model: onnx.Mode
     except MergeError as e:  # an input onnxmerge cannot feed (graphs.input_dtype)
         raise MergeError(f"{path}: {e}") from None
     except Exception as e:  # onnxruntime raises its own Fail / InvalidArgument / ... types
-        raise MergeError(f"{path}: onnxruntime cannot run this model ({_ort_run_error(e)})") from None
+        raise MergeError(f"{path}: onnxruntime cannot run this model ({ort_error_text(e)})") from None
     # finite weights can still overflow (or a BatchNormalization take the root of a negative
     # variance): a model whose outputs are not finite cannot be merged and checked against
     dims_of = {o.name: o.type.tensor_type.shape.dim for o in declared}
@@ -190,24 +190,6 @@ def check_runs(path: Path, declared: list[onnx.ValueInfoProto], model: onnx.Mode
                    else "holds the class scores (the first output of rank 2)")
             raise MergeError(f"{path}: output {arg.name!r} {why} but has shape {shape} at batch {batch}: "
                              "it does not follow the input's batch")
-
-
-def _ort_run_error(e: BaseException) -> str:
-    """An onnxruntime load or run error as 'node NAME (Op): what is wrong' (the whole message: its
-    details say which shapes disagree)."""
-    return _ort_message(e)[:300]
-
-
-def _ort_message(e: BaseException) -> str:
-    """An onnxruntime error's text without the status prefix and the C++ source location."""
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .*? failed: ?)?", "",
-                  first_line(e, limit=2000))
-    text = re.sub(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ",
-                  r"node \2 (\1): ", text)
-    # a source location, with the C++ function's signature where onnxruntime prints one
-    text = re.sub(r"\S+\.(?:cc|h|cpp):\d+ (?:[\w:<>]+ )*[\w:<>~]+(?:\(\))?\([^()]*\)(?: const)?"
-                  r"(?: \[with [^\]]*\])? ", "", text)
-    return re.sub(r"\S+\.(?:cc|h|cpp):\d+ \S+ ", "", text)
 
 
 def non_utf8_field(message, where: str = "model") -> str | None:
@@ -305,7 +287,7 @@ def runtime_refusal(ir_version: int, opset: int) -> str | None:
 def _ort_reason(e: BaseException) -> str:
     """The sentence that says what is wrong in an onnxruntime error, without the paragraph of
     caveats before it."""
-    text = _ort_message(e)
+    text = ort_message(e)
     sentences = [s for s in re.split(r"(?<=\.) ", text.strip()) if s]
     return (sentences[-1] if sentences else text)[:300]
 
@@ -390,12 +372,6 @@ def _changed_ops(model: onnx.ModelProto, source: int, target: int) -> list[str]:
         if a != b:
             out.append(f"{node.op_type} ({node.name})")
     return out
-
-
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message (at most `limit` characters), for one-line errors."""
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:limit]
 
 
 # ----------------------------------------------------------------------------------------------

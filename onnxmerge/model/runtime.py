@@ -8,13 +8,14 @@ everywhere.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxmerge.errors import MergeError
+from onnxmerge.errors import MergeError, first_line
 from onnxmerge.kernels import register
 from onnxmerge.model.saving import IN_MEMORY, split_weights, tensor_array, weights_apart
 
@@ -129,3 +130,21 @@ def random_feeds(sess: ort.InferenceSession, batch: int, seed: int = 0) -> dict[
         else:
             feeds[arg.name] = np.zeros(shape, dtype)
     return feeds
+
+
+def ort_error_text(e: BaseException) -> str:
+    """An onnxruntime load or run error as 'node NAME (Op): what is wrong' (the whole message: its
+    details say which shapes disagree)."""
+    return ort_message(e)[:300]
+
+
+def ort_message(e: BaseException) -> str:
+    """An onnxruntime error's text without the status prefix and the C++ source location."""
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .*? failed: ?)?", "",
+                  first_line(e, limit=2000))
+    text = re.sub(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ",
+                  r"node \2 (\1): ", text)
+    # a source location, with the C++ function's signature where onnxruntime prints one
+    text = re.sub(r"\S+\.(?:cc|h|cpp):\d+ (?:[\w:<>]+ )*[\w:<>~]+(?:\(\))?\([^()]*\)(?: const)?"
+                  r"(?: \[with [^\]]*\])? ", "", text)
+    return re.sub(r"\S+\.(?:cc|h|cpp):\d+ \S+ ", "", text)

@@ -27,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from onnxmerge.errors import MergeError
+from onnxmerge.model.runtime import ort_error_text, random_feeds, session
 
 # the oldest opset the bridge and the passes read (axes of Squeeze / Unsqueeze / Split as inputs)
 MIN_OPSET = 13
@@ -126,19 +127,21 @@ def check_freed(original: onnx.ModelProto | str, freed: onnx.ModelProto, batch: 
     """Refuse unless `freed` at batch 2 x `batch` equals `original` run on each half: the proof that
     freeing the batch dim changed nothing the graph computes. The original runs as given (by path,
     so that external data is found)."""
-    from onnxmerge.model.runtime import random_feeds, session
-
-    fixed = session(original)
-    halves = [random_feeds(fixed, batch, seed=s) for s in (1, 2)]
-    expected = [fixed.run(None, h) for h in halves]
+    try:
+        fixed = session(original)
+        halves = [random_feeds(fixed, batch, seed=s) for s in (1, 2)]
+        expected = [fixed.run(None, h) for h in halves]
+    except MergeError as e:  # an input onnxmerge cannot feed
+        raise MergeError(f"{where}: {e}") from None
+    except Exception as e:  # onnxruntime's own error types
+        raise MergeError(f"{where}: onnxruntime cannot run this model ({ort_error_text(e)})") from None
     why = (f"Reshape node(s) {', '.join(rewritten[:3])} made to copy the batch dim" if rewritten
            else "no shape constant repeats it")
     try:
         got = session(freed).run(None, {k: np.concatenate([h[k] for h in halves]) for k in halves[0]})
     except Exception as e:  # onnxruntime's own error types
         raise MergeError(f"{where}: the graph is written for a fixed batch of {batch} and does not run at "
-                         f"batch {2 * batch} with the batch dim made symbolic ({why}): "
-                         f"{str(e).strip().splitlines()[0][:200]}") from None
+                         f"batch {2 * batch} with the batch dim made symbolic ({why}): {ort_error_text(e)}") from None
     for k, out in enumerate(fixed.get_outputs()):
         want = np.concatenate([e[k] for e in expected]) if np.ndim(expected[0][k]) else None
         if want is None or np.shape(got[k]) != want.shape:
