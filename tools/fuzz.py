@@ -4,7 +4,7 @@
     python tools/fuzz.py --cases 2000 --seed 1            # or --minutes 30; --jobs 2 on a free machine
     python tools/fuzz.py --replay build/fuzz/corpus       # rerun the saved crashing cases
 
-Each case takes the shipped models (onnxmerge/examples, tests/models) and their data, applies one to
+Each case takes the shipped models (onnxmerge/examples, tests/models, tests/models/zoo) and their data, applies one to
 three mutations (structure-aware on the ModelProto, byte-level on the file, on the --calib/--data
 .npz files, or on the command line), and runs `onnxmerge.cli.main` on them in a worker process with
 a per-case timeout and a memory limit. The outcome is one of:

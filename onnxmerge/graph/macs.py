@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx
-from onnx import shape_inference
+from onnx import helper, shape_inference
 
 from onnxmerge.errors import MergeError
 from onnxmerge.kernels import DOMAIN
 from onnxmerge.model.runtime import random_feeds, session
+from onnxmerge.model.saving import split_weights
 
 
 def _fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -126,12 +128,13 @@ def _runtime_shapes(model: onnx.ModelProto, batch: int, names: list[str]) -> dic
     """The shapes of tensors `names` from one run at `batch` on seeded random inputs, where static
     inference leaves dims unknown (a Reshape whose target is computed by Shape -> Div -> Concat, as
     exporters write a channel shuffle); {} where the model does not run."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m, _ = split_weights(model)  # a light copy; the data of big weights does not change any shape
+    stubs = {t.name: np.zeros(t.dims, helper.tensor_dtype_to_np_dtype(t.data_type))
+             for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     known = {o.name for o in m.graph.output}
-    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in known)
     try:
-        sess = session(m, native=any(n.domain == DOMAIN for n in m.graph.node))
+        sess = session(m, native=any(n.domain == DOMAIN for n in m.graph.node), weights=stubs or None)
         values = sess.run(names, random_feeds(sess, batch))
     except Exception:  # onnxruntime's own error types; the static error names the node
         return {}
@@ -158,7 +161,7 @@ def node_macs(model: onnx.ModelProto, batch: int = 1) -> dict[str, int | None]:
 def _node_macs(model: onnx.ModelProto, batch: int, strict: bool = True):
     shapes = _shapes(_fix_batch(model, batch))
     counted = [n for n in model.graph.node if _rule(n) is not None]
-    unknown = sorted({t for n in counted for t in [*n.input, *n.output][:3]
+    unknown = sorted({t for n in counted for t in [*n.input, *n.output]
                       if t and (shapes.get(t) is None or None in shapes[t])})
     if unknown:
         shapes.update(_runtime_shapes(model, batch, unknown))
