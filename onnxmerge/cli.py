@@ -409,7 +409,7 @@ def cmd_inspect(args) -> int:
     state = PassManager([*normalise_passes(), AlignLayersPass(pairs)]).run(load_tasks(args.inputs))
     first = state.tasks[0]
     alignments = list(zip(state.alignments, state.tasks[1:]))
-    explained = {t.name: {m.name: m.explain(t.layers) for m in METHODS.values() if m.explain and t.layers}
+    explained = {t.name: {m.name: m.explain(t.graph, t.layers) for m in METHODS.values() if m.explain and t.layers}
                  for t in state.tasks}
     if args.json:
         print(json.dumps({"models": {t.name: {"path": str(t.path), "layers": [l.to_dict() for l in t.layers],

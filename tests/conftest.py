@@ -84,15 +84,3 @@ def pytest_sessionstart(session):
     if os.environ.get("ONNXMERGE_REQUIRE_KERNELS") and not kernels.available():
         pytest.exit(f"ONNXMERGE_REQUIRE_KERNELS is set, but {kernels.unavailable_reason()}", returncode=1)
 
-
-def pytest_terminal_summary(terminalreporter):
-    """Say plainly what was skipped and why, grouped by reason (`-q` alone shows only a count)."""
-    reasons: dict[str, int] = {}
-    for report in terminalreporter.stats.get("skipped", []):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        reason = reason.removeprefix("Skipped: ")
-        reasons[reason] = reasons.get(reason, 0) + 1
-    if reasons:
-        terminalreporter.write_line("skipped tests, by reason:")
-        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
-            terminalreporter.write_line(f"  {n:4d}  {reason}")

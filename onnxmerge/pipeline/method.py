@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import onnx_graphsurgeon as gs
+
 from onnxmerge.errors import UsageError
 from onnxmerge.graph.layers import Layer
 from onnxmerge.pipeline.manager import Pass
@@ -60,9 +62,9 @@ class Method:
     validation: str | None = None  # the parameter whose choices are measured on --validation data
     # pairs of parameters that contradict each other (one would be silently ignored), with why
     conflicts: tuple[tuple[str, str, str], ...] = ()
-    # what the method does with each layer of a model at its defaults, one phrase per layer
-    # (`onnxmerge inspect`); None: it leaves every layer as it is
-    explain: Callable[[list[Layer]], list[str]] | None = None
+    # what the method does with each layer of a model (its normalised graph and layer view) at its
+    # defaults, one phrase per layer (`onnxmerge inspect`); None: it leaves every layer as it is
+    explain: Callable[[gs.Graph, list[Layer]], list[str]] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:

@@ -142,7 +142,7 @@ def dense_reason(layers: list[Layer], index: int, heads: str = "keep") -> str | 
     return None
 
 
-def explain(layers: list[Layer]) -> list[str]:
+def explain(graph: gs.Graph, layers: list[Layer]) -> list[str]:
     """What the method does with each layer at its defaults (`onnxmerge inspect`)."""
     return [f"dense: {why}" if (why := dense_reason(layers, i)) else "codebook" for i in range(len(layers))]
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from onnxmerge.errors import OnnxMergeError
 from onnxmerge.passes import common
+from onnxmerge.passes.mtz._zipped import ZippedNet
 from onnxmerge.passes.mtz.zip_neurons import ZipNeuronsPass, parse_counts
 from onnxmerge.pipeline.method import Method, Option, count, number, positive
 
@@ -22,12 +24,27 @@ def _pipeline(p: dict[str, Any]) -> list:
     return common.pipeline(combined=[zip_neurons])
 
 
+def _explain(graph, layers: list) -> list[str]:
+    """The analysis of a merge (ZippedNet) of the model with itself: the layers it zips, the heads,
+    and the layers it declines with the reason."""
+    try:
+        net = ZippedNet(["a", "b"], [graph, graph], [layers, layers], graph.inputs[0].name, [{}, {}], 17, 8)
+    except OnnxMergeError as e:
+        return [f"declined: {e}"] * len(layers)
+    zipped = {zl.node for zl in net.layers}
+    heads = {zl.node for zl in net.layers if net.spaces[zl.out_space].head}
+    declined = {d["node"]: d["reason"] for d in net.declined}
+    return ["per task: the task head" if l.node in heads else "zipped" if l.node in zipped
+            else f"declined: {declined.get(l.node, 'runs per task')}" for l in layers]
+
+
 METHOD = Method(
     name="mtz",
     paper="He, Zhou, Thiele, Multi-Task Zipping via Layer-wise Neuron Sharing (NeurIPS 2018)",
     summary="neuron pairs chosen by the layer-wise Hessian functional difference (eq. 12) share merged "
             "incoming weights (eqs. 10-11), layer by layer with light retraining",
     build=_pipeline,
+    explain=_explain,
     extends_merged=True,
     validation="tolerance",
     options={

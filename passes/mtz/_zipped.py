@@ -15,6 +15,16 @@ order [task A only | shared | task B only] makes every view of two tasks contigu
 
 Sharing nothing, the built graph computes each task's original layers on its own columns: exact.
 
+A node that cannot be zipped (a grouped or depthwise convolution; an operator between layers other
+than channel-wise glue, Flatten, residual Adds, x * f(x) or a scalar constant op: Concat, the Mul of a
+squeeze-excitation block, a channel shuffle's Reshape, LRN, ...) is *declined* (`declined`, with a
+reason): it and every node that reads its outputs, directly or through other nodes, run per task
+(each task's own node and constants, as the glue after the heads); layers among them keep their own
+dense weights. A per-task node reads its task's channels of a zipped tensor, in the task's channel
+order (`_Builder.task_view`: a Slice, or a Gather where the task's columns are not in its order).
+Zipped neurons that such a node reads may be shared like any other: it then reads the shared
+neuron's output with its own weights, as a zipped consumer's unpaired row does.
+
 A merged model records `layout()` in its metadata (onnxmerge.layout), so that a later merge can
 rebuild the network from the file (`ZippedNet.resume`) and zip further tasks into it, as the
 authors' `merge_new_task` zips each further task into the network of the tasks before it.
@@ -36,7 +46,11 @@ from onnxmerge.model.runtime import random_feeds, session
 
 # ops that act on each channel alone, so they commute with any choice and order of columns
 CHANNELWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "MaxPool", "AveragePool",
-               "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}
+               "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity",
+               "HardSwish", "HardSigmoid", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Gelu",
+               "ThresholdedRelu"}
+# elementwise ops that act on each channel alone when their other inputs are scalar constants
+SCALAR_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
 
 
 @dataclass
@@ -73,6 +87,7 @@ class ZLayer:
     pending: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # row -> (both rows, both biases)
     mask: np.ndarray | None = None  # pruned models: the nonzero pattern retraining keeps
     zeros: float = 0.0  # the fraction of zeros in the tasks' own weights (pruned models)
+    source: int = -1  # the layer's index in each task's layer list (ZLayer.index: among the zipped layers)
 
     def feature_index(self, cols: list[int]) -> np.ndarray:
         """The weight's input indices of input columns `cols` (fc: each column's `unit` features)."""
@@ -108,15 +123,26 @@ class ZippedNet:
         self.tensor_space: dict[str, tuple[int, int]] = {}  # template tensor -> (space, unit)
         self.runs: list[Run] = []
         self.layer_inputs: dict[int, str] = {}  # layer index -> merged tensor name of its input
+        # nodes that cannot be zipped ({node, op, reason, after: the declined node they follow or None}),
+        # each run per task with what follows it; `modes`: how `build` emits each template node
+        self.declined: list[dict] = []
+        self.modes: list[str] = []
+        self.task_consts: dict[str, np.ndarray] = {}  # per-task constants as retraining left them
+        self.task_const_names: list[str] = []  # their initializers in the model `build` last wrote
         self._analyse(layers)
 
     # ------------------------------------------------------------------------------------------
     # structure
 
     def _analyse(self, layers: list[list[Layer]]) -> None:
-        """Spaces (union-find over residual Adds), units, heads and the initial block-diagonal weights."""
+        """Spaces (union-find over residual Adds), units, heads, declined nodes and the initial
+        block-diagonal weights. Each template node gets a mode (`self.modes`, in node order): "layer"
+        (a zipped layer), "absorbed" (a zipped MatMul's bias Add), "zipped" (glue computed once on
+        zipped tensors) or "task" (run per task: a declined node, the nodes after it, the glue after
+        the heads)."""
         tmpl = layers[0]
         by_node = {l.node: l for l in tmpl}
+        position = {l.node: i for i, l in enumerate(tmpl)}
         heads = _heads(self.template, by_node)
         shapes = _shapes(self.template)
         n_tasks = len(self.graphs)
@@ -125,65 +151,103 @@ class ZippedNet:
         self.spaces.append(Space([{t: c for t in range(n_tasks)} for c in range(channels)], merged=set(range(n_tasks))))
         self.tensor_space[inp.name] = (0, 1)
         parent: dict[int, int] = {}
+        # tensors computed per task -> the declined node they come after (None: a head's output, a constant)
+        per_task: dict[str, str | None] = {}
+        absorbed: set[str] = set()
 
         def find(s: int) -> int:
             while parent.get(s, s) != s:
                 s = parent[s]
             return s
 
-        absorbed = {l.output for l in tmpl if l.op == "MatMul" and l.bias}
-        for node in self.template.nodes:
+        def run_per_task(node: gs.Node, reason: str | None, after: str | None = None) -> None:
+            if reason:
+                self.declined.append({"node": node.name, "op": node.op, "reason": reason, "after": after})
+            per_task.update({t.name: after or (node.name if reason else None) for t in node.outputs})
+            self.modes.append("task")
+
+        for index, node in enumerate(self.template.nodes):
             if node.name in by_node:
                 layer = by_node[node.name]
                 data = node.inputs[0].name
-                if data not in self.tensor_space:
-                    raise UsageError(f"mtz: layer {node.name} reads {data}, which no shared or zipped tensor feeds")
-                if layer.groups != 1:
-                    raise UsageError(f"mtz: layer {node.name} is a grouped convolution (groups={layer.groups}); "
-                                     "Multi-Task Zipping shares whole kernels of ungrouped layers")
-                if node.op == "MatMul" and len(shapes.get(data, ())) != 2:
-                    raise UsageError(f"mtz: MatMul layer {node.name} has an input of rank other than 2")
+                after = per_task.get(data)
+                if data in per_task:
+                    reason = f"after declined node {after}" if after else f"reads {data}, computed per task"
+                elif data not in self.tensor_space:
+                    reason = f"reads {data}, which no shared or zipped tensor feeds"
+                elif layer.groups != 1:
+                    reason = (f"{'depthwise' if layer.depthwise else 'grouped'} convolution (groups={layer.groups}): "
+                              "Multi-Task Zipping shares whole kernels of ungrouped layers")
+                elif node.op == "MatMul" and len(shapes.get(data, ())) != 2:
+                    reason = "MatMul of an input of rank other than 2"
+                else:
+                    reason = None
+                if reason:
+                    run_per_task(node, reason, after)
+                    continue
                 space, unit = self.tensor_space[data]
                 out = len(self.spaces)
-                self.spaces.append(Space([{t: c} for t in range(n_tasks) for c in range(layer.out_channels)],
-                                         head=node.name in heads))
-                self.tensor_space[layer.output] = (out, 1)
+                head = node.name in heads
+                self.spaces.append(Space([{t: c} for t in range(n_tasks) for c in range(layer.out_channels)], head=head))
+                if head:
+                    per_task[layer.output] = None
+                else:
+                    self.tensor_space[layer.output] = (out, 1)
+                if node.op == "MatMul" and layer.bias:
+                    absorbed.add(layer.output)
                 self.layers.append(ZLayer(len(self.layers), node.name, layer.kind, _conv_attrs(node), space, unit, out,
-                                          np.zeros(0), np.zeros(0)))
+                                          np.zeros(0), np.zeros(0), source=position[node.name]))
+                self.modes.append("layer")
                 continue
             if node.outputs and node.outputs[0].name in absorbed:
+                self.modes.append("absorbed")
                 continue
-            data_in = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name in self.tensor_space]
-            if not data_in:
-                continue  # per-task glue after a head, or a constant computation
-            spaces = {find(self.tensor_space[t.name][0]) for t in data_in}
-            if node.op in CHANNELWISE or node.op in ("Flatten", "Reshape"):
-                space, unit = self.tensor_space[data_in[0].name]
-                if node.op in ("Flatten", "Reshape"):
-                    unit = _flatten_unit(node, shapes, unit)
-                if self.spaces[space].head:
-                    continue
-                self.tensor_space[node.outputs[0].name] = (space, unit)
-            elif node.op == "Add" and len(data_in) == 2 and len(node.inputs) == 2:
-                a, b = (find(self.tensor_space[t.name][0]) for t in data_in)
-                if 0 in (a, b) or self.spaces[a].head or self.spaces[b].head:
-                    raise UsageError(f"mtz: Add node {node.name} adds the model input or a task head's output")
-                parent[b] = a
-                self.tensor_space[node.outputs[0].name] = (a, self.tensor_space[data_in[0].name][1])
-            elif all(self.spaces[s].head for s in spaces):
+            data_in = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
+            zipped = [t for t in data_in if t.name in self.tensor_space]
+            own = [t for t in data_in if t.name in per_task]
+            if own or not zipped:  # after a declined node or a head, or a constant computation
+                after = next((per_task[t.name] for t in own if per_task[t.name]), None)
+                mixes = None if after or not zipped else f"mixes {own[0].name}, computed per task, with zipped tensors"
+                run_per_task(node, mixes, after)
                 continue
+            space, unit = self.tensor_space[zipped[0].name]
+            roots = [find(self.tensor_space[t.name][0]) for t in zipped]
+            scalars = all(isinstance(t, gs.Constant) and np.size(t.values) == 1
+                          for t in node.inputs if t.name not in self.tensor_space)
+            reason = None
+            if node.op in ("Flatten", "Reshape"):
+                unit, reason = _flatten_unit(node, shapes, unit)
+            elif node.op in ("Add", "Sum") and len(zipped) == len(node.inputs) >= 2:  # a residual sum: one space
+                if 0 in roots:
+                    reason = "adds the model input"
+                else:
+                    for b in roots[1:]:
+                        parent[b] = roots[0]
+                    space = roots[0]
+            elif node.op in CHANNELWISE or node.op in SCALAR_OPS and len(zipped) == 1 and scalars:
+                pass  # each column alone (a scalar constant is the same for every column)
+            elif node.op == "Mul" and len(zipped) == len(node.inputs) == 2 and roots[0] == roots[1] and \
+                    len({self.tensor_space[t.name][1] for t in zipped}) == 1:
+                pass  # x * f(x) (SiLU): both factors have the same columns
             else:
-                raise UsageError(f"mtz: {node.op} node {node.name} between layers is not supported (Multi-Task "
-                                 f"Zipping rewrites networks of Conv/Gemm layers with channel-wise glue, "
-                                 "Flatten and residual Adds)")
+                reason = (f"{node.op} between layers (Multi-Task Zipping zips Conv/Gemm layers joined by channel-wise "
+                          "ops, Flatten and residual Adds)")
+            if reason is None and node.op not in ("Flatten", "Reshape") and not _same_constants(self.graphs, index):
+                reason = f"{node.op} with constants that differ between the tasks"
+            if reason is None:
+                self.tensor_space[node.outputs[0].name] = (space, unit)
+            if reason:
+                run_per_task(node, reason)
+            else:
+                self.modes.append("zipped")
         # collapse the union-find: every tensor and layer names its space's root
         roots = sorted({find(s) for s in range(len(self.spaces))})
         renumber = {r: k for k, r in enumerate(roots)}
         self.spaces = [self.spaces[r] for r in roots]
         self.tensor_space = {n: (renumber[find(s)], u) for n, (s, u) in self.tensor_space.items()}
-        for zl, per_task in zip(self.layers, zip(*layers)):
+        for zl in self.layers:
             zl.in_space, zl.out_space = renumber[find(zl.in_space)], renumber[find(zl.out_space)]
-            self._init_weights(zl, [_layer_weights(g, l) for g, l in zip(self.graphs, per_task)])
+            self._init_weights(zl, [_layer_weights(g, ls[zl.source]) for g, ls in zip(self.graphs, layers)])
 
     def _init_weights(self, zl: ZLayer, weights: list[tuple[np.ndarray, np.ndarray]],
                       tasks: frozenset[int] | None = None) -> None:
@@ -251,6 +315,7 @@ class ZippedNet:
         b = _Builder(self)
         for node in self.template.nodes:
             b.node(node)
+        self.task_const_names = list(b.task_consts)
         return b.model()
 
     def read_back(self, model: onnx.ModelProto) -> None:
@@ -265,6 +330,7 @@ class ZippedNet:
         for zl in self.layers:
             if zl.mask is not None:  # retraining keeps a pruned layer's mask
                 zl.weight *= zl.mask
+        self.task_consts.update({n: inits[n] for n in self.task_const_names if n in inits})
 
     # ------------------------------------------------------------------------------------------
     # a merged model as the start of a further merge (the authors' merge_new_task, across runs)
@@ -284,8 +350,11 @@ class ZippedNet:
                 for t, c in col.items():
                     where[t][c] = k
             spaces.append([[w[c] for c in range(len(w))] for w in where])
-        return {"tasks": list(self.task_names), "architecture": self.architecture, "spaces": spaces,
-                "layers": [{"node": zl.node, "zeros": zl.zeros, "runs": runs[zl.index]} for zl in self.layers]}
+        out = {"tasks": list(self.task_names), "architecture": self.architecture, "spaces": spaces,
+               "layers": [{"node": zl.node, "zeros": zl.zeros, "runs": runs[zl.index]} for zl in self.layers]}
+        if self.declined:  # resume refuses such a model: its per-task nodes are not rebuilt from the file
+            out["declined"] = [d["node"] for d in self.declined]
+        return out
 
     @classmethod
     def resume(cls, layout: dict, model: onnx.ModelProto, where: str, added: str, task_names: list[str],
@@ -316,6 +385,9 @@ class ZippedNet:
         if layout.get("architecture") != net.architecture:
             raise UsageError(f"{added}: not of the architecture of the tasks of {where} (operators, attributes "
                              "or layer shapes differ); mtz zips models of one architecture")
+        if layout.get("declined") or net.declined:
+            raise UsageError(f"{where}: has declined nodes (run per task, not recorded in its layout); merge the "
+                             "original models again")
         if len(layout["spaces"]) != len(net.spaces) or len(layout["layers"]) != len(net.layers):
             raise MergeError(f"{where}: its layout does not fit its architecture (onnxmerge.layout is corrupt)")
         base = frozenset(range(n_base))
@@ -338,7 +410,7 @@ class ZippedNet:
             sp.merged = set(base)
         added_tasks = frozenset(range(n_base, len(task_names)))
         for zl, entry in zip(net.layers, layout["layers"]):
-            fresh = [_layer_weights(g, ls[zl.index]) for g, ls in zip(graphs, layers)]
+            fresh = [_layer_weights(g, ls[zl.source]) for g, ls in zip(graphs, layers)]
             net._init_weights(zl, [fresh[0]] * n_base + fresh, tasks=added_tasks)
             zl.zeros = (float(entry["zeros"]) * n_base + sum(float((w == 0).mean()) for w, _ in fresh)) / len(task_names)
         net.build()  # the runs: in each layer, the merged tasks' come first, as in `model`
@@ -391,11 +463,13 @@ class _Builder:
         self.per_task: dict[str, list[str]] = {}  # template tensor -> one tensor per task
         self.views: dict[tuple, str] = {}
         self.layer_of = {zl.node: zl for zl in net.layers}
+        self.index = {id(n): i for i, n in enumerate(net.template.nodes)}
+        self.task_consts: list[str] = []  # initializers of per-task nodes' constants
         absorbed = {}
         for node in net.template.nodes:
             if node.op == "MatMul" and node.name in self.layer_of:
                 out = node.outputs[0]
-                if len(out.outputs) == 1 and out.outputs[0].op == "Add":
+                if len(out.outputs) == 1 and net.modes[self.index[id(out.outputs[0])]] == "absorbed":  # its bias Add
                     absorbed[id(out.outputs[0])] = node
         self.absorbed = absorbed
 
@@ -406,8 +480,8 @@ class _Builder:
         if node.name in self.layer_of:
             self.layer(self.layer_of[node.name], node)
             return
-        data = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name]
-        if data and all(t.name in self.merged for t in data):
+        index = self.index[id(node)]
+        if net.modes[index] == "zipped":
             name = f"mtz/{node.outputs[0].name}"
             inputs = [self.merged[t.name] if t.name in self.merged else self.const(t, f"mtz/{node.name}")
                       for t in node.inputs]
@@ -417,9 +491,9 @@ class _Builder:
             self.nodes.append(helper.make_node(op, inputs, [name], name=f"mtz/{node.name}", **attrs))
             self.merged[node.outputs[0].name] = name
             return
-        # per-task glue after the heads: each task's own node (its own constants)
-        index = net.template.nodes.index(node)
-        outs = []
+        # per task (a declined node, the nodes after it, the glue after the heads): each task's own
+        # node with its own constants, reading its own channels of zipped tensors (task_view)
+        outs: list[list[str]] = []
         for t, task in enumerate(net.task_names):
             own = net.graphs[t].nodes[index]
             inputs = []
@@ -427,19 +501,32 @@ class _Builder:
                 if tt.name in self.per_task:
                     inputs.append(self.per_task[tt.name][t])
                 elif tt.name in self.merged:
-                    raise UsageError(f"mtz: {node.op} node {node.name} mixes a task head's output with zipped tensors")
+                    inputs.append(self.task_view(tt.name, t))
+                elif isinstance(ot, gs.Constant):
+                    inputs.append(self.const(ot, f"{task}/{node.name}"))
+                    self.task_consts.append(inputs[-1])
                 else:
-                    inputs.append(self.const(ot, f"{task}/{node.name}") if isinstance(ot, gs.Constant) else ot.name)
-            name = f"{task}/{node.outputs[0].name}"
-            self.nodes.append(helper.make_node(node.op, inputs, [name], name=f"{task}/{node.name}", **node.attrs))
-            outs.append(name)
-        self.per_task[node.outputs[0].name] = outs
+                    inputs.append(ot.name)
+            names = [f"{task}/{o.name}" if o.name else "" for o in node.outputs]
+            self.nodes.append(helper.make_node(node.op, inputs, names, name=f"{task}/{node.name}", **node.attrs))
+            outs.append(names)
+        for k, o in enumerate(node.outputs):
+            self.per_task[o.name] = [names[k] for names in outs]
 
     def const(self, tensor: gs.Constant, prefix: str) -> str:
         name = f"{prefix}/{tensor.name}"
         if name not in {i.name for i in self.inits}:
-            self.inits.append(numpy_helper.from_array(np.asarray(tensor.values), name))
+            value = self.net.task_consts.get(name)
+            self.inits.append(numpy_helper.from_array(np.asarray(tensor.values) if value is None else value, name))
         return name
+
+    def task_view(self, tensor: str, t: int) -> str:
+        """Task `t`'s channels of zipped tensor `tensor`, in the task's channel order."""
+        space, unit = self.net.tensor_space[tensor]
+        columns = self.net.spaces[space].columns
+        cols = np.array([k for _, k in sorted((c[t], k) for k, c in enumerate(columns) if t in c)], np.int64)
+        needed = (cols[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
+        return self.view(self.merged[tensor], needed, len(columns) * unit)
 
     def view(self, source: str, needed: np.ndarray, total: int) -> str:
         """`source` restricted to input indices `needed` along axis 1 (Slice if contiguous, else Gather)."""
@@ -507,8 +594,11 @@ class _Builder:
         renames = {}
         outputs = []
         for k, tmpl_out in enumerate(net.template.outputs):
-            if tmpl_out.name not in self.per_task:
-                raise UsageError(f"mtz: output {tmpl_out.name} does not come from a task head")
+            if tmpl_out.name not in self.per_task:  # a zipped tensor: each task's view of it
+                views = [self.task_view(tmpl_out.name, t) for t in range(len(net.task_names))]
+                self.per_task[tmpl_out.name] = [f"{task}/{tmpl_out.name}" for task in net.task_names]
+                self.nodes += [helper.make_node("Identity", [v], [o], name=o)
+                               for v, o in zip(views, self.per_task[tmpl_out.name])]
             for t, task in enumerate(net.task_names):
                 want = net.output_names[t][net.graphs[t].outputs[k].name]
                 renames[self.per_task[tmpl_out.name][t]] = want
@@ -583,16 +673,24 @@ def _shapes(graph: gs.Graph) -> dict[str, tuple]:
     return out
 
 
-def _flatten_unit(node: gs.Node, shapes: dict[str, tuple], unit: int) -> int:
-    """Features per channel after flattening NCHW to (N, C*H*W)."""
+def _same_constants(graphs: list[gs.Graph], index: int) -> bool:
+    """Whether node `index` has the same constant inputs in every task (a node computed once on
+    zipped tensors uses the first task's)."""
+    first = graphs[0].nodes[index].inputs
+    return all(not isinstance(a, gs.Constant) or np.array_equal(np.asarray(a.values), np.asarray(b.values))
+               for g in graphs[1:] for a, b in zip(first, g.nodes[index].inputs))
+
+
+def _flatten_unit(node: gs.Node, shapes: dict[str, tuple], unit: int) -> tuple[int, str | None]:
+    """(features per channel after flattening NCHW to (N, C*H*W), None), or (unit, why not a flatten)."""
     shape = shapes.get(node.inputs[0].name)
     out = shapes.get(node.outputs[0].name)
     if node.op == "Flatten" and int(node.attrs.get("axis", 1)) != 1 or shape is None or out is None or len(out) != 2:
-        raise UsageError(f"mtz: {node.op} node {node.name} is not a flatten of (N, C, ...) to (N, C*...)")
+        return unit, f"{node.op} other than a flatten of (N, C, ...) to (N, C*...)"
     spatial = shape[2:]
     if any(d is None for d in spatial):
-        raise UsageError(f"mtz: {node.op} node {node.name} flattens a tensor of unknown spatial size")
-    return unit * int(np.prod(spatial, dtype=np.int64)) if len(shape) > 2 else unit
+        return unit, f"{node.op} of a tensor of unknown spatial size"
+    return (unit * int(np.prod(spatial, dtype=np.int64)) if len(shape) > 2 else unit), None
 
 
 def _conv_attrs(node: gs.Node) -> dict:

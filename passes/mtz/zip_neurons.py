@@ -25,6 +25,11 @@ A residual space (a block's output and its skip input) is decided at its first p
 producers are merged at their own turn, with the pairs already fixed. Task heads are never shared.
 Pruned models (3.6): a merged weight keeps the union of the two nonzero masks, and retraining keeps
 the mask. Sharing nothing reproduces the originals exactly.
+
+Nodes that cannot be zipped are declined (ZippedNet.declined): they and what follows them run per
+task; the report has a note per declined node and the figure mtz_declined. Only zipped layers reach
+the Hessians and pair costs (ZLayer.source: a zipped layer's index in each task's layer list). A
+merged model with declined nodes cannot take further tasks (resume refuses it).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ KEEP_BYTES = 4 << 30  # layer inputs kept for the next layers, at most (_LayerIn
 HESSIAN_ROWS = 65536  # input rows per task a conv layer's Hessian is estimated from (uniformly subsampled)
 SPARSE = 0.25  # a layer whose weights are at least this fraction of zeros is treated as pruned (3.6)
 PAIRINGS = ("optimal", "greedy", "random")
+MAX_NOTES = 5  # declined nodes noted one by one; the rest in one note
 
 
 def parse_counts(text: str) -> dict[str, int]:
@@ -94,17 +100,19 @@ class ZipNeuronsPass(Pass):
         if not state.shared_input:
             raise UsageError("mtz shares neurons of models that take one input: the models' inputs must have the "
                              "same shape and type (and --separate-inputs must not be given)")
+        input_name = state.tasks[0].input_map[state.tasks[0].graph.inputs[0].name]
+        net, start = self._net(state, input_name)
+        zippable = [zl for zl in net.layers if not net.spaces[zl.out_space].head]
         missing = [t.name for t in state.tasks if t.name not in state.calib]
-        if missing and self._shares_anything():
+        if missing and zippable and self._shares_anything():
             base = state.base.names if state.base else []
             of = f" (the merged side's Hessians sum those of {state.base.path}'s tasks)" if set(missing) & set(base) else ""
             raise UsageError(f"mtz computes its layer-wise Hessians from calibration data: give --calib TASK=PATH for "
                              f"{', '.join(missing)}{of}")
-        input_name = state.tasks[0].input_map[state.tasks[0].graph.inputs[0].name]
-        net, start = self._net(state, input_name)
         first = state.tasks[0 if state.base is None else start]  # a task whose graph is of the architecture
-        labels = {zl.index: layer_label(first.layers, zl.index) for zl in net.layers}
-        unknown = set(self.counts) - set(labels.values()) - {l.node for l in first.layers}
+        labels = {zl.index: layer_label(first.layers, zl.source) for zl in net.layers}
+        known = {layer_label(first.layers, i) for i in range(len(first.layers))}  # declined layers too
+        unknown = set(self.counts) - known - {l.node for l in first.layers}
         if unknown:
             raise UsageError(f"--layer-share: no layer {', '.join(sorted(unknown))} (layers: {', '.join(labels.values())})")
         for zl in net.layers:
@@ -123,6 +131,7 @@ class ZipNeuronsPass(Pass):
         for task in state.tasks:
             task.layer_map = {}  # a shared neuron stands for no single original channel
         state.figures["mtz"] = {"layers": report, **zipper.summary()}
+        _report_declined(state, net, zippable)
         if state.base:
             merged = state.base.names
             state.figures["mtz"]["added_to"] = {"model": str(state.base.path), "tasks": merged}
@@ -214,9 +223,10 @@ class _Zipper:
         rows = []
         from tqdm import tqdm
 
-        layers = [zl for zl in net.layers if not net.spaces[zl.out_space].head]
-        for zl in tqdm(layers, desc=f"mtz {self.state.tasks[q].name}", unit="layer", leave=False,
-                       disable=not self.state.progress):
+        layers = [zl.index for zl in net.layers if not net.spaces[zl.out_space].head]
+        for index in tqdm(layers, desc=f"mtz {self.state.tasks[q].name}", unit="layer", leave=False,
+                          disable=not self.state.progress):
+            zl = net.layers[index]  # choose_adaptive replaces the layers with the best trial's copies
             space = net.spaces[zl.out_space]
             if q not in space.merged:
                 if opts.tolerance is not None:
@@ -294,16 +304,17 @@ class _Zipper:
         """The most pairs (up to the share ratio) whose merge, after retraining, keeps every task's
         held-out accuracy within `tolerance` points of its original: a bisection over N_l."""
         cand_p, cand_q = self.candidates(zl, side_p, q)
-        start = (self.net.spaces, self.net.layers)
+        start = (self.net.spaces, self.net.layers, self.net.task_consts)  # the last: retrained declined layers
         best: tuple | None = None
         hessians = None  # every trial starts from `start`: the layer's Hessians are the same in each
 
         def attempt(n: int) -> bool:
             nonlocal best, hessians
-            self.net.spaces, self.net.layers = copy.deepcopy(start)
+            self.net.spaces, self.net.layers, self.net.task_consts = copy.deepcopy(start)
+            layer = self.net.layers[zl.index]  # this trial's copy
             if n and hessians is None:
-                hessians = self.hessians(zl, side_p, q)
-            row = self.choose(zl, side_p, q, label, n=n, hessians=hessians)
+                hessians = self.hessians(layer, side_p, q)
+            row = self.choose(layer, side_p, q, label, n=n, hessians=hessians)
             self.retrain()
             acc = self.accuracy()
             self.trials += 1
@@ -316,7 +327,7 @@ class _Zipper:
                     f"{t} {100 * acc[t]:.2f}% ({100 * (acc[t] - self.reference[t]):+.2f})" for t in acc)
                     + (" within" if ok else " beyond") + f" the tolerance of {self.opts.tolerance} points")
             if ok or n == 0:
-                best = (self.net.spaces, self.net.layers, row)
+                best = (self.net.spaces, self.net.layers, self.net.task_consts, row)
             return ok
 
         lo, hi = 0, int(round(self.opts.share_ratio * min(len(cand_p), len(cand_q))))
@@ -327,9 +338,9 @@ class _Zipper:
                     lo = mid
                 else:
                     hi = mid - 1 if mid - 1 >= lo else lo
-            if best is None or best[2]["shared"] != lo:
+            if best is None or best[3]["shared"] != lo:
                 attempt(lo)
-        self.net.spaces, self.net.layers, row = best
+        self.net.spaces, self.net.layers, self.net.task_consts, row = best
         return row
 
     def accuracy(self, originals: bool = False) -> dict[str, float]:
@@ -445,6 +456,27 @@ class _Zipper:
                 "retrain_batches_total": sum(h["steps"] for h in self.retrain_history),
                 "retrain_seconds": round(self.seconds, 2),
                 "seconds": {k: round(v, 2) for k, v in self.spent.items()}}
+
+
+def _report_declined(state: MergeState, net: ZippedNet, zippable: list[ZLayer]) -> None:
+    """One note per declined node (with the count of the layers declined after it) and the figure
+    mtz_declined; a note that nothing was zipped where no layer could be."""
+    if not zippable:
+        why = "every layer is declined or a task head" if net.declined else "every layer is a task head"
+        state.notes.append(f"mtz: nothing to zip ({why}): every task runs on its own, as with --method pack")
+    if not net.declined:
+        return
+    state.figures["mtz_declined"] = [{k: d[k] for k in ("node", "op", "reason")} for d in net.declined]
+    roots = [d for d in net.declined if d["after"] is None]
+    for d in roots[:MAX_NOTES]:
+        after = sum(1 for e in net.declined if e["after"] == d["node"])
+        with_layers = f"; it and the {after} layer(s) after it run per task" if after else "; it runs per task"
+        state.notes.append(f"mtz: {d['node']} ({d['op']}) declined: {d['reason']}{with_layers}")
+    if len(roots) > MAX_NOTES:
+        more = roots[MAX_NOTES:]
+        state.notes.append(f"mtz: {len(more)} more declined nodes ({', '.join(d['node'] for d in more[:3])}, ...) and "
+                           f"{sum(1 for e in net.declined if e['after'] in {d['node'] for d in more})} layer(s) after "
+                           "them run per task (figure mtz_declined lists them)")
 
 
 def _split(ds, n: int, seed: int):

@@ -33,7 +33,7 @@ def _pipeline(p: dict[str, Any]) -> list:
     return common.pipeline(task=[LoadWeightsPass(), *match], combined=[ZipLayersPass(p["share"], p["depthwise"])])
 
 
-def _explain(layers: list) -> list[str]:
+def _explain(graph, layers: list) -> list[str]:
     """--share all shares every layer but the task head, depthwise ones included (--depthwise shared)."""
     return ["shared (averaged)"] * (len(layers) - 1) + ["per task: the task head"]
 
