@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine_info()
     shown = ["python", "-m", "onnxmerge", *(os.path.relpath(p, ROOT) for p in inputs), "-o",
-             os.path.relpath(output, ROOT), *cmd[cmd.index("--method"):]]
+             os.path.relpath(output, ROOT), *cmd[cmd.index("--method"):-1], os.path.relpath(report, ROOT)]
     in_bytes = [p.stat().st_size for p in inputs]
     lines = ["## NeuralMerger codebook at scale: two VGG-16 (random weights), `--preset light`, no calibration", "",
              "Written by `tools/bench/codebook_scale.py`; rerun it to update this section. The two models are "
