@@ -54,7 +54,8 @@ def upgrade_opset(model: onnx.ModelProto, source: int, where: str) -> onnx.Model
         text = re.sub(r"^\S+\.(?:cc|h|cpp):\d+: \w+: ", "", str(e).strip().splitlines()[0])  # its source location
         raise MergeError(f"{where}: cannot convert from opset {source} to {MIN_OPSET}, the oldest opset "
                          f"onnxmerge reads ({text[:200]})") from None
-    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(model.opset_import)))
+    # the IR version that the default domain's new opset needs (other domains keep their versions)
+    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for([helper.make_opsetid("", MIN_OPSET)]))
     return model
 
 

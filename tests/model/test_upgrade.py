@@ -109,3 +109,13 @@ def test_a_batch_that_cannot_be_freed_is_refused_in_one_line(tmp_path):
         load_model(path)
     text = str(e.value)
     assert text.startswith(f"{path}: the graph is written for a fixed batch of 1") and "\n" not in text
+
+
+def test_an_extra_opset_import_does_not_stop_the_conversion(tmp_path):
+    """fuzz seed 29 case 1001: an opset_import of another domain at a version onnx does not know
+    made the IR version lookup raise ValueError."""
+    model = old_model(0)
+    model.opset_import.add(domain="com.example", version=99)
+    path = tmp_path / "extra.onnx"
+    onnx.save(model, str(path))
+    assert opset_of(load_model(path)) == MIN_OPSET
