@@ -121,28 +121,25 @@ def load_model(path: str | Path, notes: list[str] | None = None) -> onnx.ModelPr
 def as_loaded(path: str | Path) -> str | onnx.ModelProto:
     """The model at `path` as a merge loads it: the path itself where loading would leave the graph as
     it is, else the modernised model (load_model), which is what a merged task was compared with."""
-    model = onnx.load(str(path), load_external_data=False)
-    weights = {t.name for t in model.graph.initializer}
-    old = (opset_of(model) < upgrade.MIN_OPSET or upgrade.fixed_batch(model) is not None
-           or any(i.name in weights for i in model.graph.input))
+    old = upgrade.written_the_old_way(onnx.load(str(path), load_external_data=False))
     return load_model(path) if old else str(path)
 
 
 def modernise(model: onnx.ModelProto, path: Path, notes: list[str]) -> tuple[onnx.ModelProto, bool]:
     """A graph written the old way brought to the current form (onnxmerge.model.upgrade), and whether
     anything changed; a fixed batch dim made symbolic is proven against the file (upgrade.check_freed)."""
-    where, changed = str(path), False
+    if not upgrade.written_the_old_way(model):
+        return model, False
+    where = str(path)
     dropped = upgrade.drop_initializer_inputs(model)
     if dropped:
         notes.append(f"{path.name}: {dropped} initializer(s) listed as graph inputs (IR {model.ir_version}) "
                      "taken as weights")
-        changed = True
         model.ir_version = max(model.ir_version, 4)  # IR 3 requires the initializers among the inputs
     source = opset_of(model)
     if source < upgrade.MIN_OPSET:
         model = upgrade.upgrade_opset(model, source, where)
         notes.append(f"{path.name}: converted from opset {source} to {upgrade.MIN_OPSET}")
-        changed = True
     batch = upgrade.fixed_batch(model)
     if batch is not None:
         model, rewritten = upgrade.free_batch(model, batch, where)
@@ -150,10 +147,9 @@ def modernise(model: onnx.ModelProto, path: Path, notes: list[str]) -> tuple[onn
         notes.append(f"{path.name}: fixed batch dim {batch} made symbolic"
                      + (f" (Reshape node(s) {', '.join(rewritten)} now copy the batch)" if rewritten else "")
                      + "; checked: the graph on two stacked batches equals the file's graph on each")
-        changed = True
-    elif changed:
+    else:
         upgrade.check_freed(path, model, 1, where, [])  # the conversion, checked the same way
-    return model, changed
+    return model, True
 
 
 def check_runs(path: Path, declared: list[onnx.ValueInfoProto], model: onnx.ModelProto | None = None) -> None:

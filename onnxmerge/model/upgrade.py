@@ -59,6 +59,15 @@ def upgrade_opset(model: onnx.ModelProto, source: int, where: str) -> onnx.Model
     return model
 
 
+def written_the_old_way(model: onnx.ModelProto) -> bool:
+    """Whether loading would change the graph: initializers listed as inputs, an opset below
+    MIN_OPSET, or a fixed batch dim."""
+    weights = {t.name for t in model.graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    return (any(i.name in weights for i in model.graph.input) or opset < MIN_OPSET
+            or fixed_batch(model) is not None)
+
+
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The fixed batch dim shared by every graph input, or None where the batch is already symbolic
     (or the inputs disagree, or one has no shape: loading's input checks word those)."""
