@@ -21,6 +21,7 @@ from onnxmerge.calibration.calibrate import CHECKPOINT_EVERY
 from onnxmerge.errors import OnnxMergeError, UsageError
 from onnxmerge.model.contract import read_metadata
 from onnxmerge.passes import BASELINE, METHODS, get_method
+from onnxmerge.search import DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 
 COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "methods")
 SWEEP_STEPS_PER_LAYER = 200  # --steps-per-layer's default
@@ -140,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", action="append", default=[], metavar="TASK=PATH",
                    help="labelled held-out data per task for a method's choices (see --tolerance), data the models were not trained on "
                         "(default: a fifth of --calib, at most 1,000 samples, is held out); repeatable")
+    g = p.add_argument_group("merging to an accuracy budget (searches methods and their settings; needs --calib)")
+    g.add_argument("--max-loss", type=float, metavar="P",
+                   help="points of accuracy each task may lose on held-out data; search for the smallest (or "
+                        f"fastest) model within it (the default with --method auto and --calib: {DEFAULT_MAX_LOSS:g}). "
+                        "With a --method, search only that method's settings")
+    g.add_argument("--objective", choices=OBJECTIVES, default="size",
+                   help="what the search minimises within the budget: size (stored bytes) or latency "
+                        "(batch 1, one thread, on this machine); default size")
+    g.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S, metavar="S",
+                   help=f"seconds after which the search starts no new trial (default {DEFAULT_TIME_BUDGET_S:g})")
     g = p.add_argument_group("progressive sharing, layer after layer (methods with a layer count: "
                               + ", ".join(m.name for m in METHODS.values() if m.sweep) + ")")
     g.add_argument("--sweep", action="store_true",
@@ -263,6 +274,12 @@ def cmd_merge(args) -> int:
     config = _calib_config(args) if calib else None
     if args.sweep:
         return _sweep(args, names, data, calib, config)
+    if args.max_loss is not None or (args.method == "auto" and calib):
+        return _search(args, names, data, calib, validation, config)
+    if args.method == "auto":
+        print(f"onnxmerge: note: --method auto without --calib data merges with {BASELINE}, which shares nothing: "
+              "give --calib TASK=PATH (and --max-loss P) to search for a smaller model within an accuracy budget",
+              file=sys.stderr)
     checkpoint = _checkpoint(args, args.inputs)
     # a native form that this machine cannot run is written in its portable form (with a warning)
     result = merge(args.inputs, args.output, method=args.method, names=names,
@@ -294,8 +311,15 @@ def _check_merge_flags(args) -> None:
                       if given]
         if sweep_only:
             raise UsageError(f"{', '.join(sweep_only)}: only with --sweep (progressive sharing)")
+    searching = args.max_loss is not None or (args.method == "auto" and args.calib)
+    if not searching:
+        search_only = [flag for flag, given in (("--objective", args.objective != "size"),
+                                                ("--time-budget", args.time_budget != DEFAULT_TIME_BUDGET_S))
+                       if given]
+        if search_only:
+            raise UsageError(f"{', '.join(search_only)}: only with --max-loss (merging to an accuracy budget)")
     measured = [(m.name, m.validation) for m in METHODS.values() if m.validation]
-    if args.validation and all(getattr(args, f"param_{option}") is None for _, option in measured):
+    if args.validation and not searching and all(getattr(args, f"param_{option}") is None for _, option in measured):
         flags = " or ".join(f"--method {name} --{option.replace('_', '-')}" for name, option in measured)
         raise UsageError(f"--validation: only with {flags} (the held-out data its choices are measured on)")
     if not args.calib:
@@ -352,6 +376,43 @@ def _sweep(args, names, data, calib, config) -> int:
     written = write_sweep(rows, args.output, keep)
     print(sweep_markdown([{k: v for k, v in r.items() if k != "model"} for r in rows]))
     print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _search(args, names, data, calib, validation, config) -> int:
+    """`--max-loss P` (or `--method auto` with --calib): search methods and settings for the smallest
+    (or fastest) model within the budget; write it, the search's report beside it, and its report."""
+    from onnxmerge.api import check_writable
+    from onnxmerge.search import report as search_report
+    from onnxmerge.search.run import save, search
+
+    check_writable(args.output)  # before the search's minutes, not after
+
+    ignored = [flag for flag, given in (("--separate-inputs", args.separate_inputs), ("--align", args.align),
+                                        ("--opset", args.opset), ("--verify", args.verify),
+                                        ("--dump-dir", args.dump_dir), ("--resume", args.resume),
+                                        ("--checkpoint", args.checkpoint)) if given]
+    if ignored:
+        raise UsageError(f"--max-loss does not take {', '.join(ignored)} (it merges many candidates)")
+    if args.objective == "latency" and args.no_latency:
+        raise UsageError("--objective latency measures latency: leave out --no-latency")
+    methods = None if args.method == "auto" else [args.method]
+    result = search(args.inputs, names, calib, validation=validation,
+                    max_loss=DEFAULT_MAX_LOSS if args.max_loss is None else args.max_loss,
+                    objective=args.objective, time_budget_s=args.time_budget, methods=methods,
+                    params=_method_params(args), calibration=config, measure_latency=not args.no_latency,
+                    progress=not args.quiet)
+    path = save(result, args.output)
+    chosen, originals = result.chosen, result.originals
+    test = None
+    if data:
+        from onnxmerge.measure.evaluate import evaluate
+
+        test = evaluate(chosen.model, chosen.info, data, originals, progress=False)
+    written = search_report.write(result, args.output, test)
+    print(search_report.markdown(result))
+    print("wrote " + ", ".join(str(p) for p in [path, *written]) + "\n")
+    _print_report(chosen.model, path, chosen.info, originals, data, args)
     return 0
 
 

@@ -90,6 +90,14 @@ class Dataset:
             self.x[:n], None if self.y is None else self.y[:n], self.source, dict(self.preprocessing)
         )
 
+    def split(self, n: int, seed: int = 0) -> tuple["Dataset", "Dataset"]:
+        """(the rest, `n` held-out samples drawn at random by `numpy.random.default_rng(seed)`),
+        each in the original order."""
+        held = np.zeros(len(self), bool)
+        held[np.random.default_rng(seed).choice(len(self), size=n, replace=False)] = True
+        return tuple(Dataset(self.x[m], None if self.y is None else self.y[m], self.source, dict(self.preprocessing))
+                     for m in (~held, held))
+
     def subset(self, n: int, seed: int = 0) -> "Dataset":
         """`n` samples drawn without replacement, in their original order, chosen by
         `numpy.random.default_rng(seed)`; the whole dataset if `n >= len(self)`."""

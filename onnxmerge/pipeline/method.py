@@ -45,6 +45,17 @@ class Option:
 
 
 @dataclass(frozen=True)
+class Knob:
+    """The settings that the budgeted search (onnxmerge.search) tries for a method, from the least to
+    the most aggressive: along the ladder the merged model gets smaller (or faster) and its accuracy
+    falls or stays, so the search can bisect it for the most aggressive setting within the budget.
+    `ladder(n)` lists the parameter sets for models of `n` aligned layers."""
+
+    ladder: Callable[[int], list[dict[str, Any]]]
+    describe: str  # what the ladder walks, for the search's log and report
+
+
+@dataclass(frozen=True)
 class Method:
     """One merging method: `build(params)` returns its whole pipeline (a list of passes with the
     `CALIBRATE` marker in it)."""
@@ -65,6 +76,7 @@ class Method:
     # what the method does with each layer of a model (its normalised graph and layer view) at its
     # defaults, one phrase per layer (`onnxmerge inspect`); None: it leaves every layer as it is
     explain: Callable[[gs.Graph, list[Layer]], list[str]] | None = None
+    search: Knob | None = None  # what `--max-loss` searches; None: the method is not searched
 
     @property
     def defaults(self) -> dict[str, Any]:

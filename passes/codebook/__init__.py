@@ -15,7 +15,7 @@ from onnxmerge.passes import common
 from onnxmerge.passes.codebook._codebook import index_dtype, parse_layer_params
 from onnxmerge.passes.codebook.emit_native import EmitNativePass
 from onnxmerge.passes.codebook.share_codebooks import ShareCodebooksPass, explain
-from onnxmerge.pipeline.method import Method, Option, positive
+from onnxmerge.pipeline.method import Knob, Method, Option, positive
 
 
 def _pipeline(p: dict[str, Any]) -> list:
@@ -33,6 +33,9 @@ METHOD = Method(
     build=_pipeline,
     explain=explain,
     single=True,  # one model alone: compressed with codebooks of its own (the paper's Table 3 baseline)
+    # the presets, then fewer codewords: each step stores fewer bytes
+    search=Knob(lambda n: [{"preset": "accu"}, {"preset": "light"}, {"preset": "light", "codewords": 32},
+                           {"preset": "light", "codewords": 16}], "preset and codewords"),
     options={
         "preset": Option("accu", "r and C per layer kind: accu (conv 4/128, fc 4/64) or light (conv 8/64, fc 8/64)",
                          choices=("accu", "light")),

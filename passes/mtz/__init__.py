@@ -14,7 +14,7 @@ from onnxmerge.errors import OnnxMergeError
 from onnxmerge.passes import common
 from onnxmerge.passes.mtz._zipped import ZippedNet
 from onnxmerge.passes.mtz.zip_neurons import ZipNeuronsPass, parse_counts
-from onnxmerge.pipeline.method import Method, Option, count, number, positive
+from onnxmerge.pipeline.method import Knob, Method, Option, count, number, positive
 
 
 def _pipeline(p: dict[str, Any]) -> list:
@@ -47,6 +47,8 @@ METHOD = Method(
     explain=_explain,
     extends_merged=True,
     validation="tolerance",
+    # eighths of each layer's neurons shared: fine enough for a budget, three bisection steps
+    search=Knob(lambda n: [{"share_ratio": k / 8} for k in range(1, 9)], "share ratio"),
     options={
         "share_ratio": Option(1.0, "fraction of each layer's neurons to share (of the narrower model's; "
                               "task heads never)", parse=number("share-ratio", "a fraction between 0 and 1")),

@@ -44,7 +44,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmerge.data import Dataset
 from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.graph.alignment import Alignment
 from onnxmerge.graph.layers import layer_label
@@ -197,7 +196,7 @@ class _Zipper:
                 if flag == "--validation":
                     self.validation[task.name] = ds
                 else:
-                    self.calib[task.name], self.validation[task.name] = _split(ds, min(1000, len(ds) // 5), opts.seed)
+                    self.calib[task.name], self.validation[task.name] = ds.split(min(1000, len(ds) // 5), opts.seed)
             self.reference = self.accuracy(originals=True)
         self.data = {t: self.calib[task.name].subset(opts.hessian_samples, seed=opts.seed).x
                      for t, task in enumerate(state.tasks) if task.name in self.calib}
@@ -477,13 +476,6 @@ def _report_declined(state: MergeState, net: ZippedNet, zippable: list[ZLayer]) 
         state.notes.append(f"mtz: {len(more)} more declined nodes ({', '.join(d['node'] for d in more[:3])}, ...) and "
                            f"{sum(1 for e in net.declined if e['after'] in {d['node'] for d in more})} layer(s) after "
                            "them run per task (figure mtz_declined lists them)")
-
-
-def _split(ds, n: int, seed: int):
-    """(the rest, `n` held-out samples drawn at random) of labelled Dataset `ds`."""
-    held = np.zeros(len(ds), bool)
-    held[np.random.default_rng(seed).choice(len(ds), size=n, replace=False)] = True
-    return tuple(Dataset(ds.x[m], ds.y[m], ds.source, dict(ds.preprocessing)) for m in (~held, held))
 
 
 class _LayerInputs:

@@ -16,7 +16,7 @@ from onnxmerge.passes import common
 from onnxmerge.passes.zipper.load_weights import LoadWeightsPass
 from onnxmerge.passes.zipper.match_channels import MatchChannelsPass
 from onnxmerge.passes.zipper.zip_layers import ZipLayersPass
-from onnxmerge.pipeline.method import Method, Option
+from onnxmerge.pipeline.method import Knob, Method, Option
 
 
 def _layers(text: str) -> int | str:
@@ -45,6 +45,8 @@ METHOD = Method(
     build=_pipeline,
     sweep="share",
     explain=_explain,
+    # share 1, 2, ... layers: each more is smaller and (with depthwise shared) faster
+    search=Knob(lambda n: [{"share": k} for k in range(1, n)], "layers shared from the input on"),
     options={
         "share": Option("all", "layers to share from the input on (a number, or all = all but the task heads)",
                         parse=_layers),

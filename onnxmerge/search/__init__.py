@@ -1,0 +1,25 @@
+"""Merging to an accuracy budget (`--max-loss`): the smallest (or fastest) merged model whose every
+task stays within the budget on held-out data, found by searching methods and their settings.
+
+The user states the budget (points of accuracy each task may lose) and gives labelled calibration
+data per task. The search:
+- holds out part of the calibration data (or takes `--validation`) to choose on: a candidate is
+  never chosen on data it was calibrated on;
+- starts from `pack` (shares nothing, exact: always within any budget, so there is always an answer);
+- for every method that applies to the inputs and declares a search knob (`Method.search`: zipper's
+  shared layers, mtz's share ratio, codebook's presets and codewords), bisects the knob's ladder for
+  its most aggressive setting within the budget: along a ladder size (or latency) falls and accuracy
+  falls or stays, so each trial halves what is left. Neighbouring settings of a method that can start
+  from an earlier merged model (zipper) start from the calibrated model of the last setting that was
+  within the budget (warm start);
+- abandons early: a setting whose size (or latency), known before calibration, cannot beat the best
+  model found so far is not calibrated; a model already within the budget before calibration is not
+  calibrated either;
+- stops starting trials when the time budget is spent.
+Every trial prints one line. The result holds every trial, the Pareto fronts and the chosen model
+(onnxmerge.search.front); onnxmerge.search.report writes them.
+"""
+
+DEFAULT_MAX_LOSS = 1.0  # points of accuracy per task
+DEFAULT_TIME_BUDGET_S = 600.0  # a LeNet-size pair: every method's bisection on 2 cores
+OBJECTIVES = ("size", "latency")

@@ -1,0 +1,200 @@
+"""The search itself: the baseline, then each method's knob bisected (see onnxmerge.search)."""
+
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from tqdm import tqdm
+
+from onnxmerge.api import merge
+from onnxmerge.calibration.calibrate import CalibrationConfig
+from onnxmerge.errors import MergeError, UsageError
+from onnxmerge.measure.evaluate import evaluate
+from onnxmerge.measure.metrics import parameter_bytes
+from onnxmerge.model.contract import write_metadata
+from onnxmerge.model.saving import save_atomic
+from onnxmerge.passes import BASELINE, METHODS
+from onnxmerge.pipeline.checks import validate_output
+from onnxmerge.search import DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
+from onnxmerge.search.front import choose, cost, pareto
+from onnxmerge.search.trial import Setup, Trial, run_trial
+
+HELD_OUT_FRACTION, HELD_OUT_MAX = 0.2, 2000  # of --calib, per task, when no --validation is given
+HELD_OUT_SEED = 0
+
+
+@dataclass
+class SearchResult:
+    trials: list[Trial]
+    chosen: Trial
+    max_loss: float
+    objective: str
+    original_accuracy: dict[str, float]
+    original_bytes: int
+    validation: dict[str, str]  # task -> where its held-out data came from
+    originals: dict  # task -> path or ModelProto, as the merge compared with them
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def front(self, objective: str | None = None) -> list[Trial]:
+        return pareto(self.trials, objective or self.objective)
+
+
+def split_validation(calib: dict, validation: dict | None, seed: int = HELD_OUT_SEED) -> tuple[dict, dict, dict]:
+    """(calibration data, validation data, where each task's validation data came from): `validation`
+    where given, else a held-out part of `calib` (a fifth, at most HELD_OUT_MAX samples)."""
+    train, held, where = {}, {}, {}
+    for task, ds in calib.items():
+        given = (validation or {}).get(task)
+        if given is not None:
+            train[task], held[task], where[task] = ds, given, f"--validation {given.source}"
+        else:
+            n = min(HELD_OUT_MAX, max(1, int(len(ds) * HELD_OUT_FRACTION)))
+            if len(ds) - n < 1:
+                raise UsageError(f"{ds.source}: {len(ds)} sample(s) cannot be split into calibration and "
+                                 f"held-out validation data for task {task!r}: give more, or --validation")
+            train[task], held[task] = ds.split(n, seed)
+            where[task] = f"{n} of the {len(ds)} samples of --calib {ds.source}, held out"
+        if held[task].y is None:
+            raise UsageError(f"{held[task].source}: no labels: --max-loss measures accuracy on held-out data "
+                             f"of task {task!r} (give labelled --calib or --validation data)")
+    return train, held, where
+
+
+def search(inputs: list, names: list[str] | None, calib: dict, *, validation: dict | None = None,
+           max_loss: float = DEFAULT_MAX_LOSS, objective: str = "size", time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+           methods: list[str] | None = None, params: dict | None = None, calibration: CalibrationConfig | None = None,
+           latency_budget_s: float = 0.3, measure_latency: bool = True, progress: bool = True,
+           log=None) -> SearchResult:
+    """Search `methods` (default: every method with a search knob) for the model with the lowest
+    `objective` cost whose every task loses at most `max_loss` points on held-out data. `params`:
+    fixed parameters of the searched methods (not the knob's). `log(line)`: where each trial's line
+    goes (default: printed above the progress bar)."""
+    if objective not in OBJECTIVES:
+        raise UsageError(f"--objective {objective}: choose from {', '.join(OBJECTIVES)}")
+    if not max_loss >= 0:
+        raise UsageError(f"--max-loss {max_loss}: give the points of accuracy each task may lose (>= 0)")
+    if not time_budget_s > 0:
+        raise UsageError(f"--time-budget {time_budget_s}: give seconds (> 0)")
+    if not calib:
+        raise UsageError("--max-loss needs labelled data per task to measure accuracy on: give --calib TASK=PATH")
+    searched = [METHODS[m] for m in (methods or [m for m in METHODS if METHODS[m].search])]
+    for m in searched:
+        if m.search is None:
+            raise UsageError(f"method {m.name} has no setting to search: merge with it directly, without --max-loss")
+        clash = sorted({k for p in m.search.ladder(2) for k in p} & set(params or {}))
+        if clash:
+            raise UsageError(f"--max-loss searches {', '.join('--' + k.replace('_', '-') for k in clash)} of "
+                             f"method {m.name}: leave it out")
+    start = time.perf_counter()
+    deadline = start + time_budget_s
+    train, held, where = split_validation(calib, validation)
+    bar = tqdm(total=int(time_budget_s), unit="s", desc="search", disable=not progress,
+               bar_format="{desc}: {n_fmt}/{total_fmt} s of the time budget |{bar}| {postfix}")
+    say = log or (lambda line: tqdm.write(line) if progress else print(line))
+
+    # the baseline: every task's reference accuracy, the originals' size, the always-valid answer
+    base = merge(inputs, method=BASELINE, names=names)
+    names = [t.name for t in base.state.tasks]
+    missing = [t for t in names if t not in calib]
+    if missing:
+        raise UsageError(f"--max-loss: no --calib data for task(s) {', '.join(missing)}")
+    originals = {t.name: t.original if t.modernised else str(t.path) for t in base.state.tasks}
+    original_bytes = sum(parameter_bytes(t.original) for t in base.state.tasks)
+    n_layers = min(len(t.layers) for t in base.state.tasks)
+    ev = evaluate(base.model, base.info, held, {t.name: t.original for t in base.state.tasks}, progress=False)
+    setup = Setup(inputs, names, train, held, originals, {t: r["original_accuracy"] for t, r in ev.items()},
+                  calibration or CalibrationConfig(), latency_budget_s, measure_latency)
+    del base
+    say(f"search: {', '.join(m.name for m in searched)} within {max_loss:g} point(s) per task, objective "
+        f"{objective}; validation: " + "; ".join(f"{t}: {w}" for t, w in where.items()))
+    trials, notes = [], []
+
+    def record(trial: Trial) -> Trial:
+        trials.append(trial)
+        say(_line(len(trials), trial, original_bytes, max_loss))
+        bar.n = min(int(time.perf_counter() - start), bar.total)
+        bar.set_postfix_str(f"{len(trials)} trial(s)")
+        return trial
+
+    record(run_trial(setup, BASELINE, {}, max_loss))
+    best = [trials[0]]  # the best model within the budget so far
+
+    def beats(trial: Trial) -> bool:
+        return cost(trial, objective) < cost(best[0], objective)
+
+    if max_loss == 0:  # nothing lossy can be within it: the originals, exactly
+        notes.append("a budget of 0 points keeps every task exactly as its original: pack, no lossy method tried")
+        searched = []
+    for method in searched:
+        ladder = [{**(params or {}), **p} for p in method.search.ladder(n_layers)]
+        lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
+        while hi - lo > 1:
+            if time.perf_counter() > deadline:
+                notes.append(f"time budget ({time_budget_s:g} s) spent: {method.name} settings "
+                             f"{', '.join(_setting(p) for p in ladder[lo + 1:hi])} not tried")
+                break
+            mid = (lo + hi) // 2
+            try:
+                trial = run_trial(setup, method.name, ladder[mid], max_loss, beats,
+                                  warm if method.sweep and method.sweep in ladder[mid] else None)
+            except (MergeError, UsageError) as e:
+                if not any(t.method == method.name for t in trials):  # its first trial: it does not apply
+                    notes.append(f"{method.name} does not apply: {e}")
+                    say(f"      {method.name} does not apply: {e}")
+                    break
+                trial = Trial(method.name, ladder[mid], status=f"failed: {e}")
+            record(trial)
+            if trial.status.startswith("skipped") or trial.within(max_loss):
+                lo = mid  # only more aggressive settings can do better
+                if trial.within(max_loss):
+                    warm = trial.model
+                    best[0] = choose([best[0], trial], max_loss, objective)
+            else:
+                hi = mid
+            _release_models(trials, best[0], warm)
+    bar.n = min(int(time.perf_counter() - start), bar.total)
+    bar.close()
+    return SearchResult(trials, best[0], max_loss, objective, setup.original_accuracy, original_bytes, where,
+                        originals, time.perf_counter() - start, notes)
+
+
+def save(result: SearchResult, output: str | Path) -> Path:
+    """Write the chosen model atomically, its metadata noting the search (budget, objective, its
+    held-out loss per task); a calibrated choice is checked as merge checks its output."""
+    t = result.chosen
+    t.info.fidelity["search"] = {"max_loss_points": result.max_loss, "objective": result.objective,
+                                 "validation_loss_points": t.loss, "trials": len(result.trials)}
+    if t.calibrated:
+        t.info.fidelity["output_check"] = validate_output(t.model, t.info, result.originals, where=str(output))
+    write_metadata(t.model, t.info)
+    return save_atomic(t.model, output)
+
+
+def _release_models(trials: list[Trial], *keep: onnx.ModelProto | Trial | None) -> None:
+    """Free every model that can be neither the answer nor a warm start (a big pair's candidates
+    would not all fit in memory)."""
+    kept = {id(k.model if isinstance(k, Trial) else k) for k in keep if k is not None}
+    for t in trials:
+        if t.model is not None and id(t.model) not in kept:
+            t.model = None
+
+
+def _setting(params: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items()) or "-"
+
+
+def _line(k: int, t: Trial, original_bytes: int, max_loss: float) -> str:
+    """One trial as one line of the search's log."""
+    head = f"[{k:2d}] {t.method:<8} {_setting(t.params):<28}"
+    if not t.measured:
+        return f"{head} {t.status}"
+    size = f"{original_bytes / t.bytes:5.2f}x smaller" if t.bytes else "      -"
+    speed = f"{t.speedup:5.2f}x faster" if t.speedup else "  (no latency)"
+    acc = "  ".join(f"{task} {100 * a:.1f}% ({-loss:+.1f})" for (task, a), loss in zip(t.accuracy.items(), t.loss.values()))
+    verdict = "within budget" if t.within(max_loss) else f"over {max_loss:g}"
+    return f"{head} {size}  {speed}  {acc}  {'calibrated' if t.calibrated else 'as merged'}, {verdict} ({t.seconds:.0f} s)"
