@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from onnxmerge.search import DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 
 COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "methods")
 SWEEP_STEPS_PER_LAYER = 200  # --steps-per-layer's default
+DEMO_TIME_BUDGET_S = 120.0  # the demo's search: the whole demo within 3 minutes on 2 cores
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,8 +58,15 @@ def _calib_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--calib", action="append", default=[], required=required, metavar="TASK=PATH",
                    help="calibration data per task (labels optional); repeatable" +
                    ("" if required else "; given, the merged model is calibrated as the last step"))
-    g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps, all tasks together (default {d.steps})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--steps", type=int, default=d.steps,
+                   help=f"most optimizer steps, all tasks together; early stopping may end sooner (default {d.steps})")
+    g.add_argument("--lr", type=float, default=d.lr,
+                   help=f"Adam's peak learning rate (warmup, then cosine to 0 at --steps; default {d.lr})")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N",
+                   help=f"early stopping: score a held-out part of --calib every N steps, keep the best weights "
+                        f"(0: off; on when --steps >= 3 N; default {d.eval_every})")
+    g.add_argument("--patience", type=int, default=d.patience, metavar="N",
+                   help=f"early stopping: stop after N evaluations without improvement (default {d.patience})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     g.add_argument("--layer-loss-weight", type=float, default=d.layer_loss_weight,
                    help=f"weight of the per-layer L1 output loss (default {d.layer_loss_weight})")
@@ -116,6 +125,7 @@ def _calib_config(args):
     from onnxmerge.calibration.calibrate import CalibrationConfig
 
     return CalibrationConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                             eval_every=args.eval_every, patience=args.patience,
                              layer_loss_weight=args.layer_loss_weight, distill_weight=args.distill_weight,
                              temperature=args.temperature, use_labels=not args.no_labels, seed=args.seed,
                              device=args.device).validate()
@@ -151,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(batch 1, one thread, on this machine); default size")
     g.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S, metavar="S",
                    help=f"seconds after which the search starts no new trial (default {DEFAULT_TIME_BUDGET_S:g})")
+    g.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="search up to N methods at once in worker processes (default 1); on several machines, "
+                        "run the command under torchrun instead: each process takes a share of the methods")
     g = p.add_argument_group("progressive sharing, layer after layer (methods with a layer count: "
                               + ", ".join(m.name for m in METHODS.values() if m.sweep) + ")")
     g.add_argument("--sweep", action="store_true",
@@ -195,7 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="merge the shipped example models and print the report")
     p.add_argument("-o", "--out-dir", default="onnxmerge-demo", metavar="DIR",
                    help="where to write the merged model and report (default ./onnxmerge-demo)")
-    p.add_argument("--method", default="auto", choices=["auto", *METHODS])
+    p.add_argument("--method", default="auto", choices=["auto", *METHODS],
+                   help=f"auto: search every method that applies; M: only M's settings; {BASELINE}: a plain merge")
+    p.add_argument("--max-loss", type=float, default=DEFAULT_MAX_LOSS, metavar="P",
+                   help=f"points of accuracy each task may lose (default {DEFAULT_MAX_LOSS:g})")
+    p.add_argument("--time-budget", type=float, default=DEMO_TIME_BUDGET_S, metavar="S",
+                   help=f"seconds of search (default {DEMO_TIME_BUDGET_S:g})")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     p.add_argument("--latency-budget", type=float, default=2.0, metavar="S")
     _common(p)
@@ -314,7 +332,8 @@ def _check_merge_flags(args) -> None:
     searching = args.max_loss is not None or (args.method == "auto" and args.calib)
     if not searching:
         search_only = [flag for flag, given in (("--objective", args.objective != "size"),
-                                                ("--time-budget", args.time_budget != DEFAULT_TIME_BUDGET_S))
+                                                ("--time-budget", args.time_budget != DEFAULT_TIME_BUDGET_S),
+                                                ("--jobs", args.jobs != 1))
                        if given]
         if search_only:
             raise UsageError(f"{', '.join(search_only)}: only with --max-loss (merging to an accuracy budget)")
@@ -325,6 +344,7 @@ def _check_merge_flags(args) -> None:
     if not args.calib:
         d = CalibrationConfig()
         settings = {"--steps": (args.steps, d.steps), "--lr": (args.lr, d.lr),
+                    "--eval-every": (args.eval_every, d.eval_every), "--patience": (args.patience, d.patience),
                     "--batch-size": (args.batch_size, d.batch_size),
                     "--layer-loss-weight": (args.layer_loss_weight, d.layer_loss_weight),
                     "--distill-weight": (args.distill_weight, d.distill_weight),
@@ -401,7 +421,9 @@ def _search(args, names, data, calib, validation, config) -> int:
                     max_loss=DEFAULT_MAX_LOSS if args.max_loss is None else args.max_loss,
                     objective=args.objective, time_budget_s=args.time_budget, methods=methods,
                     params=_method_params(args), calibration=config, measure_latency=not args.no_latency,
-                    progress=not args.quiet)
+                    jobs=args.jobs, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")):
+        return 0  # under torchrun, rank 0 writes what every process found
     path = save(result, args.output)
     chosen, originals = result.chosen, result.originals
     test = None
@@ -510,25 +532,30 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """`onnxmerge demo`: merge the shipped example models and print the report."""
+    """`onnxmerge demo`: merge the shipped example models to an accuracy budget with their shipped
+    calibration subsets (the search's table, then the chosen model's report on the eval subsets);
+    `--method M` searches only M's settings (pack: a plain merge)."""
     from importlib.resources import files
-
-    from onnxmerge.api import merge
 
     examples = files("onnxmerge.examples")
     meta = json.loads((examples / "models.json").read_text())
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(meta["models"])  # the task names: fashion_lenet, digits_lenet
-    models = [str(examples / m["file"]) for m in meta["models"].values()]
-    args.data = [f"{name}={examples / m['eval_file']}" for name, m in meta["models"].items()]
-    args.report = str(out_dir / "report.json")
+    tasks = meta["models"]  # the task names: fashion_lenet, digits_lenet
     output = out_dir / "merged.onnx"
-    print(f"onnxmerge demo: merging {', '.join(Path(m).name for m in models)} (method {args.method}) into {output}")
-    result = merge(models, output, method=args.method, names=names, progress=not args.quiet)
-    _print_report(result.model, output, result.info, dict(zip(names, models)), _load_data(args.data), args)
-    print(f"\nwrote {output} and {args.report}")
-    return 0
+    argv = ["merge", *[str(examples / m["file"]) for m in tasks.values()], "-o", str(output),
+            "--names", ",".join(tasks), "--method", args.method, "--report", str(out_dir / "report.json"),
+            "--latency-budget", str(args.latency_budget)]
+    argv += [f"--data={name}={examples / m['eval_file']}" for name, m in tasks.items()]
+    if args.method != BASELINE:
+        argv += [f"--calib={name}={examples / m['eval_file'].replace('_eval', '_calib')}" for name, m in tasks.items()]
+        argv += ["--max-loss", str(args.max_loss), "--time-budget", str(args.time_budget)]
+    argv += ["--no-latency"] * args.no_latency + ["-q"] * args.quiet
+    how = "with pack" if args.method == BASELINE else f"to a budget of {args.max_loss:g} point(s) per task"
+    print(f"onnxmerge demo: merging {', '.join(m['file'] for m in tasks.values())} {how} into {output}")
+    code = cmd_merge(build_parser().parse_args(argv))
+    print(f"\nwrote {output} and {out_dir / 'report.json'}")
+    return code
 
 
 def cmd_methods(args) -> int:

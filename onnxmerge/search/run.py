@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
 from tqdm import tqdm
 
 from onnxmerge.api import merge
@@ -68,18 +70,24 @@ def split_validation(calib: dict, validation: dict | None, seed: int = HELD_OUT_
 def search(inputs: list, names: list[str] | None, calib: dict, *, validation: dict | None = None,
            max_loss: float = DEFAULT_MAX_LOSS, objective: str = "size", time_budget_s: float = DEFAULT_TIME_BUDGET_S,
            methods: list[str] | None = None, params: dict | None = None, calibration: CalibrationConfig | None = None,
-           latency_budget_s: float = 0.3, measure_latency: bool = True, progress: bool = True,
+           latency_budget_s: float = 0.3, measure_latency: bool = True, jobs: int = 1, progress: bool = True,
            log=None) -> SearchResult:
     """Search `methods` (default: every method with a search knob) for the model with the lowest
     `objective` cost whose every task loses at most `max_loss` points on held-out data. `params`:
     fixed parameters of the searched methods (not the knob's). `log(line)`: where each trial's line
-    goes (default: printed above the progress bar)."""
+    goes (default: printed above the progress bar).
+
+    Methods are independent: `jobs` > 1 bisects up to that many methods at once in worker processes
+    (each then prunes against the baseline and its own finds only); under torchrun each process
+    takes every WORLD_SIZE-th method and rank 0 gathers every trial (the others return their own)."""
     if objective not in OBJECTIVES:
         raise UsageError(f"--objective {objective}: choose from {', '.join(OBJECTIVES)}")
     if not max_loss >= 0:
         raise UsageError(f"--max-loss {max_loss}: give the points of accuracy each task may lose (>= 0)")
     if not time_budget_s > 0:
         raise UsageError(f"--time-budget {time_budget_s}: give seconds (> 0)")
+    if not jobs >= 1:
+        raise UsageError(f"--jobs {jobs}: give a number of processes (>= 1)")
     if not calib:
         raise UsageError("--max-loss needs labelled data per task to measure accuracy on: give --calib TASK=PATH")
     searched = [METHODS[m] for m in (methods or [m for m in METHODS if METHODS[m].search])]
@@ -91,7 +99,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
             raise UsageError(f"--max-loss searches {', '.join('--' + k.replace('_', '-') for k in clash)} of "
                              f"method {m.name}: leave it out")
     start = time.perf_counter()
-    deadline = start + time_budget_s
+    deadline = time.time() + time_budget_s  # wall-clock: worker processes compare with it too
     train, held, where = split_validation(calib, validation)
     bar = tqdm(total=int(time_budget_s), unit="s", desc="search", disable=not progress,
                bar_format="{desc}: {n_fmt}/{total_fmt} s of the time budget |{bar}| {postfix}")
@@ -108,7 +116,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     n_layers = min(len(t.layers) for t in base.state.tasks)
     ev = evaluate(base.model, base.info, held, {t.name: t.original for t in base.state.tasks}, progress=False)
     setup = Setup(inputs, names, train, held, originals, {t: r["original_accuracy"] for t, r in ev.items()},
-                  calibration or CalibrationConfig(), latency_budget_s, measure_latency)
+                  original_bytes, calibration or CalibrationConfig(), latency_budget_s, measure_latency)
     del base
     say(f"search: {', '.join(m.name for m in searched)} within {max_loss:g} point(s) per task, objective "
         f"{objective}; validation: " + "; ".join(f"{t}: {w}" for t, w in where.items()))
@@ -116,51 +124,113 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
 
     def record(trial: Trial) -> Trial:
         trials.append(trial)
-        say(_line(len(trials), trial, original_bytes, max_loss))
+        say(f"[{len(trials):2d}] " + _line(trial, setup.original_bytes, max_loss))
         bar.n = min(int(time.perf_counter() - start), bar.total)
         bar.set_postfix_str(f"{len(trials)} trial(s)")
         return trial
 
-    record(run_trial(setup, BASELINE, {}, max_loss))
-    best = [trials[0]]  # the best model within the budget so far
-
-    def beats(trial: Trial) -> bool:
-        return cost(trial, objective) < cost(best[0], objective)
-
+    best = record(run_trial(setup, BASELINE, {}, max_loss))  # the best model within the budget so far
     if max_loss == 0:  # nothing lossy can be within it: the originals, exactly
         notes.append("a budget of 0 points keeps every task exactly as its original: pack, no lossy method tried")
         searched = []
-    for method in searched:
-        ladder = [{**(params or {}), **p} for p in method.search.ladder(n_layers)]
-        lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
-        while hi - lo > 1:
-            if time.perf_counter() > deadline:
-                notes.append(f"time budget ({time_budget_s:g} s) spent: {method.name} settings "
-                             f"{', '.join(_setting(p) for p in ladder[lo + 1:hi])} not tried")
-                break
-            mid = (lo + hi) // 2
-            try:
-                trial = run_trial(setup, method.name, ladder[mid], max_loss, beats,
-                                  warm if method.sweep and method.sweep in ladder[mid] else None)
-            except (MergeError, UsageError) as e:
-                if not any(t.method == method.name for t in trials):  # its first trial: it does not apply
-                    notes.append(f"{method.name} does not apply: {e}")
-                    say(f"      {method.name} does not apply: {e}")
-                    break
-                trial = Trial(method.name, ladder[mid], status=f"failed: {e}")
-            record(trial)
-            if trial.status.startswith("skipped") or trial.within(max_loss):
-                lo = mid  # only more aggressive settings can do better
-                if trial.within(max_loss):
-                    warm = trial.model
-                    best[0] = choose([best[0], trial], max_loss, objective)
-            else:
-                hi = mid
-            _release_models(trials, best[0], warm)
+    rank, world = _rank_world()
+    mine = [m.name for m in searched][rank::world]  # under torchrun, each process takes a share of the methods
+    work = [(setup, name, [{**(params or {}), **p} for p in METHODS[name].search.ladder(n_layers)], max_loss,
+             objective, best, deadline) for name in mine]
+    if jobs > 1 and len(work) > 1:
+        with ProcessPoolExecutor(min(jobs, len(work)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for found, found_notes in pool.map(_bisect_printing, work):
+                for t in found:
+                    record(t)
+                notes += found_notes
+    else:
+        for job in work:  # each method prunes against what the methods before it found
+            found_notes, best = bisect_method(*job[:5], best, deadline, on_trial=record)
+            notes += found_notes
+    if world > 1:
+        trials, notes = _gather(trials, notes, rank, world)
     bar.n = min(int(time.perf_counter() - start), bar.total)
     bar.close()
-    return SearchResult(trials, best[0], max_loss, objective, setup.original_accuracy, original_bytes, where,
-                        originals, time.perf_counter() - start, notes)
+    within = [t for t in trials if t.within(max_loss) and t.model is not None]
+    return SearchResult(trials, choose(within, max_loss, objective), max_loss, objective, setup.original_accuracy,
+                        original_bytes, where, originals, time.perf_counter() - start, notes)
+
+
+def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, objective: str, best: Trial,
+                  deadline: float, on_trial) -> tuple[list[str], Trial]:
+    """Bisect one method's ladder for its most aggressive setting within the budget; `best`: the best
+    model within the budget found before (settings that cannot beat it are not calibrated);
+    `on_trial(trial)` receives each trial; returns the notes and the best model now. Only the models of this method's best
+    setting and of the warm start are kept (a big pair's candidates would not all fit in memory)."""
+    method, notes, tried = METHODS[name], [], []
+    lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
+    while hi - lo > 1:
+        if time.time() > deadline:
+            notes.append(f"time budget spent: {name} settings {', '.join(_setting(p) for p in ladder[lo + 1:hi])} "
+                         "not tried")
+            break
+        mid = (lo + hi) // 2
+        try:
+            trial = run_trial(setup, name, ladder[mid], max_loss, lambda t: cost(t, objective) < cost(best, objective),
+                              warm if method.sweep and method.sweep in ladder[mid] else None)
+        except (MergeError, UsageError) as e:
+            if not tried:  # its first trial: the method does not apply to these models
+                notes.append(f"{name} does not apply: {e}")
+                break
+            trial = Trial(name, ladder[mid], status=f"failed: {e}")
+        tried.append(trial)
+        on_trial(trial)
+        if trial.status.startswith("skipped") or trial.within(max_loss):
+            lo = mid  # only more aggressive settings can do better
+            if trial.within(max_loss):
+                warm = trial.model
+                best = choose([best, trial], max_loss, objective)
+        else:
+            hi = mid
+        for t in tried:
+            if t is not best and t.model is not warm:
+                t.model = None
+    return notes, best
+
+
+def _bisect_printing(job: tuple) -> tuple[list[Trial], list[str]]:
+    """bisect_method in a worker process (--jobs): each trial's line printed as it ends, the trials
+    returned to the parent."""
+    found = []
+    setup, max_loss = job[0], job[3]
+
+    def on_trial(t: Trial) -> None:
+        found.append(t)
+        print(f"[{t.method}] " + _line(t, setup.original_bytes, max_loss), flush=True)
+
+    notes, _ = bisect_method(*job, on_trial=on_trial)
+    for t in found:
+        if not t.within(max_loss):
+            t.model = None
+    return found, notes
+
+
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes under torchrun (RANK, WORLD_SIZE), else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _gather(trials: list[Trial], notes: list[str], rank: int, world: int) -> tuple[list[Trial], list[str]]:
+    """Every process's trials and notes at rank 0 (gloo, started only now: calibration inside the
+    trials must not take part in a process group), each baseline after the first dropped."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    for t in trials:
+        if not t.within(float("inf")) or t.method == BASELINE and rank:
+            t.model = None
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object((trials[1:] if rank else trials, notes), gathered, dst=0)
+    dist.destroy_process_group()
+    if rank:
+        return trials, notes
+    return [t for got, _ in gathered for t in got], [n for _, got in gathered for n in got]
 
 
 def save(result: SearchResult, output: str | Path) -> Path:
@@ -175,25 +245,16 @@ def save(result: SearchResult, output: str | Path) -> Path:
     return save_atomic(t.model, output)
 
 
-def _release_models(trials: list[Trial], *keep: onnx.ModelProto | Trial | None) -> None:
-    """Free every model that can be neither the answer nor a warm start (a big pair's candidates
-    would not all fit in memory)."""
-    kept = {id(k.model if isinstance(k, Trial) else k) for k in keep if k is not None}
-    for t in trials:
-        if t.model is not None and id(t.model) not in kept:
-            t.model = None
-
-
 def _setting(params: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items()) or "-"
 
 
-def _line(k: int, t: Trial, original_bytes: int, max_loss: float) -> str:
+def _line(t: Trial, original_bytes: int | None, max_loss: float) -> str:
     """One trial as one line of the search's log."""
-    head = f"[{k:2d}] {t.method:<8} {_setting(t.params):<28}"
+    head = f"{t.method:<8} {_setting(t.params):<28}"
     if not t.measured:
         return f"{head} {t.status}"
-    size = f"{original_bytes / t.bytes:5.2f}x smaller" if t.bytes else "      -"
+    size = f"{original_bytes / t.bytes:5.2f}x smaller" if t.bytes and original_bytes else f"{t.bytes:,} bytes"
     speed = f"{t.speedup:5.2f}x faster" if t.speedup else "  (no latency)"
     acc = "  ".join(f"{task} {100 * a:.1f}% ({-loss:+.1f})" for (task, a), loss in zip(t.accuracy.items(), t.loss.values()))
     verdict = "within budget" if t.within(max_loss) else f"over {max_loss:g}"

@@ -77,6 +77,7 @@ class Setup:
     validation: dict  # task -> labelled Dataset the candidates are chosen on (never calibrated on)
     originals: dict  # task -> path or ModelProto (as loaded: see onnxmerge.model.loading.as_loaded)
     original_accuracy: dict[str, float]
+    original_bytes: int  # the originals' parameters together
     calibration: CalibrationConfig
     latency_budget_s: float
     measure_latency: bool

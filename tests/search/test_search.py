@@ -4,6 +4,9 @@ fronts, the budget of 0, and the command end to end on the shipped example pair.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import onnx
@@ -152,3 +155,34 @@ def test_auto_without_data_says_why_it_packs(tmp_path, capsys):
     assert len(err) == 1 and "without --calib" in err[0] and "pack" in err[0]
     assert main([*argv[:-2], "--objective", "latency"]) == 2
     assert "only with --max-loss" in capsys.readouterr().err
+
+
+def _command(tmp_path, *extra) -> list[str]:
+    argv = [str(shipped(EXAMPLES / f"{n}.onnx")) for n in PAIR] + ["-o", str(tmp_path / "m.onnx"),
+                                                                    "--names", ",".join(PAIR)]
+    argv += [f"--calib={n}={_calib(n)}" for n in PAIR]
+    return argv + ["--max-loss", "3", "--steps", "10", "--no-latency", "-q", *extra]
+
+
+def test_jobs_search_methods_in_two_processes(tmp_path, capsys):
+    """--jobs 2: zipper (which does not apply to these inputs) and codebook in two worker processes;
+    the parent gathers both and chooses."""
+    assert main([*_command(tmp_path, "--jobs", "2")]) == 0, capsys.readouterr().err
+    table = json.loads((tmp_path / "m_search.json").read_text())
+    assert any(t["method"] == "codebook" and t["status"] == "ok" for t in table["trials"])
+    assert any(n.startswith("zipper does not apply") for n in table["notes"])
+    assert any(n.startswith("mtz does not apply") for n in table["notes"])
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_ranks_share_the_methods_and_rank0_writes(tmp_path):
+    """Under torchrun with two processes, rank 1 searches codebook (the second of zipper, codebook,
+    mtz) and rank 0 the others; rank 0's report holds rank 1's trials."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "onnxmerge",
+                          *_command(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = json.loads((tmp_path / "m_search.json").read_text())
+    assert [t["method"] for t in table["trials"]].count("pack") == 1
+    assert any(t["method"] == "codebook" and t["status"] == "ok" for t in table["trials"])
+    assert read_metadata(onnx.load(str(tmp_path / "m.onnx"))).method == table["trials"][table["chosen"]]["method"]
