@@ -51,7 +51,7 @@ TOL = 1e-5  # relative: max |merged - original| / max |original|
 # (the codebook's with few codewords and one k-means start: the graph's coverage, not k-means, is tested)
 SETTINGS = {
     "zipper": ({"share": 0}, {}),
-    "codebook": ({"codewords": 4096, "heads": "codebook"}, {"codewords": 16, "kmeans_init": 1}),
+    "codebook": ({"codewords": 4096, "heads": "codebook", "if_larger": "codebook"}, {"codewords": 16, "kmeans_init": 1}),
     "mtz": ({"share_ratio": 0.0}, {"share_ratio": 0.5, "retrain_steps": 1}),  # mtz retrains as it zips
 }
 

@@ -14,7 +14,10 @@ two forms with identical numbers:
         -> (Transpose to the stored orientation) -> Conv / Gemm / MatMul
 
   (the segment offsets v*C make one Gather pick codeword codes[v, k] of segment v; the index
-  tensor is int64 [V, K], one entry per piece, and the offsets cost three scalars.)
+  tensor is int64 [V, K], one entry per piece, and the offsets cost three scalars.) A codebook
+  shared by segments has codes that index [V'*C, r] themselves: no Range and Add. Codes of at most
+  16 values may be stored two to a byte, unpacked after the Cast by Reshape [-1, 1], Div by
+  [1, 16], Mod 16, Reshape [-1] and Slice.
 
 - native (`--emit native`): one `ai.onnxmerge::EConv` / `EFC` node per layer, whose kernel computes
   NeuralMerger's eq. 9 with lookup tables (onnxmerge.kernels):
@@ -136,11 +139,17 @@ def _const(name: str, values) -> gs.Constant:
 
 
 def gather_weight(graph: gs.Graph, codebook: gs.Constant, codes: gs.Constant, kind: str, depth: int,
-                  out_axis: int, prefix: str) -> gs.Variable:
+                  out_axis: int, prefix: str, shared: bool = False,
+                  code_shape: tuple[int, ...] | None = None) -> gs.Variable:
     """Add the codebook-gather subgraph for one layer to `graph`; returns the dense weight tensor
-    (conv [p, d, n, m]; fc [out, in] when out_axis is 0, else [in, out])."""
-    n_seg, r = codes.values.shape[0], codebook.values.shape[2]
-    k = int(np.prod(codes.values.shape[1:]))
+    (conv [p, d, n, m]; fc [out, in] when out_axis is 0, else [in, out]). shared: the codes index
+    the flattened codebook [V' * C, r] themselves (a codebook shared by segments), so the chain has
+    no segment offsets (no Range). code_shape: `codes` holds two 4-bit codes per byte (code 2i in
+    the low nibble of byte i, 2i + 1 in the high one) of an index tensor of that shape, unpacked
+    with Div and Mod."""
+    shape = tuple(code_shape or codes.values.shape)
+    n_seg, r = shape[0], codebook.values.shape[2]
+    k = int(np.prod(shape[1:]))
 
     def node(op, inputs, out_shape, dtype=np.float32, **attrs):
         out = gs.Variable(f"{prefix}/{op.lower()}_{len(chain)}", dtype=dtype, shape=list(out_shape))
@@ -150,23 +159,23 @@ def gather_weight(graph: gs.Graph, codebook: gs.Constant, codes: gs.Constant, ki
     chain: list[gs.Node] = []
     n_codes = codebook.values.shape[1]
     idx = node("Cast", [codes], codes.values.shape, np.int64, to=onnx.TensorProto.INT64)
+    if code_shape is not None:
+        idx = _unpack_nibbles(node, idx, n_seg * k, prefix)
     idx = node("Reshape", [idx, _const(f"{prefix}/pieces_shape", [n_seg, k])], [n_seg, k], np.int64)
-    offsets = node("Range", [_const(f"{prefix}/zero", 0), _const(f"{prefix}/offset_end", n_seg * n_codes),
-                             _const(f"{prefix}/offset_step", n_codes)], [n_seg], np.int64)
-    offsets = node("Reshape", [offsets, _const(f"{prefix}/offsets_shape", [n_seg, 1])], [n_seg, 1], np.int64)
-    idx = node("Add", [idx, offsets], [n_seg, k], np.int64)
+    if not shared:
+        idx = _add_offsets(node, idx, n_seg, k, n_codes, prefix)
     flat = node("Reshape", [codebook, _const(f"{prefix}/codewords_shape", [-1, r])],
                 [codebook.values.shape[0] * n_codes, r])
     vec = node("Gather", [flat, idx], [n_seg, k, r], axis=0)
     if kind == "conv":
-        _, p, kh, kw = codes.values.shape
+        _, p, kh, kw = shape
         w = node("Reshape", [vec, _const(f"{prefix}/pieces5", [n_seg, p, kh, kw, r])], [n_seg, p, kh, kw, r])
         w = node("Transpose", [w], [p, n_seg, r, kh, kw], perm=[1, 0, 4, 2, 3])
         w = node("Reshape", [w, _const(f"{prefix}/padded_shape", [p, n_seg * r, kh, kw])], [p, n_seg * r, kh, kw])
         out = node("Slice", [w, _const(f"{prefix}/depth_start", [0]), _const(f"{prefix}/depth_end", [depth]),
                              _const(f"{prefix}/depth_axis", [1])], [p, depth, kh, kw])
     else:
-        n_out = codes.values.shape[1]
+        n_out = shape[1]
         w = node("Transpose", [vec], [n_out, n_seg, r], perm=[1, 0, 2])
         w = node("Reshape", [w, _const(f"{prefix}/padded_shape", [n_out, n_seg * r])], [n_out, n_seg * r])
         out = node("Slice", [w, _const(f"{prefix}/depth_start", [0]), _const(f"{prefix}/depth_end", [depth]),
@@ -175,6 +184,24 @@ def gather_weight(graph: gs.Graph, codebook: gs.Constant, codes: gs.Constant, ki
             out = node("Transpose", [out], [depth, n_out], perm=[1, 0])
     graph.nodes.extend(chain)
     return out
+
+
+def _unpack_nibbles(node, packed, n: int, prefix: str):
+    """[ceil(n / 2)] bytes as int64 -> the n 4-bit codes: byte // [1, 16] % 16, row by row."""
+    pairs = node("Reshape", [packed, _const(f"{prefix}/packed_shape", [-1, 1])], [(n + 1) // 2, 1], np.int64)
+    pairs = node("Div", [pairs, _const(f"{prefix}/nibble_div", [1, 16])], [(n + 1) // 2, 2], np.int64)
+    pairs = node("Mod", [pairs, _const(f"{prefix}/nibble_mod", 16)], [(n + 1) // 2, 2], np.int64)
+    flat = node("Reshape", [pairs, _const(f"{prefix}/nibbles_shape", [-1])], [2 * ((n + 1) // 2)], np.int64)
+    return node("Slice", [flat, _const(f"{prefix}/nibbles_start", [0]), _const(f"{prefix}/nibbles_end", [n])], [n],
+                np.int64)
+
+
+def _add_offsets(node, idx, n_seg: int, k: int, n_codes: int, prefix: str):
+    """idx [V, K] + v * C: one Gather of the flattened codebook then picks codeword idx[v] of segment v."""
+    offsets = node("Range", [_const(f"{prefix}/zero", 0), _const(f"{prefix}/offset_end", n_seg * n_codes),
+                             _const(f"{prefix}/offset_step", n_codes)], [n_seg], np.int64)
+    offsets = node("Reshape", [offsets, _const(f"{prefix}/offsets_shape", [n_seg, 1])], [n_seg, 1], np.int64)
+    return node("Add", [idx, offsets], [n_seg, k], np.int64)
 
 
 def find_chain(weight: gs.Tensor) -> tuple[gs.Constant, gs.Constant] | None:

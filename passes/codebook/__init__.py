@@ -14,6 +14,7 @@ from typing import Any
 from onnxmerge.passes import common
 from onnxmerge.passes.codebook._codebook import index_dtype, parse_layer_params
 from onnxmerge.passes.codebook.emit_native import EmitNativePass
+from onnxmerge.passes.codebook.plan import parse_size
 from onnxmerge.passes.codebook.share_codebooks import ShareCodebooksPass, explain
 from onnxmerge.pipeline.method import Knob, Method, Option, positive
 
@@ -22,9 +23,13 @@ def _pipeline(p: dict[str, Any]) -> list:
     if p["codewords"] is not None:
         index_dtype(p["codewords"])  # refuse an impossible C before any work
     share = ShareCodebooksPass(p["preset"], p["r"], p["codewords"], parse_layer_params(p["layer_params"]),
-                               p["heads"], p["kmeans_init"], seed=p["kmeans_seed"])
+                               p["heads"], p["kmeans_init"], seed=p["kmeans_seed"],
+                               size=None if p["size"] is None else parse_size(p["size"]), if_larger=p["if_larger"],
+                               pack=p["emit"] == "gather")  # the kernels read a byte per index
     return common.pipeline(combined=[share], after=[EmitNativePass()] if p["emit"] == "native" else [])
 
+
+SEARCH_SIZES = (0.3, 0.2, 0.14, 0.1, 0.07, 0.05, 0.035, 0.025)  # --max-loss's ladder of --size
 
 METHOD = Method(
     name="codebook",
@@ -33,17 +38,25 @@ METHOD = Method(
     build=_pipeline,
     explain=explain,
     single=True,  # one model alone: compressed with codebooks of its own (the paper's Table 3 baseline)
-    # the presets, then fewer codewords: each step stores fewer bytes
-    search=Knob(lambda n: [{"preset": "accu"}, {"preset": "light"}, {"preset": "light", "codewords": 32},
-                           {"preset": "light", "codewords": 16}], "preset and codewords"),
+    # size targets, each about 0.7x the one before: the plan's bytes fall monotonically along them
+    search=Knob(lambda n: [{"size": s} for s in SEARCH_SIZES], "size target (fraction of the dense bytes)"),
+    conflicts=(("size", "preset", "--size chooses r and C for every layer"),
+               ("size", "r", "--size chooses r for every layer"),
+               ("size", "codewords", "--size chooses C for every layer")),
     options={
         "preset": Option("accu", "r and C per layer kind: accu (conv 4/128, fc 4/64) or light (conv 8/64, fc 8/64)",
                          choices=("accu", "light")),
         "r": Option(None, "segment length along depth for every layer (overrides the preset)", parse=positive("r")),
         "codewords": Option(None, "codewords C per segment for every layer (overrides the preset; uint8 indices "
                             "up to 256, uint16 beyond)", parse=positive("codewords")),
-        "layer_params": Option("", "per-layer R/C, e.g. 'conv2=8/128,fc1=8/64' (layers of the first model, "
-                               "convK / fcK or node names)"),
+        "layer_params": Option("", "per-layer R/C or R/C/G, e.g. 'conv2=8/128,fc1=8/64/4' (layers of the first "
+                               "model, convK / fcK or node names; G: one codebook for every G segments)"),
+        "size": Option(None, "size target: plan every layer (r, C, one codebook per segment or per G segments, or "
+                       "dense) to store at most this fraction (0 < size <= 1) of the planned layers' dense bytes "
+                       "with the least k-means error; smaller -> smaller model (monotone); replaces the preset",
+                       parse=parse_size),
+        "if_larger": Option("dense", "a layer whose codebook + indices would not be smaller than its dense weight: "
+                            "dense keeps it dense, codebook compresses it anyway", choices=("dense", "codebook")),
         "heads": Option("keep", "keep: each model's last layer stays dense; codebook: compress it too",
                         choices=("keep", "codebook")),
         "emit": Option("gather", "gather: portable codebook-gather subgraph; native: ai.onnxmerge EConv/EFC nodes "

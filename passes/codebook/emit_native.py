@@ -54,7 +54,8 @@ def to_native(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
 
     Returns the model and the layers left in the portable form, with the reason: what the kernels
     do not support (2-D convolutions with groups 1, Gemm with alpha = beta = 1 and transA = 0,
-    MatMul of a 2-D input), or a lookup that takes at least as many operations as the dense layer
+    MatMul of a 2-D input, one codebook per segment: not a codebook shared by segments), or a
+    lookup that takes at least as many operations as the dense layer
     (eq. 9's tables cost V*C*r per input pixel, e.g. a first convolution with one input channel and
     r = 1): such a layer keeps its dense Conv / Gemm, which onnxruntime runs faster, and the same
     compressed file."""
@@ -79,7 +80,7 @@ def _to_native(model: onnx.ModelProto, skip: dict[str, str]) -> tuple[onnx.Model
         if found is None:
             continue
         codebook, codes = found
-        why = skip.get(node.name) or _native_unsupported(node)
+        why = skip.get(node.name) or _native_unsupported(node) or _shared_codebook(node.inputs[1])
         if why:
             kept.append(f"{node.name}: {why}")
             continue
@@ -107,6 +108,21 @@ def _to_native(model: onnx.ModelProto, skip: dict[str, str]) -> tuple[onnx.Model
         y.dtype = np.float32
         graph.nodes.append(gs.Node(op, node.name, attrs, [x, codebook, codes, *bias], [y], domain=DOMAIN))
     return export_with_domain(graph, model, native=True), kept
+
+
+def _shared_codebook(weight: gs.Tensor) -> str | None:
+    """A reason where the layer's codebook is shared by segments (its chain adds no segment offsets:
+    no Range; onnxmerge.graph.ops.gather_weight): the kernels read codebook v for segment v."""
+    stack, seen = [weight], set()
+    while stack:
+        t = stack.pop()
+        if isinstance(t, gs.Constant) or not t.inputs or id(t.inputs[0]) in seen:
+            continue
+        seen.add(id(t.inputs[0]))
+        if t.inputs[0].op == "Range":
+            return None
+        stack.extend(t.inputs[0].inputs)
+    return "a codebook shared by segments (the kernels take one codebook per segment)"
 
 
 def _native_unsupported(node: gs.Node) -> str | None:

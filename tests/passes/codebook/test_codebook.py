@@ -131,7 +131,8 @@ def test_parse_layer_params():
 @pytest.mark.parametrize("paths,data", [(PAIR, DATA), (MIXED, MIXED_DATA)], ids=["lenet-pair", "lenet-vgg"])
 def test_a_codeword_per_distinct_piece_reproduces_the_originals(paths, data):
     paths = [shipped(p) for p in paths]
-    result = merge(paths, method="codebook", params={"codewords": 4096, "heads": "codebook"})
+    # if_larger: a codeword per piece is larger than the dense weights; compress anyway to test it
+    result = merge(paths, method="codebook", params={"codewords": 4096, "heads": "codebook", "if_larger": "codebook"})
     layers = result.info.fidelity["codebook_layers"]
     assert layers and all(g["exact"] for g in layers)
     assert max(result.info.fidelity["max_rel_diff_random_inputs"].values()) <= EXACT_TOL
@@ -318,7 +319,7 @@ def test_cli_codebook_merge_and_bad_flags(tmp_path, capsys):
 def test_one_model_alone_is_compressed_with_its_own_codebooks(tmp_path):
     """The individual-model baseline of the paper's Table 3: the method on one model."""
     path = shipped(PAIR[0])
-    exact = merge([path], method="codebook", params={"codewords": 4096})
+    exact = merge([path], method="codebook", params={"codewords": 4096, "if_larger": "codebook"})
     assert max(exact.info.fidelity["max_rel_diff_random_inputs"].values()) <= EXACT_TOL
     lossy = merge([path], tmp_path / "one.onnx", method="codebook", params={"preset": "light"})
     assert all(len(g["members"]) == 1 for g in lossy.info.fidelity["codebook_layers"])
