@@ -12,7 +12,13 @@ task t is
 where F_l / F*_l are the merged and the original output of aligned layer l (zipper paper eq. 2,
 NeuralMerger section 3.3, MTZ's light retraining) and z / z* the merged and original logits. Without
 labels the last two terms alone calibrate (label-free calibration, which none of the papers offers).
-Adam with a step decay (the learning rate is multiplied by `lr_gamma` every `lr_step` steps).
+Adam, its learning rate warmed up linearly to `lr` and then decayed along a cosine to 0 at the step
+budget (`_scheduler`; `schedule="step"`: the earlier step decay). Early stopping (`_EarlyStopping`):
+a held-out part of each task's data (`_hold_out`) is scored at the start and every `eval_every`
+steps, by held-out accuracy (ties: distillation loss), or by the distillation loss alone without
+labels; the best weights are kept, and the run ends after `patience` evaluations without improvement
+or at the budget. The start being a candidate, calibration never returns weights that score worse
+on the held-out samples than those it was given.
 
 Data-parallel: under `torchrun` (WORLD_SIZE > 1) every process takes an equal slice of each batch,
 and DistributedDataParallel averages the gradients, so N processes compute what one process computes
@@ -20,7 +26,8 @@ on the whole batch, up to float summation order.
 
 Checkpoints (`Checkpoint`): every `every` steps, and at the step boundary after a Ctrl-C or SIGTERM,
 the trainable state (weights, Adam and learning-rate schedule state, the step, the data order and
-the random number generators' states, the loss history) is saved atomically with torch.save,
+the random number generators' states, the loss history, early stopping's evaluations and best
+weights) is saved atomically with torch.save,
 together with a fingerprint of the settings, the merged model, the teachers and the data. `resume`
 continues from it and refuses a checkpoint of other inputs or settings; the resumed run computes
 the same steps on the same batches from the same state, so its weights equal an uninterrupted
@@ -29,8 +36,10 @@ run's bit for bit (on the same machine, device and number of threads).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import threading
@@ -47,33 +56,47 @@ from onnxmerge.errors import MergeError, UsageError, first_line
 from onnxmerge.graph.convert import FLOAT_TYPES
 from onnxmerge.model.contract import MergedInfo, TaskInfo, logits_output
 from onnxmerge.model.loading import load_model
-from onnxmerge.model.runtime import input_signature
+from onnxmerge.model.runtime import fixed_batch_of, input_signature
 from onnxmerge.model.saving import model_digest, write_atomic
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: early stopping's state (evaluations, best weights)
 CHECKPOINT_EVERY = 100  # steps between checkpoints by default
 
 
 @dataclass
 class CalibrationConfig:
-    steps: int = 300
-    lr: float = 1e-4
+    """The calibration settings. The defaults (issue 18; README "Calibration") are a budget, not a
+    count: with enough steps for early stopping (`steps >= 3 * eval_every`) a held-out part of each
+    task's data (`holdout`) is scored every `eval_every` steps, the best weights are kept, and the run
+    stops after `patience` evaluations without improvement. The learning rate warms up linearly over
+    the first `warmup` of the budget to `lr`, then follows a cosine to 0 at the budget's end
+    (schedule "cosine"); schedule "step" is the earlier decay (times `lr_gamma` every `lr_step`)."""
+
+    steps: int = 2000  # the budget; early stopping usually ends sooner
+    lr: float = 1e-3  # the peak (cosine) or initial (step) learning rate
     batch_size: int = 64
     layer_loss_weight: float = 1.0  # lambda
     distill_weight: float = 1.0  # w_kd
     label_weight: float = 1.0  # w_ce
     temperature: float = 2.0  # T
     use_labels: bool = True  # False: label-free even where the data has labels
-    lr_step: int | None = None  # default: a third of the steps
-    lr_gamma: float = 0.3
+    lr_step: int | None = None  # schedule "step": default a third of the steps
+    lr_gamma: float = 0.3  # schedule "step"
     seed: int = 0
     device: str = "cpu"
+    schedule: str = "cosine"  # "cosine" (with warmup) or "step"
+    warmup: float = 0.05  # schedule "cosine": fraction of the budget spent warming up
+    eval_every: int = 100  # steps between held-out evaluations; 0: no early stopping
+    patience: int = 5  # evaluations without improvement before stopping
+    holdout: int = 1000  # most held-out samples per task (at most a fifth of its data)
 
     def validate(self) -> CalibrationConfig:
         checks = {"steps": self.steps >= 0, "lr": self.lr > 0, "batch_size": self.batch_size > 0,
                   "temperature": self.temperature > 0, "lr_gamma": 0 < self.lr_gamma <= 1,
                   "layer_loss_weight": self.layer_loss_weight >= 0, "distill_weight": self.distill_weight >= 0,
-                  "label_weight": self.label_weight >= 0}
+                  "label_weight": self.label_weight >= 0, "schedule": self.schedule in ("cosine", "step"),
+                  "warmup": 0 <= self.warmup < 1, "eval_every": self.eval_every >= 0, "patience": self.patience >= 1,
+                  "holdout": self.holdout >= 0}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise UsageError(f"calibration: invalid {', '.join(f'--{k.replace(chr(95), chr(45))}={getattr(self, k)}' for k in bad)}")
@@ -121,11 +144,20 @@ class CalibrationResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per step: task, losses
     seconds: float = 0.0
     world_size: int = 1
+    batch_size: int | None = None  # the model's fixed batch, where it replaced the setting's
+    # held-out evaluations (early stopping): step, score, per task accuracy / kd; empty without
+    evals: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """Mean losses per task over the first and the last tenth of the steps."""
         out: dict[str, Any] = {"steps": len(self.history), "seconds": round(self.seconds, 2),
                                "processes": self.world_size}
+        if self.batch_size is not None:  # overrides the setting in record_calibration's record
+            out["batch_size"] = self.batch_size
+        if self.evals:  # the weights kept are those of the best held-out evaluation
+            best = max(self.evals, key=lambda e: tuple(e["score"]))
+            out["early_stopping"] = {"evaluations": len(self.evals), "best_step": best["step"],
+                                     "held_out": {k: v for k, v in best.items() if k not in ("step", "score")}}
         for task in sorted({h["task"] for h in self.history}):
             rows = [h for h in self.history if h["task"] == task]
             k = max(1, len(rows) // 10)
@@ -163,6 +195,13 @@ def calibrate(model: onnx.ModelProto, info: MergedInfo, teachers: dict[str, onnx
     if not calib:
         raise UsageError("calibration needs data: give --calib TASK=PATH for at least one task")
     rank, world = _rank_world(torch)
+    # a merge at a fixed batch (its models' batch dim could not be made symbolic) runs at no other size
+    fixed = fixed_batch_of(model)
+    if fixed is not None:
+        if world > 1:  # each process would run a slice of the batch
+            raise UsageError(f"calibration: the merged model runs at its fixed batch of {fixed} only; "
+                             "calibrate it in one process")
+        config = dataclasses.replace(config, batch_size=fixed)
     if config.batch_size % world:
         raise UsageError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
     device = torch.device(config.device)
@@ -171,6 +210,7 @@ def calibrate(model: onnx.ModelProto, info: MergedInfo, teachers: dict[str, onnx
     torch.manual_seed(config.seed)
 
     teacher_models = {name: _load(teachers[name]) for name in calib if name in teachers}
+    calib, held = _hold_out(calib, config)
     plans = [_plan(model, info.task(name), teacher_models.get(name), ds, config) for name, ds in calib.items()]
     student = OnnxModule(model, frozen=frozen, trainable=trainable_names(model).__contains__).to(device).train()
     teacher_modules = {p.info.name: OnnxModule(teacher_models[p.info.name], trainable=lambda _: False).to(device).eval()
@@ -185,8 +225,7 @@ def calibrate(model: onnx.ModelProto, info: MergedInfo, teachers: dict[str, onnx
         # every step trains one task, so the other tasks' parameters get no gradient in that step
         net = DistributedDataParallel(student, find_unused_parameters=True)
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step or max(1, config.steps // 3),
-                                                gamma=config.lr_gamma)
+    scheduler = _scheduler(torch, optimizer, config)
     rng = np.random.default_rng(config.seed)
     orders = {p.info.name: _Batches(len(p.x), config.batch_size, rng) for p in plans}
     shard = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
@@ -200,6 +239,9 @@ def calibrate(model: onnx.ModelProto, info: MergedInfo, teachers: dict[str, onnx
     from tqdm import tqdm
 
     history, running = trainer.history, trainer.running
+    stopper = _EarlyStopping(trainer, plans, held, teacher_modules, config, device, torch) if held else None
+    if stopper is not None and not trainer.evals:  # the starting point is a candidate: never end worse
+        stopper.evaluate()
     start = time.perf_counter()
     bar = tqdm(range(trainer.step, config.steps), initial=trainer.step, total=config.steps, desc="calibrate",
                unit="step", disable=not progress or rank != 0, leave=False)
@@ -241,15 +283,21 @@ def calibrate(model: onnx.ModelProto, info: MergedInfo, teachers: dict[str, onnx
             running[plan.info.name] = 0.9 * running.get(plan.info.name, record["loss"]) + 0.1 * record["loss"]
             bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
             trainer.step = step + 1
+            stop = stopper is not None and stopper.due() and stopper.evaluate()
             if checkpoint is not None and rank == 0 and (trainer.step % checkpoint.every == 0 or interrupted):
                 trainer.save(checkpoint.path, fingerprint, trainer.seconds + time.perf_counter() - start)
             if interrupted:  # the step is complete and saved: now act on the Ctrl-C / SIGTERM
                 bar.close()
                 interrupted.forward()
+            if stop:
+                break
     bar.close()
+    if stopper is not None:
+        stopper.restore_best()
     calibrated = student.write_back(model)
     onnx.checker.check_model(calibrated)
-    return CalibrationResult(calibrated, history, trainer.seconds + time.perf_counter() - start, world)
+    return CalibrationResult(calibrated, history, trainer.seconds + time.perf_counter() - start, world, fixed,
+                             evals=list(trainer.evals))
 
 
 # Inputs (by position) that hold settings, not learned weights: Clip's bounds (ReLU6's 0 and 6),
@@ -299,6 +347,115 @@ def _tensor_names(model: onnx.ModelProto) -> set[str]:
     return {o for n in model.graph.node for o in n.output}
 
 
+MIN_HELD_OUT = 50  # fewer held-out samples per task score too coarsely to stop on
+
+
+def _hold_out(calib: dict, config: CalibrationConfig) -> tuple[dict, dict]:
+    """(training data, held-out data) per task. Early stopping holds out min(`holdout`, a fifth) of
+    each task's samples, drawn by `config.seed` (the originals may have been trained on any of them,
+    so only samples calibration does not train on tell whether it still generalises). None when the
+    budget leaves fewer than three evaluations or a task has too few samples: then every sample trains."""
+    if not config.eval_every or not config.holdout or config.steps < 3 * config.eval_every:
+        return calib, {}
+    sizes = {name: min(config.holdout, len(ds) // 5) for name, ds in calib.items()}
+    if min(sizes.values()) < MIN_HELD_OUT:
+        return calib, {}
+    split = {name: ds.split(sizes[name], seed=config.seed) for name, ds in calib.items()}
+    return {n: s[0] for n, s in split.items()}, {n: s[1] for n, s in split.items()}
+
+
+def _scheduler(torch, optimizer, config: CalibrationConfig):
+    """The learning-rate schedule. "cosine": linear warmup over the first `warmup` of the budget to
+    `lr`, then lr(s) = lr * (1 + cos(pi * (s - w) / (steps - w))) / 2, 0 at the budget's end. Chosen
+    because it needs no per-pair tuning of decay points: it is set by the budget alone, and with
+    early stopping a high peak is safe (the best weights are kept). "step": lr * gamma^(s // lr_step)."""
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step or max(1, config.steps // 3),
+                                               gamma=config.lr_gamma)
+    warm = round(config.warmup * config.steps)
+    total = max(1, config.steps - warm)
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warm) / total)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _EarlyStopping:
+    """Score the student on every task's held-out samples at the start and every `eval_every` steps;
+    keep the best weights; stop after `patience` evaluations without improvement.
+
+    The score is (mean held-out accuracy, -mean distillation loss) where every task's data has
+    labels (ties in accuracy, coarse on a few hundred samples, go to the loss), else the mean
+    held-out distillation loss T^2 KL(softmax(z*/T) || softmax(z/T)) alone. Its state lives in the
+    trainer, so a resumed run stops where an uninterrupted one does."""
+
+    def __init__(self, trainer, plans, held: dict, teachers: dict, config: CalibrationConfig, device, torch):
+        self.trainer, self.config, self.device, self.torch = trainer, config, device, torch
+        self.sets = []
+        for plan in plans:
+            ds = held[plan.info.name]
+            x = np.ascontiguousarray(ds.x, np.float32)
+            y = ds.y.astype(np.int64) if ds.y is not None and config.use_labels else None
+            ref = self._logits(teachers[plan.info.name], plan.teacher_input, plan.teacher_output, x)
+            self.sets.append((plan, x, y, ref))
+        self.labelled = all(y is not None for _, _, y, _ in self.sets)
+
+    def _logits(self, module, name: str, output: str, x: np.ndarray):
+        torch, b = self.torch, self.config.batch_size
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(x), b):
+                chunk = x[i:i + b]
+                n = len(chunk)  # the last batch is padded to the full size: a model may run at one batch only
+                chunk = np.resize(chunk, (b, *chunk.shape[1:])) if n < b else chunk
+                parts.append(module({name: torch.from_numpy(chunk).to(self.device)}, [output])[output][:n].float())
+        return torch.cat(parts)
+
+    def due(self) -> bool:
+        step = self.trainer.step
+        return step % self.config.eval_every == 0 or step == self.config.steps
+
+    def evaluate(self) -> bool:
+        """Score the current weights, keep them if they are the best so far; whether to stop."""
+        torch, t, trainer = self.torch, self.config.temperature, self.trainer
+        student = trainer.student
+        student.eval()  # no dropout: the evaluation draws no random numbers, so resuming stays exact
+        record: dict[str, Any] = {"step": trainer.step}
+        accs, kds = [], []
+        for plan, x, y, ref in self.sets:
+            z = self._logits(student, plan.input, plan.output, x)
+            kd = t * t * torch.nn.functional.kl_div(torch.log_softmax(z / t, 1), torch.log_softmax(ref / t, 1),
+                                                    log_target=True, reduction="batchmean").item()
+            row = {"kd": kd}
+            if y is not None:
+                row["accuracy"] = float(np.mean(z.argmax(1).cpu().numpy() == y))
+                accs.append(row["accuracy"])
+            kds.append(kd)
+            record[plan.info.name] = row
+        student.train()
+        record["score"] = [float(np.mean(accs)), -float(np.mean(kds))] if self.labelled else [-float(np.mean(kds))]
+        best = max((e["score"] for e in trainer.evals), default=None)
+        if best is None or record["score"] > best:
+            trainer.best_weights = {n: p.detach().cpu().clone() for n, p in student.named_parameters() if p.requires_grad}
+            trainer.stale = 0
+        else:
+            trainer.stale += 1
+        trainer.evals.append(record)
+        return trainer.stale >= self.config.patience
+
+    def restore_best(self) -> None:
+        """Put the best evaluation's weights back into the student."""
+        if self.trainer.best_weights is None:
+            return
+        params = dict(self.trainer.student.named_parameters())
+        with self.torch.no_grad():
+            for name, value in self.trainer.best_weights.items():
+                params[name].copy_(value)
+
+
 class _Batches:
     """Seeded epochs of shuffled indices, handed out one batch at a time."""
 
@@ -322,6 +479,10 @@ class _Trainer:
         self.step, self.seconds = 0, 0.0  # steps done, seconds spent in earlier runs
         self.history: list[dict[str, float]] = []
         self.running: dict[str, float] = {}
+        # early stopping: the held-out evaluations so far, the best one's weights, evaluations since it
+        self.evals: list[dict[str, Any]] = []
+        self.best_weights: dict[str, Any] | None = None
+        self.stale = 0
 
     def save(self, path: Path, fingerprint: str, seconds: float) -> None:
         """Write the state after `self.step` steps to `path`, atomically (temporary file + rename)."""
@@ -334,6 +495,7 @@ class _Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "batches": {name: {"order": torch.from_numpy(b.order.copy()), "pos": b.pos} for name, b in self.orders.items()},
             "history": self.history, "running": self.running,
+            "evals": self.evals, "best_weights": self.best_weights, "stale": self.stale,
         }
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
@@ -354,6 +516,7 @@ class _Trainer:
             b.order, b.pos = saved["batches"][name]["order"].numpy(), saved["batches"][name]["pos"]
         self.step, self.seconds = saved["step"], saved["seconds"]
         self.history[:], self.running = list(saved["history"]), dict(saved["running"])
+        self.evals[:], self.best_weights, self.stale = list(saved["evals"]), saved["best_weights"], saved["stale"]
 
 
 def _load_checkpoint(path: Path, fingerprint: str, torch) -> dict:

@@ -7,7 +7,8 @@ back into the fresh task graphs, before the next merge runs on them: a task's ow
 model held once as `shared/<first task's name>`, take that shared value (so averaging them again
 gives the same value). Not exact: it changes weights on purpose. A weight the earlier model holds
 with another shape than this merge's (a model of other tasks, or edited) is refused with a
-MergeError naming the task, the weight and both shapes, rather than skipped.
+MergeError naming the task, the weight and both shapes, rather than skipped. The task's channel
+order (channel matching's) is the earlier model's, as its weights are.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class LoadWeightsPass(TaskPass):
         self.weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         if self.shared is None:
             self.shared = read_metadata(model).params.get("share", 0)
+        # the earlier merge may have permuted a task's channels (channel matching): its weights are
+        # loaded in that order, so the task's channel order (original channel of each merged channel,
+        # used by the layer loss and REPAIR) is the earlier model's
+        self.orders = {t.name: dict(t.channels) for t in read_metadata(model).tasks}
         return super().call(state)
 
     def rewrite(self, graph: gs.Graph, task, state) -> bool:
@@ -58,6 +63,7 @@ class LoadWeightsPass(TaskPass):
             key = f"{task.name}/{name}"
             if key in self.weights:
                 const.values = self._weight(key, const, task)
+        task.channel_order.update(self.orders.get(task.name, {}))
         return True
 
     def _weight(self, key: str, const: gs.Constant, task) -> np.ndarray:

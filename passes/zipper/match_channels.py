@@ -111,9 +111,14 @@ class MatchChannelsPass(TaskPass):
     they best match the first task's (see the module docstring); function-preserving.
 
     layers:     how many layers from the first to match (at most all but the last).
-    similarity: "weights" (filters' cosine) or "activations" (layer outputs' correlation on `data`).
+    similarity: "weights" (filters' cosine), "activations" (layer outputs' correlation on `data`), or
+                "auto": activations on the merge's calibration data (state.calib, `samples` per task)
+                when every task has some, of one shape, else weights. Activation matching (ZipIt!, Stoica et al.
+                2024; Git Re-Basin's activation matching) pairs channels by what they compute, which
+                the filters of independently trained nets show poorly.
     data:       for "activations": one input batch, or task name -> batch (all batches are fed to
-                every task, concatenated).
+                every task, concatenated); None with "activations" or "auto": state.calib.
+    samples:    samples per task drawn from state.calib (seeded) for "activations"/"auto".
 
     After `call`, `self.report[task] = [{"layer", "node", "kind", "before", "after", "permuted"}, ...]`
     holds the mean matched similarity per matched layer (absent for declined tasks).
@@ -123,22 +128,36 @@ class MatchChannelsPass(TaskPass):
     requires = ("separate", "aligned")
 
     def __init__(self, layers: int | str, similarity: str = "weights",
-                 data: np.ndarray | dict[str, np.ndarray] | None = None):
+                 data: np.ndarray | dict[str, np.ndarray] | None = None, samples: int = 256):
         if layers == "all":  # every layer but the task head
             layers = ALL
         if not isinstance(layers, (int, np.integer)) or isinstance(layers, bool) or layers < 0:
             raise UsageError(f"MatchChannelsPass: layers must be a non-negative integer, got {layers!r}")
-        if similarity not in ("weights", "activations"):
-            raise UsageError(f"MatchChannelsPass: similarity {similarity!r}: choose weights or activations")
-        if similarity == "activations" and data is None:
-            raise UsageError("MatchChannelsPass: similarity='activations' needs data (an array, or task -> array)")
+        if similarity not in ("weights", "activations", "auto"):
+            raise UsageError(f"MatchChannelsPass: similarity {similarity!r}: choose weights, activations or auto")
         self.layers = int(layers)
+        self.asked = similarity
         self.similarity = similarity
         self.data = data
+        self.samples = samples
         self.report: dict[str, list[dict]] = {}
 
     def call(self, state):
         self.report = {}
+        self.similarity, self._data = self.asked, self.data
+        if self.asked != "weights" and self.data is None:
+            calib = getattr(state, "calib", None) or {}
+            shapes = {tuple(calib[t.name].x.shape[1:]) for t in state.tasks if t.name in calib}
+            if all(t.name in calib for t in state.tasks) and len(shapes) == 1:
+                # the same seeded draw as every other use of --calib here, so a merge is repeatable
+                self._data = {t.name: calib[t.name].subset(self.samples, seed=0).x for t in state.tasks}
+            elif self.asked == "activations":
+                raise UsageError("channel matching by activations needs calibration data of one input shape "
+                                 "for every task (--calib TASK=PATH)")
+            else:
+                self.similarity = "weights"  # auto without data: the filters are all there is
+        if self.similarity == "auto":
+            self.similarity = "activations"
         return super().call(state)
 
     def rewrite(self, graph: gs.Graph, task, state) -> bool:
@@ -163,9 +182,13 @@ class MatchChannelsPass(TaskPass):
                 f"{'' if r['permuted'] else ' (already matched)'}")
         if not any(r["permuted"] for r in rows):
             return False
-        # calibration compares this task's layer outputs with its original's: record the new order
-        task.channel_order.update({task.layers[r["layer"]].output: [int(c) for c in r["perm"]]
-                                   for r in rows if r["permuted"]})
+        # calibration compares this task's layer outputs with its original's: record the new order,
+        # composed with any earlier one (a warm start's): merged channel c holds old[perm[c]]
+        for r in rows:
+            if r["permuted"]:
+                out = task.layers[r["layer"]].output
+                old = task.channel_order.get(out)
+                task.channel_order[out] = [int(old[c]) if old else int(c) for c in r["perm"]]
         consts = graph.tensors()
         for name, values in arrays.items():
             consts[name].values = values
@@ -190,7 +213,7 @@ class MatchChannelsPass(TaskPass):
 
     def _similarities(self, first, task, state, k: int) -> list[np.ndarray]:
         """Activation correlation matrices [A channel, B channel] of layers 0..k-1."""
-        data = self.data
+        data = self._data
         if isinstance(data, dict):
             arrays = [np.asarray(data[t.name]) for t in state.tasks if t.name in data]
             if not arrays:

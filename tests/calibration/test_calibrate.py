@@ -200,3 +200,107 @@ def test_settings_are_not_trained():
     assert clip_bounds and not clip_bounds & trainable_names(model)
     convs = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     assert convs <= trainable_names(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# early stopping and the learning-rate schedule
+
+
+def held_out_accuracy(model, info, task: str, ds: Dataset, config: CalibrationConfig) -> float:
+    """The accuracy on the samples calibration holds out, found again as calibrate draws them."""
+    _, held = ds.split(min(config.holdout, len(ds) // 5), seed=config.seed)
+    return evaluate(model, info, {task: held}, progress=False)[task]["accuracy"]
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(packed):
+    """The pack model is the originals exactly, so the start scores best; a destructive learning
+    rate makes every later evaluation worse: the run stops after `patience` of them and returns the
+    starting weights bit for bit."""
+    result, _ = packed
+    calib = {t: c for t, (c, _) in subsets().items()}
+    config = quick(steps=60, lr=0.5, eval_every=10, patience=2)
+    out = calibrate(result.model, result.info, dict(zip(NAMES, PAIR)), calib, config, progress=False)
+    assert [e["step"] for e in out.evals] == [0, 10, 20]
+    assert len(out.history) == 20 < config.steps  # stopped early
+    assert all(e["score"] < out.evals[0]["score"] for e in out.evals[1:])
+    start, got = weights(result.model), weights(out.model)
+    assert [k for k in start if not np.array_equal(start[k], got[k])] == []
+    assert out.summary()["early_stopping"]["best_step"] == 0
+
+
+def test_early_stopping_keeps_the_best_evaluation(packed):
+    """From noisy weights calibration improves; the model returned scores, on the held-out samples
+    (drawn again here), the best evaluation's accuracy, which is not the start's."""
+    result, _ = packed
+    calib = {t: c for t, (c, _) in subsets().items()}
+    noisy = perturb(result.model, 0.5)
+    config = quick(steps=90, eval_every=15, patience=10)
+    out = calibrate(noisy, result.info, dict(zip(NAMES, PAIR)), calib, config, progress=False)
+    best = max(out.evals, key=lambda e: e["score"])
+    assert best["step"] > 0
+    for task in NAMES:
+        assert held_out_accuracy(out.model, result.info, task, calib[task], config) == pytest.approx(best[task]["accuracy"])
+
+
+def test_resume_with_early_stopping_equals_uninterrupted(packed, tmp_path, monkeypatch):
+    """Interrupted (SIGINT) right after an evaluation and resumed from its checkpoint, a run with
+    early stopping ends with the weights, evaluations and stopping step of an uninterrupted one."""
+    import signal
+
+    from onnxmerge.calibration import calibrate as cal
+
+    result, _ = packed
+    calib = {t: c for t, (c, _) in subsets().items()}
+    noisy = perturb(result.model, 0.5)
+    config = quick(steps=45, eval_every=10, patience=2, lr=3e-3)
+    teachers = dict(zip(NAMES, PAIR))
+    reference = calibrate(noisy, result.info, teachers, calib, config, progress=False)
+    real, calls = cal._EarlyStopping.evaluate, []
+
+    def evaluate_then_interrupt(self):
+        stop = real(self)
+        calls.append(self.trainer.step)
+        if len(calls) == 2:  # the first evaluation inside the loop (the start's is before it)
+            os.kill(os.getpid(), signal.SIGINT)
+        return stop
+
+    monkeypatch.setattr(cal._EarlyStopping, "evaluate", evaluate_then_interrupt)
+    ckpt = cal.Checkpoint(tmp_path / "c.ckpt", every=1000)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(noisy, result.info, teachers, calib, config, progress=False, checkpoint=ckpt.validate())
+    monkeypatch.setattr(cal._EarlyStopping, "evaluate", real)
+    resumed = calibrate(noisy, result.info, teachers, calib, config, progress=False,
+                        checkpoint=cal.Checkpoint(tmp_path / "c.ckpt", every=1000, resume=True).validate())
+    want, got = weights(reference.model), weights(resumed.model)
+    assert [k for k in want if not np.array_equal(want[k], got[k])] == []
+    assert resumed.evals == reference.evals and len(resumed.history) == len(reference.history)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    import torch
+
+    from onnxmerge.calibration.calibrate import _scheduler
+
+    config = CalibrationConfig(steps=100, lr=1e-3, warmup=0.1)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    sched = _scheduler(torch, opt, config)
+    lrs = []
+    for _ in range(config.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup over 10 steps
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then never up
+    assert lrs[55] == pytest.approx(5e-4, rel=1e-6) and lrs[-1] < 1e-6  # half way down at the middle, ~0 at the end
+
+
+def test_short_budgets_hold_nothing_out():
+    """Fewer than three evaluations in the budget, or tiny data: every sample trains, no early stopping."""
+    from onnxmerge.calibration.calibrate import _hold_out
+
+    ds = {t: c for t, (c, _) in subsets().items()}
+    assert _hold_out(ds, CalibrationConfig(steps=299))[1] == {}
+    assert _hold_out({t: d.take(200) for t, d in ds.items()}, CalibrationConfig())[1] == {}
+    train, held = _hold_out(ds, CalibrationConfig())
+    assert {t: len(h) for t, h in held.items()} == {"mnist": 60, "fashion": 60}
+    assert {t: len(d) for t, d in train.items()} == {"mnist": 240, "fashion": 240}

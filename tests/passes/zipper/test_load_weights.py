@@ -23,6 +23,7 @@ from onnxmerge.errors import MergeError
 from onnxmerge.model.contract import SHARED
 
 NAMES = ["mnist", "fashion"]
+PLAIN = {"match": "none", "repair": "off"}  # eq. 1 alone: the weights this test predicts
 
 
 def paths():
@@ -38,21 +39,21 @@ def calibrated() -> onnx.ModelProto:
     """Zipper share 1, calibrated 4 steps on the shipped evaluation subsets (labels and teachers)."""
     calib = {"mnist": load_dataset(shipped(MODELS / "mnist_eval.npz")).take(64),
              "fashion": load_dataset(shipped(MODELS / "fashion_eval.npz")).take(64)}
-    result = merge(paths(), method="zipper", names=NAMES, params={"share": 1}, calib=calib,
+    result = merge(paths(), method="zipper", names=NAMES, params={"share": 1} | PLAIN, calib=calib,
                    calibration=CalibrationConfig(steps=4, batch_size=16))
     assert result.info.params["share"] == 1 and result.info.params["calibration"]["steps"] == 4
     return result.model
 
 
 def test_warm_start_carries_the_calibrated_weights_forward(calibrated):
-    before = weights(merge(paths(), method="zipper", names=NAMES, params={"share": 1}).model)
+    before = weights(merge(paths(), method="zipper", names=NAMES, params={"share": 1} | PLAIN).model)
     after = weights(calibrated)
     assert before.keys() == after.keys()
     moved = [k for k in after if not np.array_equal(before[k], after[k])]
     assert moved == list(after)  # the premise: calibration changed every weight
 
-    warm = weights(merge(paths(), method="zipper", names=NAMES, params={"share": 2}, warm_start=calibrated).model)
-    cold = weights(merge(paths(), method="zipper", names=NAMES, params={"share": 2}).model)
+    warm = weights(merge(paths(), method="zipper", names=NAMES, params={"share": 2} | PLAIN, warm_start=calibrated).model)
+    cold = weights(merge(paths(), method="zipper", names=NAMES, params={"share": 2} | PLAIN).model)
     assert warm.keys() == cold.keys()
     layer1 = [k for k in after if k.startswith(SHARED)]
     layer2 = [k for k in warm if k.startswith(SHARED) and k not in after]
@@ -84,7 +85,7 @@ def test_warm_start_refuses_a_weight_of_the_wrong_shape(calibrated, name, task):
     wrong = np.zeros((value.shape[0], value.shape[1] + 1, *value.shape[2:]), dtype=value.dtype)
     init.CopyFrom(numpy_helper.from_array(wrong, name))
     with pytest.raises(MergeError) as raised:
-        merge(paths(), method="zipper", names=NAMES, params={"share": 2}, warm_start=edited)
+        merge(paths(), method="zipper", names=NAMES, params={"share": 2} | PLAIN, warm_start=edited)
     message = str(raised.value)
     assert "\n" not in message
     assert f"task {task}" in message and name in message

@@ -170,8 +170,8 @@ def test_bad_settings_are_usage_errors():
         MatchChannelsPass(-1)
     with pytest.raises(UsageError):
         MatchChannelsPass(2, similarity="gradients")
-    with pytest.raises(UsageError):
-        MatchChannelsPass(2, similarity="activations")
+    with pytest.raises(UsageError, match="needs calibration data"):  # no data given, and no --calib
+        MatchChannelsPass(2, similarity="activations").call(real_pair("lenet"))
 
 
 # ---- synthetic chains: every kind of glue the pass walks through ------------------------------------

@@ -67,7 +67,8 @@ def test_share_zero_reproduces_both_originals(pair):
 
 @pytest.mark.parametrize("pair,k", [("lenet", 1), ("lenet", 2), ("lenet", 4), ("mobilenet", 3), ("mobilenet", 6)])
 def test_lossy_share_equals_numpy_reference_of_eq1(pair, k):
-    result = merge(paths(pair), method="zipper", names=NAMES, params={"share": k}, verify_passes=True)
+    # --match none: the paper's plain average (the default matches channels first)
+    result = merge(paths(pair), method="zipper", names=NAMES, params={"share": k, "match": "none"}, verify_passes=True)
     assert result.info.params["share"] == k
     got, ref = outputs(result, data()), reference(pair, k)
     for name in NAMES:
@@ -81,8 +82,8 @@ def test_lossy_share_equals_numpy_reference_of_eq1(pair, k):
 
 def test_depthwise_task_variant_shares_parameters_not_compute():
     pair, k = "mobilenet", 6
-    shared = merge(paths(pair), method="zipper", names=NAMES, params={"share": k})
-    task = merge(paths(pair), method="zipper", names=NAMES, params={"share": k, "depthwise": "task"})
+    shared = merge(paths(pair), method="zipper", names=NAMES, params={"share": k, "match": "none"})
+    task = merge(paths(pair), method="zipper", names=NAMES, params={"share": k, "depthwise": "task", "match": "none"})
     packed = merge(paths(pair), method="pack", names=NAMES).model
     got, ref = outputs(task, data()), reference(pair, k, depthwise="task")
     for name in NAMES:
@@ -93,7 +94,7 @@ def test_depthwise_task_variant_shares_parameters_not_compute():
 
 
 def test_residual_block_is_shared_whole():
-    result = merge(paths("resnet"), method="zipper", names=NAMES, params={"share": 2})
+    result = merge(paths("resnet"), method="zipper", names=NAMES, params={"share": 2, "match": "none"})
     k = result.info.params["share"]
     assert k > 2  # layer 2 lies inside a residual block: the cut moved to the block's end
     assert any("rounded up" in n for n in result.state.notes)
@@ -168,7 +169,7 @@ def test_hungarian_matching_undoes_a_channel_shuffle_before_averaging(pair, tmp_
     x = data()
     ref = session(onnx.load(str(a))).run(None, {"input": x})[0]
     matched = merge([a, shuffled], method="zipper", names=NAMES, params={"match": "hungarian"}, verify_passes=True)
-    plain = merge([a, shuffled], method="zipper", names=NAMES)
+    plain = merge([a, shuffled], method="zipper", names=NAMES, params={"match": "none"})
     for name in NAMES:
         np.testing.assert_allclose(outputs(matched, x)[name], ref, rtol=1e-4, atol=1e-4)
     assert np.max(np.abs(outputs(plain, x)["mnist"] - ref)) > 0.1
