@@ -4,6 +4,9 @@ Per task: top-1 accuracy of the task's first output on labelled data, and, when 
 given, their accuracy on the same data, the top-1 agreement (fraction of samples where the merged
 model and the original pick the same class) and the largest absolute difference of the outputs.
 
+A model fixed at one batch (its originals' batch dim could not be made symbolic: onnxmerge.model.upgrade)
+runs in batches of that size, read off its inputs.
+
 A merged model with separate inputs needs every input fed at every run: the other tasks' inputs get
 zeros of the same batch size (they do not influence this task's output, by construction of every
 method: tasks only share computation, never mix inputs).
@@ -26,7 +29,7 @@ from onnxmerge.data import Dataset, check_fits
 from onnxmerge.errors import MergeError
 from onnxmerge.graph.ops import make_session
 from onnxmerge.model.contract import MergedInfo, TaskInfo, logits_output
-from onnxmerge.model.runtime import input_dtype
+from onnxmerge.model.runtime import fixed_batch_of, input_dtype
 
 
 def _check_fits(arg, ds, task: str) -> None:
@@ -38,12 +41,20 @@ def _check_fits(arg, ds, task: str) -> None:
 
 def _batches(session: ort.InferenceSession, output: str, x: np.ndarray, make_feeds, batch_size: int,
              on_batch: Callable[[int], None] | None) -> np.ndarray:
+    """`output` on `x` in batches of `batch_size`, or of the model's fixed batch where it has one (a
+    graph whose batch dim could not be made symbolic runs at no other size): the last batch is then
+    filled up with copies of its first sample, whose rows are dropped."""
+    fixed = fixed_batch_of(session)
+    size = fixed or batch_size
     outs = []
-    for start in range(0, len(x), batch_size):
-        chunk = x[start:start + batch_size]
-        outs.append(session.run([output], make_feeds(chunk))[0])
+    for start in range(0, len(x), size):
+        chunk = x[start:start + size]
+        n = len(chunk)
+        if fixed and n < fixed:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], fixed - n, axis=0)])
+        outs.append(session.run([output], make_feeds(chunk))[0][:n])
         if on_batch is not None:
-            on_batch(len(chunk))
+            on_batch(n)
     return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 

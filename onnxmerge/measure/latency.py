@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from onnxmerge.errors import MergeError
 from onnxmerge.graph.ops import make_session
-from onnxmerge.model.runtime import random_feeds
+from onnxmerge.model.runtime import fixed_batch_of, random_feeds
 
 
 @dataclass
@@ -114,6 +114,9 @@ def latency_table(merged: onnx.ModelProto | str | os.PathLike,
     Row keys: batch, threads (an int or "default"), originals / merged / pack (compare_latency's
     numbers for each, pack only when given), speedup_vs_originals = originals' median / merged
     median, speedup_vs_pack = pack median / merged median (> 1: the merged model is faster).
+
+    A merge at a fixed batch (its models' batch dim could not be made symbolic: onnxmerge.model.upgrade)
+    runs at that batch only: its rows are that batch size instead of `batch_sizes`.
     """
     models = list(originals.values()) if isinstance(originals, dict) else list(originals)
     rows = []
@@ -126,7 +129,10 @@ def latency_table(merged: onnx.ModelProto | str | os.PathLike,
         }
         if pack is not None:
             sessions["pack"] = [make_session(pack, th)]
-        for batch in batch_sizes:
+        batches = _batch_sizes(sessions, batch_sizes)
+        if len(batches) != len(batch_sizes):
+            bar.total = len(threads) * len(batches)
+        for batch in batches:
             cands = {name: candidate(s, batch) for name, s in sessions.items()}
             res = compare_latency(cands, "originals", min_rounds=min_rounds,
                                   max_rounds=max_rounds, warmup=warmup, budget_s=budget_s,
@@ -140,6 +146,15 @@ def latency_table(merged: onnx.ModelProto | str | os.PathLike,
             bar.update(1)
     bar.close()
     return rows
+
+
+def _batch_sizes(sessions: dict[str, list[ort.InferenceSession]], wanted) -> tuple[int, ...]:
+    """`wanted`, or the one batch the models are fixed at (read off their inputs) where any is."""
+    fixed = {b for group in sessions.values() for s in group if (b := fixed_batch_of(s)) is not None}
+    if len(fixed) > 1:
+        raise MergeError(f"the models are fixed at different batch sizes ({', '.join(map(str, sorted(fixed)))}); "
+                         "they cannot be timed at one batch")
+    return tuple(fixed) or tuple(wanted)
 
 
 def machine_info() -> dict:

@@ -3,8 +3,9 @@
 Every input goes through `load_model`: it must exist, parse as ONNX (external data is loaded from
 beside the file), be stamped with an IR version and opset that onnxruntime runs, pass `onnx.checker`,
 use operators of domains onnxruntime runs, hold only finite weights, take inputs of fixed sample
-shape with a batch dim that is free (or can be freed: onnxmerge.model.upgrade), survive shape
-inference and run in onnxruntime. Each failure is one `MergeError` that names the file and, for
+shape with a batch dim that is free (or is made free: onnxmerge.model.upgrade; where it cannot be,
+the model keeps its fixed batch and the merge runs at it), survive shape inference and run in
+onnxruntime. Each failure is one `MergeError` that names the file and, for
 operators, inputs and weights, every offending node, input or initializer.
 """
 
@@ -26,7 +27,7 @@ from onnxmerge.errors import MergeError, UsageError, first_line
 from onnxmerge.kernels import DOMAIN
 from onnxmerge.model import upgrade
 from onnxmerge.model.contract import MergedInfo, read_metadata, task_model
-from onnxmerge.model.runtime import ort_error_text, ort_message, random_feeds, session
+from onnxmerge.model.runtime import ort_error_text, ort_message, random_feeds, run_batch, session
 from onnxmerge.model.saving import split_weights
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -111,7 +112,8 @@ def load_model(path: str | Path, notes: list[str] | None = None) -> onnx.ModelPr
                             if any(n.domain == DOMAIN for n in model.graph.node) else ""))
     check_finite_weights(model, str(path))
     model, changed = modernise(model, path, notes if notes is not None else [])
-    check_inputs(model, str(path))
+    # a batch that modernise could not free stays fixed (every input at the same size)
+    check_inputs(model, str(path), fixed_batch_ok=upgrade.fixed_batch(model) is not None)
     declared = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output]
     model = infer_shapes(model, str(path))  # which overwrites the declared outputs with inferred ones
     check_runs(path, declared, model if changed else None)
@@ -127,7 +129,9 @@ def as_loaded(path: str | Path) -> str | onnx.ModelProto:
 
 def modernise(model: onnx.ModelProto, path: Path, notes: list[str]) -> tuple[onnx.ModelProto, bool]:
     """A graph written the old way brought to the current form (onnxmerge.model.upgrade), and whether
-    anything changed; a fixed batch dim made symbolic is proven against the file (upgrade.check_freed)."""
+    anything changed; a fixed batch dim made symbolic is proven against the file (upgrade.freed_problem).
+    Where that proof fails the graph keeps its fixed batch, and the merge runs at that batch (a note
+    says so and why): the graph is what the file computes, only not at other batch sizes."""
     if not upgrade.written_the_old_way(model):
         return model, False
     where = str(path)
@@ -142,13 +146,20 @@ def modernise(model: onnx.ModelProto, path: Path, notes: list[str]) -> tuple[onn
         notes.append(f"{path.name}: converted from opset {source} to {upgrade.MIN_OPSET}")
     batch = upgrade.fixed_batch(model)
     if batch is not None:
-        model, rewritten = upgrade.free_batch(model, batch, where)
-        upgrade.check_freed(path, model, batch, where, rewritten)
-        notes.append(f"{path.name}: fixed batch dim {batch} made symbolic"
-                     + (f" (Reshape node(s) {', '.join(rewritten)} now copy the batch)" if rewritten else "")
-                     + "; checked: the graph on two stacked batches equals the file's graph on each")
+        freed, rewritten = upgrade.free_batch(model, batch, where)
+        problem = upgrade.freed_problem(path, freed, batch, where, rewritten)
+        if problem is None:
+            model = freed
+            notes.append(f"{path.name}: fixed batch dim {batch} made symbolic"
+                         + (f" (Reshape node(s) {', '.join(rewritten)} now copy the batch)" if rewritten else "")
+                         + "; checked: the graph on two stacked batches equals the file's graph on each")
+        else:
+            if dropped or source < upgrade.MIN_OPSET:  # the conversion, checked at the batch kept
+                upgrade.check_converted(path, model, batch, where)
+            notes.append(f"{path.name}: the batch dim is fixed at {batch} and cannot be made symbolic ({problem}): "
+                         f"the merge runs at batch {batch}")
     else:
-        upgrade.check_freed(path, model, 1, where, [])  # the conversion, checked the same way
+        upgrade.check_converted(path, model, 1, where)  # the conversion
     return model, True
 
 
@@ -159,10 +170,12 @@ def check_runs(path: Path, declared: list[onnx.ValueInfoProto], model: onnx.Mode
     of rank 2). Duplicate node names, a weight whose shape contradicts its node's attributes and the
     like pass onnx.checker and shape inference; every later step runs the inputs in onnxruntime,
     where such a failure would look like onnxmerge's own bug. By path, so that external data is found
-    as the user gave it, or `model` where loading changed the graph (modernise)."""
-    batch = 2  # not 1, which an output could have by chance where it should follow the batch
+    as the user gave it, or `model` where loading changed the graph (modernise). At batch 2, or at the
+    batch a graph is fixed at (one whose batch dim could not be made symbolic)."""
     try:
         sess = session(path if model is None else model)
+        # not 1, which an output could have by chance where it should follow the batch
+        batch = run_batch(sess, 2)
         outputs = sess.run(None, random_feeds(sess, batch))
     except MergeError as e:  # an input onnxmerge cannot feed (graphs.input_dtype)
         raise MergeError(f"{path}: {e}") from None
@@ -208,9 +221,10 @@ def non_utf8_field(message, where: str = "model") -> str | None:
 
 def check_inputs(model: onnx.ModelProto, where: str, fixed_batch_ok: bool = False) -> None:
     """Refuse graph inputs that onnxmerge cannot feed: not a tensor, no shape, no free batch dim
-    (unless `fixed_batch_ok`: before modernise frees it), or a sample dim that is not a fixed size.
-    Every check, comparison, calibration and evaluation runs the model at batch sizes of its own
-    choosing on samples of the one shape the input declares."""
+    (unless `fixed_batch_ok`: before modernise frees it, or where it could not and every input is
+    fixed at one batch), or a sample dim that is not a fixed size. Every check, comparison,
+    calibration and evaluation runs the model at batch sizes of its own choosing (or at its fixed
+    batch: runtime.fixed_batch_of) on samples of the one shape the input declares."""
     weights = {i.name for i in model.graph.initializer}
     for value in model.graph.input:
         if value.name in weights:  # an initializer listed as an input (IR < 4 habit): a weight
@@ -342,6 +356,33 @@ def reconcile_versions(
     for model in out.values():
         model.ir_version = ir_version
     return out, opset, ir_version
+
+
+def reconcile_batch(models: dict[str, onnx.ModelProto]) -> list[str]:
+    """Bring `models` (keyed by file, as reconcile_versions's) to one batch where some are fixed at a
+    batch B (loading could not free their batch dim), and return the notes for the report. A free
+    model runs at any batch, so its inputs are fixed at B too (in place): the merged model's inputs
+    then all take batch B, which is where every later run reads it (runtime.fixed_batch_of), and
+    tasks of equal input shape still share one input. Models fixed at two different batches cannot
+    run as one model: a one-line MergeError naming both files."""
+    fixed = {key: b for key, m in models.items() if (b := upgrade.fixed_batch(m)) is not None}
+    if not fixed:
+        return []
+    (first, batch), *rest = fixed.items()
+    other = next(((key, b) for key, b in rest if b != batch), None)
+    if other:
+        raise MergeError(f"{other[0]}: the batch dim is fixed at {other[1]}, and at {batch} in {first}: models "
+                         "whose batch cannot be made symbolic must share their fixed batch to be merged")
+    notes = []
+    weights_of = {key: {t.name for t in m.graph.initializer} for key, m in models.items()}
+    for key, model in models.items():
+        if key in fixed:
+            continue
+        for value in model.graph.input:
+            if value.name not in weights_of[key]:
+                value.type.tensor_type.shape.dim[0].dim_value = batch  # clears its dim_param (a oneof)
+        notes.append(f"{Path(key).name}: run at batch {batch}, the fixed batch of {Path(first).name}")
+    return notes
 
 
 def _check_target_opset(opset: int, ir_version: int) -> None:

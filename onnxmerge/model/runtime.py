@@ -119,6 +119,29 @@ def input_dtype(arg) -> type:
     return _NP_TYPES[arg.type]
 
 
+def fixed_batch_of(source: ort.InferenceSession | onnx.ModelProto) -> int | None:
+    """The batch size a model can only run at: the fixed first dim of its inputs (a graph whose batch
+    dim loading could not make symbolic, onnxmerge.model.upgrade, and a model merged from one keep
+    it), or None where the batch is free. `source`: a session or a ModelProto. It is the one place
+    that every run at a batch of onnxmerge's choosing (checks, evaluation, latency, calibration)
+    asks, so that a merge at a fixed batch runs there and nowhere else."""
+    if isinstance(source, onnx.ModelProto):
+        weights = {t.name for t in source.graph.initializer}
+        firsts = [next(iter(i.type.tensor_type.shape.dim), None) for i in source.graph.input if i.name not in weights]
+        fixed = {d.dim_value for d in firsts if d is not None and d.HasField("dim_value")}
+    else:
+        fixed = {a.shape[0] for a in source.get_inputs() if a.shape and isinstance(a.shape[0], int)}
+    if len(fixed) > 1:
+        raise MergeError(f"the model's inputs have different fixed batch dims ({', '.join(map(str, sorted(fixed)))}); "
+                         "onnxmerge runs a model at one batch size")
+    return fixed.pop() if fixed else None
+
+
+def run_batch(source: ort.InferenceSession | onnx.ModelProto, wanted: int) -> int:
+    """`wanted`, or the model's fixed batch where it has one (`fixed_batch_of`)."""
+    return fixed_batch_of(source) or wanted
+
+
 def random_feeds(sess: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded feeds for every input of `sess` at `batch`: standard-normal floats, zeros otherwise."""
     rng = np.random.default_rng(seed)

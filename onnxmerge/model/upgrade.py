@@ -13,7 +13,9 @@ four ways, none of which changes what they compute:
 - The batch dim is fixed, usually at 1, and shape constants such as a Reshape's `[1, -1]` repeat it.
   `free_batch` makes the batch dim symbolic and rewrites those constants to copy the input's batch
   (Reshape's 0), then proves the rewrite: the freed graph on two stacked batches must equal the
-  original graph run on each. Where that fails, the graph is refused with the reason in one line.
+  original graph run on each. Where that fails (a Flatten or Reshape that folds the batch into the
+  features, a batch-sized constant that is not a Reshape target), the graph keeps its fixed batch B:
+  the merge then runs at batch B (onnxmerge.model.runtime.fixed_batch_of), and the note says why.
 
 Each step that applies adds a line to the notes that loading hands on to the report.
 """
@@ -61,7 +63,7 @@ def upgrade_opset(model: onnx.ModelProto, source: int, where: str) -> onnx.Model
 
 def written_the_old_way(model: onnx.ModelProto) -> bool:
     """Whether loading would change the graph: initializers listed as inputs, an opset below
-    MIN_OPSET, or a fixed batch dim."""
+    MIN_OPSET, or a fixed batch dim (freed where the graph allows it, else kept and noted)."""
     weights = {t.name for t in model.graph.initializer}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     return (any(i.name in weights for i in model.graph.input) or opset < MIN_OPSET
@@ -83,7 +85,7 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 def free_batch(model: onnx.ModelProto, batch: int, where: str) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of `model` whose inputs and outputs take a symbolic batch dim instead of `batch`, and
     the Reshape nodes whose constant target shape repeats it (their node names). Not yet checked:
-    `check_freed` proves the copy computes what `model` does."""
+    `freed_problem` proves the copy computes what `model` does, or says why not."""
     freed = onnx.ModelProto()
     freed.CopyFrom(model)
     graph = freed.graph
@@ -132,33 +134,47 @@ def _batched_tensors(model: onnx.ModelProto) -> set[str]:
     return out
 
 
-def check_freed(original: onnx.ModelProto | str, freed: onnx.ModelProto, batch: int, where: str,
-                rewritten: list[str]) -> None:
-    """Refuse unless `freed` at batch 2 x `batch` equals `original` run on each half: the proof that
-    freeing the batch dim changed nothing the graph computes. The original runs as given (by path,
-    so that external data is found)."""
+def freed_problem(original: onnx.ModelProto | str, freed: onnx.ModelProto, batch: int, where: str,
+                  rewritten: list[str]) -> str | None:
+    """Why `freed` is not proven to compute what `original` does, or None where it is: `freed` at
+    batch 2 x `batch` must equal `original` run on each half. The original runs as given (by path,
+    so that external data is found); a MergeError where the original itself does not run."""
+    why = (f"Reshape node(s) {', '.join(rewritten[:3])} made to copy the batch dim" if rewritten
+           else "no shape constant repeats it")
+    problem = _mismatch(original, freed, batch, where, stack=2)
+    return None if problem is None else f"{why}, and made symbolic {problem}"
+
+
+def check_converted(original: onnx.ModelProto | str, converted: onnx.ModelProto, batch: int, where: str) -> None:
+    """Refuse unless `converted`, the file's graph brought to the current form with its batch kept
+    fixed (freed_problem failed), gives the file's outputs at that batch."""
+    problem = _mismatch(original, converted, batch, where, stack=1)
+    if problem:
+        raise MergeError(f"{where}: the graph brought to the current form does not compute what the file does: {problem}")
+
+
+def _mismatch(original: onnx.ModelProto | str, other: onnx.ModelProto, batch: int, where: str,
+              stack: int) -> str | None:
+    """What differs when `other` runs on `stack` seeded batches of `batch` stacked into one, against
+    `original` run on each, or None. A MergeError where the original itself does not run."""
     try:
         fixed = session(original)
-        halves = [random_feeds(fixed, batch, seed=s) for s in (1, 2)]
-        expected = [fixed.run(None, h) for h in halves]
+        parts = [random_feeds(fixed, batch, seed=s) for s in range(1, stack + 1)]
+        expected = [fixed.run(None, h) for h in parts]
     except MergeError as e:  # an input onnxmerge cannot feed
         raise MergeError(f"{where}: {e}") from None
     except Exception as e:  # onnxruntime's own error types
         raise MergeError(f"{where}: onnxruntime cannot run this model ({ort_error_text(e)})") from None
-    why = (f"Reshape node(s) {', '.join(rewritten[:3])} made to copy the batch dim" if rewritten
-           else "no shape constant repeats it")
     try:
-        got = session(freed).run(None, {k: np.concatenate([h[k] for h in halves]) for k in halves[0]})
+        got = session(other).run(None, {k: np.concatenate([h[k] for h in parts]) for k in parts[0]})
     except Exception as e:  # onnxruntime's own error types
-        raise MergeError(f"{where}: the graph is written for a fixed batch of {batch} and does not run at "
-                         f"batch {2 * batch} with the batch dim made symbolic ({why}): {ort_error_text(e)}") from None
+        return f"it does not run at batch {stack * batch}: {ort_error_text(e)}"
     for k, out in enumerate(fixed.get_outputs()):
         want = np.concatenate([e[k] for e in expected]) if np.ndim(expected[0][k]) else None
         if want is None or np.shape(got[k]) != want.shape:
-            raise MergeError(f"{where}: the graph is written for a fixed batch of {batch}: with the batch dim made "
-                             f"symbolic ({why}), output {out.name!r} does not follow the batch")
+            return f"its output {out.name!r} does not follow the batch"
         scale = max(float(np.max(np.abs(want))), 1e-12) if want.size and want.dtype.kind == "f" else 1.0
         diff = float(np.max(np.abs(got[k] - want))) / scale if want.size else 0.0
         if diff > FREED_TOL:
-            raise MergeError(f"{where}: the graph is written for a fixed batch of {batch}: with the batch dim made "
-                             f"symbolic ({why}), output {out.name!r} changes (relative difference {diff:.2g})")
+            return f"its output {out.name!r} changes (relative difference {diff:.2g})"
+    return None

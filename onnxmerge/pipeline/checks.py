@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxmerge.errors import MergeError
 from onnxmerge.graph.convert import light_model, to_model
 from onnxmerge.graph.ops import make_session, run_reference
-from onnxmerge.model.runtime import random_feeds, session
+from onnxmerge.model.runtime import random_feeds, run_batch, session
 from onnxmerge.model.saving import save_atomic
 from onnxmerge.pipeline.state import MergeState, Task
 
@@ -87,14 +87,18 @@ def compare(state: MergeState, batch: int = 4, seed: int = 0,
 
     `also`: {"batch": b, "seed": s} runs the merged model a second time, on `random_feeds` at that
     batch and seed, and stores its outputs by name under "outputs" (validate_output's run, without
-    a second session of the same model)."""
+    a second session of the same model).
+
+    A merge whose models keep a fixed batch (their batch dim could not be made symbolic) runs at
+    that batch instead of `batch` and `also`'s (runtime.run_batch: read off the model's inputs)."""
     out = {}
     if state.combined:
         merged_sess = session(merged) if merged is not None else merged_session(state)
         names = [o.name for o in merged_sess.get_outputs()]
-        feeds_all = random_feeds(merged_sess, batch, seed)
+        feeds_all = random_feeds(merged_sess, run_batch(merged_sess, batch), seed)
         results = dict(zip(names, merged_sess.run(None, feeds_all)))
         if also is not None:
+            also["batch"] = run_batch(merged_sess, also["batch"])  # validate_output reads the same off the model
             extra = random_feeds(merged_sess, also["batch"], also["seed"])
             also["outputs"] = dict(zip(names, merged_sess.run(None, extra)))
         del merged, merged_sess
@@ -104,7 +108,7 @@ def compare(state: MergeState, batch: int = 4, seed: int = 0,
             feeds = {orig: feeds_all[merged_name] for orig, merged_name in task.input_map.items()}
             got = [results[task.output_map[o.name]] for o in task.original.graph.output]
         else:
-            feeds = random_feeds(ref_sess, batch, seed)
+            feeds = random_feeds(ref_sess, run_batch(ref_sess, batch), seed)
             got = session(task_model(task, state)).run([o.name for o in task.original.graph.output], feeds)
         ref = ref_sess.run(None, feeds)
         del ref_sess
@@ -139,8 +143,10 @@ def validate_output(model: onnx.ModelProto, info, originals: dict, where: str = 
     `info`: the model's MergedInfo (task -> output name map); `originals`: task name -> original
     ModelProto or path (only its output declarations are read). `results`: the model's outputs by
     name on `random_feeds` at `batch` and `seed`, where they were already computed (`compare`'s
-    `also`, on this very model): checked without running the model again. Returns the figure for
-    the model's metadata."""
+    `also`, on this very model): checked without running the model again. A model fixed at one
+    batch (its originals' batch dim could not be made symbolic) is run and checked at that batch
+    instead of `batch`. Returns the figure for the model's metadata."""
+    batch = run_batch(model, batch)
     if results is None:
         try:
             sess = make_session(model, threads=1)  # native models with the kernels, else their portable form
@@ -215,7 +221,7 @@ def check_native(native: onnx.ModelProto, portable: onnx.ModelProto, batch: int 
     the portable form in onnxruntime on seeded random inputs: the relative difference, which must be
     float rounding."""
     sess = session(portable)
-    feeds = random_feeds(sess, batch, seed)
+    feeds = random_feeds(sess, run_batch(sess, batch), seed)
     want = dict(zip([o.name for o in portable.graph.output], sess.run(None, feeds)))
     got = run_reference(native, feeds)
     diff = max(_rel_diff(got[name], want[name]) for name in want)

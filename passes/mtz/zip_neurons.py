@@ -351,7 +351,10 @@ class _Zipper:
             ds = self.validation[task.name]
             if originals:
                 own = session(task.original, threads=None, optimize=True)
-                logits = own.run(None, {own.get_inputs()[0].name: ds.x})[0]
+                # in batches, as the zipped network's below: at the original's fixed batch where it has one
+                names = TaskInfo(task.name, "", "", {i.name: i.name for i in own.get_inputs()},
+                                 {o.name: o.name for o in own.get_outputs()})
+                logits = run_task(own, names, ds.x)
             else:
                 logits = run_task(sess, TaskInfo(task.name, "", "", task.input_map, task.output_map), ds.x)
             out[task.name] = float((logits.argmax(axis=1) == ds.y).mean())
