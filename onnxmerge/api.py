@@ -42,6 +42,7 @@ from onnxmerge.model.loading import (
     file_sha256,
     find_merged_input,
     load_model,
+    reconcile_batch,
     reconcile_versions,
 )
 from onnxmerge.model.runtime import input_signature
@@ -102,6 +103,8 @@ def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: 
     notes: dict[str, list[str]] = {str(p): [] for p in own}
     models = {**(base.originals() if base else {}), **{str(p): load_model(p, notes[str(p)]) for p in own}}
     models, opset, ir_version = reconcile_versions(models, opset)
+    # a model whose batch could not be made symbolic runs at its fixed batch, and so does the merge
+    batch_notes = reconcile_batch(models)
     # (name, its model's key, path, sha256), a merged model's tasks first
     entries = [(t.name, f"{base.path} (task {t.name})", Path(t.source), t.sha256) for t in base.info.tasks] if base else []
     entries += [(n, str(p), p, file_sha256(p)) for n, p in zip(names, own)]
@@ -109,7 +112,7 @@ def load_tasks(inputs: list[str | Path], names: list[str] | None = None, opset: 
     tasks = [Task(name=n, original=models[key], graph=_named(import_graph(models[key])), path=p, sha256=sha,
                   modernised=bool(notes.get(key))) for n, key, p, sha in entries]
     return MergeState(tasks=tasks, opset=opset, ir_version=ir_version, base=base,
-                      notes=[n for key in notes for n in notes[key]])
+                      notes=[n for key in notes for n in notes[key]] + batch_notes)
 
 
 def _added_names(base: MergedInput, own: list[Path], names: list[str] | None) -> list[str]:
@@ -253,6 +256,7 @@ def merge(
     warm_start: onnx.ModelProto | None = None,
     checkpoint: Checkpoint | None = None,
     portable_fallback: bool = False,
+    calibrate_last: bool = True,
 ) -> MergeResult:
     """Merge the models at `inputs` with `method` and (if `output` is given) save the result atomically.
 
@@ -266,7 +270,9 @@ def merge(
     (onnxmerge.calibration.calibrate.Checkpoint) makes the calibration save its state and resume from it; the
     file is removed once the merged model is saved. `portable_fallback`: a native form that this
     machine cannot run (kernels not built) is written in its portable form, with a warning in
-    `result.state.warnings` (the command line's choice).
+    `result.state.warnings` (the command line's choice). `calibrate_last=False`: `calib` serves only
+    the passes that read data (mtz's Hessians, zipper's activation matching) and the caller
+    calibrates, if at all (the budgeted search measures a candidate before calibrating it).
     """
     chosen = get_method(method)
     if len(inputs) < (1 if chosen.single else 2):
@@ -309,7 +315,7 @@ def merge(
         except MergeError as e:
             raise MergeError(f"method {chosen.name} is exact, but {e}: this is a bug") from None
     info = _merged_info(state, fidelity)
-    if calib and not state.calibrated:
+    if calib and calibrate_last and not state.calibrated:
         calibrated = calibrate(model, info, {t.name: t.original for t in state.tasks}, calib, calibration,
                                progress=progress, checkpoint=checkpoint)
         model = calibrated.model

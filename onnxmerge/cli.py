@@ -27,6 +27,7 @@ from onnxmerge.search import DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "methods")
 SWEEP_STEPS_PER_LAYER = 200  # --steps-per-layer's default
 DEMO_TIME_BUDGET_S = 120.0  # the demo's search: the whole demo within 3 minutes on 2 cores
+DEMO_CALIBRATION_STEPS = 500  # the demo's calibration budget per candidate (early stopping may end sooner)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -292,12 +293,8 @@ def cmd_merge(args) -> int:
     config = _calib_config(args) if calib else None
     if args.sweep:
         return _sweep(args, names, data, calib, config)
-    if args.max_loss is not None or (args.method == "auto" and calib):
+    if _searching(args, calib):
         return _search(args, names, data, calib, validation, config)
-    if args.method == "auto":
-        print(f"onnxmerge: note: --method auto without --calib data merges with {BASELINE}, which shares nothing: "
-              "give --calib TASK=PATH (and --max-loss P) to search for a smaller model within an accuracy budget",
-              file=sys.stderr)
     checkpoint = _checkpoint(args, args.inputs)
     # a native form that this machine cannot run is written in its portable form (with a warning)
     result = merge(args.inputs, args.output, method=args.method, names=names,
@@ -313,8 +310,26 @@ def cmd_merge(args) -> int:
     originals = {t.name: t.original if t.name in merged or t.modernised else str(t.path) for t in result.state.tasks}
     model, info = result.model, result.info
     del result  # the merge state holds every model and graph: free it before the report loads the originals
+    if args.method == "auto":  # after the merge: a failure's error stays one line
+        why = "without --calib data" if not calib else "without labelled --calib data for every task"
+        print(f"note: --method auto {why} merges with {BASELINE}, which shares nothing: give labelled "
+              "--calib TASK=PATH (and --max-loss P) to search for a smaller model within an accuracy budget")
     _print_report(model, args.output, info, originals, data, args)
     return 0
+
+
+def _searching(args, calib: dict | None = None) -> bool:
+    """Whether the merge command searches (onnxmerge.search): with --max-loss, or with --method auto
+    and labelled --calib data (accuracy is what the budget is measured in)."""
+    if args.max_loss is not None:
+        return True
+    if args.method != "auto" or not args.calib or calib is None:
+        return args.method == "auto" and bool(args.calib)
+    from onnxmerge.api import task_names
+
+    names = task_names([Path(p) for p in args.inputs], args.names.split(",") if args.names else None)
+    # every task needs labelled data to be measured on: otherwise the data calibrates a pack merge
+    return all(calib.get(n) is not None and calib[n].y is not None for n in names)
 
 
 def _check_merge_flags(args) -> None:
@@ -329,7 +344,7 @@ def _check_merge_flags(args) -> None:
                       if given]
         if sweep_only:
             raise UsageError(f"{', '.join(sweep_only)}: only with --sweep (progressive sharing)")
-    searching = args.max_loss is not None or (args.method == "auto" and args.calib)
+    searching = _searching(args)  # before the data is read: as if --calib has labels
     if not searching:
         search_only = [flag for flag, given in (("--objective", args.objective != "size"),
                                                 ("--time-budget", args.time_budget != DEFAULT_TIME_BUDGET_S),
@@ -549,9 +564,10 @@ def cmd_demo(args) -> int:
     argv += [f"--data={name}={examples / m['eval_file']}" for name, m in tasks.items()]
     if args.method != BASELINE:
         argv += [f"--calib={name}={examples / m['eval_file'].replace('_eval', '_calib')}" for name, m in tasks.items()]
-        argv += ["--max-loss", str(args.max_loss), "--time-budget", str(args.time_budget)]
+        argv += ["--max-loss", str(args.max_loss), "--time-budget", str(args.time_budget),
+                 "--steps", str(DEMO_CALIBRATION_STEPS)]
     argv += ["--no-latency"] * args.no_latency + ["-q"] * args.quiet
-    how = "with pack" if args.method == BASELINE else f"to a budget of {args.max_loss:g} point(s) per task"
+    how = f"with {BASELINE}" if args.method == BASELINE else f"to a budget of {args.max_loss:g} point(s) per task"
     print(f"onnxmerge demo: merging {', '.join(m['file'] for m in tasks.values())} {how} into {output}")
     code = cmd_merge(build_parser().parse_args(argv))
     print(f"\nwrote {output} and {out_dir / 'report.json'}")

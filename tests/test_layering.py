@@ -8,7 +8,7 @@ Each part of onnxmerge may import only the parts below it:
     pipeline                           (pass base, manager, state, checks, Method)
     passes                             (common/ and one package per method)
     calibration, measure               (the PyTorch bridge and training; evaluation, latency, size, report)
-    api -> sweep -> cli -> __main__
+    api -> sweep, search -> cli -> __main__    (search: the budgeted merge, trials through the API)
 
 Passes never import calibration, measurement, the API or the CLI (what they need reaches them through
 `MergeState.services`); a method package imports no other method's package; the API and the CLI name
@@ -34,7 +34,7 @@ LEVELS = [
     {"passes"},
     {"calibration", "measure"},
     {"api"},
-    {"sweep"},
+    {"sweep", "search"},
     {"cli"},
     {"__main__", "__init__"},
 ]

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Train and export the project's real models (small CNNs on MNIST, Fashion-MNIST and FSDD).
 
-    python tools/train_models.py [--group {examples,tests,bench,mtz,zoo} ...] [--only NAME ...]
+    python tools/train_models.py [--group {examples,tests,bench,mtz,zoo,budget} ...] [--only NAME ...]
                                  [--out-examples DIR] [--out-tests DIR] [--out-bench DIR]
-                                 [--out-mtz DIR] [--out-zoo DIR]
+                                 [--out-mtz DIR] [--out-zoo DIR] [--out-budget DIR]
 
 Writes, deterministically (fixed seeds, 2 threads, CPU), by default the groups "examples" and "tests":
 
@@ -29,6 +29,15 @@ torchvision-style `MobileNetV3Small` (Hardswish, squeeze-excitation with Hardsig
 Fashion-MNIST, input (N,1,28,28) (their 3-channel stem conv replaced by a 1-channel one, of stride 1 in
 MobileNetV3), four independently initialised models, in `build/zoo_models/` with `mnist_test.npz` and
 `fashion_test.npz` (the full test splits) and `models.json`.
+
+The group "budget" (`--group budget`, `ensure_budget_models()`) is issue 18's acceptance suite for the
+budgeted search (`--max-loss`; tools/bench/budget_search.py): fifteen independently initialised models, each
+with its own seed and recipe, of five architectures (LeNet with 6/16 channels, a narrow VGG of 8-32
+channels and a 64-wide fc, a narrow depthwise-separable MobileNet, a narrow ResNet, an MLP 256-128) on MNIST
+and Fashion-MNIST (input (N,1,28,28)) and on spoken digits (FSDD, (N,1,32,32)), in `build/budget_models/`
+with `mnist_test.npz`, `fashion_test.npz`, `digits_test.npz` (the full test splits), the calibration files
+`mnist_calib.npz`, `fashion_calib.npz`, `digits_calib.npz` (2,000 samples of each TRAIN split, drawn at
+random with a fixed seed: BUDGET_CALIB) and `models.json`.
 
 Data comes from `onnxmerge.data.load_named` (the real datasets in `../shared/data` or
 `$ONNXMERGE_DATA`), preprocessed exactly as recorded in each model's `preprocessing` entry.
@@ -211,17 +220,19 @@ class PaperLeNet(nn.Module):
 class VGGStyle(nn.Module):
     """A small VGG (the paper's experiment 4.2 merges a VGG-16-avg with a ZF-net): blocks
     [conv3x3(32)-BN-ReLU x2, maxpool2], [conv3x3(64)-BN-ReLU x2, maxpool2], [conv3x3(128)-BN-ReLU,
-    maxpool2] (32 -> 16 -> 8 -> 4), flatten (128*4*4 = 2048), fc256-ReLU, fc10."""
+    maxpool2] (32 -> 16 -> 8 -> 4), flatten (128*4*4 = 2048), fc256-ReLU, fc10. `widths` and `fc` set
+    the three blocks' channels and the hidden fc's width (the budget group's narrow VGG: 8, 16, 32; 64)."""
 
-    def __init__(self, size: int = 32, classes: int = 10):
+    def __init__(self, size: int = 32, classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128), fc: int = 256):
         super().__init__()
+        a, b, c = widths
         self.features = nn.Sequential(
-            *_conv_bn_relu(1, 32), *_conv_bn_relu(32, 32), nn.MaxPool2d(2),
-            *_conv_bn_relu(32, 64), *_conv_bn_relu(64, 64), nn.MaxPool2d(2),
-            *_conv_bn_relu(64, 128), nn.MaxPool2d(2),
+            *_conv_bn_relu(1, a), *_conv_bn_relu(a, a), nn.MaxPool2d(2),
+            *_conv_bn_relu(a, b), *_conv_bn_relu(b, b), nn.MaxPool2d(2),
+            *_conv_bn_relu(b, c), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(128 * (size // 8) ** 2, 256), nn.ReLU(), nn.Linear(256, classes)
+            nn.Flatten(), nn.Linear(c * (size // 8) ** 2, fc), nn.ReLU(), nn.Linear(fc, classes)
         )
 
     def forward(self, x):
@@ -284,6 +295,52 @@ class CaffeLeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
+class NarrowMobileNet(nn.Module):
+    """A narrow MobileNet (the budget group): stem conv3x3(8)-BN-ReLU6, four depthwise-separable blocks
+    (8->16 s2, 16->32, 32->64 s2, 64->128 s2: 28 -> 14 -> 7 -> 4, or 32 -> 16 -> 8 -> 4),
+    GlobalAveragePool, Flatten, fc(128 -> 10)."""
+
+    BLOCKS = ((8, 16, 2), (16, 32, 1), (32, 64, 2), (64, 128, 2))
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.blocks = nn.Sequential(*[DepthwiseSeparable(a, b, s) for a, b, s in self.BLOCKS])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.BLOCKS[-1][1], classes))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class NarrowResNet(nn.Module):
+    """A narrow ResNet (the budget group): stem conv3x3(12, stride 2)-BN-ReLU (28 -> 14), basic blocks
+    12->12 (identity shortcut), 12->24 stride 2 and 24->48 stride 2 (1x1 projection shortcuts: 14 -> 7
+    -> 4), GlobalAveragePool, Flatten, fc(48 -> 10)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(12, 12, 1), BasicBlock(12, 24, 2), BasicBlock(24, 48, 2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, classes))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class MLP(nn.Module):
+    """A multilayer perceptron (the budget group), no BatchNorm: flatten (size*size), fc256-ReLU,
+    fc128-ReLU, fc10."""
+
+    def __init__(self, size: int = 28, classes: int = 10):
+        super().__init__()
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(size * size, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(x)
+
+
 def _zoo_grey(name: str, stem_stride: int | None = None) -> nn.Module:
     """tools/zoo.py's `name` (MobileNetV3Small, EfficientNetB0) for 1-channel images: its stem conv
     (3 -> C channels) replaced by a freshly initialised 1 -> C conv of the same kernel and padding, and of
@@ -317,6 +374,12 @@ ARCHS = {
     # two layers, and 3 epochs reached only 98.11% (MNIST) / 86.88% (Fashion-MNIST, train loss 0.34: underfit)
     "mobilenet_v3": lambda size: _zoo_grey("MobileNetV3Small", stem_stride=1),
     "efficientnet": lambda size: _zoo_grey("EfficientNetB0"),
+    # the budget group's (issue 18's acceptance suite): narrower than the tests group's, any input size
+    "lenet6": lambda size: LeNet(size, c1=6, c2=16),
+    "vgg_narrow": lambda size: VGGStyle(size, widths=(8, 16, 32), fc=64),  # narrow: 28 or 32 -> 3 or 4
+    "mobilenet_narrow": lambda size: NarrowMobileNet(),
+    "resnet_narrow": lambda size: NarrowResNet(),
+    "mlp": lambda size: MLP(size),
 }
 # operators an architecture's export may use beyond ALLOWED_OPS (the zoo group's activations and SE scaling)
 EXTRA_OPS = {
@@ -329,8 +392,8 @@ EXTRA_OPS = {
 # what to train
 
 
-GROUPS = ("examples", "tests", "bench", "mtz", "zoo")
-DEFAULT_GROUPS = ("examples", "tests")  # what a plain run trains; "bench", "mtz" and "zoo" only when asked for
+GROUPS = ("examples", "tests", "bench", "mtz", "zoo", "budget")
+DEFAULT_GROUPS = ("examples", "tests")  # what a plain run trains; "bench", "mtz", "zoo" and "budget" only when asked for
 
 
 @dataclass
@@ -452,6 +515,53 @@ ZOO_SPECS = [
          notes={"why": "as efficientnet_mnist, another initialisation (1 epoch: 86.3%)", "setup": _ZOO_NOTE}),
 ]
 
+# issue 18's acceptance suite (tools/bench/budget_search.py): pairs the budgeted search (--max-loss) was not
+# tuned on. Five architectures (LeNet, narrow VGG, narrow MobileNet, narrow ResNet, MLP), each on MNIST and on
+# Fashion-MNIST (28x28) and on spoken digits (FSDD log-spectrograms, 32x32), every model from its own seed
+# (independently initialised) and with its own recipe (epochs, lr, batch, weight decay varied a little)
+_BUDGET_NOTE = ("budget acceptance-suite model (issue 18): Adam with cosine decay to 0, no augmentation; its own seed "
+                "and recipe; settings chosen for the whole budget group in about 15 min on 2 busy CPU cores")
+_FSDD_WHY = "only 2,700 training recordings: many epochs, small batches and a little weight decay"
+BUDGET_SPECS = [
+    Spec("lenet_mnist", "budget", "lenet6", "mnist", epochs=3, lr=2e-3, batch=128, seed=20,
+         notes={"why": "LeNet-5's 6/16 channels; cheap per epoch: 3 epochs", "setup": _BUDGET_NOTE}),
+    Spec("lenet_fashion", "budget", "lenet6", "fashion-mnist", epochs=3, lr=3e-3, batch=96, seed=21,
+         notes={"why": "as lenet_mnist, a larger lr and smaller batches", "setup": _BUDGET_NOTE}),
+    Spec("vgg_mnist", "budget", "vgg_narrow", "mnist", epochs=2, lr=3e-3, batch=128, seed=22,
+         notes={"why": "BatchNorm allows lr 3e-3; 2 epochs", "setup": _BUDGET_NOTE}),
+    Spec("vgg_fashion", "budget", "vgg_narrow", "fashion-mnist", epochs=3, lr=2e-3, batch=128, seed=23,
+         notes={"why": "Fashion-MNIST is harder: 3 epochs", "setup": _BUDGET_NOTE}),
+    Spec("mobilenet_mnist", "budget", "mobilenet_narrow", "mnist", epochs=2, lr=5e-3, batch=128, seed=24,
+         notes={"why": "depthwise convs train slowly at small lr: 5e-3, 2 epochs", "setup": _BUDGET_NOTE}),
+    Spec("mobilenet_fashion", "budget", "mobilenet_narrow", "fashion-mnist", epochs=3, lr=4e-3, batch=128, seed=25,
+         notes={"why": "as mobilenet_mnist, 3 epochs for the harder task", "setup": _BUDGET_NOTE}),
+    Spec("resnet_mnist", "budget", "resnet_narrow", "mnist", epochs=2, lr=4e-3, batch=128, seed=26,
+         notes={"why": "BatchNorm and shortcuts: lr 4e-3, 2 epochs", "setup": _BUDGET_NOTE}),
+    Spec("resnet_fashion", "budget", "resnet_narrow", "fashion-mnist", epochs=2, lr=3e-3, batch=96, seed=27,
+         notes={"why": "as resnet_mnist, a smaller lr and smaller batches", "setup": _BUDGET_NOTE}),
+    Spec("mlp_mnist", "budget", "mlp", "mnist", epochs=4, lr=1e-3, batch=128, seed=28,
+         notes={"why": "no BatchNorm: lr 1e-3; very cheap per epoch: 4 epochs", "setup": _BUDGET_NOTE}),
+    Spec("mlp_fashion", "budget", "mlp", "fashion-mnist", epochs=4, lr=1.5e-3, batch=64, seed=29, weight_decay=1e-5,
+         notes={"why": "as mlp_mnist, smaller batches and a touch of weight decay", "setup": _BUDGET_NOTE}),
+    Spec("lenet_fsdd", "budget", "lenet6", "fsdd", epochs=30, lr=2e-3, batch=64, seed=30, weight_decay=1e-4,
+         notes={"why": _FSDD_WHY, "setup": _BUDGET_NOTE}),
+    Spec("vgg_fsdd", "budget", "vgg_narrow", "fsdd", epochs=25, lr=2e-3, batch=64, seed=31, weight_decay=1e-4,
+         notes={"why": _FSDD_WHY, "setup": _BUDGET_NOTE}),
+    Spec("mobilenet_fsdd", "budget", "mobilenet_narrow", "fsdd", epochs=30, lr=4e-3, batch=64, seed=32,
+         weight_decay=1e-4, notes={"why": _FSDD_WHY + "; depthwise convs: lr 4e-3", "setup": _BUDGET_NOTE}),
+    Spec("resnet_fsdd", "budget", "resnet_narrow", "fsdd", epochs=25, lr=3e-3, batch=64, seed=33, weight_decay=1e-4,
+         notes={"why": _FSDD_WHY, "setup": _BUDGET_NOTE}),
+    Spec("mlp_fsdd", "budget", "mlp", "fsdd", epochs=40, lr=1e-3, batch=32, seed=34, weight_decay=1e-4,
+         notes={"why": _FSDD_WHY + "; no BatchNorm: lr 1e-3, batch 32", "setup": _BUDGET_NOTE}),
+]
+# the budget group's calibration files: dataset -> (file name, samples of the TRAIN split drawn at random by
+# Dataset.subset(n, seed)); the models trained on the whole train split, the search holds out a fifth of these
+BUDGET_CALIB = {
+    "mnist": ("mnist_calib.npz", 2000, 0),
+    "fashion-mnist": ("fashion_calib.npz", 2000, 1),
+    "fsdd": ("digits_calib.npz", 2000, 2),
+}
+
 SPECS = [
     Spec("fashion_lenet", "examples", "lenet", "fashion-mnist", epochs=3, lr=2e-3),
     Spec("digits_lenet", "examples", "lenet", "fsdd", epochs=25, lr=2e-3, batch=64, weight_decay=1e-4),
@@ -469,6 +579,7 @@ SPECS = [
     *BENCH_SPECS,
     *MTZ_SPECS,
     *ZOO_SPECS,
+    *BUDGET_SPECS,
 ]
 
 # the eval subsets: (group, dataset) -> (file name, how many of the test split (None = all),
@@ -485,6 +596,9 @@ EVAL_SETS = {
     ("mtz", "fashion-mnist"): ("fashion_test.npz", None, None),
     ("zoo", "mnist"): ("mnist_test.npz", None, None),
     ("zoo", "fashion-mnist"): ("fashion_test.npz", None, None),
+    ("budget", "mnist"): ("mnist_test.npz", None, None),
+    ("budget", "fashion-mnist"): ("fashion_test.npz", None, None),
+    ("budget", "fsdd"): ("digits_test.npz", None, None),
 }
 
 for _s in SPECS:  # the tables agree: known group and architecture, an eval set of the model's size
@@ -651,6 +765,17 @@ def write_eval_set(group: str, ds: str, out_dir: Path) -> Dataset:
     return sub
 
 
+def write_calib_set(ds: str, out_dir: Path) -> Path:
+    """The budget group's calibration file of dataset `ds` (see BUDGET_CALIB) in `out_dir`: samples of
+    the train split (never of the test split), drawn at random with a fixed seed."""
+    fname, n, seed = BUDGET_CALIB[ds]
+    sub = load_named(ds, "train").subset(n, seed)
+    sub.preprocessing = {**sub.preprocessing,
+                         "subset": f"{len(sub)} of the {ds} train split drawn at random (Dataset.subset(n, seed={seed}))"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return save_npz(out_dir / fname, sub)
+
+
 def train_and_export(specs: list[Spec], out_dirs: dict[str, Path]) -> dict[str, dict[str, dict]]:
     """Train, export and check `specs`, write their groups' eval files and update each group's
     models.json (other models' entries are kept). Returns {group: {name: models.json entry}}."""
@@ -665,6 +790,8 @@ def train_and_export(specs: list[Spec], out_dirs: dict[str, Path]) -> dict[str, 
     evals: dict[tuple[str, str], Dataset] = {}
     for group, ds in sorted({(s.group, s.dataset) for s in specs}):
         evals[group, ds] = write_eval_set(group, ds, out_dirs[group])
+        if group == "budget":
+            write_calib_set(ds, out_dirs[group])
 
     results: dict[str, dict[str, dict]] = {g: {} for g in GROUPS}
     print(f"{'model':22} {'params':>8} {'epochs':>6} {'train s':>8} {'acc test':>9} {'acc eval':>9} "
@@ -757,6 +884,8 @@ def write_models_json(out_dir: Path, group: str, entries: dict[str, dict]) -> Pa
                 "preprocessed exactly as in training (see each model's preprocessing)",
         "eval_files": {f: f"{ds}: " + _subset_note(n, size)
                        for (g, ds), (f, n, size) in EVAL_SETS.items() if g == group},
+        **({"calib_files": {f: f"{ds}: {n} samples of the train split drawn at random (Dataset.subset(n, seed={seed}))"
+                            for ds, (f, n, seed) in BUDGET_CALIB.items()}} if group == "budget" else {}),
         "models": models,
     }
     jpath.write_text(json.dumps(doc, indent=2) + "\n")
@@ -769,10 +898,12 @@ DEFAULT_OUT = {
     "bench": REPO / "build" / "bench_models",  # git-ignored, not shipped
     "mtz": REPO / "build" / "mtz_models",  # git-ignored, not shipped
     "zoo": REPO / "build" / "zoo_models",  # git-ignored, not shipped
+    "budget": REPO / "build" / "budget_models",  # git-ignored, not shipped
 }
 BENCH_NAMES = [s.name for s in SPECS if s.group == "bench"]
 MTZ_NAMES = [s.name for s in SPECS if s.group == "mtz"]
 ZOO_NAMES = [s.name for s in SPECS if s.group == "zoo"]
+BUDGET_NAMES = [s.name for s in SPECS if s.group == "budget"]
 
 
 def ensure_models(group: str, names: list[str] | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -796,6 +927,8 @@ def ensure_models(group: str, names: list[str] | None = None, out_dir: str | Pat
     for ds in sorted({by_name[n].dataset for n in names}):  # eval files gone missing: no retraining
         if not (out / EVAL_SETS[group, ds][0]).is_file():
             write_eval_set(group, ds, out)
+        if group == "budget" and not (out / BUDGET_CALIB[ds][0]).is_file():
+            write_calib_set(ds, out)
     return {n: out / f"{n}.onnx" for n in names}
 
 
@@ -815,11 +948,17 @@ def ensure_zoo_models(names: list[str] | None = None, out_dir: str | Path | None
     return ensure_models("zoo", names, out_dir)
 
 
+def ensure_budget_models(names: list[str] | None = None, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """ensure_models("budget", names, out_dir): issue 18's acceptance-suite models (default
+    build/budget_models/), with their test files (EVAL_SETS) and calibration files (BUDGET_CALIB)."""
+    return ensure_models("budget", names, out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", metavar="NAME", choices=sorted({s.name for s in SPECS}),
                     help="train only these models, of any group (others' entries in models.json are kept); "
-                         "a name that two groups use (resnet_mnist, resnet_fashion: tests and mtz) needs --group")
+                         "a name that two groups use (e.g. resnet_mnist: tests, mtz and budget) needs --group")
     ap.add_argument("--group", nargs="+", choices=GROUPS,
                     help=f"train these groups (default: {' and '.join(DEFAULT_GROUPS)}; with --only: "
                          "only the named models in these groups)")
@@ -828,6 +967,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-bench", type=Path, default=DEFAULT_OUT["bench"])
     ap.add_argument("--out-mtz", type=Path, default=DEFAULT_OUT["mtz"])
     ap.add_argument("--out-zoo", type=Path, default=DEFAULT_OUT["zoo"])
+    ap.add_argument("--out-budget", type=Path, default=DEFAULT_OUT["budget"])
     args = ap.parse_args(argv)
 
     groups = args.group or (GROUPS if args.only else DEFAULT_GROUPS)
@@ -840,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(in_groups) > 1:
                 ap.error(f"{name} is a model of groups {' and '.join(in_groups)}: say which with --group")
     out_dirs = {"examples": args.out_examples, "tests": args.out_tests, "bench": args.out_bench,
-                "mtz": args.out_mtz, "zoo": args.out_zoo}
+                "mtz": args.out_mtz, "zoo": args.out_zoo, "budget": args.out_budget}
     t_start = time.time()
     with torch_settings():
         train_and_export(specs, out_dirs)

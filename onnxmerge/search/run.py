@@ -10,12 +10,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from onnxmerge.api import merge
 from onnxmerge.calibration.calibrate import CalibrationConfig
 from onnxmerge.errors import MergeError, UsageError
-from onnxmerge.measure.evaluate import evaluate
 from onnxmerge.measure.metrics import parameter_bytes
 from onnxmerge.model.contract import write_metadata
 from onnxmerge.model.saving import save_atomic
@@ -23,7 +23,7 @@ from onnxmerge.passes import BASELINE, METHODS
 from onnxmerge.pipeline.checks import validate_output
 from onnxmerge.search import DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 from onnxmerge.search.front import choose, cost, pareto
-from onnxmerge.search.trial import Setup, Trial, run_trial
+from onnxmerge.search.trial import Setup, Trial, correct, run_trial
 
 HELD_OUT_FRACTION, HELD_OUT_MAX = 0.2, 2000  # of --calib, per task, when no --validation is given
 HELD_OUT_SEED = 0
@@ -54,6 +54,8 @@ def split_validation(calib: dict, validation: dict | None, seed: int = HELD_OUT_
         given = (validation or {}).get(task)
         if given is not None:
             train[task], held[task], where[task] = ds, given, f"--validation {given.source}"
+        elif not len(ds):
+            raise MergeError(f"--calib: data {ds.source} has no samples (task {task!r})")
         else:
             n = min(HELD_OUT_MAX, max(1, int(len(ds) * HELD_OUT_FRACTION)))
             if len(ds) - n < 1:
@@ -106,7 +108,8 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     say = log or (lambda line: tqdm.write(line) if progress else print(line))
 
     # the baseline: every task's reference accuracy, the originals' size, the always-valid answer
-    base = merge(inputs, method=BASELINE, names=names)
+    # (merge checks the data against the tasks' inputs, in the words of a plain merge)
+    base = merge(inputs, method=BASELINE, names=names, calib=train, validation=held, calibrate_last=False)
     names = [t.name for t in base.state.tasks]
     missing = [t for t in names if t not in calib]
     if missing:
@@ -114,9 +117,10 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     originals = {t.name: t.original if t.modernised else str(t.path) for t in base.state.tasks}
     original_bytes = sum(parameter_bytes(t.original) for t in base.state.tasks)
     n_layers = min(len(t.layers) for t in base.state.tasks)
-    ev = evaluate(base.model, base.info, held, {t.name: t.original for t in base.state.tasks}, progress=False)
-    setup = Setup(inputs, names, train, held, originals, {t: r["original_accuracy"] for t, r in ev.items()},
-                  original_bytes, calibration or CalibrationConfig(), latency_budget_s, measure_latency)
+    # the originals' answers on the held-out data, from pack: it computes them exactly (checked by merge)
+    original_correct = correct(base.model, base.info, held)
+    setup = Setup(inputs, names, train, held, originals, {t: float(np.mean(c)) for t, c in original_correct.items()},
+                  original_correct, original_bytes, calibration or CalibrationConfig(), latency_budget_s, measure_latency)
     del base
     say(f"search: {', '.join(m.name for m in searched)} within {max_loss:g} point(s) per task, objective "
         f"{objective}; validation: " + "; ".join(f"{t}: {w}" for t, w in where.items()))
@@ -256,6 +260,6 @@ def _line(t: Trial, original_bytes: int | None, max_loss: float) -> str:
         return f"{head} {t.status}"
     size = f"{original_bytes / t.bytes:5.2f}x smaller" if t.bytes and original_bytes else f"{t.bytes:,} bytes"
     speed = f"{t.speedup:5.2f}x faster" if t.speedup else "  (no latency)"
-    acc = "  ".join(f"{task} {100 * a:.1f}% ({-loss:+.1f})" for (task, a), loss in zip(t.accuracy.items(), t.loss.values()))
+    acc = "  ".join(f"{task} {100 * a:.1f}% ({-t.loss[task]:+.1f}±{t.error.get(task, 0):.1f})" for task, a in t.accuracy.items())
     verdict = "within budget" if t.within(max_loss) else f"over {max_loss:g}"
     return f"{head} {size}  {speed}  {acc}  {'calibrated' if t.calibrated else 'as merged'}, {verdict} ({t.seconds:.0f} s)"

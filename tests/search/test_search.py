@@ -151,8 +151,8 @@ def test_auto_without_data_says_why_it_packs(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     argv = [str(shipped(EXAMPLES / f"{n}.onnx")) for n in PAIR] + ["-o", str(out), "--no-latency", "-q"]
     assert main(argv) == 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "without --calib" in err[0] and "pack" in err[0]
+    out = capsys.readouterr().out.splitlines()
+    assert sum("without --calib" in line and "pack" in line for line in out) == 1
     assert main([*argv[:-2], "--objective", "latency"]) == 2
     assert "only with --max-loss" in capsys.readouterr().err
 
@@ -186,3 +186,24 @@ def test_torchrun_ranks_share_the_methods_and_rank0_writes(tmp_path):
     assert [t["method"] for t in table["trials"]].count("pack") == 1
     assert any(t["method"] == "codebook" and t["status"] == "ok" for t in table["trials"])
     assert read_metadata(onnx.load(str(tmp_path / "m.onnx"))).method == table["trials"][table["chosen"]]["method"]
+
+
+def test_loss_is_paired_and_its_standard_error_widens_the_budget(monkeypatch):
+    """400 held-out samples; merged and original disagree on 12: the original alone right on 8, the
+    merged alone on 4. Loss 1 point; its standard error is the paired one, from the 12 only."""
+    from onnxmerge.search import trial as trial_mod
+
+    orig = np.ones(400, bool)
+    orig[:10] = False  # the original wrong on 10
+    merged = orig.copy()
+    merged[10:18] = False  # merged wrong where the original is right (8)
+    merged[:4] = True  # merged right where the original is wrong (4)
+    monkeypatch.setattr(trial_mod, "correct", lambda model, info, data: {"a": merged})
+    setup = type("S", (), {"validation": {}, "original_correct": {"a": orig}})()
+    t = Trial("m", {})
+    trial_mod._measure(t, setup)
+    d = orig.astype(float) - merged
+    assert t.loss["a"] == pytest.approx(1.0)
+    assert t.error["a"] == pytest.approx(100 * d.std(ddof=1) / 20)  # sqrt(400) = 20
+    assert 0.4 < t.error["a"] < 1.0
+    assert not t.within(1.0) and t.within(1.0 + trial_mod.CONFIDENCE_Z * t.error["a"])

@@ -76,7 +76,8 @@ def test_user_alignment_is_checked(tiny_pair):
 def test_dump_dir_writes_models_after_changing_passes(tiny_pair, tmp_path):
     merge(tiny_pair, method="zipper", params={"share": 0}, dump_dir=tmp_path / "dump")
     dumped = sorted(p.name for p in (tmp_path / "dump").iterdir())
-    assert "02_FoldBatchNormPass_tiny0.onnx" in dumped and "05_CombineGraphsPass.onnx" in dumped
+    assert "02_FoldBatchNormPass_tiny0.onnx" in dumped
+    assert [n for n in dumped if n.endswith("_CombineGraphsPass.onnx")] != []  # numbered after the per-task passes
     assert not any("AlignLayersPass" in n for n in dumped)  # analysis only: nothing changed
     for p in (tmp_path / "dump").iterdir():
         onnx.checker.check_model(str(p))

@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Issue 18's acceptance suite: the budgeted search (`--max-loss 1`) on pairs it was not tuned on (BENCHMARKS.md,
+budget_search).
+
+The models are tools/train_models.py's group "budget" (build/budget_models, trained here on first use):
+LeNet-style (6/16 channels), a narrow VGG (8-32 channels, a 64-wide fc), a narrow MobileNet (depthwise
+separable), a narrow ResNet and an MLP, on MNIST and Fashion-MNIST (28x28) and on spoken digits (FSDD
+log-spectrograms, 32x32), every model from its own seed and with its own recipe. Each pair is searched with
+the Python API as `onnxmerge A.onnx B.onnx -o M.onnx --max-loss 1 --calib TASK=PATH ... --objective O
+--time-budget S` would search it (onnxmerge.search.run.search):
+
+- calibration data: 2,000 samples of each task's TRAIN split (build/budget_models/*_calib.npz); the search
+  holds out its own validation part of them (a fifth) to choose on;
+- pairs of one architecture (MNIST + Fashion-MNIST): `--objective latency`; target at least 2x smaller and
+  at least 1.5x faster than the originals run one after another in separate sessions (one thread, batch 1);
+- pairs of different architectures (most with spoken digits): `--objective size`; target at least 5x smaller
+  than the originals together;
+- the paper's LeNet pair (build/bench_models: spoken digits + Fashion-MNIST at 32x32), a row of its own:
+  `--objective size`, target at least 15x;
+- then the chosen model is evaluated on each task's full TEST split, which the search never saw: every task
+  must stay within 1 point of its original there, and the row says whether the target is met.
+
+The pairs were split into a tuning half and a report half before anything was run (TUNING, REPORT below).
+Run the report half only once the search is tuned, and never tune on its figures.
+
+    python tools/bench/budget_search.py [--pairs tuning|report|paper|all] [--only PAIR ...]
+                                        [--time-budget S] [--out-dir build/budget_bench] [--no-train]
+                                        [--no-write] [--md FILE]
+
+Each pair's figures are written to `<out-dir>/<pair>.json` (with the chosen model, `<pair>.onnx`, and the
+search's own report, `<pair>_search.{md,json,png}`); the section is made from every pair's JSON in the
+out-dir, so pairs not run this time keep their last figures (each row says when it was run). Writes the
+`budget_search` section of BENCHMARKS.md unless --no-write; --md also writes the section to FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
+
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+SECTION = "budget_search"
+MODELS = ROOT / "build" / "budget_models"
+PAPER_MODELS = ROOT / "build" / "bench_models"
+WORK = ROOT / "build" / "budget_bench"
+MAX_LOSS = 1.0  # points per task
+TIME_BUDGET_S = 600.0  # per search; the issue: every search under 15 minutes
+LATENCY_BUDGET_S = 3.0  # the chosen model's speed-up measured again, against the originals (b=1, one thread)
+TARGETS = {"same": {"compression": 2.0, "speedup": 1.5}, "different": {"compression": 5.0}, "paper": {"compression": 15.0}}
+OBJECTIVE = {"same": "latency", "different": "size", "paper": "size"}
+TASK_DATA = {"mnist": "mnist", "fashion": "fashion-mnist", "digits": "fsdd"}  # task -> dataset
+TEST_FILES = {"mnist": "mnist_test.npz", "fashion": "fashion_test.npz", "digits": "digits_test.npz"}
+CALIB_FILES = {"mnist": "mnist_calib.npz", "fashion": "fashion_calib.npz", "digits": "digits_calib.npz"}
+
+# The pairs: name -> (kind, {task: model of the budget group}). Split into the tuning half and the report half
+# BEFORE any search was run on them (2026-12-04), and fixed since: tune the search on TUNING only; REPORT is
+# run once, after tuning, for the acceptance figures. Each half holds pairs of one architecture (MNIST +
+# Fashion-MNIST, 28x28) and of different architectures (with spoken digits, 32x32, beside a 28x28 model); no
+# model file is in both halves (the report half's models were never merged while tuning). The architectures
+# are split too: the tuning half's same-architecture pairs are LeNet (plain chain) and ResNet (residual Adds,
+# projection shortcuts), the report half's VGG, MobileNet (depthwise) and MLP (Gemm only).
+TUNING = {
+    "lenet_mnist+lenet_fashion": ("same", {"mnist": "lenet_mnist", "fashion": "lenet_fashion"}),
+    "resnet_mnist+resnet_fashion": ("same", {"mnist": "resnet_mnist", "fashion": "resnet_fashion"}),
+    "mlp_fsdd+lenet_mnist": ("different", {"digits": "mlp_fsdd", "mnist": "lenet_mnist"}),
+    "mobilenet_fsdd+resnet_fashion": ("different", {"digits": "mobilenet_fsdd", "fashion": "resnet_fashion"}),
+    "vgg_fsdd+lenet_fashion": ("different", {"digits": "vgg_fsdd", "fashion": "lenet_fashion"}),
+}
+REPORT = {
+    "vgg_mnist+vgg_fashion": ("same", {"mnist": "vgg_mnist", "fashion": "vgg_fashion"}),
+    "mobilenet_mnist+mobilenet_fashion": ("same", {"mnist": "mobilenet_mnist", "fashion": "mobilenet_fashion"}),
+    "mlp_mnist+mlp_fashion": ("same", {"mnist": "mlp_mnist", "fashion": "mlp_fashion"}),
+    "lenet_fsdd+vgg_fashion": ("different", {"digits": "lenet_fsdd", "fashion": "vgg_fashion"}),
+    "resnet_fsdd+mobilenet_mnist": ("different", {"digits": "resnet_fsdd", "mnist": "mobilenet_mnist"}),
+}
+# the paper's LeNet pair (NeuralMerger experiment 4.1; build/bench_models): not in either half, the project
+# has been developed on it
+PAPER = {"paper_lenet_fsdd+paper_lenet_fashion32": ("paper", {"digits": "paper_lenet_fsdd",
+                                                              "fashion": "paper_lenet_fashion32"})}
+HALVES = {"tuning": TUNING, "report": REPORT, "paper": PAPER}
+PAIRS = {**TUNING, **REPORT, **PAPER}
+PAPER_TEST = {"digits": "digits_eval.npz", "fashion": "fashion32_eval.npz"}  # bench group: the full test splits
+
+assert not set(TUNING) & set(REPORT)
+assert not {m for _, ms in TUNING.values() for m in ms.values()} & {m for _, ms in REPORT.values() for m in ms.values()}
+
+
+def half_of(pair: str) -> str:
+    return next(h for h, pairs in HALVES.items() if pair in pairs)
+
+
+def rel(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def pair_files(pair: str, work: Path) -> tuple[dict[str, Path], dict[str, Path], dict[str, Path]]:
+    """({task: model}, {task: calibration file}, {task: test file}) of `pair`, training or writing what is missing."""
+    import train_models
+
+    from onnxmerge.data import load_named, save_npz
+
+    kind, models = PAIRS[pair]
+    if kind == "paper":
+        paths = train_models.ensure_bench_models(list(models.values()))
+        calib = {t: work / f"paper_{t}_calib.npz" for t in models}
+        for t, path in calib.items():  # as the budget group's calibration files (BUDGET_CALIB), fashion at 32x32
+            if not path.is_file():
+                _, n, seed = train_models.BUDGET_CALIB[TASK_DATA[t]]
+                work.mkdir(parents=True, exist_ok=True)
+                ds = load_named(TASK_DATA[t], "train", size=32).subset(n, seed)
+                ds.preprocessing = {**ds.preprocessing, "subset": f"{len(ds)} of the {TASK_DATA[t]} train split drawn "
+                                    f"at random (Dataset.subset(n, seed={seed}))" + (", resized to 32x32" if t != "digits" else "")}
+                save_npz(path, ds)
+        test = {t: PAPER_MODELS / PAPER_TEST[t] for t in models}
+        return {t: paths[m] for t, m in models.items()}, calib, test
+    paths = train_models.ensure_budget_models(list(models.values()))
+    return ({t: paths[m] for t, m in models.items()}, {t: MODELS / CALIB_FILES[t] for t in models},
+            {t: MODELS / TEST_FILES[t] for t in models})
+
+
+def architectures(pair: str) -> dict[str, str]:
+    """{task: architecture} from tools/train_models.py's specs."""
+    import train_models
+
+    by_name = {(s.group, s.name): s.arch for s in train_models.SPECS}
+    group = "bench" if PAIRS[pair][0] == "paper" else "budget"
+    return {t: by_name[group, m] for t, m in PAIRS[pair][1].items()}
+
+
+def run_pair(pair: str, time_budget: float, work: Path) -> dict:
+    """Search `pair`, save the chosen model and the search's report, evaluate on the test splits."""
+    from onnxmerge.data import load_dataset
+    from onnxmerge.measure.evaluate import evaluate
+    from onnxmerge.measure.latency import latency_table
+    from onnxmerge.search import report as search_report
+    from onnxmerge.search.run import save, search
+
+    kind, _ = PAIRS[pair]
+    objective = OBJECTIVE[kind]
+    models, calib_files, test_files = pair_files(pair, work)
+    tasks = list(models)
+    calib = {t: load_dataset(p) for t, p in calib_files.items()}
+    test = {t: load_dataset(p) for t, p in test_files.items()}
+    command = shlex.join(["onnxmerge", *[rel(models[t]) for t in tasks], "-o", rel(work / f"{pair}.onnx"),
+                          "--names", ",".join(tasks), "--max-loss", f"{MAX_LOSS:g}",
+                          *[a for t in tasks for a in ("--calib", f"{t}={rel(calib_files[t])}")],
+                          "--objective", objective, "--time-budget", f"{time_budget:g}",
+                          *[a for t in tasks for a in ("--data", f"{t}={rel(test_files[t])}")]])
+    print(f"\n=== {pair} ({half_of(pair)} half, {kind}): {command}", flush=True)
+    t0 = time.perf_counter()
+    result = search([str(models[t]) for t in tasks], tasks, calib, max_loss=MAX_LOSS, objective=objective,
+                    time_budget_s=time_budget, progress=False, log=lambda line: print("    " + line, flush=True))
+    search_s = time.perf_counter() - t0
+    chosen = result.chosen
+    work.mkdir(parents=True, exist_ok=True)
+    out = save(result, work / f"{pair}.onnx")
+    ev = evaluate(chosen.model, chosen.info, test, result.originals, progress=False)
+    search_report.write(result, out, ev)
+    lat = latency_table(chosen.model, result.originals, batch_sizes=(1,), threads=(1,), budget_s=LATENCY_BUDGET_S,
+                        progress=False)[0]
+    compression = result.original_bytes / chosen.bytes
+    acc = {t: ev[t]["accuracy"] for t in tasks}
+    orig = {t: ev[t]["original_accuracy"] for t in tasks}
+    change = {t: 100 * (acc[t] - orig[t]) for t in tasks}
+    within = all(c >= -MAX_LOSS - 1e-9 for c in change.values())
+    target = TARGETS[kind]
+    speedup = lat["speedup_vs_originals"]
+    meets = compression >= target["compression"] and speedup >= target.get("speedup", 0.0)
+    row = {
+        "pair": pair, "half": half_of(pair), "kind": kind, "tasks": tasks,
+        "models": {t: rel(p) for t, p in models.items()}, "architectures": architectures(pair),
+        "objective": objective, "max_loss_points": MAX_LOSS, "time_budget_s": time_budget, "command": command,
+        "chosen": chosen.label, "method": chosen.method, "params": chosen.params, "calibrated": chosen.calibrated,
+        "bytes": chosen.bytes, "original_bytes": result.original_bytes, "compression": compression,
+        "macs": chosen.macs, "speedup_search": chosen.speedup, "speedup": speedup,
+        "latency_ms": {"originals": lat["originals"]["median_ms"], "merged": lat["merged"]["median_ms"]},
+        "validation_loss_points": chosen.loss, "validation": result.validation,
+        "test_accuracy": acc, "test_original_accuracy": orig, "test_change_points": change,
+        "test_samples": {t: ev[t]["n"] for t in tasks},
+        "within_on_test": within, "target": target, "target_met": meets, "accepted": within and meets,
+        "trials": len(result.trials), "trials_measured": sum(t.measured for t in result.trials),
+        "search_seconds": search_s, "notes": result.notes,
+        "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+    }
+    (work / f"{pair}.json").write_text(json.dumps(row, indent=2) + "\n")
+    print(f"--- {pair}: chosen {chosen.label}, {compression:.2f}x smaller, {speedup:.2f}x faster (b=1, 1 thread); "
+          "test " + ", ".join(f"{t} {100 * acc[t]:.2f}% ({change[t]:+.2f})" for t in tasks)
+          + f"; within 1 point on test: {'yes' if within else 'NO'}; target {target_text(kind)}: "
+          f"{'met' if meets else 'MISSED'}; {len(result.trials)} trials, {search_s:.0f} s", flush=True)
+    return row
+
+
+def target_text(kind: str) -> str:
+    t = TARGETS[kind]
+    return f">= {t['compression']:g}x smaller" + (f", >= {t['speedup']:g}x faster" if "speedup" in t else "")
+
+
+def table(rows: list[dict]) -> list[str]:
+    head = ["pair", "half", "architectures (task: arch)", "objective", "chosen", "smaller", "speed-up (b=1, 1 thread)",
+            "test accuracy (change, points)", "within 1 point on test", "target", "met", "trials", "search s", "run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        tasks = r["tasks"]
+        archs = ", ".join(f"{t}: {r['architectures'][t]}" for t in tasks)
+        accs = ", ".join(f"{t} {100 * r['test_accuracy'][t]:.2f}% ({r['test_change_points'][t]:+.2f})" for t in tasks)
+        lines.append("| " + " | ".join([
+            f"`{r['pair']}`", r["half"], archs, r["objective"], f"`{r['chosen']}`" + (" (calibrated)" if r["calibrated"] else ""),
+            f"{r['compression']:.2f}x", f"{r['speedup']:.2f}x", accs, "yes" if r["within_on_test"] else "**no**",
+            target_text(r["kind"]), "yes" if r["accepted"] else "**no**", str(r["trials"]), f"{r['search_seconds']:.0f}",
+            r["date"]]) + " |")
+    return lines
+
+
+def section(rows: list[dict], argv: list[str], seconds: float) -> str:
+    from onnxmerge.measure.latency import machine_info
+
+    info = machine_info()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
+    command = shlex.join(["python", "tools/bench/budget_search.py", *argv])
+    order = list(PAIRS)
+    rows = sorted(rows, key=lambda r: order.index(r["pair"]))
+    lines = [
+        "## Budgeted search (`--max-loss 1`): the acceptance suite of issue 18",
+        "",
+        f"Written by `{command}` (this run: {seconds:.0f} s); rerun it to update this section (rows of pairs not "
+        "run keep their last figures: see each row's date).",
+        "",
+        f"- machine: {info['cpu']}, {info['usable_cores']} usable of {info['logical_cores']} logical cores, "
+        f"onnxruntime {info['onnxruntime']} (load average 1/5/15 min at the end: {load}; other jobs share it, so "
+        "seconds and speed-ups follow the load)",
+        "- models: `python tools/train_models.py --group budget` (build/budget_models): LeNet-style (6/16 channels), "
+        "narrow VGG (8-32 channels, fc64), narrow MobileNet (depthwise separable), narrow ResNet, MLP (256-128); "
+        "MNIST and Fashion-MNIST at 28x28, spoken digits (FSDD) at 32x32; each model its own seed and recipe",
+        "- the pairs were split before any search ran on them: **tuning half** "
+        + ", ".join(f"`{p}`" for p in TUNING) + "; **report half** (never tuned on) "
+        + ", ".join(f"`{p}`" for p in REPORT) + "; and the paper's LeNet pair (NeuralMerger experiment 4.1, "
+        "developed on: neither half)",
+        "- each search: `--max-loss 1` with 2,000 samples of each task's train split as `--calib` (the search holds "
+        "out a fifth to choose on); same-architecture pairs `--objective latency` (target >= 2x smaller and >= 1.5x "
+        "faster), different architectures and the paper pair `--objective size` (targets >= 5x and >= 15x smaller)",
+        "- test accuracy: the chosen model on each task's full test split (MNIST and Fashion-MNIST 10,000 images, "
+        "spoken digits 300 recordings: one recording is 0.33 points), which the search never saw; change = merged "
+        "minus original, in points",
+        "- smaller: the originals' parameter bytes together / the chosen model's; speed-up: the originals' median "
+        f"latency one after another in separate sessions / the chosen model's, batch 1, one thread, measured again "
+        f"after the search ({LATENCY_BUDGET_S:g} s); met: within 1 point on test and the target reached",
+        "",
+    ]
+    for half, title in (("tuning", "Tuning half"), ("report", "Report half"), ("paper", "The paper's LeNet pair")):
+        got = [r for r in rows if r["half"] == half]
+        missing = [p for p in HALVES[half] if p not in {r["pair"] for r in got}]
+        lines += [f"### {title}", ""]
+        if got:
+            lines += table(got) + [""]
+            for r in got:
+                for n in r["notes"]:
+                    lines.append(f"- `{r['pair']}`: {n}")
+        if missing:
+            lines.append("- not run yet: " + ", ".join(f"`{p}`" for p in missing))
+        lines.append("")
+    if rows:
+        lines += ["Commands (as the search runs them; `onnxmerge` is `python -m onnxmerge`):", ""]
+        lines += [f"- `{r['command']}`" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", choices=["tuning", "report", "paper", "all"], default="tuning",
+                    help="which pairs to search (default tuning; run report only after tuning)")
+    ap.add_argument("--only", nargs="+", choices=list(PAIRS), metavar="PAIR", help="only these pairs (of any half)")
+    ap.add_argument("--time-budget", type=float, default=TIME_BUDGET_S,
+                    help=f"seconds per search (--time-budget; default {TIME_BUDGET_S:g})")
+    ap.add_argument("--out-dir", type=Path, default=WORK, help=f"chosen models, reports, figures (default {rel(WORK)})")
+    ap.add_argument("--no-train", action="store_true", help="do not train missing models (fail instead)")
+    ap.add_argument("--no-write", action="store_true", help="print the section, do not write BENCHMARKS.md")
+    ap.add_argument("--md", type=Path, help="also write the section to this file")
+    args = ap.parse_args(argv)
+
+    from onnxmerge.data import shared_data_dir
+
+    if shared_data_dir() is None:
+        print("budget_search: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
+        return 1
+    pairs = args.only or (list(PAIRS) if args.pairs == "all" else list(HALVES[args.pairs]))
+    if args.no_train:
+        need = [(MODELS if PAIRS[p][0] != "paper" else PAPER_MODELS) / f"{m}.onnx" for p in pairs
+                for m in PAIRS[p][1].values()]
+        missing = [rel(p) for p in need if not p.is_file()]
+        if missing:
+            print(f"budget_search: missing {', '.join(missing)} (python tools/train_models.py --group budget)",
+                  file=sys.stderr)
+            return 1
+    work = args.out_dir.resolve()
+    t0 = time.perf_counter()
+    for pair in pairs:
+        try:
+            run_pair(pair, args.time_budget, work)
+        except Exception as e:  # one pair's failure is reported, the others still run
+            print(f"--- {pair}: FAILED: {type(e).__name__}: {e}", flush=True)
+            (work / f"{pair}.error").write_text(f"{type(e).__name__}: {e}\n")
+    rows = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))
+            if not p.name.endswith("_search.json") and p.stem in PAIRS]
+    body = section(rows, argv, time.perf_counter() - t0)
+    print("\n" + body, flush=True)
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(body + "\n")
+    if not args.no_write:
+        write_section(BENCHMARKS, SECTION, body)
+        print(f"updated section {SECTION} of {BENCHMARKS}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
