@@ -180,15 +180,15 @@ def format_report(report: dict) -> str:
 
     layers = (report.get("fidelity") or {}).get("codebook_layers")
     if layers:
-        out += ["", "Codebooks (rel. error = k-means ||W - W_hat||^2 / ||W||^2 over the layer's pieces; "
-                    "params: dense weights replaced / codebook + indices)"]
+        out += ["", "Codebooks (rel. error = k-means ||W - W_hat||^2 / ||W||^2 over the layer's pieces; G: segments "
+                    "per codebook; bytes: the dense weights replaced / codebook + indices as stored, indices of "
+                    "C <= 16 two to a byte)"]
         out.append(_table(
-            ["layer", "models", "r", "C", "segments", "rel. error", "k-means s", "dense", "codebook", "indices",
-             "ratio"],
-            [[g["layer"], str(len(g["members"])), str(g["r"]), str(g["codewords"]), str(g["segments"]),
-              "0 (exact)" if g["exact"] else f"{g['kmeans_rel_error']:.4f}", _seconds(g.get("kmeans_seconds")),
-              _int(g["dense_params"]), _int(g["codebook_params"]), _int(g["index_params"]),
-              _x(g["compression_params"])] for g in layers]))
+            ["layer", "models", "r", "C", "G", "segments", "rel. error", "k-means s", "dense B", "stored B", "ratio"],
+            [[g["layer"], str(len(g["members"])), str(g["r"]), str(g["codewords"]), str(g.get("group", 1)),
+              str(g["segments"]), "0 (exact)" if g["exact"] else f"{g['kmeans_rel_error']:.4f}",
+              _seconds(g.get("kmeans_seconds")), _int(g.get("dense_bytes")), _int(g.get("stored_bytes")),
+              _x(g.get("compression_bytes"))] for g in layers]))
     notes = (report.get("fidelity") or {}).get("notes")
     if notes:
         out += ["", "Notes"] + [f"  - {n}" for n in notes]

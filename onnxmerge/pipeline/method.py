@@ -53,6 +53,9 @@ class Knob:
 
     ladder: Callable[[int], list[dict[str, Any]]]
     describe: str  # what the ladder walks, for the search's log and report
+    # what the ladder saves, most first ("size", "latency"): the search tries first the methods whose
+    # strength is its objective, so that the others' settings that cannot beat them are not calibrated
+    saves: tuple[str, ...] = ("size", "latency")
 
 
 @dataclass(frozen=True)

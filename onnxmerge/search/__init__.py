@@ -12,10 +12,12 @@ data per task. The search:
   falls or stays, so each trial halves what is left. Neighbouring settings of a method that can start
   from an earlier merged model (zipper) start from the calibrated model of the last setting that was
   within the budget (warm start);
+- tries first the methods whose knob saves what the objective asks for (`Knob.saves`), so that the
+  pruning below has a strong model to compare with early;
 - abandons early: a setting whose size (or latency), known before calibration, cannot beat the best
   model found so far is not calibrated; a model already within the budget before calibration is not
   calibrated either;
-- stops starting trials when the time budget is spent.
+- starts no trial that would end after the time budget, going by the method's longest trial so far.
 Every trial prints one line. The result holds every trial, the Pareto fronts and the chosen model
 (onnxmerge.search.front); onnxmerge.search.report writes them.
 """

@@ -93,6 +93,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     if not calib:
         raise UsageError("--max-loss needs labelled data per task to measure accuracy on: give --calib TASK=PATH")
     searched = [METHODS[m] for m in (methods or [m for m in METHODS if METHODS[m].search])]
+    searched.sort(key=lambda m: _strength(m, objective))  # a stable sort: ties keep the given order
     for m in searched:
         if m.search is None:
             raise UsageError(f"method {m.name} has no setting to search: merge with it directly, without --max-loss")
@@ -160,6 +161,12 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
                         original_bytes, where, originals, time.perf_counter() - start, notes)
 
 
+def _strength(method, objective: str) -> int:
+    """Where `objective` stands among what the method's knob saves (0: its first strength)."""
+    saves = method.search.saves if method.search else ()
+    return saves.index(objective) if objective in saves else len(saves)
+
+
 def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, objective: str, best: Trial,
                   deadline: float, on_trial) -> tuple[list[str], Trial]:
     """Bisect one method's ladder for its most aggressive setting within the budget; `best`: the best
@@ -169,7 +176,9 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
     method, notes, tried = METHODS[name], [], []
     lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
     while hi - lo > 1:
-        if time.time() > deadline:
+        # a trial started now must end within the budget: this method's longest trial so far is the guess
+        # (calibration, which dominates, runs to the same step budget each time)
+        if time.time() + max((t.seconds for t in tried), default=0.0) > deadline:
             notes.append(f"time budget spent: {name} settings {', '.join(_setting(p) for p in ladder[lo + 1:hi])} "
                          "not tried")
             break
@@ -226,8 +235,8 @@ def _gather(trials: list[Trial], notes: list[str], rank: int, world: int) -> tup
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    for t in trials:
-        if not t.within(float("inf")) or t.method == BASELINE and rank:
+    for t in trials:  # (a rank other than 0 keeps its baseline: it is its own answer, not sent)
+        if not t.within(float("inf")):
             t.model = None
     gathered = [None] * world if rank == 0 else None
     dist.gather_object((trials[1:] if rank else trials, notes), gathered, dst=0)

@@ -39,7 +39,8 @@ METHOD = Method(
     explain=explain,
     single=True,  # one model alone: compressed with codebooks of its own (the paper's Table 3 baseline)
     # size targets, each about 0.7x the one before: the plan's bytes fall monotonically along them
-    search=Knob(lambda n: [{"size": s} for s in SEARCH_SIZES], "size target (fraction of the dense bytes)"),
+    search=Knob(lambda n: [{"size": s} for s in SEARCH_SIZES], "size target (fraction of the dense bytes)",
+                saves=("size",)),  # the portable form does the dense layers' work
     conflicts=(("size", "preset", "--size chooses r and C for every layer"),
                ("size", "r", "--size chooses r for every layer"),
                ("size", "codewords", "--size chooses C for every layer")),

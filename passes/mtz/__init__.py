@@ -48,7 +48,7 @@ METHOD = Method(
     extends_merged=True,
     validation="tolerance",
     # eighths of each layer's neurons shared: fine enough for a budget, three bisection steps
-    search=Knob(lambda n: [{"share_ratio": k / 8} for k in range(1, 9)], "share ratio"),
+    search=Knob(lambda n: [{"share_ratio": k / 8} for k in range(1, 9)], "share ratio", saves=("size", "latency")),
     options={
         "share_ratio": Option(1.0, "fraction of each layer's neurons to share (of the narrower model's; "
                               "task heads never)", parse=number("share-ratio", "a fraction between 0 and 1")),

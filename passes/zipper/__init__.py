@@ -57,7 +57,9 @@ METHOD = Method(
     sweep="share",
     explain=_explain,
     # share 1, 2, ... layers: each more is smaller and (with depthwise shared) faster
-    search=Knob(lambda n: [{"share": k} for k in range(1, n)], "layers shared from the input on"),
+    # the shared layers' work is done once: latency first (their parameters are halved, not more)
+    search=Knob(lambda n: [{"share": k} for k in range(1, n)], "layers shared from the input on",
+                saves=("latency", "size")),
     options={
         "share": Option("all", "layers to share from the input on (a number, or all = all but the task heads)",
                         parse=_layers),

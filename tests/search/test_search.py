@@ -116,6 +116,33 @@ def test_a_setting_that_cannot_beat_the_best_is_not_calibrated(fake_trials):
     assert all(not t.loss for t in codebook if not t.measured)
 
 
+def test_methods_whose_strength_is_the_objective_go_first(fake_trials, monkeypatch):
+    from onnxmerge.passes import METHODS
+
+    for name, saves in (("zipper", ("latency", "size")), ("codebook", ("size",))):
+        method = METHODS[name]
+        monkeypatch.setitem(METHODS, name, type(method)(**{**method.__dict__,
+                                                           "search": Knob(method.search.ladder, "k", saves)}))
+    for objective, first in (("size", "codebook"), ("latency", "zipper")):
+        fake_trials.clear()
+        _search_examples(methods=["zipper", "codebook"], max_loss=1.0, objective=objective, measure_latency=False)
+        assert [m for m, _, _ in fake_trials if m != "pack"][0] == first, objective
+
+
+def test_a_trial_that_would_overrun_the_time_budget_is_not_started(fake_trials, monkeypatch):
+    real = search_run.run_trial
+
+    def slow(*args, **kwargs):  # each trial reports that it took longer than the whole budget
+        trial = real(*args, **kwargs)
+        trial.seconds = 1000.0
+        return trial
+
+    monkeypatch.setattr(search_run, "run_trial", slow)
+    result = _search_examples(methods=["zipper"], max_loss=1.0, time_budget_s=600)
+    assert [m for m, _, _ in fake_trials] == ["pack", "zipper"]  # one zipper trial, then the guess says stop
+    assert any(n.startswith("time budget spent: zipper settings") for n in result.notes)
+
+
 def test_budget_zero_returns_the_originals_exactly(tmp_path):
     result = _search_examples(max_loss=0.0, measure_latency=False)
     assert result.chosen.method == "pack" and len(result.trials) == 1
@@ -176,8 +203,9 @@ def test_jobs_search_methods_in_two_processes(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_ranks_share_the_methods_and_rank0_writes(tmp_path):
-    """Under torchrun with two processes, rank 1 searches codebook (the second of zipper, codebook,
-    mtz) and rank 0 the others; rank 0's report holds rank 1's trials."""
+    """Under torchrun with two processes, rank 0 searches codebook and mtz (the first and third of
+    codebook, zipper, mtz: objective size puts codebook first) and rank 1 zipper, which does not apply
+    to this pair: rank 1 ends with its baseline alone, and rank 0's report holds every trial."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     run = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "onnxmerge",
                           *_command(tmp_path)], capture_output=True, text=True, env=env, timeout=600)

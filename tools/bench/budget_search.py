@@ -206,6 +206,12 @@ def run_pair(pair: str, time_budget: float, work: Path) -> dict:
     return row
 
 
+def calib_text() -> str:
+    import train_models
+
+    return ", ".join(f"{n:,} samples of the {ds} train split" for ds, (_, n, _) in train_models.BUDGET_CALIB.items())
+
+
 def target_text(kind: str) -> str:
     t = TARGETS[kind]
     return f">= {t['compression']:g}x smaller" + (f", >= {t['speedup']:g}x faster" if "speedup" in t else "")
@@ -251,7 +257,7 @@ def section(rows: list[dict], argv: list[str], seconds: float) -> str:
         + ", ".join(f"`{p}`" for p in TUNING) + "; **report half** (never tuned on) "
         + ", ".join(f"`{p}`" for p in REPORT) + "; and the paper's LeNet pair (NeuralMerger experiment 4.1, "
         "developed on: neither half)",
-        "- each search: `--max-loss 1` with 2,000 samples of each task's train split as `--calib` (the search holds "
+        "- each search: `--max-loss 1` with " + calib_text() + " as `--calib` (the search holds "
         "out a fifth to choose on); same-architecture pairs `--objective latency` (target >= 2x smaller and >= 1.5x "
         "faster), different architectures and the paper pair `--objective size` (targets >= 5x and >= 15x smaller)",
         "- test accuracy: the chosen model on each task's full test split (MNIST and Fashion-MNIST 10,000 images, "
