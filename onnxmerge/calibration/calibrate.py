@@ -18,7 +18,9 @@ a held-out part of each task's data (`_hold_out`) is scored at the start and eve
 steps, by held-out accuracy (ties: distillation loss), or by the distillation loss alone without
 labels; the best weights are kept, and the run ends after `patience` evaluations without improvement
 or at the budget. The start being a candidate, calibration never returns weights that score worse
-on the held-out samples than those it was given.
+on the held-out samples than those it was given; while it is the best, a later evaluation replaces
+it only when its held-out accuracy is higher by more than one standard error (a model that starts
+at its best is not moved by the noise of a few samples).
 
 Data-parallel: under `torchrun` (WORLD_SIZE > 1) every process takes an equal slice of each batch,
 and DistributedDataParallel averages the gradients, so N processes compute what one process computes
@@ -73,7 +75,7 @@ class CalibrationConfig:
     (schedule "cosine"); schedule "step" is the earlier decay (times `lr_gamma` every `lr_step`)."""
 
     steps: int = 2000  # the budget; early stopping usually ends sooner
-    lr: float = 1e-3  # the peak (cosine) or initial (step) learning rate
+    lr: float = 3e-3  # the peak (cosine) or initial (step) learning rate (README "Calibration defaults")
     batch_size: int = 64
     layer_loss_weight: float = 1.0  # lambda
     distill_weight: float = 1.0  # w_kd
@@ -157,7 +159,7 @@ class CalibrationResult:
         if self.evals:  # the weights kept are those of the best held-out evaluation
             best = max(self.evals, key=lambda e: tuple(e["score"]))
             out["early_stopping"] = {"evaluations": len(self.evals), "best_step": best["step"],
-                                     "held_out": {k: v for k, v in best.items() if k not in ("step", "score")}}
+                                     "held_out": {k: v for k, v in best.items() if k not in ("step", "score", "margin")}}
         for task in sorted({h["task"] for h in self.history}):
             rows = [h for h in self.history if h["task"] == task]
             k = max(1, len(rows) // 10)
@@ -437,14 +439,28 @@ class _EarlyStopping:
             record[plan.info.name] = row
         student.train()
         record["score"] = [float(np.mean(accs)), -float(np.mean(kds))] if self.labelled else [-float(np.mean(kds))]
+        if not trainer.evals and self.labelled:  # the start: the noise of its held-out accuracy
+            record["margin"] = float(np.sqrt(sum(a * (1 - a) / len(x) for a, (_, x, _, _) in zip(accs, self.sets)))
+                                     / len(accs))
         best = max((e["score"] for e in trainer.evals), default=None)
-        if best is None or record["score"] > best:
+        if best is None or record["score"] > best and self._beats_start(record["score"]):
             trainer.best_weights = {n: p.detach().cpu().clone() for n, p in student.named_parameters() if p.requires_grad}
             trainer.stale = 0
         else:
             trainer.stale += 1
         trainer.evals.append(record)
         return trainer.stale >= self.config.patience
+
+    def _beats_start(self, score: list[float]) -> bool:
+        """While the start is the best, a later evaluation replaces it only when its mean held-out
+        accuracy is higher by more than one standard error of the start's (`margin`): a model that
+        starts at its best (pack, an exact merge) would otherwise take the weights of whichever
+        evaluation a few samples' noise favours, and move its test accuracy for nothing."""
+        evals = self.trainer.evals
+        start = evals[0] if evals else None
+        if start is None or "margin" not in start or max(e["score"] for e in evals) != start["score"]:
+            return True
+        return score[0] > start["score"][0] + start["margin"]
 
     def restore_best(self) -> None:
         """Put the best evaluation's weights back into the student."""

@@ -304,3 +304,20 @@ def test_short_budgets_hold_nothing_out():
     train, held = _hold_out(ds, CalibrationConfig())
     assert {t: len(h) for t, h in held.items()} == {"mnist": 60, "fashion": 60}
     assert {t: len(d) for t, d in train.items()} == {"mnist": 240, "fashion": 240}
+
+
+def test_the_start_is_kept_unless_beaten_by_more_than_its_noise():
+    """Early stopping: while the starting weights are the best, a later evaluation must beat their mean
+    held-out accuracy by more than its standard error (`margin`) to replace them; after that, any gain counts."""
+    from types import SimpleNamespace
+
+    from onnxmerge.calibration.calibrate import _EarlyStopping
+
+    stopper = object.__new__(_EarlyStopping)
+    stopper.trainer = SimpleNamespace(evals=[{"step": 0, "score": [0.90, -0.1], "margin": 0.01}])
+    assert not stopper._beats_start([0.905, 0.0])  # within the noise, even with a better loss
+    assert stopper._beats_start([0.915, -1.0])
+    stopper.trainer.evals.append({"step": 100, "score": [0.95, -0.1]})  # the start is no longer the best
+    assert stopper._beats_start([0.951, -0.1])
+    stopper.trainer.evals[:] = [{"step": 0, "score": [-0.2]}]  # label-free: no margin, the loss decides
+    assert stopper._beats_start([-0.19])
