@@ -156,10 +156,11 @@ class CalibrationResult:
                                "processes": self.world_size}
         if self.batch_size is not None:  # overrides the setting in record_calibration's record
             out["batch_size"] = self.batch_size
-        if self.evals:  # the weights kept are those of the best held-out evaluation
-            best = max(self.evals, key=lambda e: tuple(e["score"]))
+        if self.evals:  # the weights kept are those of the last evaluation taken
+            best = kept_evaluation(self.evals)
             out["early_stopping"] = {"evaluations": len(self.evals), "best_step": best["step"],
-                                     "held_out": {k: v for k, v in best.items() if k not in ("step", "score", "margin")}}
+                                     "held_out": {k: v for k, v in best.items()
+                                                  if k not in ("step", "score", "margin", "kept")}}
         for task in sorted({h["task"] for h in self.history}):
             rows = [h for h in self.history if h["task"] == task]
             k = max(1, len(rows) // 10)
@@ -349,6 +350,12 @@ def _tensor_names(model: onnx.ModelProto) -> set[str]:
     return {o for n in model.graph.node for o in n.output}
 
 
+def kept_evaluation(evals: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The early-stopping evaluation whose weights are kept: the last one taken (records without
+    "kept" predate the start's margin, when every new best was taken)."""
+    return next((e for e in reversed(evals) if e.get("kept", True)), None)
+
+
 MIN_HELD_OUT = 50  # fewer held-out samples per task score too coarsely to stop on
 
 
@@ -442,8 +449,9 @@ class _EarlyStopping:
         if not trainer.evals and self.labelled:  # the start: the noise of its held-out accuracy
             record["margin"] = float(np.sqrt(sum(a * (1 - a) / len(x) for a, (_, x, _, _) in zip(accs, self.sets)))
                                      / len(accs))
-        best = max((e["score"] for e in trainer.evals), default=None)
-        if best is None or record["score"] > best and self._beats_start(record["score"]):
+        best = kept_evaluation(trainer.evals)
+        record["kept"] = best is None or record["score"] > best["score"] and self._beats_start(record["score"])
+        if record["kept"]:
             trainer.best_weights = {n: p.detach().cpu().clone() for n, p in student.named_parameters() if p.requires_grad}
             trainer.stale = 0
         else:
@@ -457,10 +465,10 @@ class _EarlyStopping:
         starts at its best (pack, an exact merge) would otherwise take the weights of whichever
         evaluation a few samples' noise favours, and move its test accuracy for nothing."""
         evals = self.trainer.evals
-        start = evals[0] if evals else None
-        if start is None or "margin" not in start or max(e["score"] for e in evals) != start["score"]:
+        best = kept_evaluation(evals)
+        if best is None or best is not evals[0] or "margin" not in best:
             return True
-        return score[0] > start["score"][0] + start["margin"]
+        return score[0] > best["score"][0] + best["margin"]
 
     def restore_best(self) -> None:
         """Put the best evaluation's weights back into the student."""

@@ -317,6 +317,9 @@ def test_the_start_is_kept_unless_beaten_by_more_than_its_noise():
     stopper.trainer = SimpleNamespace(evals=[{"step": 0, "score": [0.90, -0.1], "margin": 0.01}])
     assert not stopper._beats_start([0.905, 0.0])  # within the noise, even with a better loss
     assert stopper._beats_start([0.915, -1.0])
+    stopper.trainer.evals.append({"step": 100, "score": [0.905, 0.0], "kept": False})  # taken within the noise
+    assert not stopper._beats_start([0.906, 0.0])  # a rejected evaluation does not lower the bar
+    stopper.trainer.evals.pop()
     stopper.trainer.evals.append({"step": 100, "score": [0.95, -0.1]})  # the start is no longer the best
     assert stopper._beats_start([0.951, -0.1])
     stopper.trainer.evals[:] = [{"step": 0, "score": [-0.2]}]  # label-free: no margin, the loss decides
