@@ -323,8 +323,10 @@ def _searching(args, calib: dict | None = None) -> bool:
     and labelled --calib data (accuracy is what the budget is measured in)."""
     if args.max_loss is not None:
         return True
-    if args.method != "auto" or not args.calib or calib is None:
-        return args.method == "auto" and bool(args.calib)
+    if args.method != "auto" or not args.calib:
+        return False
+    if calib is None:  # before the data is read: as if it has labels
+        return True
     from onnxmerge.api import task_names
 
     names = task_names([Path(p) for p in args.inputs], args.names.split(",") if args.names else None)

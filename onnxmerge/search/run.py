@@ -10,7 +10,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from onnxmerge.api import merge
@@ -120,8 +119,8 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     n_layers = min(len(t.layers) for t in base.state.tasks)
     # the originals' answers on the held-out data, from pack: it computes them exactly (checked by merge)
     original_correct = correct(base.model, base.info, held)
-    setup = Setup(inputs, names, train, held, originals, {t: float(np.mean(c)) for t, c in original_correct.items()},
-                  original_correct, original_bytes, calibration or CalibrationConfig(), latency_budget_s, measure_latency)
+    setup = Setup(inputs, names, train, held, originals, original_correct, original_bytes,
+                  calibration or CalibrationConfig(), latency_budget_s, measure_latency)
     del base
     say(f"search: {', '.join(m.name for m in searched)} within {max_loss:g} point(s) per task, objective "
         f"{objective}; validation: " + "; ".join(f"{t}: {w}" for t, w in where.items()))

@@ -86,12 +86,15 @@ class Setup:
     calib: dict  # task -> Dataset the candidates are calibrated on
     validation: dict  # task -> labelled Dataset the candidates are chosen on (never calibrated on)
     originals: dict  # task -> path or ModelProto (as loaded: see onnxmerge.model.loading.as_loaded)
-    original_accuracy: dict[str, float]
     original_correct: dict[str, np.ndarray]  # per held-out sample: whether the original's top-1 is right
     original_bytes: int  # the originals' parameters together
     calibration: CalibrationConfig
     latency_budget_s: float
     measure_latency: bool
+
+    @property
+    def original_accuracy(self) -> dict[str, float]:
+        return {t: float(np.mean(c)) for t, c in self.original_correct.items()}
 
 
 def run_trial(setup: Setup, method: str, params: dict, max_loss: float, beats=None,
