@@ -32,9 +32,11 @@ def _explain(graph, layers: list) -> list[str]:
     except OnnxMergeError as e:
         return [f"declined: {e}"] * len(layers)
     zipped = {zl.node for zl in net.layers}
+    following = {dl.node for dl in net.depthwise}
     heads = {zl.node for zl in net.layers if net.spaces[zl.out_space].head}
     declined = {d["node"]: d["reason"] for d in net.declined}
     return ["per task: the task head" if l.node in heads else "zipped" if l.node in zipped
+            else "zipped: follows the pairing of its input's channels" if l.node in following
             else f"declined: {declined.get(l.node, 'runs per task')}" for l in layers]
 
 

@@ -15,7 +15,15 @@ order [task A only | shared | task B only] makes every view of two tasks contigu
 
 Sharing nothing, the built graph computes each task's original layers on its own columns: exact.
 
-A node that cannot be zipped (a grouped or depthwise convolution; an operator between layers other
+A depthwise convolution (one kernel per channel, depth multiplier 1) on a zipped tensor is zipped
+too (`DLayer`): its output has the columns of its input, so it follows the pairing of the channel
+space it reads; a shared column's kernel and bias are the mean of its tasks' (the paper has no
+depthwise layers and no eq. for them; the retraining or calibration that follows corrects the
+rest). A MobileNet-style network is then zipped through: each pointwise layer's neurons are paired
+by eq. 12, and the depthwise layer after it computes a shared channel once.
+
+A node that cannot be zipped (a grouped convolution, a depthwise one with a depth multiplier or on the
+model input; an operator between layers other
 than channel-wise glue, Flatten, residual Adds, x * f(x) or a scalar constant op: Concat, the Mul of a
 squeeze-excitation block, a channel shuffle's Reshape, LRN, ...) is *declined* (`declined`, with a
 reason): it and every node that reads its outputs, directly or through other nodes, run per task
@@ -98,6 +106,19 @@ class ZLayer:
 
 
 @dataclass
+class DLayer:
+    """A depthwise convolution on a zipped space: one kernel per column (`weight` [columns, 1, kh, kw])."""
+
+    node: str
+    space: int
+    attrs: dict  # Conv attributes but group (the space's width at build time)
+    source: int  # the layer's index in each task's layer list
+    weight: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    bias: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    names: tuple[str, str] = ("", "")  # its (weight, bias) initializers in the model `build` last wrote
+
+
+@dataclass
 class Run:
     """One emitted node: output columns `rows` of a layer, reading input indices `needed`."""
 
@@ -120,6 +141,7 @@ class ZippedNet:
         self.architecture = _fingerprint(graphs[0], layers[0])
         self.spaces: list[Space] = []
         self.layers: list[ZLayer] = []
+        self.depthwise: list[DLayer] = []  # depthwise convolutions that follow their space's pairing
         self.tensor_space: dict[str, tuple[int, int]] = {}  # template tensor -> (space, unit)
         self.runs: list[Run] = []
         self.layer_inputs: dict[int, str] = {}  # layer index -> merged tensor name of its input
@@ -137,7 +159,7 @@ class ZippedNet:
     def _analyse(self, layers: list[list[Layer]]) -> None:
         """Spaces (union-find over residual Adds), units, heads, declined nodes and the initial
         block-diagonal weights. Each template node gets a mode (`self.modes`, in node order): "layer"
-        (a zipped layer), "absorbed" (a zipped MatMul's bias Add), "zipped" (glue computed once on
+        (a zipped layer), "depthwise" (a depthwise layer on a zipped space), "absorbed" (a zipped MatMul's bias Add), "zipped" (glue computed once on
         zipped tensors) or "task" (run per task: a declined node, the nodes after it, the glue after
         the heads)."""
         tmpl = layers[0]
@@ -175,9 +197,15 @@ class ZippedNet:
                     reason = f"after declined node {after}" if after else f"reads {data}, computed per task"
                 elif data not in self.tensor_space:
                     reason = f"reads {data}, which no shared or zipped tensor feeds"
-                elif layer.groups != 1:
-                    reason = (f"{'depthwise' if layer.depthwise else 'grouped'} convolution (groups={layer.groups}): "
-                              "Multi-Task Zipping shares whole kernels of ungrouped layers")
+                elif layer.groups != 1 and not layer.depthwise:
+                    reason = (f"grouped convolution (groups={layer.groups}): Multi-Task Zipping shares whole "
+                              "kernels of ungrouped layers, or follows a space's pairing with a depthwise one")
+                elif layer.depthwise and layer.out_channels != layer.in_channels:
+                    reason = (f"depthwise convolution with depth multiplier {layer.out_channels // layer.in_channels}: "
+                              "only one kernel per channel can follow its space's pairing")
+                elif layer.depthwise and (self.tensor_space[data][0] == 0 or node.name in heads):
+                    reason = ("depthwise convolution of the model input (its channels are every task's)"
+                              if self.tensor_space[data][0] == 0 else "depthwise convolution as a task head")
                 elif node.op == "MatMul" and len(shapes.get(data, ())) != 2:
                     reason = "MatMul of an input of rank other than 2"
                 else:
@@ -186,6 +214,11 @@ class ZippedNet:
                     run_per_task(node, reason, after)
                     continue
                 space, unit = self.tensor_space[data]
+                if layer.depthwise:  # channel by channel: its output keeps its input's columns
+                    self.tensor_space[layer.output] = (space, unit)
+                    self.depthwise.append(DLayer(node.name, space, _conv_attrs(node), position[node.name]))
+                    self.modes.append("depthwise")
+                    continue
                 out = len(self.spaces)
                 head = node.name in heads
                 self.spaces.append(Space([{t: c} for t in range(n_tasks) for c in range(layer.out_channels)], head=head))
@@ -248,6 +281,15 @@ class ZippedNet:
         for zl in self.layers:
             zl.in_space, zl.out_space = renumber[find(zl.in_space)], renumber[find(zl.out_space)]
             self._init_weights(zl, [_layer_weights(g, ls[zl.source]) for g, ls in zip(self.graphs, layers)])
+        for dl in self.depthwise:
+            dl.space = renumber[find(dl.space)]
+            weights = [_layer_weights(g, ls[dl.source]) for g, ls in zip(self.graphs, layers)]
+            (t0, c0), = self.spaces[dl.space].columns[0].items()  # columns of one task each, as the analysis made them
+            dl.weight = np.zeros((len(self.spaces[dl.space].columns), *weights[t0][0].shape[1:]), np.float32)
+            dl.bias = np.zeros(len(self.spaces[dl.space].columns), np.float32)
+            for k, col in enumerate(self.spaces[dl.space].columns):
+                (t, c), = col.items()
+                dl.weight[k], dl.bias[k] = weights[t][0][c], weights[t][1][c]
 
     def _init_weights(self, zl: ZLayer, weights: list[tuple[np.ndarray, np.ndarray]],
                       tasks: frozenset[int] | None = None) -> None:
@@ -284,6 +326,7 @@ class ZippedNet:
         rows of a pair start as pending (both tasks' rows kept, merged by the caller). Returns the
         new row index of each pair."""
         sp = self.spaces[space]
+        tasks_of = [len(c) for c in sp.columns]  # before the new order: a depthwise kernel's weight in a mean
         paired_p, paired_q = {p for p, _ in pairs}, {j for _, j in pairs}
         p_only = [k for k, c in enumerate(sp.columns) if side_p & c.keys() and k not in paired_p]
         q_only = [k for k, c in enumerate(sp.columns) if q in c and k not in paired_q]
@@ -297,6 +340,12 @@ class ZippedNet:
             zl.pending = {r: (_sum_columns(zl, order, rows), b) for r, (rows, b) in zl.pending.items()}
             if zl.mask is not None:
                 zl.mask = _sum_columns(zl, order, zl.mask.astype(np.float32)) != 0
+        for dl in self.depthwise:  # a shared channel's kernel: the mean of its tasks' kernels
+            if dl.space == space:
+                weights = [[tasks_of[k] for k in g] for g in order]
+                dl.weight = np.stack([np.average(dl.weight[list(g)], axis=0, weights=w) for g, w in zip(order, weights)]
+                                     ).astype(np.float32)
+                dl.bias = np.array([np.average(dl.bias[list(g)], weights=w) for g, w in zip(order, weights)], np.float32)
         new_rows = list(range(len(p_only), len(p_only) + len(pairs)))
         for zl in self.producers(space):
             old_w, old_b = zl.weight, zl.bias
@@ -327,6 +376,8 @@ class ZippedNet:
             rows = np.asarray(run.rows)
             zl.weight[rows[:, None], run.needed[None, :]] = w
             zl.bias[rows] = inits[run.bias]
+        for dl in self.depthwise:
+            dl.weight, dl.bias = inits[dl.names[0]].reshape(dl.weight.shape), inits[dl.names[1]]
         for zl in self.layers:
             if zl.mask is not None:  # retraining keeps a pruned layer's mask
                 zl.weight *= zl.mask
@@ -354,6 +405,8 @@ class ZippedNet:
                "layers": [{"node": zl.node, "zeros": zl.zeros, "runs": runs[zl.index]} for zl in self.layers]}
         if self.declined:  # resume refuses such a model: its per-task nodes are not rebuilt from the file
             out["declined"] = [d["node"] for d in self.declined]
+        if self.depthwise:  # nor its depthwise layers' kernels
+            out["depthwise"] = [dl.node for dl in self.depthwise]
         return out
 
     @classmethod
@@ -387,6 +440,9 @@ class ZippedNet:
                              "or layer shapes differ); mtz zips models of one architecture")
         if layout.get("declined") or net.declined:
             raise UsageError(f"{where}: has declined nodes (run per task, not recorded in its layout); merge the "
+                             "original models again")
+        if layout.get("depthwise") or net.depthwise:
+            raise UsageError(f"{where}: has zipped depthwise layers (not recorded in its layout); merge the "
                              "original models again")
         if len(layout["spaces"]) != len(net.spaces) or len(layout["layers"]) != len(net.layers):
             raise MergeError(f"{where}: its layout does not fit its architecture (onnxmerge.layout is corrupt)")
@@ -463,6 +519,7 @@ class _Builder:
         self.per_task: dict[str, list[str]] = {}  # template tensor -> one tensor per task
         self.views: dict[tuple, str] = {}
         self.layer_of = {zl.node: zl for zl in net.layers}
+        self.depthwise_of = {dl.node: dl for dl in net.depthwise}
         self.index = {id(n): i for i, n in enumerate(net.template.nodes)}
         self.task_consts: list[str] = []  # initializers of per-task nodes' constants
         absorbed = {}
@@ -479,6 +536,9 @@ class _Builder:
             return
         if node.name in self.layer_of:
             self.layer(self.layer_of[node.name], node)
+            return
+        if node.name in self.depthwise_of:
+            self.depthwise(self.depthwise_of[node.name], node)
             return
         index = self.index[id(node)]
         if net.modes[index] == "zipped":
@@ -588,6 +648,16 @@ class _Builder:
             self.nodes.append(helper.make_node("Concat", names, [f"mtz/{out_name}"], name=f"mtz/{zl.node}/concat", axis=1))
         if not outs.head:
             self.merged[out_name] = f"mtz/{out_name}"
+
+    def depthwise(self, dl: DLayer, node: gs.Node) -> None:
+        """One depthwise Conv over every column of its space (a column's kernel reads that column only)."""
+        name = f"mtz/{node.name}"
+        dl.names = (self.array(dl.weight.astype(np.float32), f"{name}/weight"),
+                    self.array(dl.bias.astype(np.float32), f"{name}/bias"))
+        out = f"mtz/{node.outputs[0].name}"
+        self.nodes.append(helper.make_node("Conv", [self.merged[node.inputs[0].name], *dl.names], [out], name=name,
+                                           group=len(dl.weight), **dl.attrs))
+        self.merged[node.outputs[0].name] = out
 
     def model(self) -> onnx.ModelProto:
         net = self.net

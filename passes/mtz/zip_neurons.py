@@ -26,6 +26,8 @@ producers are merged at their own turn, with the pairs already fixed. Task heads
 Pruned models (3.6): a merged weight keeps the union of the two nonzero masks, and retraining keeps
 the mask. Sharing nothing reproduces the originals exactly.
 
+A depthwise layer follows the pairing of the space it reads (ZippedNet.depthwise: a shared
+channel's kernel is the mean of its tasks'), so MobileNet-style networks are zipped through.
 Nodes that cannot be zipped are declined (ZippedNet.declined): they and what follows them run per
 task; the report has a note per declined node and the figure mtz_declined. Only zipped layers reach
 the Hessians and pair costs (ZLayer.source: a zipped layer's index in each task's layer list). A
@@ -129,7 +131,8 @@ class ZipNeuronsPass(Pass):
         state.layout = net.layout()  # of the model just built: its initializers are the file's
         for task in state.tasks:
             task.layer_map = {}  # a shared neuron stands for no single original channel
-        state.figures["mtz"] = {"layers": report, **zipper.summary()}
+        state.figures["mtz"] = {"layers": report, **zipper.summary(),
+                                "depthwise_following_pairing": [dl.node for dl in net.depthwise]}
         _report_declined(state, net, zippable)
         if state.base:
             merged = state.base.names
@@ -303,13 +306,14 @@ class _Zipper:
         """The most pairs (up to the share ratio) whose merge, after retraining, keeps every task's
         held-out accuracy within `tolerance` points of its original: a bisection over N_l."""
         cand_p, cand_q = self.candidates(zl, side_p, q)
-        start = (self.net.spaces, self.net.layers, self.net.task_consts)  # the last: retrained declined layers
+        # the depthwise layers follow the pairings, the task constants are retrained declined layers
+        start = (self.net.spaces, self.net.layers, self.net.depthwise, self.net.task_consts)
         best: tuple | None = None
         hessians = None  # every trial starts from `start`: the layer's Hessians are the same in each
 
         def attempt(n: int) -> bool:
             nonlocal best, hessians
-            self.net.spaces, self.net.layers, self.net.task_consts = copy.deepcopy(start)
+            self.net.spaces, self.net.layers, self.net.depthwise, self.net.task_consts = copy.deepcopy(start)
             layer = self.net.layers[zl.index]  # this trial's copy
             if n and hessians is None:
                 hessians = self.hessians(layer, side_p, q)
@@ -326,7 +330,7 @@ class _Zipper:
                     f"{t} {100 * acc[t]:.2f}% ({100 * (acc[t] - self.reference[t]):+.2f})" for t in acc)
                     + (" within" if ok else " beyond") + f" the tolerance of {self.opts.tolerance} points")
             if ok or n == 0:
-                best = (self.net.spaces, self.net.layers, self.net.task_consts, row)
+                best = (self.net.spaces, self.net.layers, self.net.depthwise, self.net.task_consts, row)
             return ok
 
         lo, hi = 0, int(round(self.opts.share_ratio * min(len(cand_p), len(cand_q))))
@@ -337,9 +341,9 @@ class _Zipper:
                     lo = mid
                 else:
                     hi = mid - 1 if mid - 1 >= lo else lo
-            if best is None or best[3]["shared"] != lo:
+            if best is None or best[-1]["shared"] != lo:
                 attempt(lo)
-        self.net.spaces, self.net.layers, self.net.task_consts, row = best
+        self.net.spaces, self.net.layers, self.net.depthwise, self.net.task_consts, row = best
         return row
 
     def accuracy(self, originals: bool = False) -> dict[str, float]:

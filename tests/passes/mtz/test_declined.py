@@ -2,18 +2,18 @@
 per task with everything after it (each task's own node and constants, reading its own channels of
 the zipped tensors in its channel order); the layers before it are still zipped.
 
-MobileNet (depthwise convolutions) and small synthetic graphs of two same-architecture models
-(different seeds): Inception-like Concat, squeeze-excitation Mul, channel shuffle
-(Reshape-Transpose-Reshape), LRN after the first conv, and a graph with nothing to zip."""
+Small synthetic graphs of two same-architecture models (different seeds): Inception-like Concat,
+squeeze-excitation Mul, channel shuffle (Reshape-Transpose-Reshape), LRN after the first conv, a
+grouped convolution, a depthwise one with a depth multiplier, and a graph with nothing to zip.
+(Depthwise layers of multiplier 1 are zipped: test_mtz_depthwise.)"""
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_mtz import NAMES, SAMPLES, calib, outputs, paths
+from test_mtz import NAMES, outputs
 
-from conftest import MODELS, shipped
 from onnxmerge.api import load_tasks, merge
 from onnxmerge.data import Dataset
 from onnxmerge.errors import UsageError
@@ -24,9 +24,6 @@ from onnxmerge.passes.common.align_layers import AlignLayersPass
 from onnxmerge.passes.common.combine_graphs import CombineGraphsPass
 from onnxmerge.passes.mtz.zip_neurons import ZipNeuronsPass
 from onnxmerge.pipeline.manager import PassManager
-
-MOBILENETS = ["mobilenet_mnist.onnx", "mobilenet_fashion.onnx"]
-DEPTHWISE = "/blocks/blocks.0/blocks.0.0/Conv"  # the first depthwise convolution of the MobileNet
 
 
 def rel_diff(got, ref):
@@ -41,65 +38,6 @@ def check_exact(result, files, x, input_name="input"):
 
 
 # ---------------------------------------------------------------------------------------------- MobileNet
-
-
-@pytest.fixture(scope="module")
-def mobilenet_half():
-    return merge(paths(MOBILENETS), method="mtz", names=NAMES, calib=calib(),
-                 params={"share_ratio": 0.5, "hessian_samples": SAMPLES})
-
-
-def test_mobilenet_sharing_nothing_reproduces_both_originals():
-    result = merge(paths(MOBILENETS), method="mtz", names=NAMES, calib=calib(),
-                   params={"share_ratio": 0.0, "hessian_samples": SAMPLES})
-    x = np.random.default_rng(0).standard_normal((16, 1, 28, 28)).astype(np.float32)
-    check_exact(result, paths(MOBILENETS), x)
-    declined = result.state.figures["mtz_declined"]
-    assert declined[0]["node"] == DEPTHWISE and "depthwise" in declined[0]["reason"]
-    assert all(d["reason"] == f"after declined node {DEPTHWISE}" for d in declined[1:])
-    assert len(declined) == len(result.state.tasks[0].layers) - 1  # every layer but the stem
-    notes = [n for n in result.state.notes if n.startswith("mtz:")]
-    assert len(notes) == 1 and DEPTHWISE in notes[0] and "depthwise" in notes[0] and "10 layer(s) after it" in notes[0]
-
-
-def test_mobilenet_shares_the_layers_before_the_depthwise_one(mobilenet_half):
-    rows = mobilenet_half.state.figures["mtz"]["layers"]
-    assert [r["node"] for r in rows] == ["/stem/stem.0/Conv"] and rows[0]["shared"] == 8  # half of 16
-    x = np.random.default_rng(1).standard_normal((8, 1, 28, 28)).astype(np.float32)
-    got = outputs(mobilenet_half.model, mobilenet_half.info, x)
-    assert all(np.isfinite(v).all() for v in got.values())
-    pack = merge(paths(MOBILENETS), method="pack", names=NAMES).model
-    assert model_stats(mobilenet_half.model)["params"] < model_stats(pack)["params"]
-
-
-def test_mobilenet_declined_layers_keep_each_task_s_own_weights(mobilenet_half):
-    """Each declined layer runs once per task with that task's own (BatchNorm-folded) weights: the
-    declined region was not silently zipped."""
-    state, model = mobilenet_half.state, mobilenet_half.model
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    nodes = {n.name: n for n in model.graph.node}
-    declined = [d["node"] for d in state.figures["mtz_declined"]]
-    assert not any(n.name.startswith("shared/") and n.name.split("/", 1)[1].startswith(tuple(declined))
-                   for n in model.graph.node)
-    for task in state.tasks:
-        own = {n.name: n for n in task.graph.nodes}
-        for name in declined:
-            merged = nodes[f"{task.name}/{name}"]
-            np.testing.assert_array_equal(inits[merged.input[1]], own[name].inputs[1].values)
-
-
-def test_resuming_a_model_with_declined_nodes_is_refused(tmp_path):
-    ab = tmp_path / "ab.onnx"
-    merge(paths(MOBILENETS), ab, method="mtz", names=NAMES, calib=calib(),
-          params={"share_ratio": 0.5, "hessian_samples": SAMPLES})
-    data = {**calib(), "fashion1": calib()["fashion"]}
-    out = tmp_path / "abc.onnx"
-    with pytest.raises(UsageError) as e:
-        merge([str(ab), str(shipped(MODELS / "mobilenet_fashion_seed1.onnx"))], out, method="mtz",
-              names=["fashion1"], calib=data, params={"share_ratio": 0.5, "hessian_samples": SAMPLES})
-    message = str(e.value)
-    assert len(message.splitlines()) == 1 and "declined" in message and "original models" in message
-    assert str(ab) in message and not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------- synthetic graphs
@@ -182,13 +120,28 @@ def lrn_after_first_conv(g):
     return "lrn"
 
 
+def grouped(g):
+    x = g.node("Relu", [g.conv("conv0", "input", 3, C)], "relu0")
+    x = g.node("Relu", [g.conv("grouped", x, C, C, group=2)], "relu1")
+    g.head(g.node("Relu", [g.conv("conv2", x, C, C)], "relu2"), C)
+    return "grouped"
+
+
+def depth_multiplier(g):
+    x = g.node("Relu", [g.conv("conv0", "input", 3, C)], "relu0")
+    x = g.node("Relu", [g.conv("dw_x2", x, C, 2 * C, group=C)], "relu1")
+    g.head(g.node("Relu", [g.conv("conv2", x, 2 * C, C)], "relu2"), C)
+    return "dw_x2"
+
+
 GRAPHS = {"inception": inception, "squeeze_excitation": squeeze_excitation, "channel_shuffle": channel_shuffle,
-          "lrn": lrn_after_first_conv}
+          "lrn": lrn_after_first_conv, "grouped": grouped, "depth_multiplier": depth_multiplier}
 # the layers before the declined node (zipped), and the layers after it (declined)
 ZIPPED = {"inception": ["conv0", "branch_a", "branch_b"], "squeeze_excitation": ["conv0", "conv1", "se_reduce", "se_expand"],
-          "channel_shuffle": ["conv0", "conv1"], "lrn": ["conv0"]}
+          "channel_shuffle": ["conv0", "conv1"], "lrn": ["conv0"], "grouped": ["conv0"], "depth_multiplier": ["conv0"]}
 AFTER = {"inception": ["conv2", "fc"], "squeeze_excitation": ["conv2", "fc"], "channel_shuffle": ["conv2", "fc"],
-         "lrn": ["conv1", "fc"]}
+         "lrn": ["conv1", "fc"], "grouped": ["conv2", "fc"], "depth_multiplier": ["conv2", "fc"]}
+REASON = {"grouped": "grouped convolution (groups=2)", "depth_multiplier": "depth multiplier 2"}
 
 
 def write_pair(tmp_path, build):
@@ -225,6 +178,7 @@ def test_synthetic_graph_is_zipped_before_its_declined_node(tmp_path, arch):
         assert all(r["reason"] == f"after declined node {declined}" for r in rows[1:])
         (note,) = [n for n in result.state.notes if n.startswith("mtz:")]
         assert f"mtz: {declined} ({rows[0]['op']}) declined: " in note
+        assert REASON.get(arch, "") in rows[0]["reason"]
     assert [r["node"] for r in full.state.figures["mtz"]["layers"]] == ZIPPED[arch]
     assert all(r["shared"] > 0 for r in full.state.figures["mtz"]["layers"])
     got = outputs(full.model, full.info, x)
@@ -271,6 +225,23 @@ def test_declined_region_is_each_original_on_its_own_channels(tmp_path, arch, cu
         ref = session(gs.export_onnx(graph)).run(None, feeds)[0]
         (out,) = task.output_map.values()
         np.testing.assert_allclose(values[out], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_resuming_a_model_with_declined_nodes_is_refused(tmp_path):
+    files, _ = write_pair(tmp_path, lrn_after_first_conv)
+    ab = tmp_path / "ab.onnx"
+    merge([str(f) for f in files], ab, method="mtz", names=NAMES, calib=random_calib(),
+          params={"share_ratio": 0.5, "hessian_samples": 64})
+    third = _Graph(2)
+    lrn_after_first_conv(third)
+    onnx.save(third.model(), str(tmp_path / "m2.onnx"))
+    out = tmp_path / "abc.onnx"
+    with pytest.raises(UsageError) as e:
+        merge([str(ab), str(tmp_path / "m2.onnx")], out, method="mtz", names=["third"],
+              calib={**random_calib(), "third": random_calib()["mnist"]}, params={"share_ratio": 0.5, "hessian_samples": 64})
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and "declined" in message and "original models" in message
+    assert str(ab) in message and not out.exists()
 
 
 def test_nothing_to_zip_is_pack_with_a_note(tmp_path):
