@@ -67,4 +67,4 @@ def test_readme_lists_every_registered_method():
     from onnxmerge.passes import METHODS
 
     for m in METHODS.values():
-        assert re.search(rf"^\| `{m.name}` \|.*\| {re.escape(m.summary)} \|", README, re.M), m.name
+        assert re.search(rf"^\| `{re.escape(m.name)}` \|.*\| {re.escape(m.summary)} \|", README, re.M), m.name

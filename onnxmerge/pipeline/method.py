@@ -80,6 +80,9 @@ class Method:
     # defaults, one phrase per layer (`onnxmerge inspect`); None: it leaves every layer as it is
     explain: Callable[[gs.Graph, list[Layer]], list[str]] | None = None
     search: Knob | None = None  # what `--max-loss` searches; None: the method is not searched
+    # a composition of two registered methods (passes/compose.py): the search bisects its knob on the
+    # first method's best setting within the budget, after the first was searched
+    composes: tuple[str, str] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:

@@ -91,12 +91,17 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         raise UsageError(f"--jobs {jobs}: give a number of processes (>= 1)")
     if not calib:
         raise UsageError("--max-loss needs labelled data per task to measure accuracy on: give --calib TASK=PATH")
-    searched = [METHODS[m] for m in (methods or [m for m in METHODS if METHODS[m].search])]
-    searched.sort(key=lambda m: _strength(m, objective))  # a stable sort: ties keep the given order
-    for m in searched:
+    chosen = [METHODS[m] for m in (methods or [m for m in METHODS if METHODS[m].search])]
+    searched = sorted((m for m in chosen if not m.composes), key=lambda m: _strength(m, objective))  # stable
+    # a composition after the methods it composes (its first method's best setting is its start)
+    compositions = [m for m in chosen if m.composes and m.composes[0] in {s.name for s in searched}]
+    notes = [f"{m.name} not tried: it starts from {m.composes[0]}'s best setting, and {m.composes[0]} is not searched"
+             for m in chosen if m.composes and m not in compositions]
+    for m in chosen:
         if m.search is None:
             raise UsageError(f"method {m.name} has no setting to search: merge with it directly, without --max-loss")
-        clash = sorted({k for p in m.search.ladder(2) for k in p} & set(params or {}))
+        ladders = [m.search, *(METHODS[c].search for c in (m.composes or ()))]
+        clash = sorted({k for knob in ladders if knob for p in knob.ladder(2) for k in p} & set(params or {}))
         if clash:
             raise UsageError(f"--max-loss searches {', '.join('--' + k.replace('_', '-') for k in clash)} of "
                              f"method {m.name}: leave it out")
@@ -122,9 +127,9 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     setup = Setup(inputs, names, train, held, originals, original_correct, original_bytes,
                   calibration or CalibrationConfig(), latency_budget_s, measure_latency)
     del base
-    say(f"search: {', '.join(m.name for m in searched)} within {max_loss:g} point(s) per task, objective "
+    say(f"search: {', '.join(m.name for m in searched + compositions)} within {max_loss:g} point(s) per task, objective "
         f"{objective}; validation: " + "; ".join(f"{t}: {w}" for t, w in where.items()))
-    trials, notes = [], []
+    trials = []
 
     def record(trial: Trial) -> Trial:
         trials.append(trial)
@@ -136,7 +141,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     best = record(run_trial(setup, BASELINE, {}, max_loss))  # the best model within the budget so far
     if max_loss == 0:  # nothing lossy can be within it: the originals, exactly
         notes.append("a budget of 0 points keeps every task exactly as its original: pack, no lossy method tried")
-        searched = []
+        searched, compositions = [], []
     rank, world = _rank_world()
     mine = [m.name for m in searched][rank::world]  # under torchrun, each process takes a share of the methods
     work = [(setup, name, [{**(params or {}), **p} for p in METHODS[name].search.ladder(n_layers)], max_loss,
@@ -151,6 +156,19 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         for job in work:  # each method prunes against what the methods before it found
             found_notes, best = bisect_method(*job[:5], best, deadline, on_trial=record)
             notes += found_notes
+    for comp in compositions:  # where its first method was searched (under torchrun: by this process)
+        if comp.composes[0] not in mine:
+            continue
+        first = [t for t in trials if t.method == comp.composes[0] and t.within(max_loss)]
+        if not first:
+            notes.append(f"{comp.name} not tried: no {comp.composes[0]} setting kept every task within the budget")
+            continue
+        start_from = choose(first, max_loss, objective)
+        best = choose([t for t in trials if t.within(max_loss)], max_loss, objective)
+        ladder = [{**(params or {}), **start_from.params, **p} for p in comp.search.ladder(n_layers)]
+        found_notes, best = bisect_method(setup, comp.name, ladder, max_loss, objective, best, deadline,
+                                          on_trial=record)
+        notes += found_notes
     if world > 1:
         trials, notes = _gather(trials, notes, rank, world)
     bar.n = min(int(time.perf_counter() - start), bar.total)

@@ -29,7 +29,10 @@ def _pipeline(p: dict[str, Any]) -> list:
     return common.pipeline(combined=[share], after=[EmitNativePass()] if p["emit"] == "native" else [])
 
 
-SEARCH_SIZES = (0.3, 0.2, 0.14, 0.1, 0.07, 0.05, 0.035, 0.025)  # --max-loss's ladder of --size
+# --max-loss's ladder of --size: each about 0.84x the one before (two steps per halving), so that
+# the bisection ends within about 16% of the smallest size within the budget for one trial more
+# than a ladder of halvings would take
+SEARCH_SIZES = (0.3, 0.25, 0.2, 0.17, 0.14, 0.12, 0.1, 0.085, 0.07, 0.06, 0.05, 0.042, 0.035, 0.03, 0.025)
 
 METHOD = Method(
     name="codebook",
@@ -38,7 +41,7 @@ METHOD = Method(
     build=_pipeline,
     explain=explain,
     single=True,  # one model alone: compressed with codebooks of its own (the paper's Table 3 baseline)
-    # size targets, each about 0.7x the one before: the plan's bytes fall monotonically along them
+    # size targets (SEARCH_SIZES): the plan's bytes fall monotonically along them
     search=Knob(lambda n: [{"size": s} for s in SEARCH_SIZES], "size target (fraction of the dense bytes)",
                 saves=("size",)),  # the portable form does the dense layers' work
     conflicts=(("size", "preset", "--size chooses r and C for every layer"),

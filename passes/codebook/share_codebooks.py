@@ -17,7 +17,9 @@ bytes with the least k-means error. A group whose codebook and codes would not b
 dense weights (exact stored bytes, _codebook.stored_bytes) stays dense unless if_larger="codebook";
 the plan, per layer, goes into the report (`codebook_plan`) and its notes.
 The task heads (each model's last layer) stay per task and dense unless heads="codebook".
-Depthwise and grouped convolutions and non-2-D convolutions stay dense (a note says so).
+Depthwise and grouped convolutions and non-2-D convolutions stay dense (a note says so). In a
+composition (passes/compose.py), a layer an earlier pass shared (one shared node) gets a codebook
+of its own.
 
 Exactness: when C is at least the number of distinct pieces in every segment, k-means returns the
 pieces themselves and the merged model reproduces the originals (tests/passes/codebook/).
@@ -84,7 +86,7 @@ class ShareCodebooksPass(Pass):
             group = build_group(label, _cut(nodes, members), setting, n_init=self.n_init, max_iter=self.max_iter,
                                 seed=self.seed)
             groups.append(group)
-            owner = SHARED if len(members) > 1 else f"{members[0][0]}/"
+            owner = SHARED if len(members) > 1 or members[0][1].startswith(SHARED) else f"{members[0][0]}/"
             codebook = gs.Constant(f"{owner}{label}/codebook", group.codebook)
             group.packed = packs(group.setting, group.segments, self.pack)
             for (task, name, layer), member, codes in zip(members, group.members, group.codes):
@@ -180,8 +182,19 @@ class ShareCodebooksPass(Pass):
                 if j not in taken[task.name] and self._eligible(state, task.name, task.layers, j):
                     label = f"{task.name}.{layer_label(task.layers, j)}"
                     plan.append((label, self._setting(None, layer), [(task.name, j)]))
-        return [(label, setting, [(t, f"{t}/{state.task(t).layers[j].node}", state.task(t).layers[j])
-                                  for t, j in members]) for label, setting, members in plan]
+        # a layer an earlier pass of a composition shared (its per-task nodes replaced by one shared
+        # node, passes/compose.py) gets one codebook of its own for that node
+        present = {n.name for n in state.graph.nodes}
+        out = []
+        for label, setting, members in plan:
+            named = [(t, f"{t}/{state.task(t).layers[j].node}", state.task(t).layers[j]) for t, j in members]
+            kept = [m for m in named if m[1] in present]
+            if not kept and SHARED + named[0][2].node in present:
+                kept = [(named[0][0], SHARED + named[0][2].node, named[0][2])]
+                _note(state, f"codebook: {label} is shared by an earlier pass: one codebook for its shared node")
+            if kept:
+                out.append((label, setting, kept))
+        return out
 
     def _eligible(self, state: MergeState, task: str, layers: list[Layer], index: int) -> bool:
         why = dense_reason(layers, index, self.heads)

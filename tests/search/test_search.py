@@ -235,3 +235,53 @@ def test_loss_is_paired_and_its_standard_error_widens_the_budget(monkeypatch):
     assert t.error["a"] == pytest.approx(100 * d.std(ddof=1) / 20)  # sqrt(400) = 20
     assert 0.4 < t.error["a"] < 1.0
     assert not t.within(1.0) and t.within(1.0 + trial_mod.CONFIDENCE_Z * t.error["a"])
+
+
+@pytest.fixture
+def fake_compositions(fake_trials, monkeypatch):
+    """The fake methods of fake_trials, and zipper+codebook with a knob j on top of zipper's k: its
+    loss is zipper's plus j / 4 points, its size zipper's minus 10 j bytes. `offset["zipper"]`: points
+    added to every zipper loss."""
+    from onnxmerge.passes import METHODS
+
+    method = METHODS[COMPOSED]
+    monkeypatch.setitem(METHODS, COMPOSED, type(method)(**{**method.__dict__, "search": Knob(
+        lambda n: [{"j": j} for j in range(1, 9)], "j")}))
+    fake, offset = search_run.run_trial, {"zipper": 0.0}
+
+    def run_trial(setup, method, params, max_loss, beats=None, warm_start=None):
+        t = fake(setup, method, {k: v for k, v in params.items() if k != "j"}, max_loss, None, warm_start)
+        fake_trials[-1] = (method, dict(params), warm_start)
+        j = params.get("j", 0)
+        t.params, t.bytes = dict(params), t.bytes - 10 * j
+        t.loss = {n: v + j / 4 + offset.get(method, 0.0) for n, v in t.loss.items()}
+        if beats is not None and not beats(t):
+            t.status, t.model, t.loss, t.accuracy = "skipped: cannot beat the best model found so far", None, {}, {}
+        return t
+
+    monkeypatch.setattr(search_run, "run_trial", run_trial)
+    return offset
+
+
+COMPOSED = "zipper+codebook"
+
+
+def test_a_composition_starts_from_its_first_method_s_best_setting(fake_trials, fake_compositions):
+    """zipper's best within a budget of 1.5 is k=3 (loss 1); the composition bisects j on k=3 and
+    keeps j=2 (loss 1.5), 20 bytes smaller than zipper's best."""
+    result = _search_examples(methods=["zipper", COMPOSED], max_loss=1.5)
+    tried = [(m, p) for m, p, _ in fake_trials if m != "pack"]
+    first = [m for m, _ in tried].index(COMPOSED)
+    assert all(m == "zipper" for m, _ in tried[:first])  # the composition after the method it starts from
+    assert all(p["k"] == 3 for _, p in tried[first:])
+    assert result.chosen.method == COMPOSED and result.chosen.params == {"k": 3, "j": 2}
+
+
+def test_a_composition_is_not_tried_without_a_start_within_the_budget(fake_trials, fake_compositions):
+    fake_compositions["zipper"] = 100.0  # every zipper setting far over the budget
+    result = _search_examples(methods=["zipper", COMPOSED], max_loss=1.0)
+    assert COMPOSED not in [m for m, _, _ in fake_trials] and result.chosen.method == "pack"
+    assert f"{COMPOSED} not tried: no zipper setting kept every task within the budget" in result.notes
+    fake_trials.clear()
+    result = _search_examples(methods=[COMPOSED], max_loss=1.0)  # zipper not searched: nothing to start from
+    assert [m for m, _, _ in fake_trials] == ["pack"] and any(n.startswith(f"{COMPOSED} not tried") for n in result.notes)

@@ -1,0 +1,70 @@
+"""Compositions (passes/compose.py): zipper shares the first layers, then codebooks compress the layers
+that stay per task. Sharing nothing with a codeword per distinct piece reproduces the originals; a
+lossy composition computes zipper's shared layers once (each with a codebook of its own) and plans
+every layer to the size target; the pipeline is spliced as the module says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import MODELS, shipped
+from onnxmerge.api import merge
+from onnxmerge.data import load_dataset
+from onnxmerge.measure.evaluate import run_task
+from onnxmerge.measure.metrics import parameter_bytes
+from onnxmerge.model.runtime import session
+from onnxmerge.passes import METHODS
+from onnxmerge.passes.codebook.share_codebooks import ShareCodebooksPass
+from onnxmerge.passes.compose import then
+from onnxmerge.passes.zipper.zip_layers import ZipLayersPass
+from onnxmerge.pipeline.method import CALIBRATE
+
+FILES = ["lenet_mnist.onnx", "lenet_fashion_seed1.onnx"]  # independently initialised LeNets
+NAMES = ["mnist", "fashion"]
+DATA = ["mnist_eval.npz", "fashion_eval.npz"]
+COMPOSED = "zipper+codebook"
+
+
+def _paths():
+    return [str(shipped(MODELS / f)) for f in FILES]
+
+
+def _calib():
+    return {n: load_dataset(shipped(MODELS / d)) for n, d in zip(NAMES, DATA)}
+
+
+def test_the_pipeline_is_zipper_then_codebooks_then_one_calibration():
+    steps = METHODS[COMPOSED].pipeline({"share": 2, "size": 0.1})
+    kinds = [type(s) for s in steps]
+    assert steps.count(CALIBRATE) == 1 and kinds.index(ZipLayersPass) < kinds.index(ShareCodebooksPass) \
+        < steps.index(CALIBRATE)
+    with pytest.raises(ValueError, match="both take"):
+        then(METHODS["codebook"], METHODS["codebook"])
+
+
+def test_sharing_nothing_with_a_codeword_per_piece_reproduces_the_originals():
+    result = merge(_paths(), method=COMPOSED, names=NAMES, calib=_calib(), calibrate_last=False,
+                   params={"share": 0, "codewords": 4096, "heads": "codebook", "if_larger": "codebook"})
+    layers = result.info.fidelity["codebook_layers"]
+    assert len(layers) == 5 and all(g["exact"] for g in layers)  # every layer of both LeNets
+    sess = session(result.model)
+    for task, path, ds in zip(result.info.tasks, _paths(), _calib().values()):
+        got = run_task(sess, task, ds.x[:64])
+        want = session(path).run(None, {"input": ds.x[:64]})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_shared_layers_are_computed_once_and_every_layer_is_planned():
+    params = {"share": 2, "size": 0.1}
+    composed = merge(_paths(), method=COMPOSED, names=NAMES, calib=_calib(), calibrate_last=False, params=params)
+    zipped = merge(_paths(), method="zipper", names=NAMES, calib=_calib(), calibrate_last=False, params={"share": 2})
+    convs = [n.name for n in composed.model.graph.node if n.op_type == "Conv"]
+    assert convs == [n.name for n in zipped.model.graph.node if n.op_type == "Conv"] and len(convs) == 2
+    assert all(c.startswith("shared/") for c in convs)  # zipper's two shared layers, one node each
+    planned = [lp["layer"] for lp in composed.info.fidelity["codebook_plan"]["layers"]]
+    assert planned == ["conv1", "conv2", "fc1", "fc2"]  # the shared layers (one node each) and the per-task ones
+    assert sum("shared by an earlier pass" in n for n in composed.state.notes) == 2
+    plan = composed.info.fidelity["codebook_plan"]
+    assert plan["target_met"] and plan["bytes"] <= 0.1 * plan["dense_bytes"]
+    assert parameter_bytes(composed.model) < 0.2 * parameter_bytes(zipped.model)
