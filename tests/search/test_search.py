@@ -281,7 +281,8 @@ def test_a_composition_is_not_tried_without_a_start_within_the_budget(fake_trial
     fake_compositions["zipper"] = 100.0  # every zipper setting far over the budget
     result = _search_examples(methods=["zipper", COMPOSED], max_loss=1.0)
     assert COMPOSED not in [m for m, _, _ in fake_trials] and result.chosen.method == "pack"
-    assert f"{COMPOSED} not tried: no zipper setting kept every task within the budget" in result.notes
+    assert any(n.startswith(f"{COMPOSED} not tried: no zipper setting was measured within the budget")
+               for n in result.notes)
     fake_trials.clear()
     result = _search_examples(methods=[COMPOSED], max_loss=1.0)  # zipper not searched: nothing to start from
     assert [m for m, _, _ in fake_trials] == ["pack"] and any(n.startswith(f"{COMPOSED} not tried") for n in result.notes)
