@@ -149,6 +149,10 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+def _us(median: float, quartiles: list[float]) -> str:
+    return f"{1e6 * median:.1f} ({1e6 * quartiles[0]:.1f}-{1e6 * quartiles[1]:.1f})"
+
+
 def _size_row(label: str, s: dict) -> list[str]:
     return [label] + [_int(s[k]) for k in _SIZE_KEYS]
 
@@ -189,6 +193,13 @@ def format_report(report: dict) -> str:
               str(g["segments"]), "0 (exact)" if g["exact"] else f"{g['kmeans_rel_error']:.4f}",
               _seconds(g.get("kmeans_seconds")), _int(g.get("dense_bytes")), _int(g.get("stored_bytes")),
               _x(g.get("compression_bytes"))] for g in layers]))
+    timed = (report.get("fidelity") or {}).get("emit_auto")
+    if timed:
+        out += ["", f"--emit auto: each native node against its dense layer on this machine (median us per run, "
+                    f"quartiles; batch {timed[0]['batch']}, {timed[0]['threads']} thread(s)); the faster is kept"]
+        out.append(_table(["layer", "op", "native us", "dense us", "native/dense", "kept"], [
+            [r["layer"], r["op"], _us(r["native_s"], r["native_quartiles_s"]), _us(r["dense_s"], r["dense_quartiles_s"]),
+             f"{r['native_s'] / r['dense_s']:.2f}", r["faster"]] for r in timed]))
     notes = (report.get("fidelity") or {}).get("notes")
     if notes:
         out += ["", "Notes"] + [f"  - {n}" for n in notes]

@@ -25,8 +25,10 @@ def _pipeline(p: dict[str, Any]) -> list:
     share = ShareCodebooksPass(p["preset"], p["r"], p["codewords"], parse_layer_params(p["layer_params"]),
                                p["heads"], p["kmeans_init"], seed=p["kmeans_seed"],
                                size=None if p["size"] is None else parse_size(p["size"]), if_larger=p["if_larger"],
-                               pack=p["emit"] == "gather")  # the kernels read a byte per index
-    return common.pipeline(combined=[share], after=[EmitNativePass()] if p["emit"] == "native" else [])
+                               # the kernels read a byte per index; auto keeps 4-bit codes packed (portable)
+                               pack=p["emit"] != "native")
+    emit = [EmitNativePass(p["emit"] == "auto", p["target_batch"], p["target_threads"])] if p["emit"] != "gather" else []
+    return common.pipeline(combined=[share], after=emit)
 
 
 # --max-loss's ladder of --size: each about 0.84x the one before (two steps per halving), so that
@@ -64,7 +66,14 @@ METHOD = Method(
         "heads": Option("keep", "keep: each model's last layer stays dense; codebook: compress it too",
                         choices=("keep", "codebook")),
         "emit": Option("gather", "gather: portable codebook-gather subgraph; native: ai.onnxmerge EConv/EFC nodes "
-                       "(need onnxmerge.kernels in the session)", choices=("gather", "native")),
+                       "(need onnxmerge.kernels in the session); auto: native only for the layers whose node "
+                       "ran faster than the dense layer on this machine at --target-batch and --target-threads "
+                       "(timed when the merge is compiled; 4-bit codes stay packed and portable)",
+                       choices=("gather", "native", "auto")),
+        "target_batch": Option(1, "--emit auto: the batch size the merged model is deployed with",
+                               parse=positive("target-batch")),
+        "target_threads": Option(1, "--emit auto: the intra-op threads the merged model is deployed with",
+                                 parse=positive("target-threads")),
         "kmeans_init": Option(3, "k-means initialisations per segment (the lowest error is kept)",
                               parse=positive("kmeans-init")),
         "kmeans_seed": Option(0, "k-means seed", parse=int),

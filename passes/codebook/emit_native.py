@@ -19,6 +19,7 @@ from onnxmerge import kernels
 from onnxmerge.graph.macs import node_macs
 from onnxmerge.graph.ops import export_with_domain, find_chain, shaped_graph
 from onnxmerge.kernels import DOMAIN
+from onnxmerge.passes.codebook import emit_auto
 from onnxmerge.pipeline import checks
 from onnxmerge.pipeline.manager import Pass, PassResult
 
@@ -31,13 +32,27 @@ class EmitNativePass(Pass):
     exact = True  # the native form computes the portable form's numbers (checked by check_native)
     requires = ("exported",)
 
+    def __init__(self, auto: bool = False, batch: int = 1, threads: int = 1):
+        self.auto, self.batch, self.threads = auto, batch, threads  # auto: emit_auto times each layer
+
     def call(self, state) -> PassResult:
-        if not kernels.available() and state.portable_fallback:
-            state.warnings.append(f"--emit native: {kernels.unavailable_reason()}; writing --emit gather")
+        if not kernels.available() and (state.portable_fallback or self.auto):
+            if self.auto:  # the portable form is what auto chooses without kernels to time
+                state.notes.append(f"--emit auto: {kernels.unavailable_reason()}; the portable form is written")
+            else:
+                state.warnings.append(f"--emit native: {kernels.unavailable_reason()}; writing --emit gather")
             state.params["emit"] = "gather"
             return PassResult(state, False)
         portable = state.model
         native, kept = to_native(portable)
+        if self.auto:
+            native, kept = self._timed(state, portable, native, kept)
+            if not any(n.domain == DOMAIN for n in native.graph.node):  # every layer faster dense
+                state.info.fidelity.setdefault("notes", []).append(
+                    f"--emit auto: no native node ran faster than its dense layer here (batch {self.batch}, "
+                    f"{self.threads} thread(s)): the portable form is written")
+                state.params["emit"] = "gather"
+                return PassResult(state, False)
         fidelity = state.info.fidelity
         fidelity["native_vs_portable_rel_diff"] = checks.check_native(native, portable)
         notes = fidelity.setdefault("notes", [])
@@ -48,8 +63,19 @@ class EmitNativePass(Pass):
         state.model = native
         return PassResult(state, True)
 
+    def _timed(self, state, portable: onnx.ModelProto, native: onnx.ModelProto,
+               kept: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+        """`--emit auto`: the native model with only the nodes that ran faster than their dense layer
+        here (emit_auto.time_layers); the timings go to the report (figure emit_auto)."""
+        rows = emit_auto.time_layers(native, self.batch, self.threads)
+        state.info.fidelity["emit_auto"] = rows  # after calibration: straight into the metadata
+        slower = {r["layer"]: (f"timed slower than dense here ({1e6 * r['native_s']:.0f} vs {1e6 * r['dense_s']:.0f} "
+                               f"us at batch {self.batch}, {self.threads} thread(s))")
+                  for r in rows if r["faster"] == "dense"}
+        return to_native(portable, skip=slower) if slower else (native, kept)
 
-def to_native(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+
+def to_native(model: onnx.ModelProto, skip: dict[str, str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """Replace the codebook layers of the portable form by EConv / EFC nodes where that pays.
 
     Returns the model and the layers left in the portable form, with the reason: what the kernels
@@ -58,15 +84,16 @@ def to_native(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     lookup that takes at least as many operations as the dense layer
     (eq. 9's tables cost V*C*r per input pixel, e.g. a first convolution with one input channel and
     r = 1): such a layer keeps its dense Conv / Gemm, which onnxruntime runs faster, and the same
-    compressed file."""
-    candidate, kept = _to_native(model, skip={})
+    compressed file. `skip`: further layers to keep portable (name -> reason)."""
+    skip = dict(skip or {})
+    candidate, kept = _to_native(model, skip)
     dense, lookup = node_macs(model), node_macs(candidate)
     slower = {}
     for node in candidate.graph.node:
         ops, macs = lookup.get(node.name), dense.get(node.name)
         if node.domain == DOMAIN and ops is not None and macs is not None and ops >= macs:
             slower[node.name] = f"the lookup takes at least the dense layer's operations ({ops:,} vs {macs:,} per sample)"
-    return _to_native(model, skip=slower) if slower else (candidate, kept)
+    return _to_native(model, skip={**skip, **slower}) if slower else (candidate, kept)
 
 
 def _to_native(model: onnx.ModelProto, skip: dict[str, str]) -> tuple[onnx.ModelProto, list[str]]:

@@ -1,0 +1,92 @@
+"""`--emit auto`: every layer with a native form is timed against its dense layer on this machine and
+the faster form is kept. The timings themselves are not asserted (machines are noisy): the harness
+must time the same computation both ways, and the model must hold exactly the nodes the timings
+chose; without built kernels auto writes the portable form and says so."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLES, shipped
+from onnxmerge import kernels
+from onnxmerge.api import merge
+from onnxmerge.graph.ops import shaped_graph, to_portable
+from onnxmerge.kernels import DOMAIN
+from onnxmerge.model.runtime import session
+from onnxmerge.passes.codebook import emit_auto
+from onnxmerge.passes.codebook.emit_native import to_native
+
+PAIR = [shipped(EXAMPLES / "fashion_lenet.onnx"), shipped(EXAMPLES / "digits_lenet.onnx")]
+PARAMS = {"preset": "light"}
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason() or "built")
+
+
+@pytest.fixture(scope="module")
+def portable():
+    return merge(PAIR, method="codebook", params=PARAMS, progress=False).model
+
+
+@needs_kernels
+def test_the_harness_times_each_native_node_alone_against_the_same_dense_layer(portable):
+    native, _ = to_native(portable)
+    nodes = [n for n in shaped_graph(native).nodes if n.domain == DOMAIN]
+    rows = emit_auto.time_layers(native, batch=3, threads=1, budget_s=0.01)
+    assert [r["layer"] for r in rows] == [n.name for n in nodes] and len(rows) >= 4
+    for r in rows:
+        assert r["rounds"] >= emit_auto.MIN_ROUNDS and r["batch"] == 3
+        assert r["native_quartiles_s"][0] <= r["native_s"] <= r["native_quartiles_s"][1]
+        assert r["faster"] == ("native" if r["native_s"] < r["dense_s"] else "dense")
+    x = np.random.default_rng(0).standard_normal([3, *nodes[0].inputs[0].shape[1:]]).astype(np.float32)
+    alone = emit_auto._alone(nodes[0], native, 3)
+    got = session(alone, native=True).run(None, {"x": x})[0]
+    want = session(to_portable(alone)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("native_layers", [0, 1, "all"])
+def test_the_model_holds_exactly_the_nodes_that_ran_faster(monkeypatch, portable, native_layers):
+    real = emit_auto.time_layers
+
+    def decided(native, batch, threads, **kw):  # the real rows, with the choice forced
+        rows = real(native, batch, threads, budget_s=0.001)
+        for k, r in enumerate(rows):
+            r["faster"] = "native" if native_layers == "all" or k < native_layers else "dense"
+        return rows
+
+    monkeypatch.setattr(emit_auto, "time_layers", decided)
+    result = merge(PAIR, method="codebook", params={**PARAMS, "emit": "auto", "target_batch": 2}, progress=False)
+    rows = result.info.fidelity["emit_auto"]
+    faster = {r["layer"] for r in rows if r["faster"] == "native"}
+    got = {n.name for n in result.model.graph.node if n.domain == DOMAIN}
+    assert got == faster and all(r["batch"] == 2 for r in rows)
+    assert result.info.params["emit"] == ("gather" if not faster else "auto")
+    if faster:  # the native model computes the portable one's numbers
+        assert result.info.fidelity["native_vs_portable_rel_diff"] <= 1e-4
+    notes = result.info.fidelity.get("notes", [])
+    assert sum("timed slower than dense here" in n for n in notes) == (len(rows) - len(faster) if faster else 0)
+    assert any(n.startswith("--emit auto: no native node ran faster") for n in notes) == (not faster)
+
+
+def test_without_kernels_auto_writes_the_portable_form(monkeypatch, portable):
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    result = merge(PAIR, method="codebook", params={**PARAMS, "emit": "auto"}, progress=False)
+    assert not any(n.domain == DOMAIN for n in result.model.graph.node)
+    assert any(n.startswith("--emit auto:") and "portable form" in n for n in result.state.notes)
+    assert "emit_auto" not in result.info.fidelity
+
+
+@needs_kernels
+def test_the_report_lists_both_timings_and_the_choice_per_layer(tmp_path, capsys):
+    from onnxmerge.cli import main
+
+    argv = [*map(str, PAIR), "-o", str(tmp_path / "m.onnx"), "--method", "codebook", "--preset", "light",
+            "--emit", "auto", "--target-batch", "2", "--no-latency"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    head = next(line for line in out.splitlines() if line.startswith("--emit auto: each native node"))
+    assert "batch 2, 1 thread(s)" in head
+    rows = [line for line in out.splitlines() if line.strip().startswith(("fashion_lenet/", "digits_lenet/"))
+            and line.rstrip().endswith((" native", " dense"))]
+    assert len(rows) >= 4
