@@ -60,6 +60,20 @@ def isas() -> tuple[str, ...]:
     return tuple(query().decode().split(","))
 
 
+@cache
+def cache_sizes() -> dict:
+    """The per-core cache sizes the kernels size their table blocks by, read at run time: {l1d_bytes,
+    l2_bytes, source} (source: sysfs, sysconf, environment (ONNXMERGE_L1D_BYTES / ONNXMERGE_L2_BYTES,
+    read when the library is loaded) or defaults). A one-line error if the kernels are not built."""
+    path = library_path()
+    if path is None:
+        raise MergeError(unavailable_reason())
+    query = ctypes.CDLL(str(path)).onnxmerge_kernels_caches
+    query.restype = ctypes.c_char_p
+    l1d, l2, source = query().decode().split(",")
+    return {"l1d_bytes": int(l1d), "l2_bytes": int(l2), "source": source}
+
+
 def isa() -> str:
     """The instruction set that sessions created now use: $ONNXMERGE_KERNEL_ISA if set, else the best."""
     return os.environ.get(ISA_VARIABLE) or isas()[0]

@@ -285,3 +285,13 @@ ONNXMERGE_EXPORT const char* onnxmerge_kernels_isas() {
   }();
   return names.c_str();
 }
+
+// For onnxmerge.kernels (ctypes): the cache sizes the kernels size their table blocks by,
+// "l1d_bytes,l2_bytes,source" (source: sysfs, sysconf, environment or defaults).
+ONNXMERGE_EXPORT const char* onnxmerge_kernels_caches() {
+  static const std::string text = [] {
+    const auto& c = onnxmerge::cache_sizes();
+    return std::to_string(c.l1d) + "," + std::to_string(c.l2) + "," + c.source;
+  }();
+  return text.c_str();
+}

@@ -73,6 +73,16 @@ struct EConvLayer {
 // ---------------------------------------------------------------------------------------------
 // EFC: Y [N, out] from X [N, d], codebook [V', C, r], codes [V, out], bias [out]
 
+// This CPU's per-core data caches, read once at run time (Linux sysfs, else sysconf, else 32 KiB / 1 MiB,
+// the Zen 4 core the block sizes were first measured on); ONNXMERGE_L1D_BYTES / ONNXMERGE_L2_BYTES
+// override them. Table blocks are sized from these, so that they fit the cache of the machine the
+// session runs on, not of the one the kernels were tuned on.
+struct CacheSizes {
+  int64_t l1d = 0, l2 = 0;
+  std::string source;  // where the figures came from
+};
+const CacheSizes& cache_sizes();
+
 struct EFCParams {
   int64_t d = 0, out = 0, V = 0, C = 0, r = 0;
 };

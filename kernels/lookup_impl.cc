@@ -45,11 +45,12 @@ inline vec load(const float* p) {
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 inline vec splat(float s) { return vec{} + s; }
 
-constexpr int64_t kL1TableBytes = 16 * 1024;       // EFC at batch 1: a block of scalar tables stays in L1
-#ifndef ONNXMERGE_EFC_TILE_BYTES
-#define ONNXMERGE_EFC_TILE_BYTES (128 * 1024)  // measured best of 32 KB .. 1 MB here
-#endif
-constexpr int64_t kEfcTileBytes = ONNXMERGE_EFC_TILE_BYTES;  // EFC in batches: a block of tables
+// Block sizes from this CPU's caches (cache_sizes(), read at run time), in the proportions measured
+// best on Zen 4 (32 KiB L1d, 1 MiB L2): EFC at batch 1 keeps a block of scalar tables in half of L1d
+// (16 KiB there); EFC in batches a block of tables in an eighth of L2 (128 KiB there, the best of
+// 32 KiB .. 1 MiB).
+int64_t l1_table_bytes() { return cache_sizes().l1d / 2; }
+int64_t efc_tile_bytes() { return cache_sizes().l2 / 8; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -240,7 +241,7 @@ template <typename Code>
 void efc_sample_scalar(const EFCLayer& L, const Code* codes, const float* table, int64_t o0, int64_t o1, float* y) {
   const EFCParams& s = L.s;
   const int64_t Cp = L.Cp;
-  const int64_t segs_l1 = std::max<int64_t>(1, kL1TableBytes / (Cp * static_cast<int64_t>(sizeof(float))));
+  const int64_t segs_l1 = std::max<int64_t>(1, l1_table_bytes() / (Cp * static_cast<int64_t>(sizeof(float))));
   for (int64_t v0 = 0; v0 < s.V; v0 += segs_l1) {
     const int64_t segs = std::min(s.V, v0 + segs_l1) - v0;
     const float* t = table + v0 * Cp;
@@ -323,7 +324,7 @@ void efc_tile(const EFCLayer& L, const Code* codes, const float* x, int64_t n0, 
   std::vector<float> xt(static_cast<size_t>(s.d * W), 0.0f);
   for (int64_t j = 0; j < nt; ++j)
     for (int64_t i = 0; i < s.d; ++i) xt[i * W + j] = x[(n0 + j) * s.d + i];
-  const int64_t vblock = std::clamp<int64_t>(kEfcTileBytes / (s.C * W * static_cast<int64_t>(sizeof(float))), 1,
+  const int64_t vblock = std::clamp<int64_t>(efc_tile_bytes() / (s.C * W * static_cast<int64_t>(sizeof(float))), 1,
                                              s.V);
   std::vector<float> table(static_cast<size_t>(vblock * s.C * W));
   std::vector<float> acc(static_cast<size_t>(s.out * W));

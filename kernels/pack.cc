@@ -1,7 +1,10 @@
 // Checking and repacking a layer's constant inputs once, the per-input-size plans of EConv, and the
 // choice of instruction set; see lookup.h. Compiled once, for any CPU.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdlib>
+#include <fstream>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -19,11 +22,30 @@ namespace isa_avx512 { extern const IsaKernels kernels; }
 
 namespace {
 
-// A segment group's tables (and a batch tile's, for EFC) are sized to stay in a core's L2 cache.
-#ifndef ONNXMERGE_TABLE_BYTES
-#define ONNXMERGE_TABLE_BYTES (512 * 1024)
-#endif
-constexpr int64_t kTableBudgetBytes = ONNXMERGE_TABLE_BYTES;
+// A segment group's tables are sized to stay in a core's L2 cache: half of it (512 KiB on the 1 MiB
+// L2 of Zen 4, where that was measured best), the other half for the input rows and outputs.
+int64_t table_budget_bytes() { return onnxmerge::cache_sizes().l2 / 2; }
+
+// "48K" / "2048K" / "1M" (sysfs cache size) -> bytes; 0 where it does not parse.
+int64_t parse_size(const std::string& text) {
+  char* end = nullptr;
+  const long long n = std::strtoll(text.c_str(), &end, 10);
+  if (end == text.c_str() || n <= 0) return 0;
+  const char unit = *end;
+  return unit == 'K' ? n << 10 : unit == 'M' ? n << 20 : unit == 'G' ? n << 30 : n;
+}
+
+std::string read_line(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
+int64_t env_bytes(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? parse_size(v) : 0;
+}
 constexpr int64_t kMaxVec = 16;  // the widest vector of any instruction set, in floats
 
 void fail(const std::string& what) { throw std::invalid_argument(what); }
@@ -51,6 +73,38 @@ void check_codes(const Code* codes, int64_t count, int64_t C, const char* op) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// cache sizes
+
+const CacheSizes& cache_sizes() {
+  static const CacheSizes sizes = [] {
+    CacheSizes c;
+    // sysfs: cpu0's caches by level and type (a per-core L1 data and L2 on every x86 and ARM part we know)
+    for (int i = 0; i < 8; ++i) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+      const std::string level = read_line(dir + "level"), type = read_line(dir + "type");
+      const int64_t bytes = parse_size(read_line(dir + "size"));
+      if (level == "1" && type == "Data" && bytes) c.l1d = bytes;
+      if (level == "2" && type != "Instruction" && bytes) c.l2 = bytes;
+    }
+    c.source = c.l1d && c.l2 ? "sysfs" : "";
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+    if (!c.l1d) c.l1d = std::max<long>(0, sysconf(_SC_LEVEL1_DCACHE_SIZE));
+    if (!c.l2) c.l2 = std::max<long>(0, sysconf(_SC_LEVEL2_CACHE_SIZE));
+    if (c.source.empty() && c.l1d && c.l2) c.source = "sysconf";
+#endif
+    if (!c.l1d) c.l1d = 32 << 10;
+    if (!c.l2) c.l2 = 1 << 20;
+    if (c.source.empty()) c.source = "defaults";
+    if (const int64_t l1 = env_bytes("ONNXMERGE_L1D_BYTES")) c.l1d = l1, c.source = "environment";
+    if (const int64_t l2 = env_bytes("ONNXMERGE_L2_BYTES")) c.l2 = l2, c.source = "environment";
+    c.l1d = std::max<int64_t>(c.l1d, 4 << 10);  // a block holds at least a few tables
+    c.l2 = std::max<int64_t>(c.l2, 64 << 10);
+    return c;
+  }();
+  return sizes;
+}
 
 // ---------------------------------------------------------------------------------------------
 // instruction sets
@@ -143,10 +197,10 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
   const int64_t codeword_row_bytes = s.C * P.row * static_cast<int64_t>(sizeof(float));
   // the most output rows whose tables (one segment, all codewords) fit the budget; at least one
   P.tile_rows = 1;
-  while (P.tile_rows < P.Ho && rows_in(P.tile_rows + 1) * codeword_row_bytes <= kTableBudgetBytes) ++P.tile_rows;
+  while (P.tile_rows < P.Ho && rows_in(P.tile_rows + 1) * codeword_row_bytes <= table_budget_bytes()) ++P.tile_rows;
   P.tile_in_rows = rows_in(P.tile_rows);
   P.plane = round_up(P.tile_in_rows * P.row, kMaxVec);
-  P.group = std::clamp<int64_t>(kTableBudgetBytes / (s.C * P.plane * static_cast<int64_t>(sizeof(float))), 1, s.V);
+  P.group = std::clamp<int64_t>(table_budget_bytes() / (s.C * P.plane * static_cast<int64_t>(sizeof(float))), 1, s.V);
   if (s.C * P.plane >= std::numeric_limits<int32_t>::max()) fail("EConv: a segment's tables are too large");
   const int64_t taps = s.kh * s.kw;
   P.offsets.resize(codes.size());

@@ -7,6 +7,11 @@ Skipped, with the loader's reason, when the library is not built (python kernels
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -197,6 +202,42 @@ def test_the_library_reports_its_instruction_sets():
     isas = kernels.isas()
     assert isas and isas[-1] == "generic" and set(isas) <= {"avx512", "avx2", "generic"}
     assert kernels.isa() == isas[0]
+
+
+def _sysfs_caches() -> tuple[int, int] | None:
+    """cpu0's L1 data and L2 cache sizes read from sysfs here, independently of the library."""
+    found = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        n = int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1], 0)
+        if (level, kind) == ("1", "Data") or (level == "2" and kind != "Instruction"):
+            found[level] = n
+    return (found["1"], found["2"]) if len(found) == 2 else None
+
+
+def test_the_library_sizes_its_tables_by_this_cpu_s_caches():
+    got = kernels.cache_sizes()
+    forced = os.environ.get("ONNXMERGE_L1D_BYTES"), os.environ.get("ONNXMERGE_L2_BYTES")
+    if all(forced):
+        assert got["source"] == "environment" and (got["l1d_bytes"], got["l2_bytes"]) == tuple(map(int, forced))
+    elif _sysfs_caches():
+        assert got["source"] == "sysfs" and (got["l1d_bytes"], got["l2_bytes"]) == _sysfs_caches()
+    else:
+        assert got["source"] in ("sysconf", "defaults") and got["l1d_bytes"] > 0 and got["l2_bytes"] > 0
+
+
+def test_small_caches_give_other_blocks_and_the_same_numbers():
+    """The block sizes follow the caches: with a 4 KiB L1d and a 64 KiB L2 (forced), tables are built
+    in many small blocks, and every instruction set still matches the reference."""
+    env = {**os.environ, "ONNXMERGE_L1D_BYTES": "4096", "ONNXMERGE_L2_BYTES": "65536"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "every_instruction_set or sizes_its_tables or benchmark_layer_shapes"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
 
 
 @pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
