@@ -35,7 +35,9 @@ from onnxmerge.data import check_fits, check_labels
 from onnxmerge.errors import MergeError, UsageError, first_line
 from onnxmerge.graph.alignment import parse_pairs
 from onnxmerge.graph.convert import import_graph
+from onnxmerge.graph.ops import make_session
 from onnxmerge.measure.evaluate import run_task
+from onnxmerge.model import downgrade
 from onnxmerge.model.contract import MergedInfo, TaskInfo, logits_output, write_metadata
 from onnxmerge.model.loading import (
     MergedInput,
@@ -45,7 +47,7 @@ from onnxmerge.model.loading import (
     reconcile_batch,
     reconcile_versions,
 )
-from onnxmerge.model.runtime import input_signature
+from onnxmerge.model.runtime import input_signature, random_feeds
 from onnxmerge.model.saving import check_model, check_output_path, save_atomic
 from onnxmerge.passes import BASELINE, get_method
 from onnxmerge.pipeline import checks
@@ -257,6 +259,7 @@ def merge(
     checkpoint: Checkpoint | None = None,
     portable_fallback: bool = False,
     calibrate_last: bool = True,
+    target_opset: int | None = None,
 ) -> MergeResult:
     """Merge the models at `inputs` with `method` and (if `output` is given) save the result atomically.
 
@@ -273,6 +276,8 @@ def merge(
     `result.state.warnings` (the command line's choice). `calibrate_last=False`: `calib` serves only
     the passes that read data (mtz's Hessians, zipper's activation matching) and the caller
     calibrates, if at all (the budgeted search measures a candidate before calibrating it).
+    `target_opset`: the merged model taken down to that opset for an older runtime and checked
+    against itself as merged (onnxmerge.model.downgrade; `fidelity.target_opset`).
     """
     chosen = get_method(method)
     if len(inputs) < (1 if chosen.single else 2):
@@ -325,6 +330,8 @@ def merge(
     state.model, state.info = model, info
     state = PassManager(after, progress=progress).run(state)
     model = state.model
+    if target_opset is not None:
+        model = for_runtime(model, info, target_opset, str(output or "merged model"))
     # the last check before writing: the model as saved (metadata aside) runs and every task's
     # outputs have their original's shape and are finite
     info.fidelity["output_check"] = checks.validate_output(
@@ -337,6 +344,21 @@ def merge(
     if checkpoint is not None:
         checkpoint.remove()  # only now: a kill before the model is saved leaves it to resume from
     return MergeResult(model, info, state, path)
+
+
+def for_runtime(model: onnx.ModelProto, info: MergedInfo, target_opset: int, where: str) -> onnx.ModelProto:
+    """`model` at `target_opset` (onnxmerge.model.downgrade), its outputs checked against the model's
+    own on seeded random inputs (native nodes run by the kernels, or in their portable form); the
+    record goes to `info.fidelity["target_opset"]`."""
+    model, info.fidelity["target_opset"] = downgrade.to_opset(model, target_opset, where, compare=_output_difference)
+    return model
+
+
+def _output_difference(a: onnx.ModelProto, b: onnx.ModelProto) -> float:
+    """The largest relative difference between two models' outputs on the same seeded random inputs."""
+    sa, sb = make_session(a), make_session(b)
+    feeds = random_feeds(sa, 2, seed=VALIDATE_SEED)
+    return max(downgrade.max_rel_diff(x, y) for x, y in zip(sb.run(None, feeds), sa.run(None, feeds)))
 
 
 def baseline_model(inputs: list[str | Path], names: list[str]) -> onnx.ModelProto:

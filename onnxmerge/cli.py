@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--separate-inputs", action="store_true", help="one input per task even when they agree")
     p.add_argument("--align", metavar="PAIRS", help="layer mapping between the first two models, e.g. 0=0,1=2")
     p.add_argument("--opset", type=int, help="target opset for all models (default: the highest among them)")
+    p.add_argument("--target-opset", type=int, metavar="N",
+                   help="write the merged model at opset N (and its IR version) for an older runtime, checked "
+                        "against the model as merged; refused in one line where its operators cannot go there")
     p.add_argument("--verify", action="store_true", help="check invariants and exactness after every pass")
     p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass that changed it")
     _method_args(p)
@@ -301,7 +304,7 @@ def cmd_merge(args) -> int:
                    separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
                    verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
                    calib=calib, calibration=config, validation=validation, params=_method_params(args),
-                   checkpoint=checkpoint, portable_fallback=True)
+                   checkpoint=checkpoint, portable_fallback=True, target_opset=args.target_opset)
     for warning in result.state.warnings:
         print(f"onnxmerge: warning: {warning}", file=sys.stderr)
     # a merged input's tasks are compared with its sub-models, as the merge compared them
@@ -395,6 +398,7 @@ def _sweep(args, names, data, calib, config) -> int:
         raise UsageError(f"--sweep shares 1, 2, ... layers in turn: leave out --{method.sweep}")
     ignored = [flag for flag, given in (("--separate-inputs", args.separate_inputs), ("--align", args.align),
                                         ("--opset", args.opset), ("--verify", args.verify),
+                                        ("--target-opset", args.target_opset),
                                         ("--dump-dir", args.dump_dir), ("--report", args.report),
                                         ("--no-latency", args.no_latency), ("--resume", args.resume),
                                         ("--checkpoint", args.checkpoint)) if given]
@@ -441,7 +445,7 @@ def _search(args, names, data, calib, validation, config) -> int:
                     jobs=args.jobs, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")):
         return 0  # under torchrun, rank 0 writes what every process found
-    path = save(result, args.output)
+    path = save(result, args.output, args.target_opset)
     chosen, originals = result.chosen, result.originals
     test = None
     if data:
@@ -498,9 +502,12 @@ def cmd_calibrate(args) -> int:
 
 def cmd_inspect(args) -> int:
     """`onnxmerge inspect a.onnx [b.onnx]`: the layer view of each model and their alignment."""
+    import onnx
+
     from onnxmerge.api import load_tasks
     from onnxmerge.graph.alignment import format_alignment, parse_pairs
     from onnxmerge.graph.layers import format_layers, layer_label, table
+    from onnxmerge.model import downgrade
     from onnxmerge.passes import BASELINE, METHODS
     from onnxmerge.passes.common import AlignLayersPass, normalise_passes
     from onnxmerge.pipeline.manager import PassManager
@@ -511,14 +518,21 @@ def cmd_inspect(args) -> int:
     alignments = list(zip(state.alignments, state.tasks[1:]))
     explained = {t.name: {m.name: m.explain(t.graph, t.layers) for m in METHODS.values() if m.explain and t.layers}
                  for t in state.tasks}
+    # what a runtime needs, of each file as it is on disk (loading may have converted it)
+    needs = {t.name: downgrade.versions(onnx.load(str(t.path), load_external_data=False)) for t in state.tasks}
     if args.json:
         print(json.dumps({"models": {t.name: {"path": str(t.path), "layers": [l.to_dict() for l in t.layers],
-                                              "methods": explained[t.name]} for t in state.tasks},
+                                              "methods": explained[t.name], "runtime": needs[t.name]}
+                                     for t in state.tasks},
                           "alignments": [al.to_dict() for al, _ in alignments],
                           "notes": state.notes}, indent=2))
         return 0
     for t in state.tasks:
-        print(f"{t.path} (task {t.name}): {len(t.layers)} layers, opset {state.opset}")
+        v = needs[t.name]
+        custom = "".join(f", custom domain {d} v{n} (needs its kernels)" for d, n in v["custom_domains"].items())
+        print(f"{t.path} (task {t.name}): {len(t.layers)} layers; file: opset {v['opset']}, IR version "
+              f"{v['ir_version']}{custom}; runs on onnxruntime {v['oldest_onnxruntime']} or newer"
+              + ("" if state.opset == v["opset"] else f" (merged at opset {state.opset})"))
         print(format_layers(t.layers))
         if explained[t.name]:
             methods = list(explained[t.name])

@@ -17,7 +17,8 @@ def why(result: SearchResult) -> str:
     """One sentence: which model was chosen and why."""
     c, budget = result.chosen, f"{result.max_loss:g} point(s)"
     within = [t for t in result.trials if t.within(result.max_loss)]
-    what = "the smallest" if result.objective == "size" else "the fastest"
+    what = "the smallest" if result.objective == "size" else \
+        "the smallest of the fastest (speed-ups whose quartiles overlap the best's count as equal)"
     if c.method == "pack" and len(within) == 1:
         return (f"chosen: {c.label}, which shares nothing: no setting searched kept every task within {budget} "
                 "on the held-out data")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from onnxmerge.api import merge
+from onnxmerge.api import for_runtime, merge
 from onnxmerge.calibration.calibrate import CalibrationConfig
 from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.measure.metrics import parameter_bytes
@@ -21,7 +21,7 @@ from onnxmerge.model.saving import save_atomic
 from onnxmerge.passes import BASELINE, METHODS
 from onnxmerge.pipeline.checks import validate_output
 from onnxmerge.search import DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
-from onnxmerge.search.front import choose, cost, pareto
+from onnxmerge.search.front import beats, choose, pareto
 from onnxmerge.search.trial import Setup, Trial, correct, run_trial
 
 HELD_OUT_FRACTION, HELD_OUT_MAX = 0.2, 2000  # of --calib, per task, when no --validation is given
@@ -202,7 +202,7 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
             break
         mid = (lo + hi) // 2
         try:
-            trial = run_trial(setup, name, ladder[mid], max_loss, lambda t: cost(t, objective) < cost(best, objective),
+            trial = run_trial(setup, name, ladder[mid], max_loss, lambda t: beats(t, best, objective),
                               warm if method.sweep and method.sweep in ladder[mid] else None)
         except (MergeError, UsageError) as e:
             if not tried:  # its first trial: the method does not apply to these models
@@ -264,12 +264,15 @@ def _gather(trials: list[Trial], notes: list[str], rank: int, world: int) -> tup
     return [t for got, _ in gathered for t in got], [n for _, got in gathered for n in got]
 
 
-def save(result: SearchResult, output: str | Path) -> Path:
+def save(result: SearchResult, output: str | Path, target_opset: int | None = None) -> Path:
     """Write the chosen model atomically, its metadata noting the search (budget, objective, its
-    held-out loss per task); a calibrated choice is checked as merge checks its output."""
+    held-out loss per task); a calibrated choice is checked as merge checks its output.
+    `target_opset`: taken down to that opset first (onnxmerge.api.for_runtime)."""
     t = result.chosen
     t.info.fidelity["search"] = {"max_loss_points": result.max_loss, "objective": result.objective,
                                  "validation_loss_points": t.loss, "trials": len(result.trials)}
+    if target_opset is not None:
+        t.model = for_runtime(t.model, t.info, target_opset, str(output))
     if t.calibrated:
         t.info.fidelity["output_check"] = validate_output(t.model, t.info, result.originals, where=str(output))
     write_metadata(t.model, t.info)

@@ -44,6 +44,8 @@ class Trial:
     bytes: int | None = None
     macs: int | None = None
     speedup: float | None = None  # originals' median latency / merged median (batch 1, one thread)
+    # the quartiles of the per-round paired speed-ups: how far the measurement itself spreads
+    speedup_quartiles: tuple[float, float] | None = None
     accuracy: dict[str, float] = field(default_factory=dict)
     loss: dict[str, float] = field(default_factory=dict)
     error: dict[str, float] = field(default_factory=dict)  # standard error of each loss (points)
@@ -73,7 +75,8 @@ class Trial:
     def row(self) -> dict[str, Any]:
         """The JSON-able figures (no model)."""
         return {"method": self.method, "params": self.params, "label": self.label, "status": self.status,
-                "bytes": self.bytes, "macs": self.macs, "speedup": self.speedup, "accuracy": self.accuracy,
+                "bytes": self.bytes, "macs": self.macs, "speedup": self.speedup,
+                "speedup_quartiles": self.speedup_quartiles, "accuracy": self.accuracy,
                 "loss_points": self.loss, "loss_standard_error": self.error, "calibrated": self.calibrated, "seconds": round(self.seconds, 1)}
 
 
@@ -111,8 +114,10 @@ def run_trial(setup: Setup, method: str, params: dict, max_loss: float, beats=No
     teachers = {t.name: t.original for t in result.state.tasks}
     del result
     if setup.measure_latency:
-        trial.speedup = latency_table(trial.model, setup.originals, batch_sizes=(1,), threads=(1,),
-                                      budget_s=setup.latency_budget_s, progress=False)[0]["speedup_vs_originals"]
+        row = latency_table(trial.model, setup.originals, batch_sizes=(1,), threads=(1,),
+                            budget_s=setup.latency_budget_s, progress=False)[0]
+        trial.speedup = row["speedup_vs_originals"]
+        trial.speedup_quartiles = (row["merged"]["ratio_q1"], row["merged"]["ratio_q3"])
     if beats is not None and not beats(trial):
         trial.status, trial.model = "skipped: cannot beat the best model found so far", None
         trial.seconds = time.perf_counter() - start

@@ -20,7 +20,7 @@ from onnxmerge.model.contract import read_metadata
 from onnxmerge.model.runtime import session
 from onnxmerge.pipeline.method import Knob
 from onnxmerge.search import run as search_run
-from onnxmerge.search.front import choose, pareto
+from onnxmerge.search.front import beats, choose, pareto
 from onnxmerge.search.run import search, split_validation
 from onnxmerge.search.trial import Trial
 
@@ -62,6 +62,22 @@ def test_choice_and_fronts():
     assert choose(trials, 0.1, "size") is pack
     assert pareto(trials, "size") == [small_bad, mid_ok, big_ok, pack]
     assert pareto(trials, "latency") == [big_ok, pack]  # big_ok is faster and better than mid_ok
+
+
+def test_latency_ties_within_the_measurement_s_spread_go_to_the_smaller_model():
+    """Two models of the same work (pack, and codebooks that fold to dense weights) differ in measured
+    speed by noise alone: where their per-round quartiles overlap, the smaller one is chosen, and a
+    smaller model as fast within the noise can replace the best in the search's pruning."""
+    pack = _trial("pack", 1000, 0.0, 1.08)
+    coded = _trial("codebook", 200, 0.3, 1.05)
+    pack.speedup_quartiles, coded.speedup_quartiles = (1.04, 1.11), (1.02, 1.07)
+    assert choose([pack, coded], 1.0, "latency") is coded and beats(coded, pack, "latency")
+    assert not beats(pack, coded, "latency")  # as fast, but larger
+    coded.speedup_quartiles = (1.00, 1.03)  # apart from pack's: pack is faster
+    assert choose([pack, coded], 1.0, "latency") is pack and not beats(coded, pack, "latency")
+    fast = _trial("zipper", 900, 0.5, 1.5)
+    fast.speedup_quartiles = (1.45, 1.55)
+    assert choose([pack, coded, fast], 1.0, "latency") is fast and beats(fast, coded, "latency")
 
 
 @pytest.fixture
