@@ -38,7 +38,8 @@ class EmitNativePass(Pass):
     def call(self, state) -> PassResult:
         if not kernels.available() and (state.portable_fallback or self.auto):
             if self.auto:  # the portable form is what auto chooses without kernels to time
-                state.notes.append(f"--emit auto: {kernels.unavailable_reason()}; the portable form is written")
+                state.info.fidelity.setdefault("notes", []).append(
+                    f"--emit auto: {kernels.unavailable_reason()}; the portable form is written")
             else:
                 state.warnings.append(f"--emit native: {kernels.unavailable_reason()}; writing --emit gather")
             state.params["emit"] = "gather"

@@ -73,7 +73,7 @@ def test_without_kernels_auto_writes_the_portable_form(monkeypatch, portable):
     monkeypatch.setattr(kernels, "available", lambda: False)
     result = merge(PAIR, method="codebook", params={**PARAMS, "emit": "auto"}, progress=False)
     assert not any(n.domain == DOMAIN for n in result.model.graph.node)
-    assert any(n.startswith("--emit auto:") and "portable form" in n for n in result.state.notes)
+    assert any(n.startswith("--emit auto:") and "portable form" in n for n in result.info.fidelity["notes"])
     assert "emit_auto" not in result.info.fidelity
 
 
