@@ -159,6 +159,9 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     for comp in compositions:  # where its first method was searched (under torchrun: by this process)
         if comp.composes[0] not in mine:
             continue
+        if not any(t.method == comp.composes[0] for t in trials):
+            notes.append(f"{comp.name} does not apply: {comp.composes[0]} does not")
+            continue
         first = [t for t in trials if t.method == comp.composes[0] and t.within(max_loss)]
         if not first:
             notes.append(f"{comp.name} not tried: no {comp.composes[0]} setting was measured within the budget "
