@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import multiprocessing
 import os
 import time
@@ -124,8 +126,13 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     n_layers = min(len(t.layers) for t in base.state.tasks)
     # the originals' answers on the held-out data, from pack: it computes them exactly (checked by merge)
     original_correct = correct(base.model, base.info, held)
+    calibration = calibration or CalibrationConfig()
+    if importlib.util.find_spec("torch") is None:  # candidates are judged as merged, none calibrated
+        calibration = dataclasses.replace(calibration, steps=0)
+        notes.append("PyTorch is not installed: no candidate was calibrated, each was judged as merged "
+                     "(pip install torch==2.13.0, the CPU build, to calibrate them)")
     setup = Setup(inputs, names, train, held, originals, original_correct, original_bytes,
-                  calibration or CalibrationConfig(), latency_budget_s, measure_latency)
+                  calibration, latency_budget_s, measure_latency)
     del base
     say(f"search: {', '.join(m.name for m in searched + compositions)} within {max_loss:g} point(s) per task, objective "
         f"{objective}; validation: " + "; ".join(f"{t}: {w}" for t, w in where.items()))

@@ -302,3 +302,17 @@ def test_a_composition_is_not_tried_without_a_start_within_the_budget(fake_trial
     fake_trials.clear()
     result = _search_examples(methods=[COMPOSED], max_loss=1.0)  # zipper not searched: nothing to start from
     assert [m for m, _, _ in fake_trials] == ["pack"] and any(n.startswith(f"{COMPOSED} not tried") for n in result.notes)
+
+
+def test_without_pytorch_candidates_are_judged_as_merged(monkeypatch):
+    """A fresh install without torch: the search still runs every method, calibrates nothing and
+    says why, instead of dropping the methods whose candidates would be calibrated."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    result = _search_examples(methods=["codebook"], max_loss=1.0, measure_latency=False, time_budget_s=60)
+    codebook = [t for t in result.trials if t.method == "codebook"]
+    assert codebook and all(t.measured and not t.calibrated for t in codebook)
+    assert any(n.startswith("PyTorch is not installed: no candidate was calibrated") for n in result.notes)
+    assert not any("does not apply" in n for n in result.notes)
