@@ -35,7 +35,6 @@ from onnxmerge.data import check_fits, check_labels
 from onnxmerge.errors import MergeError, UsageError, first_line
 from onnxmerge.graph.alignment import parse_pairs
 from onnxmerge.graph.convert import import_graph
-from onnxmerge.graph.ops import make_session
 from onnxmerge.measure.evaluate import run_task
 from onnxmerge.model import downgrade
 from onnxmerge.model.contract import MergedInfo, TaskInfo, logits_output, write_metadata
@@ -47,7 +46,7 @@ from onnxmerge.model.loading import (
     reconcile_batch,
     reconcile_versions,
 )
-from onnxmerge.model.runtime import input_signature, random_feeds
+from onnxmerge.model.runtime import input_signature
 from onnxmerge.model.saving import check_model, check_output_path, save_atomic
 from onnxmerge.passes import BASELINE, get_method
 from onnxmerge.pipeline import checks
@@ -350,15 +349,9 @@ def for_runtime(model: onnx.ModelProto, info: MergedInfo, target_opset: int, whe
     """`model` at `target_opset` (onnxmerge.model.downgrade), its outputs checked against the model's
     own on seeded random inputs (native nodes run by the kernels, or in their portable form); the
     record goes to `info.fidelity["target_opset"]`."""
-    model, info.fidelity["target_opset"] = downgrade.to_opset(model, target_opset, where, compare=_output_difference)
+    model, info.fidelity["target_opset"] = downgrade.to_opset(
+        model, target_opset, where, compare=lambda a, b: checks.output_difference(b, a, seed=VALIDATE_SEED))
     return model
-
-
-def _output_difference(a: onnx.ModelProto, b: onnx.ModelProto) -> float:
-    """The largest relative difference between two models' outputs on the same seeded random inputs."""
-    sa, sb = make_session(a), make_session(b)
-    feeds = random_feeds(sa, 2, seed=VALIDATE_SEED)
-    return max(downgrade.max_rel_diff(x, y) for x, y in zip(sb.run(None, feeds), sa.run(None, feeds)))
 
 
 def baseline_model(inputs: list[str | Path], names: list[str]) -> onnx.ModelProto:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import onnx
 from onnx import helper, version_converter
 
@@ -137,8 +136,3 @@ def _is_default(attr: onnx.AttributeProto, spec) -> bool:
 
 def _convert(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return version_converter.convert_version(model, target)
-
-
-def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| relative to b's largest magnitude (at least 1)."""
-    return float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max())) if a.size else 0.0

@@ -216,6 +216,15 @@ def _rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
         return float(np.max(np.abs(got.astype(np.float64) - ref)) / scale)
 
 
+def output_difference(a: onnx.ModelProto, b: onnx.ModelProto, batch: int = 2, seed: int = 0) -> float:
+    """The largest relative difference between two models' outputs (b's as the reference) on the same
+    seeded random inputs, at a fixed batch where the models have one; native nodes run by the
+    kernels, or in their portable form (make_session)."""
+    sa, sb = make_session(a), make_session(b)
+    feeds = random_feeds(sb, run_batch(sb, batch), seed)
+    return max(_rel_diff(got, ref) for got, ref in zip(sa.run(None, feeds), sb.run(None, feeds)))
+
+
 def check_native(native: onnx.ModelProto, portable: onnx.ModelProto, batch: int = 2, seed: int = 0) -> float:
     """The native form (EConv / EFC nodes, run by their numpy reference, onnxmerge.graph.ops) against
     the portable form in onnxruntime on seeded random inputs: the relative difference, which must be

@@ -10,7 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxmerge.errors import MergeError
 from onnxmerge.graph.ops import make_session
-from onnxmerge.measure.latency import Step, candidate, compare_latency, latency_table, machine_info, random_feeds
+from onnxmerge.measure.latency import latency_table, machine_info
+from onnxmerge.model.runtime import random_feeds
+from onnxmerge.model.timing import Step, candidate, compare_latency
 
 
 def matmul_chain(k: int, width: int = 256, batch_dim="N", name="x"):

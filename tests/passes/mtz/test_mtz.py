@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from conftest import MODELS, shipped
 from onnxmerge.api import load_tasks, merge
+from onnxmerge.calibration.calibrate import CalibrationConfig, calibrate
 from onnxmerge.data import load_dataset
 from onnxmerge.errors import UsageError
 from onnxmerge.measure.evaluate import run_task
@@ -23,6 +24,7 @@ from onnxmerge.passes.common.combine_graphs import CombineGraphsPass
 from onnxmerge.passes.mtz import _hessian as mtz_math
 from onnxmerge.passes.mtz.zip_neurons import ZipNeuronsPass
 from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.pipeline.state import Services
 
 LENETS = ["lenet_mnist.onnx", "lenet_fashion.onnx"]
 RESNETS = ["resnet_mnist.onnx", "resnet_fashion.onnx"]
@@ -44,9 +46,11 @@ def outputs(model, info, x):
 
 
 def zip_state(files, names=NAMES, data=None, **kw):
-    """The merge pipeline by hand, so that the test can look at the ZippedNet the pass built."""
+    """The merge pipeline by hand, so that the test can look at the ZippedNet the pass built (with
+    the services merge hands in: retraining calls calibrate)."""
     state = load_tasks(paths(files), names)
     state.calib = data or calib(names)
+    state.services = Services(calibrate=calibrate, calibration_config=CalibrationConfig, run_task=run_task)
     mtz = ZipNeuronsPass(hessian_samples=SAMPLES, **kw)
     state = PassManager([*normalise_passes(), AlignLayersPass(None), CombineGraphsPass(), mtz]).run(state)
     return state, mtz.net

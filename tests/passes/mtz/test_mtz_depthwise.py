@@ -13,22 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_declined import check_exact
-from test_mtz import NAMES, SAMPLES, calib, outputs, paths
+from test_mtz import NAMES, SAMPLES, calib, outputs, paths, zip_state
 
 from conftest import MODELS, shipped
-from onnxmerge.api import load_tasks, merge
-from onnxmerge.calibration.calibrate import CalibrationConfig, calibrate
+from onnxmerge.api import merge
 from onnxmerge.errors import UsageError
-from onnxmerge.measure.evaluate import run_task
 from onnxmerge.measure.metrics import model_stats
 from onnxmerge.model.contract import MergedInfo, TaskInfo
 from onnxmerge.passes import METHODS
-from onnxmerge.passes.common import normalise_passes
-from onnxmerge.passes.common.align_layers import AlignLayersPass
-from onnxmerge.passes.common.combine_graphs import CombineGraphsPass
-from onnxmerge.passes.mtz.zip_neurons import ZipNeuronsPass
-from onnxmerge.pipeline.manager import PassManager
-from onnxmerge.pipeline.state import Services
 
 MOBILENETS = ["mobilenet_mnist.onnx", "mobilenet_fashion_seed1.onnx"]  # independently initialised (seeds 0, 1)
 DEPTHWISE = [f"/blocks/blocks.{b}/blocks.{b}.0/Conv" for b in range(5)]
@@ -62,13 +54,7 @@ def _dense_forward(task, net, x):
 
 
 def _zip(**kw):
-    """zip_state with the services merge hands in (retraining calls calibrate)."""
-    state = load_tasks(paths(MOBILENETS), NAMES)
-    state.calib = calib()
-    state.services = Services(calibrate=calibrate, calibration_config=CalibrationConfig, run_task=run_task)
-    mtz = ZipNeuronsPass(hessian_samples=SAMPLES, **kw)
-    state = PassManager([*normalise_passes(), AlignLayersPass(None), CombineGraphsPass(), mtz]).run(state)
-    return state, mtz.net
+    return zip_state(MOBILENETS, **kw)
 
 
 @pytest.fixture(scope="module", params=[0, 2], ids=["as-merged", "retrained"])
