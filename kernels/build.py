@@ -1,16 +1,23 @@
-"""Build onnxmerge's native kernels: kernels/libonnxmerge_kernels.so.
+"""Build onnxmerge's native kernels: kernels/libonnxmerge_kernels.so, for this machine or another CPU architecture.
 
 Needs g++ and onnxruntime's C/C++ headers (ONNXRUNTIME_INCLUDE_DIR, else /usr/include/onnxruntime;
 ../shared/vendor/README.md says where to get them). The library does not link libonnxruntime. The hot
 loops (lookup_impl.cc) are compiled once per instruction set and the library picks one at run time
 from the CPU's features, so one build runs on any CPU of its architecture: on x86-64, AVX-512, AVX2+FMA
-and generic x86-64 (SSE2); elsewhere, generic only.
+and generic x86-64 (SSE2); on aarch64, NEON (128-bit vectors) and generic (the same vector code at
+twice the width, which the compiler splits into NEON pairs); elsewhere, generic only.
 
-    python kernels/build.py        # prints what it did; exit status 1 when it could not build
+    python kernels/build.py                    # this machine; exit status 1 with the reason when it cannot
+    python kernels/build.py --target aarch64   # cross-compiled (Debian: g++-aarch64-linux-gnu) into
+                                               # kernels/build-aarch64/libonnxmerge_kernels.so, for a board
+
+`build_standalone` builds the kernels' arithmetic without onnxruntime (kernels/standalone.cc) as a
+static program, which qemu-user runs where the target is another architecture (the tests do).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import shutil
@@ -21,18 +28,36 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "libonnxmerge_kernels.so"
+STANDALONE_NAME = "onnxmerge_standalone"
 HEADER = "onnxruntime_cxx_api.h"
 DEFAULT_INCLUDE = Path("/usr/include/onnxruntime")
 COMMON = ["-O3", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra"]
-X86 = platform.machine().lower() in ("x86_64", "amd64")
-BASE = ["-march=x86-64", "-mtune=generic"] if X86 else []  # what every CPU of the architecture runs
-# instruction set -> (floats per vector, flags) for lookup_impl.cc. -fno-tree-vectorize: the vector
-# loops are written with vector types; the scalar lookups must not become vector gathers.
-ISAS = {"generic": (8, BASE)}
-if X86:
-    ISAS["avx2"] = (8, [*BASE, "-mavx2", "-mfma", "-mf16c", "-ffp-contract=fast"])
-    ISAS["avx512"] = (16, [*BASE, "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma",
-                           "-mf16c", "-mprefer-vector-width=512", "-ffp-contract=fast"])
+HOST = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+TARGETS = ("x86_64", "aarch64")  # what --target names; the host's own architecture is built for any host
+CROSS_COMPILERS = {"x86_64": "x86_64-linux-gnu-g++", "aarch64": "aarch64-linux-gnu-g++"}
+
+
+def base_flags(target: str) -> list[str]:
+    """What every CPU of the architecture runs."""
+    return {"x86_64": ["-march=x86-64", "-mtune=generic"], "aarch64": ["-march=armv8-a"]}.get(target, [])
+
+
+def isas(target: str = HOST) -> dict[str, tuple[int, list[str]]]:
+    """instruction set -> (floats per vector, flags) for lookup_impl.cc on `target`. -fno-tree-vectorize
+    (added by `commands`): the vector loops are written with vector types; the scalar lookups must not
+    become vector gathers."""
+    base = base_flags(target)
+    found = {"generic": (8, base)}
+    if target == "x86_64":
+        found["avx2"] = (8, [*base, "-mavx2", "-mfma", "-mf16c", "-ffp-contract=fast"])
+        found["avx512"] = (16, [*base, "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma",
+                                "-mf16c", "-mprefer-vector-width=512", "-ffp-contract=fast"])
+    elif target == "aarch64":
+        # 128-bit vectors; 8 output rows accumulated together, as with AVX-512: NEON has 32 vector
+        # registers too (chosen by register count; no aarch64 CPU has timed it yet)
+        found["neon"] = (4, [*base, "-ffp-contract=fast", "-DONNXMERGE_ROWS=8"])
+    return found
+
 
 last_reason = ""  # why the last build() returned None ("" after a success)
 
@@ -46,53 +71,45 @@ def find_include_dir(include_dir: str | Path | None = None) -> Path | None:
     return None
 
 
-def commands(include_dir: Path, out: Path, objects: Path, compiler: str = "g++") -> list[list[str]]:
-    """The compile commands (one per object, independent of each other), then the link command."""
-    compile_ = [[compiler, *COMMON, *BASE, f"-I{include_dir}", "-c", str(HERE / src), "-o", str(objects / f"{src}.o")]
-                for src in ("pack.cc", "custom_op.cc")]
-    for isa, (vec, flags) in ISAS.items():
+def commands(include_dir: Path | None, out: Path, objects: Path, compiler: str = "g++", target: str = HOST,
+             standalone: bool = False) -> list[list[str]]:
+    """The compile commands (one per object, independent of each other), then the link command: the
+    custom-op library, or with `standalone` the static program of kernels/standalone.cc (no headers)."""
+    base = base_flags(target)
+    sources = ("pack.cc", "standalone.cc") if standalone else ("pack.cc", "custom_op.cc")
+    include = [] if include_dir is None else [f"-I{include_dir}"]
+    compile_ = [[compiler, *COMMON, *base, *include, "-c", str(HERE / src), "-o", str(objects / f"{src}.o")]
+                for src in sources]
+    for isa, (vec, flags) in isas(target).items():
         compile_.append([compiler, *COMMON, *flags, "-fno-tree-vectorize", "-Wno-psabi", f"-DONNXMERGE_ISA=isa_{isa}",
                          f"-DONNXMERGE_ISA_NAME=\"{isa}\"", f"-DONNXMERGE_VEC={vec}", "-c",
                          str(HERE / "lookup_impl.cc"), "-o", str(objects / f"lookup_{isa}.o")])
-    link = [compiler, "-shared", *(c[-1] for c in compile_), "-o", str(out)]
+    link = [compiler, "-static" if standalone else "-shared", *(c[-1] for c in compile_), "-o", str(out)]
     return [*compile_, link]
 
 
-def build(include_dir: str | Path | None = None, out: str | Path | None = None, *, verbose: bool = False) -> Path | None:
-    """Compile the library into `out` (a directory, default this one, or a path ending in .so).
+def compiler_for(target: str) -> str:
+    """$CXX, else g++ for this machine's architecture, else the Debian cross compiler for `target`."""
+    if os.environ.get("CXX"):
+        return os.environ["CXX"]
+    return "g++" if target == HOST else CROSS_COMPILERS.get(target, f"{target}-linux-gnu-g++")
 
-    Returns the library's path, or None with the reason in `build.last_reason` (no compiler, no
-    headers, or the compiler's error)."""
+
+def _compile(cmds: list[list[str]], tmp: Path, target: Path, compiler: str, verbose: bool) -> Path | None:
+    """Run the independent compiles in parallel, then the link into `tmp`, then move it to `target`."""
     global last_reason
-    last_reason = ""
-    compiler = os.environ.get("CXX") or "g++"
-    if shutil.which(compiler) is None:
-        last_reason = f"no C++ compiler ({compiler}) on PATH"
-        return None
-    inc = find_include_dir(include_dir)
-    if inc is None:
-        tried = [str(p) for p in (include_dir, os.environ.get("ONNXRUNTIME_INCLUDE_DIR"), DEFAULT_INCLUDE) if p]
-        last_reason = f"onnxruntime's C/C++ headers ({HEADER}) not found in: {', '.join(tried)}; set ONNXRUNTIME_INCLUDE_DIR"
-        return None
-    target = Path(out) if out is not None else HERE
-    if target.suffix != ".so":
-        target = target / LIBRARY_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    with tempfile.TemporaryDirectory(prefix="onnxmerge-kernels-") as objects:
-        *compile_, link = commands(inc, tmp, Path(objects), compiler)
-        for cmd in (*compile_, link):
-            if verbose:
-                print(" ".join(cmd))
-        # the objects compile independently: in parallel, then one link
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in compile_]
-        results = []
-        for proc in procs:
-            _, err = proc.communicate()
-            results.append((proc.returncode, err))
-        if all(code == 0 for code, _ in results):
-            proc = subprocess.run(link, capture_output=True, text=True)
-            results.append((proc.returncode, proc.stderr))
+    *compile_, link = cmds
+    for cmd in cmds:
+        if verbose:
+            print(" ".join(cmd))
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in compile_]
+    results = []
+    for proc in procs:
+        _, err = proc.communicate()
+        results.append((proc.returncode, err))
+    if all(code == 0 for code, _ in results):
+        proc = subprocess.run(link, capture_output=True, text=True)
+        results.append((proc.returncode, proc.stderr))
     for code, err in results:
         if code != 0:
             tmp.unlink(missing_ok=True)
@@ -104,9 +121,66 @@ def build(include_dir: str | Path | None = None, out: str | Path | None = None, 
     return target
 
 
-def main() -> int:
-    """`python kernels/build.py`: build the library here; exit status 1 with the reason if it cannot."""
-    path = build(verbose=True)
+def default_out(target: str = HOST) -> Path:
+    """Where the library of `target` goes: next to this file for this machine (the package loads it
+    from there), kernels/build-TARGET/ for another architecture."""
+    return HERE if target == HOST else HERE / f"build-{target}"
+
+
+def build(include_dir: str | Path | None = None, out: str | Path | None = None, *, target: str = HOST,
+          verbose: bool = False) -> Path | None:
+    """Compile the library for `target` into `out` (a directory, default `default_out(target)`, or a
+    path ending in .so).
+
+    Returns the library's path, or None with the reason in `build.last_reason` (no compiler, no
+    headers, or the compiler's error)."""
+    global last_reason
+    last_reason = ""
+    compiler = compiler_for(target)
+    if shutil.which(compiler) is None:
+        last_reason = f"no C++ compiler for {target} ({compiler}) on PATH"
+        return None
+    inc = find_include_dir(include_dir)
+    if inc is None:
+        tried = [str(p) for p in (include_dir, os.environ.get("ONNXRUNTIME_INCLUDE_DIR"), DEFAULT_INCLUDE) if p]
+        last_reason = f"onnxruntime's C/C++ headers ({HEADER}) not found in: {', '.join(tried)}; set ONNXRUNTIME_INCLUDE_DIR"
+        return None
+    target_path = Path(out) if out is not None else default_out(target)
+    if target_path.suffix != ".so":
+        target_path = target_path / LIBRARY_NAME
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target_path.with_name(target_path.name + ".tmp")
+    with tempfile.TemporaryDirectory(prefix="onnxmerge-kernels-") as objects:
+        return _compile(commands(inc, tmp, Path(objects), compiler, target), tmp, target_path, compiler, verbose)
+
+
+def build_standalone(out: str | Path, *, target: str = HOST, verbose: bool = False) -> Path | None:
+    """Compile kernels/standalone.cc for `target` into the static program `out`; None with the reason
+    in `last_reason` where it cannot (no compiler for the target)."""
+    global last_reason
+    last_reason = ""
+    compiler = compiler_for(target)
+    if shutil.which(compiler) is None:
+        last_reason = f"no C++ compiler for {target} ({compiler}) on PATH"
+        return None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tempfile.TemporaryDirectory(prefix="onnxmerge-standalone-") as objects:
+        return _compile(commands(None, tmp, Path(objects), compiler, target, standalone=True), tmp, out, compiler,
+                        verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python kernels/build.py [--target ARCH] [-o OUT]`: build the library; exit status 1 with the
+    reason if it cannot."""
+    parser = argparse.ArgumentParser(description="Build onnxmerge's native kernels.")
+    parser.add_argument("--target", default=HOST, choices=sorted({HOST, *TARGETS}),
+                        help=f"CPU architecture (default this machine's, {HOST}); another one is cross-compiled")
+    parser.add_argument("-o", "--out", help="directory or .so path (default: next to this file for this machine, "
+                                            "kernels/build-ARCH/ for another)")
+    args = parser.parse_args(argv)
+    path = build(out=args.out, target=args.target, verbose=True)
     if path is None:
         print(f"native kernels not built: {last_reason}", file=sys.stderr)
         return 1

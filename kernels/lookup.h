@@ -5,8 +5,9 @@
 //
 // A layer's constant inputs (codebook, codes) are checked and repacked once, when onnxruntime creates
 // the kernel (`pack_econv`, `pack_efc`); each run then only reads the input. The hot loops are in
-// lookup_impl.cc, compiled once per instruction set (generic x86-64 or any other CPU, AVX2+FMA,
-// AVX-512) and chosen at run time from the CPU's features (`choose_isa`).
+// lookup_impl.cc, compiled once per instruction set (on x86-64: generic x86-64, AVX2+FMA, AVX-512; on
+// aarch64: generic and NEON; elsewhere generic) and chosen at run time from the CPU's features
+// (`choose_isa`).
 #pragma once
 
 #include <cstddef>
@@ -127,7 +128,7 @@ struct IsaKernels {
 };
 
 // The instruction sets this build has code for, best first ("avx512", "avx2", "generic" on x86-64;
-// "generic" elsewhere), and whether this CPU runs one.
+// "neon", "generic" on aarch64; "generic" elsewhere), and whether this CPU runs one.
 std::vector<std::string> built_isas();
 bool cpu_supports(const std::string& isa);
 // The kernels of `isa`; "" means the best this CPU runs. std::invalid_argument if `isa` is unknown or

@@ -1,6 +1,10 @@
 // Checking and repacking a layer's constant inputs once, the per-input-size plans of EConv, and the
 // choice of instruction set; see lookup.h. Compiled once, for any CPU.
 #include <unistd.h>
+#if defined(__aarch64__) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -18,6 +22,8 @@ namespace isa_generic { extern const IsaKernels kernels; }
 #if defined(__x86_64__)
 namespace isa_avx2 { extern const IsaKernels kernels; }
 namespace isa_avx512 { extern const IsaKernels kernels; }
+#elif defined(__aarch64__)
+namespace isa_neon { extern const IsaKernels kernels; }
 #endif
 
 namespace {
@@ -112,6 +118,8 @@ const CacheSizes& cache_sizes() {
 std::vector<std::string> built_isas() {
 #if defined(__x86_64__)
   return {"avx512", "avx2", "generic"};
+#elif defined(__aarch64__)
+  return {"neon", "generic"};
 #else
   return {"generic"};
 #endif
@@ -125,6 +133,11 @@ bool cpu_supports(const std::string& isa) {
   if (isa == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#elif defined(__aarch64__) && defined(__linux__)
+  // Advanced SIMD is part of every ARMv8-A Linux system; the kernel still says so in its hardware caps
+  if (isa == "neon") return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
+#elif defined(__aarch64__)
+  if (isa == "neon") return true;
 #endif
   return false;
 }
@@ -134,6 +147,8 @@ const IsaKernels& choose_isa(const std::string& isa) {
 #if defined(__x86_64__)
     if (name == "avx512") return isa_avx512::kernels;
     if (name == "avx2") return isa_avx2::kernels;
+#elif defined(__aarch64__)
+    if (name == "neon") return isa_neon::kernels;
 #endif
     (void)name;
     return isa_generic::kernels;

@@ -20,16 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import EXAMPLES
 from onnxmerge import kernels
-from onnxmerge.graph.ops import econv_reference, efc_reference, is_native, to_portable
+from onnxmerge.graph.ops import is_native, to_portable
+from random_layers import TOL, econv_config, efc_config, random_layer, reference, rel
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason() or "built")
 
-TOL = 1e-5
-
-
-def rel(got: np.ndarray, want: np.ndarray) -> float:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
 
 
 def native_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
@@ -57,50 +52,12 @@ def one_node(op: str, x_rank: int, codebook, codes, bias, constant: bool = True,
     return model
 
 
-def random_layer(rng, d: int, extra_dims: tuple[int, ...]):
-    """codebook [V', C, r], codes [V, *extra_dims] (uint16 when C > 256), with V = ceil(d / r) (sometimes
-    one more, an all-padding segment) and V' >= V."""
-    r = int(rng.integers(1, 9))
-    n_codes = int(rng.choice([int(rng.integers(1, 65)), int(rng.integers(200, 301))]))
-    n_seg = -(-d // r) + int(rng.random() < 0.15)
-    n_seg_book = n_seg + int(rng.integers(0, 3)) * int(rng.random() < 0.4)
-    codebook = rng.standard_normal((n_seg_book, n_codes, r)).astype(np.float32)
-    dtype = np.uint16 if n_codes > 256 else np.uint8
-    codes = rng.integers(0, n_codes, (n_seg, *extra_dims)).astype(dtype)
-    return codebook, codes
-
-
-def econv_config(seed: int):
-    rng = np.random.default_rng(seed)
-    d, p = int(rng.integers(1, 41)), int(rng.integers(1, 17))
-    kh, kw = (int(k) for k in rng.integers(1, 6, 2))
-    strides = [int(s) for s in rng.integers(1, 3, 2)]
-    pads = [int(q) for q in rng.integers(0, 3, 4)]
-    h = int(rng.integers(max(1, kh - pads[0] - pads[2]), kh + 12))
-    w = int(rng.integers(max(1, kw - pads[1] - pads[3]), kw + 12))
-    x = rng.standard_normal((int(rng.integers(1, 4)), d, h, w)).astype(np.float32)
-    codebook, codes = random_layer(rng, d, (p, kh, kw))
-    bias = rng.standard_normal(p).astype(np.float32) if rng.random() < 0.5 else None
-    return x, codebook, codes, bias, dict(in_channels=d, kernel_shape=[kh, kw], strides=strides, pads=pads,
-                                          dilations=[1, 1])
-
-
-def efc_config(seed: int):
-    rng = np.random.default_rng(1000 + seed)
-    d, out = int(rng.integers(1, 200)), int(rng.integers(1, 70))
-    x = rng.standard_normal((int(rng.integers(1, 4)), d)).astype(np.float32)
-    codebook, codes = random_layer(rng, d, (out,))
-    bias = rng.standard_normal(out).astype(np.float32) if rng.random() < 0.5 else None
-    return x, codebook, codes, bias, dict(in_features=d)
-
-
 @pytest.mark.parametrize("seed", range(30))
 def test_econv_matches_the_numpy_reference(seed):
     x, codebook, codes, bias, attrs = econv_config(seed)
     model = one_node("EConv", 4, codebook, codes, bias, **attrs)
     got = native_session(model).run(None, {"X": x})[0]
-    want = econv_reference(x, codebook, codes, bias, strides=attrs["strides"], pads=attrs["pads"])
-    assert rel(got, want) <= TOL, attrs
+    assert rel(got, reference("EConv", x, codebook, codes, bias, attrs)) <= TOL, attrs
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -108,7 +65,7 @@ def test_efc_matches_the_numpy_reference(seed):
     x, codebook, codes, bias, attrs = efc_config(seed)
     model = one_node("EFC", 2, codebook, codes, bias, **attrs)
     got = native_session(model).run(None, {"X": x})[0]
-    assert rel(got, efc_reference(x, codebook, codes, bias)) <= TOL
+    assert rel(got, reference("EFC", x, codebook, codes, bias, attrs)) <= TOL
 
 
 def test_the_configurations_cover_both_code_types_and_optional_inputs():
@@ -117,6 +74,7 @@ def test_the_configurations_cover_both_code_types_and_optional_inputs():
     assert any(c[3] is None for c in configs) and any(c[3] is not None for c in configs)
     assert any(c[1].shape[0] > c[2].shape[0] for c in configs)  # V' > V
     assert any(max(c[4].get("strides", [1])) == 2 and max(c[4].get("pads", [0])) > 0 for c in configs)
+    assert any(max(c[4].get("dilations", [1])) == 2 for c in configs)
 
 
 def test_bad_inputs_are_reported_not_read_out_of_bounds():
@@ -190,12 +148,6 @@ def test_the_benchmark_layer_shapes_match_the_reference(layer, batch):
              if op == "EConv" else dict(in_features=x_shape[0]))
     got = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
     assert rel(got, reference(op, x, codebook, codes, bias, attrs)) <= TOL
-
-
-def reference(op, x, codebook, codes, bias, attrs):
-    if op == "EFC":
-        return efc_reference(x, codebook, codes, bias)
-    return econv_reference(x, codebook, codes, bias, strides=attrs["strides"], pads=attrs["pads"])
 
 
 def test_the_library_reports_its_instruction_sets():

@@ -1,0 +1,139 @@
+"""The kernels' arithmetic built for aarch64 (NEON and generic paths) and run under qemu-user, against
+the numpy oracle computed here on the host; and the same program built for this machine, on each
+instruction set this CPU runs. The program is kernels/standalone.cc (no onnxruntime: none of the
+target's architecture runs here), built statically by kernels/build.py; the layers are the random
+shapes of the native kernel tests (tests/kernels/random_layers.py).
+
+The aarch64 tests need Debian's g++-aarch64-linux-gnu and qemu-user (`.ci/run` installs them); they
+are skipped with that reason elsewhere, and fail instead where ONNXMERGE_REQUIRE_CROSS is set (CI).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from random_layers import TOL, econv_config, efc_config, reference, rel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kernels"))
+import build as kernel_build  # noqa: E402  (kernels/build.py: not part of the installed package)
+
+SEEDS = range(30)
+QEMU = "qemu-aarch64"
+
+
+def write_layer(folder: Path, op: str, x, codebook, codes, bias, attrs) -> None:
+    """The layer in standalone.cc's file format."""
+    folder.mkdir(parents=True)
+    code_bytes, has_bias = codes.dtype.itemsize, int(bias is not None)
+    vc, c, r = codebook.shape
+    if op == "EConv":
+        n, d, h, w = x.shape
+        v, p, kh, kw = codes.shape
+        fields = ["econv", n, d, h, w, p, kh, kw, v, vc, c, r, *attrs["strides"], *attrs["pads"], *attrs["dilations"],
+                  code_bytes, has_bias]
+    else:
+        (n, d), (v, out) = x.shape, codes.shape
+        fields = ["efc", n, d, out, v, vc, c, r, code_bytes, has_bias]
+    (folder / "layer.txt").write_text(" ".join(map(str, fields)) + "\n")
+    x.astype("<f4").tofile(folder / "x.f32")
+    codebook.astype("<f4").tofile(folder / "codebook.f32")
+    codes.astype("<u1" if code_bytes == 1 else "<u2").tofile(folder / ("codes.u8" if code_bytes == 1 else "codes.u16"))
+    if bias is not None:
+        bias.astype("<f4").tofile(folder / "bias.f32")
+
+
+def layers() -> list[tuple[str, tuple]]:
+    return [("EConv", econv_config(s)) for s in SEEDS] + [("EFC", efc_config(s)) for s in SEEDS]
+
+
+def check_program(command: list[str], isa: str, tmp_path: Path) -> None:
+    """Run every random layer through the program on `isa`; each output within TOL of the oracle."""
+    folders = []
+    for k, (op, config) in enumerate(layers()):
+        folders.append(tmp_path / f"{isa}-{k}")
+        write_layer(folders[-1], op, *config)
+    done = subprocess.run([*command, isa, *map(str, folders)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [isa]  # the program ran the instruction set asked for
+    for folder, (op, (x, codebook, codes, bias, attrs)) in zip(folders, layers()):
+        want = reference(op, x, codebook, codes, bias, attrs)
+        got = np.fromfile(folder / "y.f32", "<f4").reshape(want.shape)
+        assert rel(got, want) <= TOL, (isa, op, x.shape, codebook.shape, attrs)
+
+
+def _cross_tools_missing() -> str:
+    compiler = kernel_build.compiler_for("aarch64")
+    missing = [tool for tool in (compiler, QEMU) if shutil.which(tool) is None]
+    if not missing:
+        return ""
+    reason = (f"{' and '.join(missing)} not installed (Debian: apt-get install g++-aarch64-linux-gnu qemu-user); "
+              "the aarch64 kernels are not run")
+    if os.environ.get("ONNXMERGE_REQUIRE_CROSS"):
+        pytest.fail(f"ONNXMERGE_REQUIRE_CROSS is set, but {reason}")
+    return reason
+
+
+@pytest.fixture(scope="module")
+def aarch64_program(tmp_path_factory) -> list[str]:
+    if reason := _cross_tools_missing():
+        pytest.skip(reason)
+    program = kernel_build.build_standalone(tmp_path_factory.mktemp("aarch64") / "standalone", target="aarch64")
+    assert program is not None, kernel_build.last_reason
+    assert program.read_bytes()[18] == 183  # ELF e_machine: EM_AARCH64
+    return [QEMU, str(program)]
+
+
+@pytest.fixture(scope="module")
+def host_program(tmp_path_factory) -> list[str]:
+    if shutil.which(kernel_build.compiler_for(kernel_build.HOST)) is None:
+        pytest.skip(f"no C++ compiler ({kernel_build.compiler_for(kernel_build.HOST)})")
+    program = kernel_build.build_standalone(tmp_path_factory.mktemp("host") / "standalone")
+    assert program is not None, kernel_build.last_reason
+    return [str(program)]
+
+
+def test_the_aarch64_build_has_neon_and_generic_paths(aarch64_program):
+    done = subprocess.run([*aarch64_program, "isas"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["neon,generic"]
+
+
+@pytest.mark.parametrize("isa", ["neon", "generic"])
+def test_aarch64_kernels_match_the_numpy_reference(aarch64_program, isa, tmp_path):
+    check_program(aarch64_program, isa, tmp_path)
+
+
+def test_host_program_matches_the_numpy_reference_on_every_instruction_set(host_program, tmp_path):
+    isas = subprocess.run([*host_program, "isas"], capture_output=True, text=True, timeout=60).stdout.split()[0]
+    for isa in isas.split(","):
+        check_program(host_program, isa, tmp_path)
+
+
+def test_the_program_refuses_a_bad_layer_in_one_line(host_program, tmp_path):
+    folder = tmp_path / "bad"
+    x, codebook, codes, bias, attrs = efc_config(0)
+    write_layer(folder, "EFC", x, codebook, codes, bias, attrs)
+    (folder / "x.f32").write_bytes(b"\0" * 4)  # too short
+    done = subprocess.run([*host_program, "", str(folder)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "x.f32: expected" in done.stderr
+
+
+def test_the_aarch64_library_cross_compiles(tmp_path):
+    """`python kernels/build.py --target aarch64`: the custom-op library a board loads."""
+    if reason := _cross_tools_missing():
+        pytest.skip(reason)
+    if kernel_build.find_include_dir() is None:
+        pytest.skip("onnxruntime's C/C++ headers not found (ONNXRUNTIME_INCLUDE_DIR)")
+    done = subprocess.run([sys.executable, str(Path(kernel_build.__file__)), "--target", "aarch64", "-o",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    library = tmp_path / kernel_build.LIBRARY_NAME
+    assert library.read_bytes()[18] == 183 and b"onnxmerge_kernels_isas" in library.read_bytes()
