@@ -24,7 +24,7 @@ from onnxmerge.model.contract import read_metadata
 from onnxmerge.passes import BASELINE, METHODS, get_method
 from onnxmerge.search import DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 
-COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "methods")
+COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "deploy", "methods")
 SWEEP_STEPS_PER_LAYER = 200  # --steps-per-layer's default
 DEMO_TIME_BUDGET_S = 120.0  # the demo's search: the whole demo within 3 minutes on 2 cores
 DEMO_CALIBRATION_STEPS = 500  # the demo's calibration budget per candidate (early stopping may end sooner)
@@ -135,7 +135,7 @@ def _calib_config(args):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command; the merge command's method flags come from the methods' options."""
     parser = _Parser(prog="onnxmerge", description="Merge well-trained ONNX networks into one multi-task model.")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{merge,inspect,eval,calibrate,demo,methods}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{merge,inspect,eval,calibrate,demo,deploy,methods}")
 
     p = sub.add_parser("merge", help="merge models (the default command: 'onnxmerge a.onnx b.onnx -o m.onnx')")
     p.add_argument("inputs", nargs="+", metavar="MODEL.onnx")
@@ -222,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-budget", type=float, default=2.0, metavar="S")
     _common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("deploy", help="write what a board needs to run a merged model: the model, the kernel "
+                                      "library, its operator list, run.py / run.cc")
+    p.add_argument("model", metavar="MERGED.onnx")
+    p.add_argument("-o", "--out-dir", required=True, metavar="DIR", help="a new (or empty) folder")
+    p.add_argument("--arch", default=None, metavar="ARCH",
+                   help="the board's CPU architecture: x86_64 or aarch64 (default: this machine's); "
+                        "another one's kernel library is cross-compiled (kernels/build.py --target)")
+    p.add_argument("--ort-format", action="store_true",
+                   help="also write model.ort with onnxruntime's converter (minimal and mobile builds)")
+    p.add_argument("--emit", choices=["gather"],
+                   help="gather: the portable form, standard operators only (for boards that cannot load custom ops)")
+    _common(p)
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("methods", help="list the merging methods")
     _common(p)
@@ -588,6 +602,14 @@ def cmd_demo(args) -> int:
     code = cmd_merge(build_parser().parse_args(argv))
     print(f"\nwrote {output} and {out_dir / 'report.json'}")
     return code
+
+
+def cmd_deploy(args) -> int:
+    """`onnxmerge deploy merged.onnx -o DIR`: the files a board needs, and what it needs installed."""
+    from onnxmerge.deploy import deploy
+
+    print(deploy(args.model, args.out_dir, arch=args.arch, ort_format=args.ort_format, emit=args.emit).summary())
+    return 0
 
 
 def cmd_methods(args) -> int:

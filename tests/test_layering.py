@@ -7,7 +7,8 @@ Each part of onnxmerge may import only the parts below it:
     data, graph                        (datasets; gs conversion, layers, alignment, ai.onnxmerge ops, MACs)
     pipeline                           (pass base, manager, state, checks, Method)
     passes                             (common/ and one package per method)
-    calibration, measure               (the PyTorch bridge and training; evaluation, latency, size, report)
+    calibration, measure, deploy       (the PyTorch bridge and training; evaluation, latency, size, report;
+                                        what a board needs)
     api -> sweep, search -> cli -> __main__    (search: the budgeted merge, trials through the API)
 
 Passes never import calibration, measurement, the API or the CLI (what they need reaches them through
@@ -32,7 +33,7 @@ LEVELS = [
     {"data", "graph"},
     {"pipeline"},
     {"passes"},
-    {"calibration", "measure"},
+    {"calibration", "measure", "deploy"},
     {"api"},
     {"sweep", "search"},
     {"cli"},

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from onnxmerge.errors import MergeError
 from onnxmerge.graph.convert import light_model, to_model
@@ -216,11 +217,14 @@ def _rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
         return float(np.max(np.abs(got.astype(np.float64) - ref)) / scale)
 
 
-def output_difference(a: onnx.ModelProto, b: onnx.ModelProto, batch: int = 2, seed: int = 0) -> float:
+def output_difference(a: onnx.ModelProto | ort.InferenceSession, b: onnx.ModelProto, batch: int = 2,
+                      seed: int = 0) -> float:
     """The largest relative difference between two models' outputs (b's as the reference) on the same
     seeded random inputs, at a fixed batch where the models have one; native nodes run by the
-    kernels, or in their portable form (make_session)."""
-    sa, sb = make_session(a), make_session(b)
+    kernels, or in their portable form (make_session). `a` may be a session already made (of a file
+    onnx cannot read, an ORT-format model)."""
+    sa = a if isinstance(a, ort.InferenceSession) else make_session(a)
+    sb = make_session(b)
     feeds = random_feeds(sb, run_batch(sb, batch), seed)
     return max(_rel_diff(got, ref) for got, ref in zip(sa.run(None, feeds), sb.run(None, feeds)))
 
