@@ -166,6 +166,46 @@ def test_the_aarch64_folder_carries_an_aarch64_library(merged, tmp_path):
     assert "for aarch64 with custom-op support" in deployment.summary()
 
 
+def aarch64_python_or_skip() -> tuple[list[str], dict]:
+    """The command and environment of the aarch64 Python that tools/aarch64_python.sh prepared
+    ($ONNXMERGE_AARCH64_PYTHON), with the cross tools to build the kernels; skipped (failed where
+    ONNXMERGE_REQUIRE_CROSS is set) with what is missing."""
+    root = os.environ.get("ONNXMERGE_AARCH64_PYTHON")
+    missing = [f"{t} not installed" for t in (kernel_build.compiler_for("aarch64"), "qemu-aarch64")
+               if shutil.which(t) is None]
+    if not root or not (Path(root) / "root" / "usr" / "bin" / "python3.11").is_file():
+        missing.append("no aarch64 Python (run tools/aarch64_python.sh DIR and set ONNXMERGE_AARCH64_PYTHON=DIR)")
+    if kernel_build.find_include_dir() is None:
+        missing.append("no onnxruntime headers")
+    if not kernels.available():
+        missing.append(kernels.unavailable_reason())
+    if missing:
+        if os.environ.get("ONNXMERGE_REQUIRE_CROSS"):
+            pytest.fail(f"ONNXMERGE_REQUIRE_CROSS is set, but: {'; '.join(missing)}")
+        pytest.skip("; ".join(missing))
+    root = Path(root)
+    return ["qemu-aarch64", "-L", str(root / "root"), str(root / "root" / "usr" / "bin" / "python3.11")], \
+        {**os.environ, "PYTHONPATH": str(root / "site")}
+
+
+def test_the_aarch64_folder_runs_in_onnxruntime_s_aarch64_wheel_under_qemu(merged, tmp_path):
+    """End to end on aarch64 (emulated): the deployed run.py in onnxruntime's aarch64 wheel, with the
+    cross-compiled kernels registered, for model.onnx and model.ort; outputs as the merged model's here."""
+    python, env = aarch64_python_or_skip()
+    out = tmp_path / "board"
+    deploy(merged["native"], out, arch="aarch64", ort_format=True)
+    feeds = inputs_for(merged["native"])
+    np.savez(tmp_path / "inputs.npz", **feeds)
+    want = merged_outputs(merged["native"], feeds)
+    for model_file in ("model.onnx", "model.ort"):
+        saved = tmp_path / f"{model_file}.npz"
+        done = subprocess.run([*python, "run.py", str(tmp_path / "inputs.npz"), "--model", model_file, "--save",
+                               str(saved)], cwd=out, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        with np.load(saved) as got:
+            assert_close(dict(got), want)
+
+
 def test_the_operator_list_names_every_operator_by_domain_and_opset(merged):
     model = onnx.load(str(merged["portable"]))
     lines = [line for line in operators_config(model).splitlines() if not line.startswith("#")]
