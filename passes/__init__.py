@@ -14,6 +14,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     codebook.METHOD,
     mtz.METHOD,
     then(zipper.METHOD, codebook.METHOD),  # shared layers computed once, codebooks for the rest
+    then(mtz.METHOD, codebook.METHOD),  # shared neurons computed once, codebooks for them and the rest
 )}
 
 BASELINE = pack.METHOD.name  # shares nothing: the reference every other method's speed is measured against

@@ -1,12 +1,14 @@
 """Compositions: one method shares what it shares, a second compresses what the first leaves per task.
 
-Issue 18's compositions: zipper shares the first K layers of same-architecture models (their work
-is done once: latency), then codebooks compress every layer, shared or per task (size).
+Issue 18's compositions: zipper shares the first K layers of same-architecture models, or mtz the
+chosen neurons of every layer (their work is done once: latency), then codebooks compress every
+layer, shared or per task (size).
 
 `then(first, second)` is a Method whose pipeline is the first's up to its clean-up, the second's
 passes on the combined graph, one calibration of the whole merged model at the end, then the
 second's after-calibration passes. The second method sees the graph the first left: a layer the
-first shared is one node (ShareCodebooksPass gives it a codebook of its own). Its options are both methods' (their names do not overlap: checked). The budgeted search runs a
+first shared is one node, or (mtz) one node of its shared neurons beside per-task nodes of the
+others; ShareCodebooksPass gives a shared node a codebook of its own. Its options are both methods' (their names do not overlap: checked). The budgeted search runs a
 composition on the first method's best setting within the budget (`Method.composes`), bisecting the
 second's knob.
 """

@@ -194,6 +194,12 @@ class ShareCodebooksPass(Pass):
                 _note(state, f"codebook: {label} is shared by an earlier pass: one codebook for its shared node")
             if kept:
                 out.append((label, setting, kept))
+            # mtz zips a layer into a node for its shared neurons (`shared/<node>/<tasks>`) beside the
+            # per-task nodes of the neurons it did not share: that node gets a codebook of its own
+            zipped = [n for n in present if n.startswith(f"{SHARED}{named[0][2].node}/")]
+            for name in sorted(zipped):
+                out.append((f"{label}.shared", setting, [(named[0][0], name, named[0][2])]))
+                _note(state, f"codebook: {label}'s neurons shared by an earlier pass: one codebook for {name}")
         return out
 
     def _eligible(self, state: MergeState, task: str, layers: list[Layer], index: int) -> bool:

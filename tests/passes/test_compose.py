@@ -68,3 +68,39 @@ def test_shared_layers_are_computed_once_and_every_layer_is_planned():
     plan = composed.info.fidelity["codebook_plan"]
     assert plan["target_met"] and plan["bytes"] <= 0.1 * plan["dense_bytes"]
     assert parameter_bytes(composed.model) < 0.2 * parameter_bytes(zipped.model)
+
+
+MTZ_COMPOSED = "mtz+codebook"
+
+
+def test_mtz_then_codeword_per_piece_codebooks_reproduce_mtz():
+    """Codebooks that lose nothing on mtz's zipped graph (its shared-neuron nodes and the per-task
+    nodes of the rest) give mtz's own model back."""
+    params = {"share_ratio": 0.5, "hessian_samples": 64}
+    zipped = merge(_paths(), method="mtz", names=NAMES, calib=_calib(), calibrate_last=False, params=params)
+    composed = merge(_paths(), method=MTZ_COMPOSED, names=NAMES, calib=_calib(), calibrate_last=False,
+                     params={**params, "codewords": 4096, "heads": "codebook", "if_larger": "codebook"})
+    layers = composed.info.fidelity["codebook_layers"]
+    assert all(g["exact"] for g in layers)
+    assert sum(g["layer"].endswith(".shared") for g in layers) == 4  # each zipped layer's shared-neuron node
+    a, b = session(composed.model), session(zipped.model)
+    for task, ds in zip(composed.info.tasks, _calib().values()):
+        got, want = run_task(a, task, ds.x[:64]), run_task(b, task, ds.x[:64])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_mtz_then_codebooks_plans_the_shared_neurons_too():
+    params = {"share_ratio": 0.5, "hessian_samples": 64}
+    composed = merge(_paths(), method=MTZ_COMPOSED, names=NAMES, calib=_calib(), calibrate_last=False,
+                     params={**params, "size": 0.2})
+    zipped = merge(_paths(), method="mtz", names=NAMES, calib=_calib(), calibrate_last=False, params=params)
+    planned = [lp["layer"] for lp in composed.info.fidelity["codebook_plan"]["layers"]]
+    assert {f"{name}.shared" for name in ("conv1", "conv2", "fc1", "fc2")} <= set(planned)
+    plan = composed.info.fidelity["codebook_plan"]
+    assert plan["target_met"] and plan["bytes"] <= 0.2 * plan["dense_bytes"]
+    assert parameter_bytes(composed.model) < 0.35 * parameter_bytes(zipped.model)
+    # the shared neurons are still computed once: the same shared nodes as mtz alone
+    shared = sorted(n.name for n in composed.model.graph.node if n.name.startswith("shared/") and n.op_type in
+                    ("Conv", "Gemm"))
+    assert shared == sorted(n.name for n in zipped.model.graph.node if n.name.startswith("shared/") and n.op_type in
+                            ("Conv", "Gemm"))
