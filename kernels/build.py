@@ -95,21 +95,26 @@ def compiler_for(target: str) -> str:
     return "g++" if target == HOST else CROSS_COMPILERS.get(target, f"{target}-linux-gnu-g++")
 
 
-def _compile(cmds: list[list[str]], tmp: Path, target: Path, compiler: str, verbose: bool) -> Path | None:
-    """Run the independent compiles in parallel, then the link into `tmp`, then move it to `target`."""
+def _compile(out: Path, include_dir: Path | None, compiler: str, target: str, standalone: bool,
+             verbose: bool) -> Path | None:
+    """Run the independent compiles in parallel, then the link into a temporary file beside `out`,
+    then move it to `out`; None with the compiler's error in `last_reason`."""
     global last_reason
-    *compile_, link = cmds
-    for cmd in cmds:
-        if verbose:
-            print(" ".join(cmd))
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in compile_]
-    results = []
-    for proc in procs:
-        _, err = proc.communicate()
-        results.append((proc.returncode, err))
-    if all(code == 0 for code, _ in results):
-        proc = subprocess.run(link, capture_output=True, text=True)
-        results.append((proc.returncode, proc.stderr))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tempfile.TemporaryDirectory(prefix="onnxmerge-kernels-") as objects:
+        *compile_, link = cmds = commands(include_dir, tmp, Path(objects), compiler, target, standalone)
+        for cmd in cmds:
+            if verbose:
+                print(" ".join(cmd))
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in compile_]
+        results = []
+        for proc in procs:
+            _, err = proc.communicate()
+            results.append((proc.returncode, err))
+        if all(code == 0 for code, _ in results):
+            proc = subprocess.run(link, capture_output=True, text=True)
+            results.append((proc.returncode, proc.stderr))
     for code, err in results:
         if code != 0:
             tmp.unlink(missing_ok=True)
@@ -117,8 +122,8 @@ def _compile(cmds: list[list[str]], tmp: Path, target: Path, compiler: str, verb
             return None
         if verbose and err.strip():
             print(err.strip())
-    os.replace(tmp, target)  # atomic: a loaded library is never overwritten in place
-    return target
+    os.replace(tmp, out)  # atomic: a loaded library is never overwritten in place
+    return out
 
 
 def default_out(target: str = HOST) -> Path:
@@ -135,10 +140,8 @@ def build(include_dir: str | Path | None = None, out: str | Path | None = None, 
     Returns the library's path, or None with the reason in `build.last_reason` (no compiler, no
     headers, or the compiler's error)."""
     global last_reason
-    last_reason = ""
-    compiler = compiler_for(target)
-    if shutil.which(compiler) is None:
-        last_reason = f"no C++ compiler for {target} ({compiler}) on PATH"
+    compiler = _find_compiler(target)
+    if compiler is None:
         return None
     inc = find_include_dir(include_dir)
     if inc is None:
@@ -148,27 +151,22 @@ def build(include_dir: str | Path | None = None, out: str | Path | None = None, 
     target_path = Path(out) if out is not None else default_out(target)
     if target_path.suffix != ".so":
         target_path = target_path / LIBRARY_NAME
-    target_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target_path.with_name(target_path.name + ".tmp")
-    with tempfile.TemporaryDirectory(prefix="onnxmerge-kernels-") as objects:
-        return _compile(commands(inc, tmp, Path(objects), compiler, target), tmp, target_path, compiler, verbose)
+    return _compile(target_path, inc, compiler, target, standalone=False, verbose=verbose)
 
 
 def build_standalone(out: str | Path, *, target: str = HOST, verbose: bool = False) -> Path | None:
     """Compile kernels/standalone.cc for `target` into the static program `out`; None with the reason
     in `last_reason` where it cannot (no compiler for the target)."""
+    compiler = _find_compiler(target)
+    return None if compiler is None else _compile(Path(out), None, compiler, target, standalone=True, verbose=verbose)
+
+
+def _find_compiler(target: str) -> str | None:
+    """The compiler for `target` (compiler_for), or None with the reason in `last_reason`."""
     global last_reason
-    last_reason = ""
     compiler = compiler_for(target)
-    if shutil.which(compiler) is None:
-        last_reason = f"no C++ compiler for {target} ({compiler}) on PATH"
-        return None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tempfile.TemporaryDirectory(prefix="onnxmerge-standalone-") as objects:
-        return _compile(commands(None, tmp, Path(objects), compiler, target, standalone=True), tmp, out, compiler,
-                        verbose)
+    last_reason = "" if shutil.which(compiler) else f"no C++ compiler for {target} ({compiler}) on PATH"
+    return None if last_reason else compiler
 
 
 def main(argv: list[str] | None = None) -> int:
