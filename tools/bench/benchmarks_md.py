@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from onnxmerge.model.saving import write_text_atomic
@@ -35,3 +36,8 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     write_text_atomic(path, new)
+
+
+def cpu_section(name: str, cpu: str) -> str:
+    """The name of `name`'s section for one CPU (`name:<cpu slug>`), where each CPU's figures are kept."""
+    return f"{name}:" + re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")

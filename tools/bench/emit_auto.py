@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """`--emit auto` against the portable form and the originals (issue 19's first acceptance figure),
-written into BENCHMARKS.md (section `emit_auto`).
+written into BENCHMARKS.md, one section per CPU (`emit_auto:<cpu>`): each CPU's table is kept.
 
 For each pair and codebook preset, the merge (no calibration: timing only) is written twice per
 target batch: `--emit gather` (portable) and `--emit auto --target-batch B --target-threads 1`.
@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, cpu_section, write_section  # noqa: E402  (tools/bench is not a package)
 
 PAIRS = {  # name -> (model files, what it is)
     "example": ([ROOT / "onnxmerge/examples/fashion_lenet.onnx", ROOT / "onnxmerge/examples/digits_lenet.onnx"],
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['ratio']:.2f} [{row['q1']:.2f}-{row['q3']:.2f}]  auto {row['auto_vs_originals']:.2f}x, "
                       f"portable {row['portable_vs_originals']:.2f}x vs originals", flush=True)
     machine = machine_info()
-    lines = ["## `--emit auto`: the native form only where it is faster, against the portable form", "",
-             "Written by `tools/bench/emit_auto.py`; rerun it to update this section.", "",
+    lines = [f"## `--emit auto`: the native form only where it is faster, against the portable form: {machine['cpu']}",
+             "", "Written by `tools/bench/emit_auto.py`; one section per CPU (rerun on a CPU to update its own).", "",
              f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- command: `python {shlex.join(['tools/bench/emit_auto.py', *argv])}`",
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores; kernels' instruction set "
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(lines) + "\n"
     print(body)
     if not args.no_write:
-        write_section(BENCHMARKS, "emit_auto", body)
+        write_section(BENCHMARKS, cpu_section("emit_auto", machine["cpu"]), body)
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, cpu_section, write_section  # noqa: E402  (tools/bench is not a package)
 
 from kernels import layer_models  # noqa: E402
 
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(lines) + "\n"
     print(body)
     if not args.no_write and not args.quick:
-        write_section(BENCHMARKS, "kernel_grid:" + re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-"), body)
+        write_section(BENCHMARKS, cpu_section("kernel_grid", cpu), body)
     return 0
 
 
