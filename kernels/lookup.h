@@ -43,6 +43,8 @@ struct EConvParams {
   int64_t Wo(int64_t W) const { return (W + pl + pr - dw * (kw - 1) - 1) / sw + 1; }
 };
 
+struct IsaKernels;
+
 // Where each (output channel, segment, kernel offset) reads its table plane, for one input size.
 struct EConvPlan {
   int64_t H = 0, W = 0, Ho = 0, Wo = 0, Hp = 0;
@@ -54,13 +56,13 @@ struct EConvPlan {
   int64_t plane = 0;          // floats per table plane (one codeword): tile_in_rows * row, rounded up to 16
   int64_t group = 0;          // segments whose tables are built together
   std::vector<int32_t> offsets;  // [p][V][kh*kw]: code * plane + the kernel offset's row / phase / column
+  const IsaKernels* isa = nullptr;  // the instruction set this input size runs (see EConvLayer::plan)
 };
-
-struct IsaKernels;
 
 struct EConvLayer {
   EConvParams s;
   const IsaKernels* isa = nullptr;  // set by pack_econv
+  bool isa_forced = false;          // named by the caller (ONNXMERGE_KERNEL_ISA): every plan uses it
   std::vector<float> codebook;   // [V][C][r] (the first V segments of [V', C, r])
   std::vector<uint16_t> codes;   // [p][V][kh*kw], checked < C
 
@@ -125,6 +127,7 @@ struct IsaKernels {
                 const Parallel&);
   void (*efc)(const EFCLayer&, int64_t N, const float* x, const float* bias, float* y, const Parallel&);
   bool register_tables;  // EFC looks tables of <= 64 codewords up in registers at batch 1 (codes_vo)
+  int vec;               // floats per vector (ONNXMERGE_VEC)
 };
 
 // The instruction sets this build has code for, best first ("avx512", "avx2", "generic" on x86-64;

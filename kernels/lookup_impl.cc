@@ -406,9 +406,9 @@ void efc_run(const EFCLayer& L, int64_t N, const float* x, const float* bias, fl
 
 extern const IsaKernels kernels;
 #if defined(__AVX512F__)
-const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, true};
+const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, true, VEC};
 #else
-const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, false};
+const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, false, VEC};
 #endif
 
 }  // namespace ONNXMERGE_ISA

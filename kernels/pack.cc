@@ -180,6 +180,7 @@ void pack_econv(EConvLayer& layer, const EConvParams& s, int64_t Vc, const float
   const int64_t taps = s.kh * s.kw;
   check_codes(codes, s.V * s.p * taps, s.C, "EConv");
   layer.isa = &choose_isa(isa);
+  layer.isa_forced = !isa.empty();
   layer.s = s;
   layer.codebook.assign(codebook, codebook + s.V * s.C * s.r);
   // [V][p][taps] -> [p][V][taps]: an output channel's codes of all segments are contiguous
@@ -190,6 +191,22 @@ void pack_econv(EConvLayer& layer, const EConvParams& s, int64_t Vc, const float
   std::lock_guard<std::mutex> guard(layer.lock_);
   layer.plans_.clear();
 }
+
+// EConv's lookups add whole vectors of an output row: a row of Wo outputs takes ceil(Wo / vec) vectors,
+// and the lanes past Wo are work thrown away (Wo = 8 on 16-float vectors: half). Of the instruction
+// sets this CPU runs, the one whose vectors waste the fewest lanes of a row, the best-ranked (`best`,
+// chosen first) among those that waste as few: the lookups are bound by the bytes they load, not by
+// the vector width (measured on a Xeon with AVX-512: AVX2 as fast on rows of 16, faster on rows of
+// 8, 18 and 24, kernels/standalone timings; tools/bench/kernel_grid.py has the layers).
+namespace {
+const IsaKernels& widest_filled(const IsaKernels& best, int64_t Wo) {
+  const auto waste = [Wo](const IsaKernels& k) { return round_up(Wo, k.vec) - Wo; };
+  const IsaKernels* chosen = &best;
+  for (const auto& name : built_isas())
+    if (cpu_supports(name) && waste(choose_isa(name)) < waste(*chosen)) chosen = &choose_isa(name);
+  return *chosen;
+}
+}  // namespace
 
 std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
   std::lock_guard<std::mutex> guard(lock_);
@@ -226,6 +243,7 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
         const int64_t tap = i * s.dh * P.row + (j * s.dw % s.sw) * P.width + j * s.dw / s.sw;
         P.offsets[ov * taps + t] = static_cast<int32_t>(codes[ov * taps + t] * P.plane + tap);
       }
+  P.isa = isa_forced ? isa : &widest_filled(*isa, P.Wo);
   plans_.push_back(plan);
   return plan;
 }
@@ -233,7 +251,7 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
 void econv(const EConvLayer& layer, const EConvPlan& plan, int64_t N, const float* x, const float* bias, float* y,
            const Parallel& parallel) {
   if (N < 0) fail("EConv: input must be [N, d, H, W]");
-  if (N > 0) layer.isa->econv(layer, plan, N, x, bias, y, parallel);
+  if (N > 0) plan.isa->econv(layer, plan, N, x, bias, y, parallel);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@
 // the numpy oracle computed on the host (tests/kernels/test_kernels_cross.py).
 //
 //   onnxmerge_standalone isas              the built instruction sets this CPU runs, best first
-//   onnxmerge_standalone ISA DIR...        run the layer in each DIR on ISA ("" = the best), write DIR/y.f32
+//   onnxmerge_standalone ISA DIR...        run the layer in each DIR on ISA ("" = chosen per layer and input
+//                                          size, as in onnxruntime), write DIR/y.f32; prints per layer
+//                                          the instruction set it ran
 //
 // A layer directory holds `layer.txt`, one line of integers:
 //   econv N d H W p kh kw V Vc C r sh sw pt pl pb pr dh dw code_bytes has_bias
@@ -52,6 +54,7 @@ void run_econv(const std::string& dir, const std::string& isa, int64_t N, int64_
   const auto x = read_array<float>(dir + "/x.f32", N * s.d * H * W);
   const auto bias = has_bias ? read_array<float>(dir + "/bias.f32", s.p) : std::vector<float>();
   const auto plan = layer.plan(H, W);
+  std::cout << plan->isa->name << "\n";
   std::vector<float> y(static_cast<size_t>(N * s.p * plan->Ho * plan->Wo));
   onnxmerge::econv(layer, *plan, N, x.data(), has_bias ? bias.data() : nullptr, y.data());
   write_array(dir + "/y.f32", y);
@@ -64,6 +67,7 @@ void run_efc(const std::string& dir, const std::string& isa, int64_t N, int64_t 
   const auto codebook = read_array<float>(dir + "/codebook.f32", Vc * s.C * s.r);
   const auto codes = read_array<Code>(dir + (sizeof(Code) == 1 ? "/codes.u8" : "/codes.u16"), s.V * s.out);
   onnxmerge::pack_efc(layer, s, Vc, codebook.data(), codes.data(), isa);
+  std::cout << layer.isa->name << "\n";
   const auto x = read_array<float>(dir + "/x.f32", N * s.d);
   const auto bias = has_bias ? read_array<float>(dir + "/bias.f32", s.out) : std::vector<float>();
   std::vector<float> y(static_cast<size_t>(N * s.out));
@@ -114,7 +118,6 @@ int main(int argc, char** argv) {
     }
     if (argc < 3) throw std::runtime_error("usage: onnxmerge_standalone isas | ISA DIR...");
     const std::string isa = argv[1];
-    std::cout << onnxmerge::choose_isa(isa).name << "\n";
     for (int k = 2; k < argc; ++k) run_layer(argv[k], isa);
     return 0;
   } catch (const std::exception& e) {

@@ -53,19 +53,42 @@ def layers() -> list[tuple[str, tuple]]:
     return [("EConv", econv_config(s)) for s in SEEDS] + [("EFC", efc_config(s)) for s in SEEDS]
 
 
-def check_program(command: list[str], isa: str, tmp_path: Path) -> None:
-    """Run every random layer through the program on `isa`; each output within TOL of the oracle."""
+def check_program(command: list[str], isa: str, tmp_path: Path, runs: list[str] | None = None) -> list[str]:
+    """Run every random layer through the program on `isa` ("": its own choice); each output within
+    TOL of the oracle. Returns the instruction set each layer ran."""
     folders = []
     for k, (op, config) in enumerate(layers()):
-        folders.append(tmp_path / f"{isa}-{k}")
+        folders.append(tmp_path / f"{isa or 'auto'}-{k}")
         write_layer(folders[-1], op, *config)
     done = subprocess.run([*command, isa, *map(str, folders)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [isa]  # the program ran the instruction set asked for
+    ran = done.stdout.split()
+    assert len(ran) == len(folders) and (not isa or set(ran) == {isa})  # the instruction set asked for
     for folder, (op, (x, codebook, codes, bias, attrs)) in zip(folders, layers()):
         want = reference(op, x, codebook, codes, bias, attrs)
         got = np.fromfile(folder / "y.f32", "<f4").reshape(want.shape)
         assert rel(got, want) <= TOL, (isa, op, x.shape, codebook.shape, attrs)
+    return ran
+
+
+VEC = {"avx512": 16, "avx2": 8, "generic": 8, "neon": 4}  # floats per vector (kernels/build.py)
+
+
+def expected_choice(op: str, out_width: int, isas: list[str]) -> str:
+    """EConv: of the instruction sets the CPU runs (best first), the first whose vectors waste the
+    fewest lanes of an output row (kernels/pack.cc, widest_filled); EFC: the best."""
+    if op == "EFC":
+        return isas[0]
+    waste = [-out_width % VEC[i] for i in isas]
+    return isas[waste.index(min(waste))]
+
+
+def check_choice(command: list[str], tmp_path: Path) -> None:
+    """Left to itself, the program runs each EConv on the instruction set that wastes the fewest lanes."""
+    isas = subprocess.run([*command, "isas"], capture_output=True, text=True, timeout=60).stdout.split()[0].split(",")
+    ran = check_program(command, "", tmp_path)
+    want = [expected_choice(op, reference(op, *config).shape[-1], isas) for op, config in layers()]
+    assert ran == want
 
 
 def _cross_tools_missing() -> str:
@@ -114,6 +137,14 @@ def test_host_program_matches_the_numpy_reference_on_every_instruction_set(host_
     isas = subprocess.run([*host_program, "isas"], capture_output=True, text=True, timeout=60).stdout.split()[0]
     for isa in isas.split(","):
         check_program(host_program, isa, tmp_path)
+
+
+def test_each_econv_runs_the_instruction_set_that_wastes_the_fewest_lanes(host_program, tmp_path):
+    check_choice(host_program, tmp_path)
+
+
+def test_aarch64_chooses_per_layer_the_same_way(aarch64_program, tmp_path):
+    check_choice(aarch64_program, tmp_path)
 
 
 def test_the_program_refuses_a_bad_layer_in_one_line(host_program, tmp_path):
