@@ -28,12 +28,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "libonnxmerge_kernels.so"
-STANDALONE_NAME = "onnxmerge_standalone"
 HEADER = "onnxruntime_cxx_api.h"
 DEFAULT_INCLUDE = Path("/usr/include/onnxruntime")
 COMMON = ["-O3", "-fPIC", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra"]
 HOST = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
 TARGETS = ("x86_64", "aarch64")  # what --target names; the host's own architecture is built for any host
+ARCHES = tuple(sorted({HOST, *TARGETS}))  # what can be built here: this machine's and the cross targets
 CROSS_COMPILERS = {"x86_64": "x86_64-linux-gnu-g++", "aarch64": "aarch64-linux-gnu-g++"}
 
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python kernels/build.py [--target ARCH] [-o OUT]`: build the library; exit status 1 with the
     reason if it cannot."""
     parser = argparse.ArgumentParser(description="Build onnxmerge's native kernels.")
-    parser.add_argument("--target", default=HOST, choices=sorted({HOST, *TARGETS}),
+    parser.add_argument("--target", default=HOST, choices=ARCHES,
                         help=f"CPU architecture (default this machine's, {HOST}); another one is cross-compiled")
     parser.add_argument("-o", "--out", help="directory or .so path (default: next to this file for this machine, "
                                             "kernels/build-ARCH/ for another)")

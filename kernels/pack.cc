@@ -199,7 +199,7 @@ void pack_econv(EConvLayer& layer, const EConvParams& s, int64_t Vc, const float
 // the vector width (measured on a Xeon with AVX-512: AVX2 as fast on rows of 16, faster on rows of
 // 8, 18 and 24, kernels/standalone timings; tools/bench/kernel_grid.py has the layers).
 namespace {
-const IsaKernels& widest_filled(const IsaKernels& best, int64_t Wo) {
+const IsaKernels& fullest_vectors(const IsaKernels& best, int64_t Wo) {
   const auto waste = [Wo](const IsaKernels& k) { return round_up(Wo, k.vec) - Wo; };
   const IsaKernels* chosen = &best;
   for (const auto& name : built_isas())
@@ -243,7 +243,7 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
         const int64_t tap = i * s.dh * P.row + (j * s.dw % s.sw) * P.width + j * s.dw / s.sw;
         P.offsets[ov * taps + t] = static_cast<int32_t>(codes[ov * taps + t] * P.plane + tap);
       }
-  P.isa = isa_forced ? isa : &widest_filled(*isa, P.Wo);
+  P.isa = isa_forced ? isa : &fullest_vectors(*isa, P.Wo);
   plans_.push_back(plan);
   return plan;
 }

@@ -84,3 +84,28 @@ def pytest_sessionstart(session):
     if os.environ.get("ONNXMERGE_REQUIRE_KERNELS") and not kernels.available():
         pytest.exit(f"ONNXMERGE_REQUIRE_KERNELS is set, but {kernels.unavailable_reason()}", returncode=1)
 
+
+
+def require_aarch64(*needs: str, missing: tuple[str, ...] = ()) -> None:
+    """Skip, saying what this machine lacks for an aarch64 check, or fail where ONNXMERGE_REQUIRE_CROSS
+    is set (CI, which installs the tools). The cross compiler is always needed; `needs` adds "qemu"
+    (qemu-user), "headers" (onnxruntime's, for the custom-op library), "kernels" (this machine's
+    built kernels); `missing`: other phrases the caller found."""
+    import os
+    import shutil
+
+    from onnxmerge import kernels
+    from onnxmerge.kernels import build
+
+    tools = [build.compiler_for("aarch64"), *(["qemu-aarch64"] if "qemu" in needs else [])]
+    lacking = [f"{t} not installed (Debian: apt-get install g++-aarch64-linux-gnu qemu-user)"
+               for t in tools if shutil.which(t) is None]
+    if "headers" in needs and build.find_include_dir() is None:
+        lacking.append("onnxruntime's C/C++ headers not found (ONNXRUNTIME_INCLUDE_DIR)")
+    if "kernels" in needs and not kernels.available():
+        lacking.append(kernels.unavailable_reason())
+    lacking += missing
+    if lacking:
+        if os.environ.get("ONNXMERGE_REQUIRE_CROSS"):
+            pytest.fail(f"ONNXMERGE_REQUIRE_CROSS is set, but: {'; '.join(lacking)}")
+        pytest.skip("; ".join(lacking))

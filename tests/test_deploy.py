@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, require_aarch64
 from onnxmerge import kernels
 from onnxmerge.cli import main
 from onnxmerge.deploy import deploy, operators_config
@@ -151,14 +151,7 @@ def test_emit_gather_deploys_the_portable_form_of_a_native_model(merged, tmp_pat
 
 
 def test_the_aarch64_folder_carries_an_aarch64_library(merged, tmp_path):
-    missing = [t for t in (kernel_build.compiler_for("aarch64"),) if shutil.which(t) is None]
-    if missing or kernel_build.find_include_dir() is None or "native" not in merged:
-        reason = "; ".join(filter(None, [f"{missing[0]} not installed" if missing else "",
-                                         "" if kernel_build.find_include_dir() else "no onnxruntime headers",
-                                         kernels.unavailable_reason()]))
-        if os.environ.get("ONNXMERGE_REQUIRE_CROSS"):
-            pytest.fail(f"ONNXMERGE_REQUIRE_CROSS is set, but {reason}")
-        pytest.skip(reason)
+    require_aarch64("headers", "kernels")
     deployment = deploy(merged["native"], tmp_path / "board", arch="aarch64")
     library = tmp_path / "board" / "libonnxmerge_kernels.so"
     assert library.read_bytes()[18] == 183  # ELF e_machine: EM_AARCH64
@@ -171,18 +164,9 @@ def aarch64_python_or_skip() -> tuple[list[str], dict]:
     ($ONNXMERGE_AARCH64_PYTHON), with the cross tools to build the kernels; skipped (failed where
     ONNXMERGE_REQUIRE_CROSS is set) with what is missing."""
     root = os.environ.get("ONNXMERGE_AARCH64_PYTHON")
-    missing = [f"{t} not installed" for t in (kernel_build.compiler_for("aarch64"), "qemu-aarch64")
-               if shutil.which(t) is None]
-    if not root or not (Path(root) / "root" / "usr" / "bin" / "python3.11").is_file():
-        missing.append("no aarch64 Python (run tools/aarch64_python.sh DIR and set ONNXMERGE_AARCH64_PYTHON=DIR)")
-    if kernel_build.find_include_dir() is None:
-        missing.append("no onnxruntime headers")
-    if not kernels.available():
-        missing.append(kernels.unavailable_reason())
-    if missing:
-        if os.environ.get("ONNXMERGE_REQUIRE_CROSS"):
-            pytest.fail(f"ONNXMERGE_REQUIRE_CROSS is set, but: {'; '.join(missing)}")
-        pytest.skip("; ".join(missing))
+    ready = root and (Path(root) / "root" / "usr" / "bin" / "python3.11").is_file()
+    require_aarch64("qemu", "headers", "kernels", missing=() if ready else (
+        "no aarch64 Python (run tools/aarch64_python.sh DIR and set ONNXMERGE_AARCH64_PYTHON=DIR)",))
     root = Path(root)
     return ["qemu-aarch64", "-L", str(root / "root"), str(root / "root" / "usr" / "bin" / "python3.11")], \
         {**os.environ, "PYTHONPATH": str(root / "site")}

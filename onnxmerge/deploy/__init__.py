@@ -34,6 +34,7 @@ import onnx
 from onnxmerge import kernels
 from onnxmerge.errors import MergeError, UsageError, first_line
 from onnxmerge.graph.ops import DOMAIN, is_native, to_portable
+from onnxmerge.kernels import build
 from onnxmerge.model import downgrade
 from onnxmerge.model.saving import save_atomic
 
@@ -41,20 +42,6 @@ HERE = Path(__file__).resolve().parent
 SNIPPETS = ("run.py", "run.cc")
 TOLERANCE = 1e-5  # relative: the same model, or its portable form (the same numbers in stock operators)
 ORT_PLATFORM = {"x86_64": "amd64", "aarch64": "arm"}  # the converter's --target_platform
-
-
-def host_arch() -> str:
-    """This machine's CPU architecture as kernels/build.py names it (x86_64, aarch64, ...)."""
-    from onnxmerge.kernels import build
-
-    return build.HOST
-
-
-def architectures() -> tuple[str, ...]:
-    """The architectures deploy can write a kernel library for: this machine's, and cross targets."""
-    from onnxmerge.kernels import build
-
-    return tuple(sorted({build.HOST, *build.TARGETS}))
 
 
 @dataclass
@@ -111,8 +98,6 @@ def operators_config(model: onnx.ModelProto) -> str:
 
 def kernel_library(arch: str, out: Path) -> Path:
     """The kernel library for `arch` in `out`: this machine's build, copied, or a cross-compiled one."""
-    from onnxmerge.kernels import build
-
     if arch == build.HOST:
         if not kernels.available():
             raise MergeError(f"the model has {DOMAIN} nodes, but {kernels.unavailable_reason()}; "
@@ -166,9 +151,9 @@ def deploy(model_path: str | Path, out_dir: str | Path, *, arch: str | None = No
     from onnxmerge.pipeline.checks import output_difference
 
     model_path, out_dir = Path(model_path), Path(out_dir)
-    arch = arch or host_arch()
-    if arch not in architectures():
-        raise UsageError(f"--arch {arch}: not one of {', '.join(architectures())}")
+    arch = arch or build.HOST
+    if arch not in build.ARCHES:
+        raise UsageError(f"--arch {arch}: not one of {', '.join(build.ARCHES)}")
     if emit not in (None, "gather"):
         raise UsageError(f"--emit {emit}: deploy writes the model as it is, or with --emit gather its portable form")
     if not model_path.is_file():
@@ -184,7 +169,9 @@ def deploy(model_path: str | Path, out_dir: str | Path, *, arch: str | None = No
         model = to_portable(given)
         notes.append(f"--emit gather: the {DOMAIN} nodes were replaced by their portable form")
     native = is_native(model)
-    runs_here = arch == host_arch() and (not native or kernels.available())
+    # standard operators run anywhere; native nodes here only in this machine's kernels (which
+    # kernel_library requires for this architecture)
+    runs_here = not native or arch == build.HOST
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -212,15 +199,14 @@ def deploy(model_path: str | Path, out_dir: str | Path, *, arch: str | None = No
             checks["model.onnx"] = output_difference(onnx.load(str(saved)), given)
         elif native:
             notes.append(f"not run here: the kernels are for {arch}; run.py on the board runs them")
-        if ort_format and (runs_here or (not native and arch != host_arch())):
+        if ort_format and runs_here:
             ort_session = session(work / "model.ort", optimize=True, native=native)
             checks["model.ort"] = output_difference(ort_session, given)
         for name, diff in checks.items():
             if not diff <= TOLERANCE:
                 raise MergeError(f"{name}: its outputs differ from {model_path.name}'s by {diff:.3g} (> {TOLERANCE:g})")
-        deployment = Deployment(out_dir, sorted(p.name for p in work.iterdir()), native, arch,
-                                downgrade.oldest_onnxruntime(model), checks, notes)
-        deployment.files = sorted([*deployment.files, "README.txt"])
+        files = sorted([*(p.name for p in work.iterdir()), "README.txt"])
+        deployment = Deployment(out_dir, files, native, arch, downgrade.oldest_onnxruntime(model), checks, notes)
         (work / "README.txt").write_text(deployment.summary() + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above

@@ -10,7 +10,6 @@ are skipped with that reason elsewhere, and fail instead where ONNXMERGE_REQUIRE
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import require_aarch64
+from onnxmerge.kernels import build as kernel_build
 from random_layers import TOL, econv_config, efc_config, reference, rel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kernels"))
-import build as kernel_build  # noqa: E402  (kernels/build.py: not part of the installed package)
 
 SEEDS = range(30)
 QEMU = "qemu-aarch64"
@@ -71,12 +69,12 @@ def check_program(command: list[str], isa: str, tmp_path: Path, runs: list[str] 
     return ran
 
 
-VEC = {"avx512": 16, "avx2": 8, "generic": 8, "neon": 4}  # floats per vector (kernels/build.py)
+VEC = {isa: vec for target in kernel_build.TARGETS for isa, (vec, _) in kernel_build.isas(target).items()}
 
 
 def expected_choice(op: str, out_width: int, isas: list[str]) -> str:
     """EConv: of the instruction sets the CPU runs (best first), the first whose vectors waste the
-    fewest lanes of an output row (kernels/pack.cc, widest_filled); EFC: the best."""
+    fewest lanes of an output row (kernels/pack.cc, fullest_vectors); EFC: the best."""
     if op == "EFC":
         return isas[0]
     waste = [-out_width % VEC[i] for i in isas]
@@ -91,22 +89,9 @@ def check_choice(command: list[str], tmp_path: Path) -> None:
     assert ran == want
 
 
-def _cross_tools_missing() -> str:
-    compiler = kernel_build.compiler_for("aarch64")
-    missing = [tool for tool in (compiler, QEMU) if shutil.which(tool) is None]
-    if not missing:
-        return ""
-    reason = (f"{' and '.join(missing)} not installed (Debian: apt-get install g++-aarch64-linux-gnu qemu-user); "
-              "the aarch64 kernels are not run")
-    if os.environ.get("ONNXMERGE_REQUIRE_CROSS"):
-        pytest.fail(f"ONNXMERGE_REQUIRE_CROSS is set, but {reason}")
-    return reason
-
-
 @pytest.fixture(scope="module")
 def aarch64_program(tmp_path_factory) -> list[str]:
-    if reason := _cross_tools_missing():
-        pytest.skip(reason)
+    require_aarch64("qemu")
     program = kernel_build.build_standalone(tmp_path_factory.mktemp("aarch64") / "standalone", target="aarch64")
     assert program is not None, kernel_build.last_reason
     assert program.read_bytes()[18] == 183  # ELF e_machine: EM_AARCH64
@@ -159,10 +144,7 @@ def test_the_program_refuses_a_bad_layer_in_one_line(host_program, tmp_path):
 
 def test_the_aarch64_library_cross_compiles(tmp_path):
     """`python kernels/build.py --target aarch64`: the custom-op library a board loads."""
-    if reason := _cross_tools_missing():
-        pytest.skip(reason)
-    if kernel_build.find_include_dir() is None:
-        pytest.skip("onnxruntime's C/C++ headers not found (ONNXRUNTIME_INCLUDE_DIR)")
+    require_aarch64("headers")
     done = subprocess.run([sys.executable, str(Path(kernel_build.__file__)), "--target", "aarch64", "-o",
                            str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
