@@ -22,11 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import budget_search  # noqa: E402  (tools/bench is not a package)
-from benchmarks_md import BENCHMARKS, write_section  # noqa: E402
+import budget_search  # noqa: E402  (tools/bench is not a package; it puts tools/ on the path for train_models)
+from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "onnxmerge" / "examples"
 TARGET = 13
 SIZE = 0.1
