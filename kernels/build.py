@@ -47,7 +47,9 @@ def isas(target: str = HOST) -> dict[str, tuple[int, list[str]]]:
     (added by `commands`): the vector loops are written with vector types; the scalar lookups must not
     become vector gathers."""
     base = base_flags(target)
-    found = {"generic": (8, base)}
+    # whether multiply-adds are fused is stated per set: the integer tables' numpy reference computes
+    # the same roundings (fused_multiply_add); without it GCC fuses for C++ wherever the CPU can
+    found = {"generic": (8, [*base, "-ffp-contract=off"])}
     if target == "x86_64":
         found["avx2"] = (8, [*base, "-mavx2", "-mfma", "-mf16c", "-ffp-contract=fast"])
         found["avx512"] = (16, [*base, "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma",
@@ -57,6 +59,11 @@ def isas(target: str = HOST) -> dict[str, tuple[int, list[str]]]:
         # registers too (chosen by register count; no aarch64 CPU has timed it yet)
         found["neon"] = (4, [*base, "-ffp-contract=fast", "-DONNXMERGE_ROWS=8"])
     return found
+
+
+def fused_multiply_add(isa: str, target: str = HOST) -> bool:
+    """Whether `isa`'s kernels fuse a multiply and an add into one rounding (the table sums)."""
+    return "-ffp-contract=fast" in isas(target)[isa][1]
 
 
 last_reason = ""  # why the last build() returned None ("" after a success)

@@ -55,6 +55,14 @@ std::vector<int64_t> ints(const Ort::ConstKernelInfo& info, const char* name, st
   }
 }
 
+int64_t int_or(const Ort::ConstKernelInfo& info, const char* name, int64_t fallback) {
+  try {
+    return info.GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;  // attribute absent
+  }
+}
+
 std::string forced_isa() {
   const char* isa = std::getenv("ONNXMERGE_KERNEL_ISA");
   return isa ? isa : "";
@@ -142,7 +150,7 @@ struct LookupKernel {
 // EConv
 
 struct EConvKernel : LookupKernel<onnxmerge::EConvLayer, EConvKernel> {
-  onnxmerge::EConvParams attrs;  // from the node's attributes: d, strides, pads, dilations
+  onnxmerge::EConvParams attrs;  // from the node's attributes: d, strides, pads, dilations, table_bits
   std::vector<int64_t> kernel_shape;
 
   explicit EConvKernel(const OrtKernelInfo* info_ptr) {
@@ -159,6 +167,7 @@ struct EConvKernel : LookupKernel<onnxmerge::EConvLayer, EConvKernel> {
     attrs.sh = strides[0], attrs.sw = strides[1];
     attrs.pt = pads[0], attrs.pl = pads[1], attrs.pb = pads[2], attrs.pr = pads[3];
     attrs.dh = dilations[0], attrs.dw = dilations[1];
+    attrs.table_bits = int_or(info, "table_bits", 32);  // checked by pack_econv
     pack_constant(info_ptr);
   }
 

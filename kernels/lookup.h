@@ -39,6 +39,8 @@ struct EConvParams {
   int64_t sh = 1, sw = 1;                   // strides
   int64_t pt = 0, pl = 0, pb = 0, pr = 0;   // pads, ONNX order [top, left, bottom, right]
   int64_t dh = 1, dw = 1;                   // dilations
+  int64_t table_bits = 32;                  // table entries: 32 = float; 16 / 8 = integers with a scale
+                                            // per (sample, segment), see EConvLayer::seg_bound
   int64_t Ho(int64_t H) const { return (H + pt + pb - dh * (kh - 1) - 1) / sh + 1; }
   int64_t Wo(int64_t W) const { return (W + pl + pr - dw * (kw - 1) - 1) / sw + 1; }
 };
@@ -53,7 +55,7 @@ struct EConvPlan {
   int64_t row = 0;            // floats per padded input row: sw phases of `width`
   int64_t tile_rows = 0;      // output rows per tile, so that a segment group's tables stay in cache
   int64_t tile_in_rows = 0;   // padded input rows a tile reads
-  int64_t plane = 0;          // floats per table plane (one codeword): tile_in_rows * row, rounded up to 16
+  int64_t plane = 0;          // entries per table plane (one codeword): tile_in_rows * row, rounded up to 16
   int64_t group = 0;          // segments whose tables are built together
   std::vector<int32_t> offsets;  // [p][V][kh*kw]: code * plane + the kernel offset's row / phase / column
   const IsaKernels* isa = nullptr;  // the instruction set this input size runs (see EConvLayer::plan)
@@ -65,6 +67,12 @@ struct EConvLayer {
   bool isa_forced = false;          // named by the caller (ONNXMERGE_KERNEL_ISA): every plan uses it
   std::vector<float> codebook;   // [V][C][r] (the first V segments of [V', C, r])
   std::vector<uint16_t> codes;   // [p][V][kh*kw], checked < C
+  // Integer tables (table_bits 16 or 8, Q = 32767 or 127): segment v's entries for a sample are
+  // rint(T / s) with s = 2^e, the least power of two with seg_bound[v] * max|x_v| <= Q * s, where x_v
+  // is the sample's channels of segment v; the bound holds for every entry (|<w, x>| <= ||w||_1 max|x|),
+  // so the scale needs no pass over the tables and is the same for every tile. A power of two keeps
+  // the scaling exact. The lookups add a segment's entries as integers and scale the sum once.
+  std::vector<float> seg_bound;  // [V]: max over codewords of sum_k |w_k| (k < the segment's depth)
 
   // the plan for an H x W input, made once per size and kept (thread-safe)
   std::shared_ptr<const EConvPlan> plan(int64_t H, int64_t W) const;

@@ -16,7 +16,10 @@
 // the items of each phase are spread over onnxruntime's intra-op threads (Parallel).
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -62,15 +65,49 @@ int64_t block_size(int64_t total, int64_t max_items, int64_t min_unit = 1) {
 // ---------------------------------------------------------------------------------------------
 // EConv
 
+// Table entries of type T: float, or int16_t / int8_t (EConvParams::table_bits), stored as
+// rint(a * inv) clamped to +-Q, inv a power of two (EConvLayer::seg_bound), so that a * inv is exact
+// whether or not the compiler fuses it with the rounding's add. Rounding: adding and subtracting
+// 1.5 * 2^23 rounds a float of magnitude below 2^22 to the nearest integer, ties to even (numpy's rint).
+template <typename T>
+struct Entries {
+  typedef T type __attribute__((vector_size(VEC * sizeof(T))));
+};
+typedef int32_t ivec __attribute__((vector_size(VEC * sizeof(int32_t))));
+
+template <typename T>
+inline void put(T* p, vec a, float inv) {
+  if constexpr (std::is_same_v<T, float>) {
+    store(p, a);
+  } else {
+    const vec magic = splat(12582912.0f), top = splat(static_cast<float>(std::numeric_limits<T>::max()));
+    vec q = (a * splat(inv) + magic) - magic;
+    q = q > top ? top : q;
+    q = q < -top ? -top : q;
+    const auto t = __builtin_convertvector(__builtin_convertvector(q, ivec), typename Entries<T>::type);
+    std::memcpy(p, &t, sizeof t);
+  }
+}
+
+// T entries from p, as 32-bit integers
+template <typename T>
+inline ivec load_entries(const T* p) {
+  typename Entries<T>::type t;
+  std::memcpy(&t, p, sizeof t);
+  return __builtin_convertvector(t, ivec);
+}
+
 // Phase 1 for segment v, codewords [c0, c1): T[c][q] = sum_k codebook[v][c][k] * xp[v*r + k][first + q]
-// for q < span (a multiple of VEC), where xp is the padded input [d][chan] and t is codeword 0's plane.
+// for q < span (a multiple of VEC), where xp is the padded input [d][chan] and t is codeword 0's plane;
+// integer entries scaled by inv (put). The sum runs over k in order from 0, one multiply-add per k.
+template <typename T>
 void econv_tables(const EConvLayer& L, const EConvPlan& P, const float* xp, int64_t chan, int64_t v, int64_t c0,
-                  int64_t c1, int64_t first, int64_t span, float* t) {
+                  int64_t c1, int64_t first, int64_t span, float inv, T* t) {
   const EConvParams& s = L.s;
   const int64_t depth = std::clamp<int64_t>(s.d - v * s.r, 0, s.r);
   const float* x = xp + v * s.r * chan + first;
   for (int64_t c = c0; c < c1; ++c) {
-    float* tc = t + c * P.plane;
+    T* tc = t + c * P.plane;
     const float* w = L.codebook.data() + (v * s.C + c) * s.r;
     int64_t q = 0;
     for (; q + 4 * VEC <= span; q += 4 * VEC) {
@@ -83,15 +120,15 @@ void econv_tables(const EConvLayer& L, const EConvPlan& P, const float* xp, int6
         a2 += wk * load(xk + 2 * VEC);
         a3 += wk * load(xk + 3 * VEC);
       }
-      store(tc + q, a0);
-      store(tc + q + VEC, a1);
-      store(tc + q + 2 * VEC, a2);
-      store(tc + q + 3 * VEC, a3);
+      put(tc + q, a0, inv);
+      put(tc + q + VEC, a1, inv);
+      put(tc + q + 2 * VEC, a2, inv);
+      put(tc + q + 3 * VEC, a3, inv);
     }
     for (; q < span; q += VEC) {
       vec a = splat(0.0f);
       for (int64_t k = 0; k < depth; ++k) a += splat(w[k]) * load(x + k * chan + q);
-      store(tc + q, a);
+      put(tc + q, a, inv);
     }
   }
 }
@@ -99,19 +136,33 @@ void econv_tables(const EConvLayer& L, const EConvPlan& P, const float* xp, int6
 // Phase 2 for RB output rows of K vectors: y[rb][.] (+)= sum over the group's segments and kernel
 // offsets of the table row each code picks. t points at the group's tables, shifted to the first
 // output row and column; a segment's offsets (code plane + kernel offset) are at off[v * taps ..].
-template <int RB, int K>
-void econv_lookup(float* y, int64_t ystride, bool init, float bias, const float* t, int64_t rowstep, int64_t segs,
-                  int64_t seg_stride, const int32_t* off, int64_t taps) {
+// Integer entries are summed per segment as 32-bit integers (exact) and added to the float sums
+// scaled by the segment's scale (a power of two: exact), in segment order.
+template <typename T, int RB, int K>
+void econv_lookup(float* y, int64_t ystride, bool init, float bias, const T* t, int64_t rowstep, int64_t segs,
+                  int64_t seg_stride, const int32_t* off, int64_t taps, const float* scale) {
   vec acc[RB][K];
   for (int rb = 0; rb < RB; ++rb)
     for (int k = 0; k < K; ++k) acc[rb][k] = init ? splat(bias) : load(y + rb * ystride + k * VEC);
   for (int64_t v = 0; v < segs; ++v) {
-    const float* tv = t + v * seg_stride;
+    const T* tv = t + v * seg_stride;
     const int32_t* ov = off + v * taps;
-    for (int64_t i = 0; i < taps; ++i) {
-      const float* src = tv + ov[i];
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < taps; ++i) {
+        const float* src = tv + ov[i];
+        for (int rb = 0; rb < RB; ++rb)
+          for (int k = 0; k < K; ++k) acc[rb][k] += load(src + rb * rowstep + k * VEC);
+      }
+    } else {
+      ivec sum[RB][K] = {};
+      for (int64_t i = 0; i < taps; ++i) {
+        const T* src = tv + ov[i];
+        for (int rb = 0; rb < RB; ++rb)
+          for (int k = 0; k < K; ++k) sum[rb][k] += load_entries(src + rb * rowstep + k * VEC);
+      }
+      const vec sv = splat(scale[v]);
       for (int rb = 0; rb < RB; ++rb)
-        for (int k = 0; k < K; ++k) acc[rb][k] += load(src + rb * rowstep + k * VEC);
+        for (int k = 0; k < K; ++k) acc[rb][k] += __builtin_convertvector(sum[rb][k], vec) * sv;
     }
   }
   for (int rb = 0; rb < RB; ++rb)
@@ -119,28 +170,58 @@ void econv_lookup(float* y, int64_t ystride, bool init, float bias, const float*
 }
 
 // output rows accumulated together (independent add chains sharing each offset load) and vectors per
-// row: as many accumulators as the registers hold (32 with AVX-512, 16 otherwise)
+// row: as many accumulators as the registers hold (32 with AVX-512, 16 otherwise); integer tables
+// need as many again for the per-segment sums, so half the rows
 #ifndef ONNXMERGE_ROWS
 #define ONNXMERGE_ROWS (VEC == 16 ? 8 : 4)
 #endif
-constexpr int kRows = ONNXMERGE_ROWS;
+template <typename T>
+constexpr int kRows = std::is_same_v<T, float> ? ONNXMERGE_ROWS : std::max(1, ONNXMERGE_ROWS / 2);
 constexpr int kVecs = 2;
 
-using LookupFn = void (*)(float*, int64_t, bool, float, const float*, int64_t, int64_t, int64_t, const int32_t*,
-                          int64_t);
+template <typename T>
+using LookupFn = void (*)(float*, int64_t, bool, float, const T*, int64_t, int64_t, int64_t, const int32_t*, int64_t,
+                          const float*);
 
-template <int... R>
+template <typename T, int... R>
 constexpr auto lookup_table(std::integer_sequence<int, R...>) {
-  return std::array<std::array<LookupFn, kVecs>, sizeof...(R)>{{{econv_lookup<R + 1, 1>, econv_lookup<R + 1, 2>}...}};
+  return std::array<std::array<LookupFn<T>, kVecs>, sizeof...(R)>{
+      {{econv_lookup<T, R + 1, 1>, econv_lookup<T, R + 1, 2>}...}};
 }
 
-LookupFn econv_lookup_fn(int64_t rows, int64_t vecs) {
-  static constexpr auto table = lookup_table(std::make_integer_sequence<int, kRows>());
+template <typename T>
+LookupFn<T> econv_lookup_fn(int64_t rows, int64_t vecs) {
+  static constexpr auto table = lookup_table<T>(std::make_integer_sequence<int, kRows<T>>());
   return table[rows - 1][vecs - 1];
 }
 
-void econv_run(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* x, const float* bias, float* y,
-               const Parallel& parallel) {
+// The scale of each segment's integer entries for one sample (EConvLayer::seg_bound): s[v] = 2^e and
+// inv[v] = 2^-e; 0 and 0 where the bound is 0 (the segment's tables are all zero); a bound that is
+// not finite (an infinite or NaN input) gives inv 0 and s NaN, so that the outputs are NaN.
+template <typename T>
+void segment_scales(const EConvLayer& L, const float* x, int64_t HW, float* scale, float* inv) {
+  const EConvParams& s = L.s;
+  for (int64_t v = 0; v < s.V; ++v) {
+    float xmax = 0.0f;
+    const int64_t c1 = std::min(s.d, (v + 1) * s.r);
+    for (int64_t ch = v * s.r; ch < c1; ++ch)
+      for (int64_t i = 0; i < HW; ++i) xmax = std::max(xmax, std::abs(x[ch * HW + i]));
+    const float bound = L.seg_bound[v] * xmax;
+    if (!std::isfinite(bound) || std::isnan(xmax)) {
+      scale[v] = std::numeric_limits<float>::quiet_NaN(), inv[v] = 0.0f;
+    } else if (bound == 0.0f) {
+      scale[v] = 0.0f, inv[v] = 0.0f;
+    } else {
+      int e = 0;
+      std::frexp(bound / static_cast<float>(std::numeric_limits<T>::max()), &e);
+      scale[v] = std::ldexp(1.0f, e), inv[v] = std::ldexp(1.0f, -e);
+    }
+  }
+}
+
+template <typename T>
+void econv_entries(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* x, const float* bias, float* y,
+                   const Parallel& parallel) {
   const EConvParams& s = L.s;
   const int64_t taps = s.kh * s.kw, HW = P.H * P.W, HWo = P.Ho * P.Wo;
   const int64_t nvec = ceil_div(P.Wo, VEC);
@@ -149,7 +230,8 @@ void econv_run(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* 
   const int64_t ystride = nvec * VEC;
   const int64_t chan = P.Hp * P.row;
   std::vector<float> xp(static_cast<size_t>(s.d * chan + 16), 0.0f);  // pads stay zero for every sample
-  std::vector<float> tables(static_cast<size_t>(P.group * s.C * P.plane));
+  std::vector<T> tables(static_cast<size_t>(P.group * s.C * P.plane));
+  std::vector<float> scale(static_cast<size_t>(s.V), 1.0f), inv(static_cast<size_t>(s.V), 1.0f);
   std::vector<float> scratch(direct ? 0 : static_cast<size_t>(s.p * P.Ho * ystride));
   const int64_t seg_stride = s.C * P.plane;
   const int64_t cblock = 16;
@@ -157,6 +239,7 @@ void econv_run(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* 
   const int64_t oblock = block_size(s.p, 32);
 
   for (int64_t n = 0; n < N; ++n) {
+    if constexpr (!std::is_same_v<T, float>) segment_scales<T>(L, x + n * s.d * HW, HW, scale.data(), inv.data());
     // the sample on the padded grid, columns split by phase (lookup.h, EConvPlan)
     for (int64_t ch = 0; ch < s.d; ++ch) {
       const float* src = x + (n * s.d + ch) * HW;
@@ -183,7 +266,7 @@ void econv_run(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* 
         parallel.run(static_cast<size_t>((g1 - g0) * cblocks), [&](size_t item) {
           const int64_t v = g0 + static_cast<int64_t>(item) / cblocks;
           const int64_t c0 = (static_cast<int64_t>(item) % cblocks) * cblock;
-          econv_tables(L, P, xp.data(), chan, v, c0, std::min(s.C, c0 + cblock), first, span,
+          econv_tables(L, P, xp.data(), chan, v, c0, std::min(s.C, c0 + cblock), first, span, inv[v],
                        tables.data() + (v - g0) * seg_stride);
         });
         parallel.run(static_cast<size_t>(ceil_div(s.p, oblock)), [&](size_t item) {
@@ -191,14 +274,14 @@ void econv_run(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* 
           for (int64_t o = o0; o < std::min(s.p, o0 + oblock); ++o) {
             const int32_t* off = P.offsets.data() + (o * s.V + g0) * taps;
             const float b = bias ? bias[o] : 0.0f;
-            for (int64_t a = a0; a < a1; a += kRows) {
-              const int64_t rows = std::min<int64_t>(kRows, a1 - a);
+            for (int64_t a = a0; a < a1; a += kRows<T>) {
+              const int64_t rows = std::min<int64_t>(kRows<T>, a1 - a);
               for (int64_t cv = 0; cv < nvec; cv += kVecs) {
                 const int64_t vecs = std::min<int64_t>(kVecs, nvec - cv);
-                econv_lookup_fn(rows, vecs)(out + (o * P.Ho + a) * (direct ? P.Wo : ystride) + cv * VEC,
-                                            direct ? P.Wo : ystride, g0 == 0, b,
-                                            tables.data() + (a - a0) * s.sh * P.row + cv * VEC, s.sh * P.row, g1 - g0,
-                                            seg_stride, off, taps);
+                econv_lookup_fn<T>(rows, vecs)(out + (o * P.Ho + a) * (direct ? P.Wo : ystride) + cv * VEC,
+                                               direct ? P.Wo : ystride, g0 == 0, b,
+                                               tables.data() + (a - a0) * s.sh * P.row + cv * VEC, s.sh * P.row,
+                                               g1 - g0, seg_stride, off, taps, scale.data() + g0);
               }
             }
           }
@@ -211,6 +294,16 @@ void econv_run(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* 
         std::memcpy(yn + oa * P.Wo, scratch.data() + oa * ystride, sizeof(float) * static_cast<size_t>(P.Wo));
     }
   }
+}
+
+void econv_run(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* x, const float* bias, float* y,
+               const Parallel& parallel) {
+  if (L.s.table_bits == 8)
+    econv_entries<int8_t>(L, P, N, x, bias, y, parallel);
+  else if (L.s.table_bits == 16)
+    econv_entries<int16_t>(L, P, N, x, bias, y, parallel);
+  else
+    econv_entries<float>(L, P, N, x, bias, y, parallel);
 }
 
 // ---------------------------------------------------------------------------------------------

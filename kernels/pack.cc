@@ -7,6 +7,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <limits>
@@ -177,12 +178,23 @@ void pack_econv(EConvLayer& layer, const EConvParams& s, int64_t Vc, const float
   if (s.p <= 0 || s.kh <= 0 || s.kw <= 0) fail("EConv: codes must be [V, p, kh, kw] with positive sizes");
   if (s.sh <= 0 || s.sw <= 0 || s.dh <= 0 || s.dw <= 0) fail("EConv: strides and dilations must be positive");
   if (s.pt < 0 || s.pl < 0 || s.pb < 0 || s.pr < 0) fail("EConv: pads must be non-negative");
+  if (s.table_bits != 32 && s.table_bits != 16 && s.table_bits != 8)
+    fail("EConv: table_bits must be 32, 16 or 8, not " + std::to_string(s.table_bits));
   const int64_t taps = s.kh * s.kw;
   check_codes(codes, s.V * s.p * taps, s.C, "EConv");
   layer.isa = &choose_isa(isa);
   layer.isa_forced = !isa.empty();
   layer.s = s;
   layer.codebook.assign(codebook, codebook + s.V * s.C * s.r);
+  layer.seg_bound.assign(static_cast<size_t>(s.V), 0.0f);
+  for (int64_t v = 0; v < s.V; ++v) {
+    const int64_t depth = std::clamp<int64_t>(s.d - v * s.r, 0, s.r);
+    for (int64_t c = 0; c < s.C; ++c) {
+      float norm = 0.0f;  // in order over k, as the numpy reference sums it
+      for (int64_t k = 0; k < depth; ++k) norm += std::abs(codebook[(v * s.C + c) * s.r + k]);
+      layer.seg_bound[v] = std::max(layer.seg_bound[v], norm);
+    }
+  }
   // [V][p][taps] -> [p][V][taps]: an output channel's codes of all segments are contiguous
   layer.codes.resize(static_cast<size_t>(s.p * s.V * taps));
   for (int64_t v = 0; v < s.V; ++v)
@@ -226,13 +238,14 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
   P.width = std::max((Wp + s.sw - 1) / s.sw, first_max + round_up(P.Wo, kMaxVec));
   P.row = s.sw * P.width;
   const auto rows_in = [&](int64_t out_rows) { return (out_rows - 1) * s.sh + (s.kh - 1) * s.dh + 1; };
-  const int64_t codeword_row_bytes = s.C * P.row * static_cast<int64_t>(sizeof(float));
+  const int64_t entry_bytes = s.table_bits / 8;
+  const int64_t codeword_row_bytes = s.C * P.row * entry_bytes;
   // the most output rows whose tables (one segment, all codewords) fit the budget; at least one
   P.tile_rows = 1;
   while (P.tile_rows < P.Ho && rows_in(P.tile_rows + 1) * codeword_row_bytes <= table_budget_bytes()) ++P.tile_rows;
   P.tile_in_rows = rows_in(P.tile_rows);
   P.plane = round_up(P.tile_in_rows * P.row, kMaxVec);
-  P.group = std::clamp<int64_t>(table_budget_bytes() / (s.C * P.plane * static_cast<int64_t>(sizeof(float))), 1, s.V);
+  P.group = std::clamp<int64_t>(table_budget_bytes() / (s.C * P.plane * entry_bytes), 1, s.V);
   if (s.C * P.plane >= std::numeric_limits<int32_t>::max()) fail("EConv: a segment's tables are too large");
   const int64_t taps = s.kh * s.kw;
   P.offsets.resize(codes.size());

@@ -10,7 +10,7 @@
 //                                          the instruction set it ran
 //
 // A layer directory holds `layer.txt`, one line of integers:
-//   econv N d H W p kh kw V Vc C r sh sw pt pl pb pr dh dw code_bytes has_bias
+//   econv N d H W p kh kw V Vc C r sh sw pt pl pb pr dh dw code_bytes has_bias table_bits
 //   efc   N d out V Vc C r code_bytes has_bias
 // and raw little-endian arrays: x.f32, codebook.f32 [Vc, C, r], codes.u8 or codes.u16 (EConv
 // [V, p, kh, kw], EFC [V, out]), bias.f32 when has_bias. Exit status 1 with a one-line reason on error.
@@ -85,8 +85,8 @@ void run_layer(const std::string& dir, const std::string& isa) {
     onnxmerge::EConvParams s;
     int64_t N, H, W, Vc, code_bytes, has_bias;
     fields >> N >> s.d >> H >> W >> s.p >> s.kh >> s.kw >> s.V >> Vc >> s.C >> s.r >> s.sh >> s.sw >> s.pt >> s.pl >>
-        s.pb >> s.pr >> s.dh >> s.dw >> code_bytes >> has_bias;
-    if (!fields) throw std::runtime_error(dir + "/layer.txt: expected 21 integers after 'econv'");
+        s.pb >> s.pr >> s.dh >> s.dw >> code_bytes >> has_bias >> s.table_bits;
+    if (!fields) throw std::runtime_error(dir + "/layer.txt: expected 22 integers after 'econv'");
     if (code_bytes == 1)
       run_econv<uint8_t>(dir, isa, N, H, W, Vc, s, has_bias);
     else

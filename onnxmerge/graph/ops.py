@@ -77,25 +77,82 @@ def efc_reference(x: np.ndarray, codebook: np.ndarray, codes: np.ndarray, bias: 
 
 
 def econv_reference(x: np.ndarray, codebook: np.ndarray, codes: np.ndarray, bias: np.ndarray | None = None, *,
-                    strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)) -> np.ndarray:
+                    strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), table_bits: int = 32,
+                    fused: bool = False) -> np.ndarray:
     """y[n, o, y, x] = sum_{v, i, j} T[n, v, codes[v, o, i, j], y*s + i*dil, x*s + j*dil] + b[o]  (eq. 9).
 
     The tables T are computed once per input pixel (V*C dot products of length r) and every output
-    is a sum of table entries picked by the code indices."""
+    is a sum of table entries picked by the code indices. `table_bits` 16 or 8: the tables are
+    integers with a scale per (sample, segment) (`_integer_tables`); `fused` says whether the
+    kernels' table sums fuse multiply and add (kernels/build.py, fused_multiply_add), which the integer
+    tables' roundings depend on."""
     n_seg, p, kh, kw = codes.shape
     x = np.pad(x, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
-    table = _tables(x, codebook, n_seg)  # [N, V, C, H, W]
     sh, sw = strides
     dh, dw = dilations
     ho = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
     wo = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+
+    def windows(table):  # per kernel offset: its taps' window of the tables and codes [V, p]
+        for i in range(kh):
+            for j in range(kw):
+                yield (table[..., i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw],
+                       codes[:, :, i, j].astype(np.int64))
+
+    if table_bits != 32:
+        return _econv_integer_tables(x, codebook, codes, bias, windows, (ho, wo), table_bits, fused)
+    table = _tables(x, codebook, n_seg)  # [N, V, C, H, W]
     y = np.zeros((x.shape[0], p, ho, wo), x.dtype)
     seg = np.arange(n_seg)[:, None]
-    for i in range(kh):
-        for j in range(kw):
-            window = table[..., i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
-            y += window[:, seg, codes[:, :, i, j].astype(np.int64)].sum(axis=1)  # [N, V, p, Ho, Wo] -> [N, p, ...]
+    for window, picked in windows(table):
+        y += window[:, seg, picked].sum(axis=1)  # [N, V, p, Ho, Wo] -> [N, p, ...]
     return y + bias.reshape(1, -1, 1, 1) if bias is not None else y
+
+
+def _econv_integer_tables(xp: np.ndarray, codebook: np.ndarray, codes: np.ndarray, bias: np.ndarray | None,
+                          windows, out_size: tuple[int, int], table_bits: int, fused: bool) -> np.ndarray:
+    """EConv with integer tables (`table_bits` 16 or 8, Q = 2^(bits-1) - 1), the arithmetic the
+    kernels compute (kernels/lookup.h, EConvLayer::seg_bound), written here from that description:
+
+    - per segment v: B_v = max_c sum_{k < depth_v} |w_vck| (a float32 sum in order over k);
+    - per sample n: s_nv = 2^e, the least power of two with B_v * max|x_n,v| <= Q * s_nv (0 if that is 0);
+    - T_nvc = sum_k w_vck x_(n, v*r+k) in float32, in order over k (multiply-adds fused or not);
+    - entries q = clip(rint(T / s_nv), -Q, Q); y = b + sum_v s_nv * sum_taps q, the per-segment sums
+      exact integers, added to y in float32 in segment order."""
+    n_seg, p = codes.shape[:2]
+    r, d = codebook.shape[2], xp.shape[1]
+    n = xp.shape[0]
+    top = np.float32(2 ** (table_bits - 1) - 1)
+    y = np.zeros((n, p, *out_size), np.float32)
+    if bias is not None:
+        y = y + bias.astype(np.float32).reshape(1, -1, 1, 1)
+    for v in range(n_seg):
+        depth = int(np.clip(d - v * r, 0, r))
+        w = codebook[v, :, :depth].astype(np.float32)  # [C, depth]
+        norm = np.zeros(w.shape[0], np.float32)
+        for k in range(depth):
+            norm = norm + np.abs(w[:, k])
+        xv = xp[:, v * r: v * r + depth]  # the padding's zeros change no maximum
+        xmax = np.abs(xv).reshape(n, -1).max(axis=1) if depth else np.zeros(n, np.float32)
+        bound = (norm.max(initial=np.float32(0)) * xmax).astype(np.float32)
+        exponent = np.frexp((bound / top).astype(np.float32))[1]
+        finite = np.isfinite(bound)  # else (an infinite or NaN input) NaN outputs
+        scale = np.where(bound > 0, np.ldexp(np.float32(1), exponent), np.float32(0)).astype(np.float32)
+        scale = np.where(finite, scale, np.float32(np.nan)).astype(np.float32)
+        inv = np.where(finite & (bound > 0), np.ldexp(np.float32(1), -exponent), np.float32(0)).astype(np.float32)
+        table = np.zeros((n, w.shape[0], *xp.shape[2:]), np.float32)  # [N, C, Hp, Wp]
+        for k in range(depth):
+            wk, xk = w[None, :, k, None, None], xv[:, k, None]
+            if fused:  # one rounding of the exact w*x + T (float64 holds the float32 product exactly)
+                table = (wk.astype(np.float64) * xk.astype(np.float64) + table).astype(np.float32)
+            else:
+                table = table + wk * xk
+        q = np.clip(np.rint(table * inv[:, None, None, None]), -top, top).astype(np.int64)
+        total = np.zeros((n, p, *out_size), np.int64)
+        for window, picked in windows(q):
+            total += window[:, picked[v]]
+        y = y + total.astype(np.float32) * scale[:, None, None, None]
+    return y
 
 
 class EConv(OpRun):
@@ -104,9 +161,9 @@ class EConv(OpRun):
     op_domain = DOMAIN
 
     def _run(self, x, codebook, codes, bias=None, in_channels=None, kernel_shape=None, strides=None, pads=None,
-             dilations=None):
+             dilations=None, table_bits=None):
         return (econv_reference(x, codebook, codes, bias, strides=strides or (1, 1), pads=pads or (0, 0, 0, 0),
-                                dilations=dilations or (1, 1)),)
+                                dilations=dilations or (1, 1), table_bits=table_bits or 32),)
 
 
 class EFC(OpRun):

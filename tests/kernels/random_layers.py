@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxmerge.graph.ops import econv_reference, efc_reference
+from onnxmerge.kernels import build as kernel_build
 
 TOL = 1e-5  # relative to the output's largest magnitude
 
@@ -28,7 +29,13 @@ def random_layer(rng, d: int, extra_dims: tuple[int, ...]):
     return codebook, codes
 
 
-def econv_config(seed: int):
+# instruction set -> whether its table sums fuse multiply and add (what integer tables round depends on)
+FUSED = {isa: kernel_build.fused_multiply_add(isa, target) for target in kernel_build.TARGETS
+         for isa in kernel_build.isas(target)}
+
+
+def econv_config(seed: int, table_bits: int = 32):
+    """A random EConv layer; `table_bits` 16 or 8 adds the integer-table attribute."""
     rng = np.random.default_rng(seed)
     d, p = int(rng.integers(1, 41)), int(rng.integers(1, 17))
     kh, kw = (int(k) for k in rng.integers(1, 6, 2))
@@ -41,8 +48,8 @@ def econv_config(seed: int):
     x = rng.standard_normal((int(rng.integers(1, 4)), d, h, w)).astype(np.float32)
     codebook, codes = random_layer(rng, d, (p, kh, kw))
     bias = rng.standard_normal(p).astype(np.float32) if rng.random() < 0.5 else None
-    return x, codebook, codes, bias, dict(in_channels=d, kernel_shape=[kh, kw], strides=strides, pads=pads,
-                                          dilations=dilations)
+    attrs = dict(in_channels=d, kernel_shape=[kh, kw], strides=strides, pads=pads, dilations=dilations)
+    return x, codebook, codes, bias, attrs | ({"table_bits": table_bits} if table_bits != 32 else {})
 
 
 def efc_config(seed: int):
@@ -54,8 +61,10 @@ def efc_config(seed: int):
     return x, codebook, codes, bias, dict(in_features=d)
 
 
-def reference(op, x, codebook, codes, bias, attrs):
+def reference(op, x, codebook, codes, bias, attrs, isa: str = "generic"):
+    """The numpy oracle's output; integer tables rounded as instruction set `isa` computes them."""
     if op == "EFC":
         return efc_reference(x, codebook, codes, bias)
     return econv_reference(x, codebook, codes, bias, strides=attrs["strides"], pads=attrs["pads"],
-                           dilations=attrs.get("dilations", [1, 1]))
+                           dilations=attrs.get("dilations", [1, 1]), table_bits=attrs.get("table_bits", 32),
+                           fused=FUSED[isa])

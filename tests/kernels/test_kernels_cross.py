@@ -35,7 +35,7 @@ def write_layer(folder: Path, op: str, x, codebook, codes, bias, attrs) -> None:
         n, d, h, w = x.shape
         v, p, kh, kw = codes.shape
         fields = ["econv", n, d, h, w, p, kh, kw, v, vc, c, r, *attrs["strides"], *attrs["pads"], *attrs["dilations"],
-                  code_bytes, has_bias]
+                  code_bytes, has_bias, attrs.get("table_bits", 32)]
     else:
         (n, d), (v, out) = x.shape, codes.shape
         fields = ["efc", n, d, out, v, vc, c, r, code_bytes, has_bias]
@@ -48,12 +48,15 @@ def write_layer(folder: Path, op: str, x, codebook, codes, bias, attrs) -> None:
 
 
 def layers() -> list[tuple[str, tuple]]:
-    return [("EConv", econv_config(s)) for s in SEEDS] + [("EFC", efc_config(s)) for s in SEEDS]
+    """The random layers, and EConv layers of 16- and 8-bit tables."""
+    integer = [("EConv", econv_config(s, bits)) for s in range(10) for bits in (16, 8)]
+    return [("EConv", econv_config(s)) for s in SEEDS] + [("EFC", efc_config(s)) for s in SEEDS] + integer
 
 
 def check_program(command: list[str], isa: str, tmp_path: Path, runs: list[str] | None = None) -> list[str]:
     """Run every random layer through the program on `isa` ("": its own choice); each output within
-    TOL of the oracle. Returns the instruction set each layer ran."""
+    TOL of the oracle (the integer tables' roundings as the instruction set that ran makes them).
+    Returns the instruction set each layer ran."""
     folders = []
     for k, (op, config) in enumerate(layers()):
         folders.append(tmp_path / f"{isa or 'auto'}-{k}")
@@ -62,8 +65,8 @@ def check_program(command: list[str], isa: str, tmp_path: Path, runs: list[str] 
     assert done.returncode == 0, done.stderr
     ran = done.stdout.split()
     assert len(ran) == len(folders) and (not isa or set(ran) == {isa})  # the instruction set asked for
-    for folder, (op, (x, codebook, codes, bias, attrs)) in zip(folders, layers()):
-        want = reference(op, x, codebook, codes, bias, attrs)
+    for folder, isa_ran, (op, (x, codebook, codes, bias, attrs)) in zip(folders, ran, layers()):
+        want = reference(op, x, codebook, codes, bias, attrs, isa_ran)
         got = np.fromfile(folder / "y.f32", "<f4").reshape(want.shape)
         assert rel(got, want) <= TOL, (isa, op, x.shape, codebook.shape, attrs)
     return ran

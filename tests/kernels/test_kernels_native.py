@@ -201,6 +201,24 @@ def test_every_instruction_set_matches_the_reference(isa, monkeypatch):
         assert rel(got, reference(op, x, codebook, codes, bias, attrs)) <= TOL, (isa, op, x.shape, attrs)
 
 
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+def test_integer_tables_match_their_reference_on_every_instruction_set(isa, bits, monkeypatch):
+    """`table_bits` 16 / 8: the same quantised arithmetic as the numpy reference, rounded as `isa`
+    computes its tables (fused multiply-adds or not): equal to TOL (in practice bit for bit)."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
+    for seed in range(30):
+        op, (x, codebook, codes, bias, attrs) = "EConv", econv_config(seed, bits)
+        got = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
+        assert rel(got, reference(op, x, codebook, codes, bias, attrs, isa)) <= TOL, (isa, x.shape, attrs)
+
+
+def test_an_unknown_table_precision_is_refused():
+    x, codebook, codes, bias, attrs = econv_config(0)
+    with pytest.raises(Exception, match="table_bits must be 32, 16 or 8, not 4"):
+        native_session(one_node("EConv", 4, codebook, codes, bias, table_bits=4, **attrs)).run(None, {"X": x})
+
+
 def test_an_unknown_instruction_set_is_refused(monkeypatch):
     monkeypatch.setenv(kernels.ISA_VARIABLE, "avx9000")
     op, x, codebook, codes, bias, attrs = large_configs()[-1]

@@ -452,6 +452,26 @@ def test_econv_reference_with_dilation_equals_the_dense_convolution(seed):
     assert rel(econv_reference(x, codebook, codes, bias, **attrs), want) <= TOL, attrs
 
 
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("seed", range(8))
+def test_integer_tables_stay_within_their_rounding_bound_of_the_dense_convolution(seed, bits):
+    """The integer-table reference (table_bits 16 / 8) against the dense convolution (onnxruntime):
+    each entry is off by at most half its scale s_v < 2 B_v max|x_v| / Q, so an output by at most
+    taps * sum_v B_v max|x_v| / Q, with B_v = max_c ||w_vc||_1, worked out here from the layer."""
+    from onnxmerge.graph.ops import econv_reference
+
+    x, codebook, codes, bias, attrs, want = dilated_layer(seed)
+    got = econv_reference(x, codebook, codes, bias, **attrs, table_bits=bits)
+    n_seg, _, kh, kw = codes.shape
+    r, top = codebook.shape[2], 2 ** (bits - 1) - 1
+    w_norm = [np.abs(codebook[v, :, :min(r, x.shape[1] - v * r)]).sum(axis=1).max() for v in range(n_seg)]
+    x_max = [np.abs(x[:, v * r:(v + 1) * r]).reshape(len(x), -1).max(axis=1) for v in range(n_seg)]
+    bound = kh * kw * sum(b * m for b, m in zip(w_norm, x_max)) / top  # per sample
+    error = np.abs(got - want).reshape(len(x), -1).max(axis=1)
+    assert np.all(error <= bound + TOL * np.abs(want).max()), (error, bound)
+    assert rel(got, want) > (TOL if bits == 8 else 0)  # it does round: not the float tables' result
+
+
 @pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason() or "built")
 @pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
 def test_econv_kernel_with_dilation_equals_the_dense_convolution(isa, monkeypatch):
