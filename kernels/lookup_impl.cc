@@ -23,8 +23,10 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 #include "lookup.h"
@@ -75,6 +77,65 @@ struct Entries {
 };
 typedef int32_t ivec __attribute__((vector_size(VEC * sizeof(int32_t))));
 
+// 32-bit integers to T entries at p, and T entries at p to 32-bit integers: a widening load and a
+// narrowing store of the instruction set (the vector extensions' conversions between element sizes
+// become scalar code), else the vector extensions' conversion.
+template <typename T>
+inline void store_entries(T* p, ivec i) {
+#if defined(__AVX512F__)  // (the maskz forms: the plain ones trip GCC 12's -Wmaybe-uninitialized in its header)
+  if constexpr (sizeof(T) == 1)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_maskz_cvtepi32_epi8(0xFFFF, reinterpret_cast<__m512i>(i)));
+  else
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_maskz_cvtepi32_epi16(0xFFFF, reinterpret_cast<__m512i>(i)));
+#elif defined(__AVX2__)
+  const __m256i w = reinterpret_cast<__m256i>(i);
+  const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));  // 8 x int16
+  if constexpr (sizeof(T) == 1)
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(h, h));
+  else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+#elif defined(__ARM_NEON) && ONNXMERGE_VEC == 4
+  const int16x4_t h = vmovn_s32(reinterpret_cast<int32x4_t>(i));
+  if constexpr (sizeof(T) == 1)
+    vst1_lane_s32(reinterpret_cast<int32_t*>(p), vreinterpret_s32_s8(vmovn_s16(vcombine_s16(h, h))), 0);
+  else
+    vst1_s16(reinterpret_cast<int16_t*>(p), h);
+#else
+  const auto t = __builtin_convertvector(i, typename Entries<T>::type);
+  std::memcpy(p, &t, sizeof t);
+#endif
+}
+
+template <typename T>
+inline ivec load_entries(const T* p) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 1)
+    return reinterpret_cast<ivec>(
+        _mm512_maskz_cvtepi8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  else
+    return reinterpret_cast<ivec>(
+        _mm512_maskz_cvtepi16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__AVX2__)
+  if constexpr (sizeof(T) == 1)
+    return reinterpret_cast<ivec>(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  else
+    return reinterpret_cast<ivec>(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__ARM_NEON) && ONNXMERGE_VEC == 4
+  if constexpr (sizeof(T) == 1) {
+    int32_t four;
+    std::memcpy(&four, p, sizeof four);
+    return reinterpret_cast<ivec>(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four))))));
+  } else {
+    return reinterpret_cast<ivec>(vmovl_s16(vld1_s16(reinterpret_cast<const int16_t*>(p))));
+  }
+#else
+  typename Entries<T>::type t;
+  std::memcpy(&t, p, sizeof t);
+  return __builtin_convertvector(t, ivec);
+#endif
+}
+
 template <typename T>
 inline void put(T* p, vec a, float inv) {
   if constexpr (std::is_same_v<T, float>) {
@@ -84,17 +145,8 @@ inline void put(T* p, vec a, float inv) {
     vec q = (a * splat(inv) + magic) - magic;
     q = q > top ? top : q;
     q = q < -top ? -top : q;
-    const auto t = __builtin_convertvector(__builtin_convertvector(q, ivec), typename Entries<T>::type);
-    std::memcpy(p, &t, sizeof t);
+    store_entries(p, __builtin_convertvector(q, ivec));
   }
-}
-
-// T entries from p, as 32-bit integers
-template <typename T>
-inline ivec load_entries(const T* p) {
-  typename Entries<T>::type t;
-  std::memcpy(&t, p, sizeof t);
-  return __builtin_convertvector(t, ivec);
 }
 
 // Phase 1 for segment v, codewords [c0, c1): T[c][q] = sum_k codebook[v][c][k] * xp[v*r + k][first + q]
