@@ -150,6 +150,21 @@ def test_emit_gather_deploys_the_portable_form_of_a_native_model(merged, tmp_pat
     assert "any build" in deployment.summary()
 
 
+@needs_kernels
+def test_a_model_of_integer_tables_deploys_as_it_is_and_its_portable_form_says_what_it_computes(tmp_path):
+    from onnxmerge.api import merge
+    from onnxmerge.model.saving import save_atomic
+
+    paths = [EXAMPLES / "fashion_lenet.onnx", EXAMPLES / "digits_lenet.onnx"]
+    int8 = save_atomic(merge(paths, method="codebook", params={"emit": "native", "table_precision": "int8"}).model,
+                       tmp_path / "int8.onnx")
+    as_is = deploy(int8, tmp_path / "native")
+    assert as_is.native and as_is.checks["model.onnx"] <= TOL  # the kernels' own int8 numbers
+    portable = deploy(int8, tmp_path / "portable", emit="gather")
+    assert portable.checks["model.onnx"] <= TOL  # against the merged model's numbers with fp32 tables
+    assert any("computes fp32 lookup tables" in note for note in portable.notes)
+
+
 def test_the_aarch64_folder_carries_an_aarch64_library(merged, tmp_path):
     require_aarch64("headers", "kernels")
     deployment = deploy(merged["native"], tmp_path / "board", arch="aarch64")

@@ -182,6 +182,19 @@ def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
     return dict(zip(names, ev.run(names, feeds)))
 
 
+def float_tables(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every EConv's tables in float (its table_bits attribute removed): the numbers
+    of the portable form, up to float rounding."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.domain == DOMAIN and any(a.name == "table_bits" for a in node.attribute):
+            kept = [a for a in node.attribute if a.name != "table_bits"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    return out
+
+
 def is_native(model: onnx.ModelProto) -> bool:
     """Whether `model` has ai.onnxmerge nodes (the codebook method's native form)."""
     return any(n.domain == DOMAIN for n in model.graph.node)
@@ -316,7 +329,7 @@ def export_with_domain(graph: gs.Graph, model: onnx.ModelProto, native: bool) ->
 
 def to_portable(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace every EConv / EFC node by the codebook-gather subgraph and a Conv / Gemm: the same
-    numbers in stock onnxruntime."""
+    numbers in stock onnxruntime (float tables' numbers: integer tables are not rounded there)."""
     if not is_native(model):
         return model
     graph = shaped_graph(model)

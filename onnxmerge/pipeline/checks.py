@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from onnxmerge.errors import MergeError
 from onnxmerge.graph.convert import light_model, to_model
-from onnxmerge.graph.ops import make_session, run_reference
+from onnxmerge.graph.ops import float_tables, make_session, run_reference
 from onnxmerge.model.runtime import random_feeds, run_batch, session
 from onnxmerge.model.saving import save_atomic
 from onnxmerge.pipeline.state import MergeState, Task
@@ -230,14 +230,20 @@ def output_difference(a: onnx.ModelProto | ort.InferenceSession, b: onnx.ModelPr
 
 
 def check_native(native: onnx.ModelProto, portable: onnx.ModelProto, batch: int = 2, seed: int = 0) -> float:
-    """The native form (EConv / EFC nodes, run by their numpy reference, onnxmerge.graph.ops) against
-    the portable form in onnxruntime on seeded random inputs: the relative difference, which must be
-    float rounding."""
+    """The native form (EConv / EFC nodes, run by their numpy reference, onnxmerge.graph.ops), its
+    tables in float, against the portable form in onnxruntime on seeded random inputs: the relative
+    difference, which must be float rounding."""
+    diff = native_difference(float_tables(native), portable, batch, seed)
+    if not diff <= EXACT_TOL:
+        raise MergeError(f"the native form differs from the portable form by {diff:.3g} (> {EXACT_TOL:g}): this is a bug")
+    return diff
+
+
+def native_difference(native: onnx.ModelProto, portable: onnx.ModelProto, batch: int = 2, seed: int = 0) -> float:
+    """The largest relative difference of the native form as written (integer tables rounded; the
+    numpy reference) from the portable form in onnxruntime, on seeded random inputs."""
     sess = session(portable)
     feeds = random_feeds(sess, run_batch(sess, batch), seed)
     want = dict(zip([o.name for o in portable.graph.output], sess.run(None, feeds)))
     got = run_reference(native, feeds)
-    diff = max(_rel_diff(got[name], want[name]) for name in want)
-    if not diff <= EXACT_TOL:
-        raise MergeError(f"the native form differs from the portable form by {diff:.3g} (> {EXACT_TOL:g}): this is a bug")
-    return diff
+    return max(_rel_diff(got[name], want[name]) for name in want)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from onnxmerge.errors import UsageError
 from onnxmerge.passes import common
 from onnxmerge.passes.codebook._codebook import index_dtype, parse_layer_params
 from onnxmerge.passes.codebook.emit_native import EmitNativePass
@@ -22,12 +23,16 @@ from onnxmerge.pipeline.method import Knob, Method, Option, positive
 def _pipeline(p: dict[str, Any]) -> list:
     if p["codewords"] is not None:
         index_dtype(p["codewords"])  # refuse an impossible C before any work
+    if p["table_precision"] != "fp32" and p["emit"] == "gather":
+        raise UsageError(f"--table-precision {p['table_precision']}: the native form's tables (--emit native or "
+                         "auto); --emit gather computes fp32 weights")
     share = ShareCodebooksPass(p["preset"], p["r"], p["codewords"], parse_layer_params(p["layer_params"]),
                                p["heads"], p["kmeans_init"], seed=p["kmeans_seed"],
                                size=None if p["size"] is None else parse_size(p["size"]), if_larger=p["if_larger"],
                                # the kernels read a byte per index; auto keeps 4-bit codes packed (portable)
                                pack=p["emit"] != "native")
-    emit = [EmitNativePass(p["emit"] == "auto", p["target_batch"], p["target_threads"])] if p["emit"] != "gather" else []
+    emit = ([EmitNativePass(p["emit"] == "auto", p["target_batch"], p["target_threads"], p["table_precision"])]
+            if p["emit"] != "gather" else [])
     return common.pipeline(combined=[share], after=emit)
 
 
@@ -74,6 +79,11 @@ METHOD = Method(
                                parse=positive("target-batch")),
         "target_threads": Option(1, "--emit auto: the intra-op threads the merged model is deployed with",
                                  parse=positive("target-threads")),
+        "table_precision": Option("fp32", "native EConv nodes' lookup tables: fp32, or int16 / int8 entries with a "
+                                  "power-of-two scale per sample and segment (a quarter of the bytes for int8, "
+                                  "faster lookups, a rounding whose accuracy cost the evaluation measures; EFC "
+                                  "tables stay fp32; the portable form computes fp32 tables)",
+                                  choices=("fp32", "int16", "int8")),
         "kmeans_init": Option(3, "k-means initialisations per segment (the lowest error is kept)",
                               parse=positive("kmeans-init")),
         "kmeans_seed": Option(0, "k-means seed", parse=int),

@@ -32,8 +32,10 @@ class EmitNativePass(Pass):
     exact = True  # the native form computes the portable form's numbers (checked by check_native)
     requires = ("exported",)
 
-    def __init__(self, auto: bool = False, batch: int = 1, threads: int = 1):
+    def __init__(self, auto: bool = False, batch: int = 1, threads: int = 1, table_precision: str = "fp32"):
         self.auto, self.batch, self.threads = auto, batch, threads  # auto: emit_auto times each layer
+        self.table_precision = table_precision
+        self.table_bits = TABLE_BITS[table_precision]
 
     def call(self, state) -> PassResult:
         if not kernels.available() and (state.portable_fallback or self.auto):
@@ -45,7 +47,7 @@ class EmitNativePass(Pass):
             state.params["emit"] = "gather"
             return PassResult(state, False)
         portable = state.model
-        native, kept = to_native(portable)
+        native, kept = to_native(portable, table_bits=self.table_bits)
         if self.auto:
             native, kept = self._timed(state, portable, native, kept)
             if not any(n.domain == DOMAIN for n in native.graph.node):  # every layer faster dense
@@ -57,10 +59,18 @@ class EmitNativePass(Pass):
         fidelity = state.info.fidelity
         fidelity["native_vs_portable_rel_diff"] = checks.check_native(native, portable)
         notes = fidelity.setdefault("notes", [])
+        if self.table_bits != 32 and any(n.op_type == "EConv" for n in native.graph.node):
+            rounded = checks.native_difference(native, portable)
+            fidelity["table_rounding_rel_diff"] = rounded
+            notes.append(f"EConv lookup tables in {self.table_precision} (a power-of-two scale per sample and "
+                         f"segment): the native form differs from the portable one by {rounded:.3g} (largest "
+                         "relative output difference on random inputs); the evaluation measures what it costs")
         notes.extend(f"portable form kept for {k}" for k in kept)
         if not kernels.available():
+            same = ("which computes the same numbers" if "table_rounding_rel_diff" not in fidelity else
+                    "which computes fp32 tables: the integer tables' rounding is not in its figures")
             notes.append(f"{kernels.unavailable_reason()}; onnxmerge evaluates and times this model in its portable "
-                         "form, which computes the same numbers")
+                         f"form, {same}")
         state.model = native
         return PassResult(state, True)
 
@@ -73,10 +83,15 @@ class EmitNativePass(Pass):
         slower = {r["layer"]: (f"timed slower than dense here ({1e6 * r['native_s']:.0f} vs {1e6 * r['dense_s']:.0f} "
                                f"us at batch {self.batch}, {self.threads} thread(s))")
                   for r in rows if r["faster"] == "dense"}
-        return to_native(portable, skip=slower) if slower else (native, kept)
+        return to_native(portable, skip=slower, table_bits=self.table_bits) if slower else (native, kept)
 
 
-def to_native(model: onnx.ModelProto, skip: dict[str, str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+# --table-precision -> EConv's table_bits (onnxmerge.graph.ops)
+TABLE_BITS = {"fp32": 32, "int16": 16, "int8": 8}
+
+
+def to_native(model: onnx.ModelProto, skip: dict[str, str] | None = None,
+              table_bits: int = 32) -> tuple[onnx.ModelProto, list[str]]:
     """Replace the codebook layers of the portable form by EConv / EFC nodes where that pays.
 
     Returns the model and the layers left in the portable form, with the reason: what the kernels
@@ -85,19 +100,20 @@ def to_native(model: onnx.ModelProto, skip: dict[str, str] | None = None) -> tup
     lookup that takes at least as many operations as the dense layer
     (eq. 9's tables cost V*C*r per input pixel, e.g. a first convolution with one input channel and
     r = 1): such a layer keeps its dense Conv / Gemm, which onnxruntime runs faster, and the same
-    compressed file. `skip`: further layers to keep portable (name -> reason)."""
+    compressed file. `skip`: further layers to keep portable (name -> reason). `table_bits` 16 / 8:
+    EConv nodes store their tables as integers (EFC's stay float)."""
     skip = dict(skip or {})
-    candidate, kept = _to_native(model, skip)
+    candidate, kept = _to_native(model, skip, table_bits)
     dense, lookup = node_macs(model), node_macs(candidate)
     slower = {}
     for node in candidate.graph.node:
         ops, macs = lookup.get(node.name), dense.get(node.name)
         if node.domain == DOMAIN and ops is not None and macs is not None and ops >= macs:
             slower[node.name] = f"the lookup takes at least the dense layer's operations ({ops:,} vs {macs:,} per sample)"
-    return _to_native(model, skip={**skip, **slower}) if slower else (candidate, kept)
+    return _to_native(model, {**skip, **slower}, table_bits) if slower else (candidate, kept)
 
 
-def _to_native(model: onnx.ModelProto, skip: dict[str, str]) -> tuple[onnx.ModelProto, list[str]]:
+def _to_native(model: onnx.ModelProto, skip: dict[str, str], table_bits: int) -> tuple[onnx.ModelProto, list[str]]:
     """to_native without the cost rule: every supported layer but those in `skip` (name -> reason)."""
     graph = shaped_graph(model)
     kept = []
@@ -121,6 +137,8 @@ def _to_native(model: onnx.ModelProto, skip: dict[str, str]) -> tuple[onnx.Model
                      "strides": list(node.attrs.get("strides", [1, 1])),
                      "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
                      "dilations": list(node.attrs.get("dilations", [1, 1]))}
+            if table_bits != 32:
+                attrs["table_bits"] = table_bits
             if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
                 kept.append(f"{node.name}: auto_pad")
                 continue

@@ -11,8 +11,11 @@ a sample stays under about 50 M dense MACs), fc layers 64 to 4096 wide (square),
 presets, batch 1 and 32. Per cell: dense and native medians, the measured ratio (dense / native, > 1:
 native faster), the theoretical ratio (dense MACs / lookup operations) and the share of it reached.
 Issue 19's target: at batch 1, every layer whose theoretical ratio is at least 3x reaches 60%.
+`--table-precision int16|int8`: the EConv cells with integer tables (section
+`kernel_grid_<precision>:<cpu>`; EFC cells as with fp32).
 
     python tools/bench/kernel_grid.py                 # ~10 min, writes BENCHMARKS.md
+    python tools/bench/kernel_grid.py --table-precision int8 --kinds conv
     python tools/bench/kernel_grid.py --quick --no-write
 """
 
@@ -41,7 +44,7 @@ MAX_MACS = 50e6  # per sample: the spatial size of a conv cell shrinks to stay u
 TARGET, THEORY_MIN = 0.60, 3.0
 
 
-def cell_model(kind: str, width: int, k: int, r: int, c: int, rng):
+def cell_model(kind: str, width: int, k: int, r: int, c: int, rng, table_bits: int = 32):
     """A one-node native model of one EConv / EFC layer (random codebook and codes) and its shapes."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -54,7 +57,7 @@ def cell_model(kind: str, width: int, k: int, r: int, c: int, rng):
         side = int(max(4, min(32, math.sqrt(MAX_MACS / (width * width * k * k)))))
         codes = rng.integers(0, c, (v, width, k, k)).astype(np.uint8)
         attrs = {"in_channels": width, "kernel_shape": [k, k], "strides": [1, 1], "pads": [k // 2] * 4,
-                 "dilations": [1, 1]}
+                 "dilations": [1, 1]} | ({"table_bits": table_bits} if table_bits != 32 else {})
         x_shape = y_shape = [None, width, side, side]
     else:
         codes = rng.integers(0, c, (v, width)).astype(np.uint8)
@@ -77,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=0.3, help="seconds of timing per cell (at least)")
     p.add_argument("--quick", action="store_true", help="a few cells only (a look, not the table)")
+    p.add_argument("--table-precision", default="fp32", choices=["fp32", "int16", "int8"],
+                   help="EConv cells' lookup tables")
+    p.add_argument("--kinds", default="conv,fc", help="which cells: conv, fc or both")
     p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
 
     from onnxmerge import kernels
     from onnxmerge.graph.ops import make_session
     from onnxmerge.measure.latency import candidate, compare_latency, machine_info
+    from onnxmerge.passes.codebook.emit_native import TABLE_BITS
 
     if not kernels.available():
         print(f"kernel_grid: {kernels.unavailable_reason()}", file=sys.stderr)
@@ -91,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     cells = [("conv", w, k) for w in CHANNELS for k in KERNELS] + [("fc", w, 1) for w in WIDTHS]
     if args.quick:
         cells = [("conv", 32, 3), ("conv", 128, 3), ("fc", 1024, 1)]
+    cells = [cell for cell in cells if cell[0] in args.kinds.split(",")]
+    bits = TABLE_BITS[args.table_precision]
     rows = []
     for kind, width, k in cells:
         for preset, settings in PRESETS.items():
             r, c = settings[kind]
-            model, shapes = cell_model(kind, width, k, r, c, rng)
+            model, shapes = cell_model(kind, width, k, r, c, rng, bits)
             info, native, dense = layer_models(model, model.graph.node[0], shapes)
             sessions = {"dense": make_session(dense, 1), "native": make_session(native, 1)}
             for batch in BATCHES:
@@ -114,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = machine["cpu"]
     eligible = [r for r in rows if r["batch"] == 1 and r["theory"] >= THEORY_MIN]
     met = [r for r in eligible if r["reached"] >= TARGET]
-    lines = [f"## Native kernels over a grid of layer shapes: {cpu}", "",
+    tables = "" if bits == 32 else f", EConv tables in {args.table_precision}"
+    lines = [f"## Native kernels over a grid of layer shapes{tables}: {cpu}", "",
              "Written by `tools/bench/kernel_grid.py`; one section per CPU (rerun on a CPU to update its own).", "",
              f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- command: `python {shlex.join(['tools/bench/kernel_grid.py', *argv])}`",
@@ -136,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(lines) + "\n"
     print(body)
     if not args.no_write and not args.quick:
-        write_section(BENCHMARKS, cpu_section("kernel_grid", cpu), body)
+        name = "kernel_grid" if bits == 32 else f"kernel_grid_{args.table_precision}"
+        write_section(BENCHMARKS, cpu_section(name, cpu), body)
     return 0
 
 

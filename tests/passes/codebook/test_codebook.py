@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from conftest import EXAMPLES, MODELS, shipped
 from onnxmerge.api import load_tasks, merge
@@ -258,6 +258,39 @@ def test_native_form_equals_portable_form_and_converts_back():
     assert any("features.0/Conv" in k for k in kept)
     notes = result.info.fidelity["notes"]
     assert all(any(k in note for note in notes) for k in kept)
+
+
+@pytest.mark.parametrize("precision, bits", [("int16", 16), ("int8", 8)])
+def test_integer_tables_are_written_on_econv_nodes_and_their_rounding_reported(precision, bits):
+    result = merge([shipped(p) for p in MIXED], method="codebook",
+                   params={"emit": "native", "table_precision": precision})
+    native = result.model
+    econv = [n for n in native.graph.node if n.op_type == "EConv"]
+    assert econv and all({a.name: helper.get_attribute_value(a) for a in n.attribute}["table_bits"] == bits
+                         for n in econv)
+    assert not any(a.name == "table_bits" for n in native.graph.node if n.op_type == "EFC" for a in n.attribute)
+    fidelity = result.info.fidelity
+    assert fidelity["native_vs_portable_rel_diff"] <= EXACT_TOL  # the rewrite itself: float tables, exact
+    # the rounding (numpy reference of the integer tables against the portable form): more than float
+    # rounding, and 8 bits round more than 16
+    assert EXACT_TOL < fidelity["table_rounding_rel_diff"] < (0.1 if bits == 8 else 1e-3)
+    assert any(f"lookup tables in {precision}" in note for note in fidelity["notes"])
+    assert not any(a.name == "table_bits" for n in to_portable(native).graph.node for a in n.attribute)
+
+
+def test_an_unknown_table_precision_is_refused_in_one_line(tmp_path, capsys):
+    from onnxmerge.cli import main
+
+    code = main([str(shipped(PAIR[0])), str(shipped(PAIR[1])), "-o", str(tmp_path / "m.onnx"), "--method", "codebook",
+                 "--emit", "native", "--table-precision", "int4"])
+    assert code != 0 and not (tmp_path / "m.onnx").exists()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--table-precision" in err and "int4" in err
+    code = main([str(shipped(PAIR[0])), str(shipped(PAIR[1])), "-o", str(tmp_path / "m.onnx"), "--method", "codebook",
+                 "--table-precision", "int8"])  # with the portable form, which has no tables
+    assert code != 0 and not (tmp_path / "m.onnx").exists()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--table-precision int8" in err and "--emit gather" in err
 
 
 # ----------------------------------------------------------------------------------------------
