@@ -19,6 +19,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -271,81 +273,118 @@ void segment_scales(const EConvLayer& L, const float* x, int64_t HW, float* scal
   }
 }
 
+// What one sample's EConv works in: the padded input, a segment group's tables, the segments'
+// scales (integer tables) and, where output rows are not whole vectors, padded outputs.
 template <typename T>
-void econv_entries(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* x, const float* bias, float* y,
-                   const Parallel& parallel) {
+struct EConvScratch {
+  std::vector<float> xp;       // [d][Hp * row]; the pads stay zero for every sample of the plan
+  std::vector<T> tables;       // [group][C][plane]
+  std::vector<float> scale, inv;
+  std::vector<float> padded;   // [p][Ho][nvec * VEC], or empty
+
+  EConvScratch(const EConvLayer& L, const EConvPlan& P)
+      : xp(static_cast<size_t>(L.s.d * P.Hp * P.row + 16), 0.0f),
+        tables(static_cast<size_t>(P.group * L.s.C * P.plane)),
+        scale(static_cast<size_t>(L.s.V), 1.0f),
+        inv(static_cast<size_t>(L.s.V), 1.0f),
+        padded(P.Wo % VEC == 0 ? 0 : static_cast<size_t>(L.s.p * P.Ho * ceil_div(P.Wo, VEC) * VEC)) {}
+};
+
+// One sample: x [d, H, W] -> y [p, Ho, Wo], the tables and lookups of each tile and segment group
+// spread over `parallel`.
+template <typename T>
+void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const float* bias, float* y,
+                  EConvScratch<T>& w, const Parallel& parallel) {
   const EConvParams& s = L.s;
-  const int64_t taps = s.kh * s.kw, HW = P.H * P.W, HWo = P.Ho * P.Wo;
+  const int64_t taps = s.kh * s.kw, HW = P.H * P.W;
   const int64_t nvec = ceil_div(P.Wo, VEC);
-  // outputs are accumulated in place when rows are whole vectors, else in a padded scratch copy
-  const bool direct = P.Wo % VEC == 0;
-  const int64_t ystride = nvec * VEC;
+  // outputs are accumulated in place when rows are whole vectors, else in a padded copy
+  const bool direct = w.padded.empty();
+  const int64_t ystride = direct ? P.Wo : nvec * VEC;
   const int64_t chan = P.Hp * P.row;
-  std::vector<float> xp(static_cast<size_t>(s.d * chan + 16), 0.0f);  // pads stay zero for every sample
-  std::vector<T> tables(static_cast<size_t>(P.group * s.C * P.plane));
-  std::vector<float> scale(static_cast<size_t>(s.V), 1.0f), inv(static_cast<size_t>(s.V), 1.0f);
-  std::vector<float> scratch(direct ? 0 : static_cast<size_t>(s.p * P.Ho * ystride));
   const int64_t seg_stride = s.C * P.plane;
   const int64_t cblock = 16;
   const int64_t cblocks = ceil_div(s.C, cblock);
   const int64_t oblock = block_size(s.p, 32);
 
-  for (int64_t n = 0; n < N; ++n) {
-    if constexpr (!std::is_same_v<T, float>) segment_scales<T>(L, x + n * s.d * HW, HW, scale.data(), inv.data());
-    // the sample on the padded grid, columns split by phase (lookup.h, EConvPlan)
-    for (int64_t ch = 0; ch < s.d; ++ch) {
-      const float* src = x + (n * s.d + ch) * HW;
-      float* dst = xp.data() + ch * chan;
-      for (int64_t h = 0; h < P.H; ++h) {
-        float* drow = dst + (h + s.pt) * P.row;
-        if (s.sw == 1) {
-          std::memcpy(drow + s.pl, src + h * P.W, sizeof(float) * static_cast<size_t>(P.W));
-        } else {
-          for (int64_t w = 0; w < P.W; ++w) {
-            const int64_t col = w + s.pl;
-            drow[(col % s.sw) * P.width + col / s.sw] = src[h * P.W + w];
-          }
+  if constexpr (!std::is_same_v<T, float>) segment_scales<T>(L, x, HW, w.scale.data(), w.inv.data());
+  // the sample on the padded grid, columns split by phase (lookup.h, EConvPlan)
+  for (int64_t ch = 0; ch < s.d; ++ch) {
+    const float* src = x + ch * HW;
+    float* dst = w.xp.data() + ch * chan;
+    for (int64_t h = 0; h < P.H; ++h) {
+      float* drow = dst + (h + s.pt) * P.row;
+      if (s.sw == 1) {
+        std::memcpy(drow + s.pl, src + h * P.W, sizeof(float) * static_cast<size_t>(P.W));
+      } else {
+        for (int64_t c = 0; c < P.W; ++c) {
+          const int64_t col = c + s.pl;
+          drow[(col % s.sw) * P.width + col / s.sw] = src[h * P.W + c];
         }
       }
     }
-    float* out = direct ? y + n * s.p * HWo : scratch.data();
-    for (int64_t a0 = 0; a0 < P.Ho; a0 += P.tile_rows) {
-      const int64_t a1 = std::min(P.Ho, a0 + P.tile_rows);
-      const int64_t first = a0 * s.sh * P.row;
-      const int64_t span = ceil_div(((a1 - 1 - a0) * s.sh + (s.kh - 1) * s.dh + 1) * P.row, VEC) * VEC;
-      for (int64_t g0 = 0; g0 < s.V; g0 += P.group) {
-        const int64_t g1 = std::min(s.V, g0 + P.group);
-        parallel.run(static_cast<size_t>((g1 - g0) * cblocks), [&](size_t item) {
-          const int64_t v = g0 + static_cast<int64_t>(item) / cblocks;
-          const int64_t c0 = (static_cast<int64_t>(item) % cblocks) * cblock;
-          econv_tables(L, P, xp.data(), chan, v, c0, std::min(s.C, c0 + cblock), first, span, inv[v],
-                       tables.data() + (v - g0) * seg_stride);
-        });
-        parallel.run(static_cast<size_t>(ceil_div(s.p, oblock)), [&](size_t item) {
-          const int64_t o0 = static_cast<int64_t>(item) * oblock;
-          for (int64_t o = o0; o < std::min(s.p, o0 + oblock); ++o) {
-            const int32_t* off = P.offsets.data() + (o * s.V + g0) * taps;
-            const float b = bias ? bias[o] : 0.0f;
-            for (int64_t a = a0; a < a1; a += kRows<T>) {
-              const int64_t rows = std::min<int64_t>(kRows<T>, a1 - a);
-              for (int64_t cv = 0; cv < nvec; cv += kVecs) {
-                const int64_t vecs = std::min<int64_t>(kVecs, nvec - cv);
-                econv_lookup_fn<T>(rows, vecs)(out + (o * P.Ho + a) * (direct ? P.Wo : ystride) + cv * VEC,
-                                               direct ? P.Wo : ystride, g0 == 0, b,
-                                               tables.data() + (a - a0) * s.sh * P.row + cv * VEC, s.sh * P.row,
-                                               g1 - g0, seg_stride, off, taps, scale.data() + g0);
-              }
+  }
+  float* out = direct ? y : w.padded.data();
+  for (int64_t a0 = 0; a0 < P.Ho; a0 += P.tile_rows) {
+    const int64_t a1 = std::min(P.Ho, a0 + P.tile_rows);
+    const int64_t first = a0 * s.sh * P.row;
+    const int64_t span = ceil_div(((a1 - 1 - a0) * s.sh + (s.kh - 1) * s.dh + 1) * P.row, VEC) * VEC;
+    for (int64_t g0 = 0; g0 < s.V; g0 += P.group) {
+      const int64_t g1 = std::min(s.V, g0 + P.group);
+      parallel.run(static_cast<size_t>((g1 - g0) * cblocks), [&](size_t item) {
+        const int64_t v = g0 + static_cast<int64_t>(item) / cblocks;
+        const int64_t c0 = (static_cast<int64_t>(item) % cblocks) * cblock;
+        econv_tables(L, P, w.xp.data(), chan, v, c0, std::min(s.C, c0 + cblock), first, span, w.inv[v],
+                     w.tables.data() + (v - g0) * seg_stride);
+      });
+      parallel.run(static_cast<size_t>(ceil_div(s.p, oblock)), [&](size_t item) {
+        const int64_t o0 = static_cast<int64_t>(item) * oblock;
+        for (int64_t o = o0; o < std::min(s.p, o0 + oblock); ++o) {
+          const int32_t* off = P.offsets.data() + (o * s.V + g0) * taps;
+          const float b = bias ? bias[o] : 0.0f;
+          for (int64_t a = a0; a < a1; a += kRows<T>) {
+            const int64_t rows = std::min<int64_t>(kRows<T>, a1 - a);
+            for (int64_t cv = 0; cv < nvec; cv += kVecs) {
+              const int64_t vecs = std::min<int64_t>(kVecs, nvec - cv);
+              econv_lookup_fn<T>(rows, vecs)(out + (o * P.Ho + a) * ystride + cv * VEC, ystride, g0 == 0, b,
+                                             w.tables.data() + (a - a0) * s.sh * P.row + cv * VEC, s.sh * P.row,
+                                             g1 - g0, seg_stride, off, taps, w.scale.data() + g0);
             }
           }
-        });
-      }
-    }
-    if (!direct) {
-      float* yn = y + n * s.p * HWo;
-      for (int64_t oa = 0; oa < s.p * P.Ho; ++oa)
-        std::memcpy(yn + oa * P.Wo, scratch.data() + oa * ystride, sizeof(float) * static_cast<size_t>(P.Wo));
+        }
+      });
     }
   }
+  if (!direct)
+    for (int64_t oa = 0; oa < s.p * P.Ho; ++oa)
+      std::memcpy(y + oa * P.Wo, w.padded.data() + oa * ystride, sizeof(float) * static_cast<size_t>(P.Wo));
+}
+
+// One sample: its work spread over the threads. Several: the samples spread over the threads, each
+// sample's work on one thread (one parallel section per run, no synchronisation between a sample's
+// phases), with as many scratch sets as samples run at once, reused from sample to sample.
+template <typename T>
+void econv_entries(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* x, const float* bias, float* y,
+                   const Parallel& parallel) {
+  const int64_t in = L.s.d * P.H * P.W, out = L.s.p * P.Ho * P.Wo;
+  if (N == 1) {
+    EConvScratch<T> w(L, P);
+    econv_sample(L, P, x, bias, y, w, parallel);
+    return;
+  }
+  std::mutex lock;
+  std::vector<std::unique_ptr<EConvScratch<T>>> idle;
+  parallel.run(static_cast<size_t>(N), [&](size_t n) {
+    std::unique_ptr<EConvScratch<T>> w;
+    {
+      std::lock_guard<std::mutex> guard(lock);
+      if (!idle.empty()) w = std::move(idle.back()), idle.pop_back();
+    }
+    if (!w) w = std::make_unique<EConvScratch<T>>(L, P);
+    econv_sample(L, P, x + static_cast<int64_t>(n) * in, bias, y + static_cast<int64_t>(n) * out, *w, Parallel());
+    std::lock_guard<std::mutex> guard(lock);
+    idle.push_back(std::move(w));
+  });
 }
 
 void econv_run(const EConvLayer& L, const EConvPlan& P, int64_t N, const float* x, const float* bias, float* y,
