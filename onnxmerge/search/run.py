@@ -151,8 +151,11 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         searched, compositions = [], []
     rank, world = _rank_world()
     mine = [m.name for m in searched][rank::world]  # under torchrun, each process takes a share of the methods
+    # a method a composition starts from is bisected without pruning: the composition needs its best
+    # setting within the budget measured, even where that alone cannot beat the best model so far
+    starts = {c.composes[0] for c in compositions}
     work = [(setup, name, [{**(params or {}), **p} for p in METHODS[name].search.ladder(n_layers)], max_loss,
-             objective, best, deadline) for name in mine]
+             objective, best, deadline, name not in starts) for name in mine]
     if jobs > 1 and len(work) > 1:
         with ProcessPoolExecutor(min(jobs, len(work)), mp_context=multiprocessing.get_context("spawn")) as pool:
             for found, found_notes in pool.map(_bisect_printing, work):
@@ -161,7 +164,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
                 notes += found_notes
     else:
         for job in work:  # each method prunes against what the methods before it found
-            found_notes, best = bisect_method(*job[:5], best, deadline, on_trial=record)
+            found_notes, best = bisect_method(*job[:5], best, deadline, on_trial=record, prune=job[7])
             notes += found_notes
     for comp in compositions:  # where its first method was searched (under torchrun: by this process)
         if comp.composes[0] not in mine:
@@ -196,9 +199,9 @@ def _strength(method, objective: str) -> int:
 
 
 def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, objective: str, best: Trial,
-                  deadline: float, on_trial) -> tuple[list[str], Trial]:
+                  deadline: float, on_trial, prune: bool = True) -> tuple[list[str], Trial]:
     """Bisect one method's ladder for its most aggressive setting within the budget; `best`: the best
-    model within the budget found before (settings that cannot beat it are not calibrated);
+    model within the budget found before (with `prune`, settings that cannot beat it are not calibrated);
     `on_trial(trial)` receives each trial; returns the notes and the best model now. Only the models of this method's best
     setting and of the warm start are kept (a big pair's candidates would not all fit in memory)."""
     method, notes, tried = METHODS[name], [], []
@@ -212,7 +215,8 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
             break
         mid = (lo + hi) // 2
         try:
-            trial = run_trial(setup, name, ladder[mid], max_loss, lambda t: beats(t, best, objective),
+            worth = (lambda t: beats(t, best, objective)) if prune else None
+            trial = run_trial(setup, name, ladder[mid], max_loss, worth,
                               warm if method.sweep and method.sweep in ladder[mid] else None)
         except (MergeError, UsageError) as e:
             if not tried:  # its first trial: the method does not apply to these models
@@ -244,7 +248,7 @@ def _bisect_printing(job: tuple) -> tuple[list[Trial], list[str]]:
         found.append(t)
         print(f"[{t.method}] " + _line(t, setup.original_bytes, max_loss), flush=True)
 
-    notes, _ = bisect_method(*job, on_trial=on_trial)
+    notes, _ = bisect_method(*job[:7], on_trial=on_trial, prune=job[7])
     for t in found:
         if not t.within(max_loss):
             t.model = None

@@ -293,6 +293,19 @@ def test_a_composition_starts_from_its_first_method_s_best_setting(fake_trials, 
     assert result.chosen.method == COMPOSED and result.chosen.params == {"k": 3, "j": 2}
 
 
+def test_the_method_a_composition_starts_from_is_not_pruned(fake_trials, fake_compositions):
+    """codebook, searched first, finds k=3 (700 bytes); zipper's settings alone cannot beat that, but
+    the composition needs zipper's best within the budget measured: zipper is bisected unpruned,
+    and the composition on its k=3 wins."""
+    result = _search_examples(methods=["codebook", "zipper", COMPOSED], max_loss=1.5)
+    zipper = [t for t in result.trials if t.method == "zipper"]
+    assert zipper and not any(t.status.startswith("skipped") for t in zipper)
+    assert result.chosen.method == COMPOSED and result.chosen.params == {"k": 3, "j": 2}
+    fake_trials.clear()
+    result = _search_examples(methods=["codebook", "zipper"], max_loss=1.5)  # no composition: pruned as before
+    assert any(t.status.startswith("skipped") for t in result.trials if t.method == "zipper")
+
+
 def test_a_composition_is_not_tried_without_a_start_within_the_budget(fake_trials, fake_compositions):
     fake_compositions["zipper"] = 100.0  # every zipper setting far over the budget
     result = _search_examples(methods=["zipper", COMPOSED], max_loss=1.0)
