@@ -50,9 +50,9 @@ struct IsaKernels;
 // Where each (output channel, segment, kernel offset) reads its table plane, for one input size.
 struct EConvPlan {
   int64_t H = 0, W = 0, Ho = 0, Wo = 0, Hp = 0;
-  int64_t width = 0;          // floats per row and column phase: the padded row's phase, and the last
+  int64_t width = 0;          // entries per row and column phase: the padded row's phase, and the last
                               // kernel offset's first column + Wo rounded up to a vector of 16
-  int64_t row = 0;            // floats per padded input row: sw phases of `width`
+  int64_t row = 0;            // entries per padded input row: sw phases of `width`
   int64_t tile_rows = 0;      // output rows per tile, so that a segment group's tables stay in cache
   int64_t tile_in_rows = 0;   // padded input rows a tile reads
   int64_t plane = 0;          // entries per table plane (one codeword): tile_in_rows * row, rounded up to 16

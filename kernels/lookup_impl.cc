@@ -13,7 +13,9 @@
 //      (eq. 9). For EConv that is a whole table row, shifted: contiguous vector adds, accumulated in
 //      registers over all segments and kernel offsets before one store.
 // Tables are built for groups of segments (and tiles of rows or samples) that fit a core's L2 cache;
-// the items of each phase are spread over onnxruntime's intra-op threads (Parallel).
+// the items of each phase are spread over onnxruntime's intra-op threads (Parallel), or, for an
+// EConv of several samples, the samples. EConv's tables may be int16 / int8 (EConvParams::table_bits):
+// the same sums, rounded to integers on store, added as integers per segment and scaled once.
 #include <algorithm>
 #include <array>
 #include <cmath>

@@ -175,7 +175,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         first = [t for t in trials if t.method == comp.composes[0] and t.within(max_loss)]
         if not first:
             notes.append(f"{comp.name} not tried: no {comp.composes[0]} setting was measured within the budget "
-                         "(each was over it, or skipped as unable to beat the best model)")
+                         "(each one tried was over it)")
             continue
         start_from = choose(first, max_loss, objective)
         best = choose([t for t in trials if t.within(max_loss)], max_loss, objective)

@@ -7,6 +7,10 @@ fewer operations than the dense layer. The native model is checked against the p
 ops' numpy reference (onnxmerge.pipeline.checks.check_native). Where the kernels are not built, the
 command line writes the portable form instead (`MergeState.portable_fallback`) and warns; the Python
 API writes the native form, which onnxmerge then runs in its portable form.
+
+`--table-precision int16|int8` writes the EConv nodes with integer tables (attribute table_bits;
+onnxmerge.graph.ops): the rewrite is still checked exact with float tables, and the rounding the
+integer tables add is recorded beside it (fidelity table_rounding_rel_diff) for the report.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def run_pair(pair: str, time_budget: float, work: Path) -> dict:
     """Search `pair`, save the chosen model and the search's report, evaluate on the test splits."""
     from onnxmerge.data import load_dataset
     from onnxmerge.measure.evaluate import evaluate
-    from onnxmerge.measure.latency import latency_table
+    from onnxmerge.measure.latency import latency_table, machine_info
     from onnxmerge.search import report as search_report
     from onnxmerge.search.run import save, search
 
@@ -197,6 +197,7 @@ def run_pair(pair: str, time_budget: float, work: Path) -> dict:
         "trials": len(result.trials), "trials_measured": sum(t.measured for t in result.trials),
         "search_seconds": search_s, "notes": result.notes,
         "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "cpu": machine_info()["cpu"],  # rows of several runs share the section: each says where it ran
     }
     (work / f"{pair}.json").write_text(json.dumps(row, indent=2) + "\n")
     print(f"--- {pair}: chosen {chosen.label}, {compression:.2f}x smaller, {speedup:.2f}x faster (b=1, 1 thread); "
@@ -229,7 +230,7 @@ def table(rows: list[dict]) -> list[str]:
             f"`{r['pair']}`", r["half"], archs, r["objective"], f"`{r['chosen']}`" + (" (calibrated)" if r["calibrated"] else ""),
             f"{r['compression']:.2f}x", f"{r['speedup']:.2f}x", accs, "yes" if r["within_on_test"] else "**no**",
             target_text(r["kind"]), "yes" if r["accepted"] else "**no**", str(r["trials"]), f"{r['search_seconds']:.0f}",
-            r["date"]]) + " |")
+            f"{r['date']}, {r.get('cpu', 'CPU not recorded')}"]) + " |")
     return lines
 
 
@@ -247,7 +248,7 @@ def section(rows: list[dict], argv: list[str], seconds: float) -> str:
         f"Written by `{command}` (this run: {seconds:.0f} s); rerun it to update this section (rows of pairs not "
         "run keep their last figures: see each row's date).",
         "",
-        f"- machine: {info['cpu']}, {info['usable_cores']} usable of {info['logical_cores']} logical cores, "
+        f"- machine of this run: {info['cpu']}, {info['usable_cores']} usable of {info['logical_cores']} logical cores, "
         f"onnxruntime {info['onnxruntime']} (load average 1/5/15 min at the end: {load}; other jobs share it, so "
         "seconds and speed-ups follow the load)",
         "- models: `python tools/train_models.py --group budget` (build/budget_models): LeNet-style (6/16 channels), "
