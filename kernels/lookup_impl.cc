@@ -259,11 +259,16 @@ void segment_scales(const EConvLayer& L, const float* x, int64_t HW, float* scal
   const EConvParams& s = L.s;
   for (int64_t v = 0; v < s.V; ++v) {
     float xmax = 0.0f;
+    bool finite = true;  // std::max drops a NaN: its own flag
     const int64_t c1 = std::min(s.d, (v + 1) * s.r);
     for (int64_t ch = v * s.r; ch < c1; ++ch)
-      for (int64_t i = 0; i < HW; ++i) xmax = std::max(xmax, std::abs(x[ch * HW + i]));
+      for (int64_t i = 0; i < HW; ++i) {
+        const float a = std::abs(x[ch * HW + i]);
+        finite = finite && std::isfinite(a);
+        xmax = std::max(xmax, a);
+      }
     const float bound = L.seg_bound[v] * xmax;
-    if (!std::isfinite(bound) || std::isnan(xmax)) {
+    if (!finite || !std::isfinite(bound)) {
       scale[v] = std::numeric_limits<float>::quiet_NaN(), inv[v] = 0.0f;
     } else if (bound == 0.0f) {
       scale[v] = 0.0f, inv[v] = 0.0f;

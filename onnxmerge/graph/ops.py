@@ -83,7 +83,7 @@ def econv_reference(x: np.ndarray, codebook: np.ndarray, codes: np.ndarray, bias
 
     The tables T are computed once per input pixel (V*C dot products of length r) and every output
     is a sum of table entries picked by the code indices. `table_bits` 16 or 8: the tables are
-    integers with a scale per (sample, segment) (`_integer_tables`); `fused` says whether the
+    integers with a scale per (sample, segment) (`_econv_integer_tables`); `fused` says whether the
     kernels' table sums fuse multiply and add (kernels/build.py, fused_multiply_add), which the integer
     tables' roundings depend on."""
     n_seg, p, kh, kw = codes.shape
@@ -147,7 +147,9 @@ def _econv_integer_tables(xp: np.ndarray, codebook: np.ndarray, codes: np.ndarra
                 table = (wk.astype(np.float64) * xk.astype(np.float64) + table).astype(np.float32)
             else:
                 table = table + wk * xk
-        q = np.clip(np.rint(table * inv[:, None, None, None]), -top, top).astype(np.int64)
+        with np.errstate(invalid="ignore"):  # a sample's non-finite tables (inv 0, its scale NaN): entries 0
+            q = np.clip(np.rint(table * inv[:, None, None, None]), -top, top)
+        q = np.where(np.isfinite(q), q, 0).astype(np.int64)
         total = np.zeros((n, p, *out_size), np.int64)
         for window, picked in windows(q):
             total += window[:, picked[v]]

@@ -213,6 +213,20 @@ def test_integer_tables_match_their_reference_on_every_instruction_set(isa, bits
         assert rel(got, reference(op, x, codebook, codes, bias, attrs, isa)) <= TOL, (isa, x.shape, attrs)
 
 
+def test_integer_tables_turn_a_nan_input_into_nan_outputs_as_the_reference_does():
+    """A sample with a NaN (or infinite) input has no finite scale: its outputs are NaN, in the
+    kernels as in the reference (std::max would drop the NaN and round garbage instead)."""
+    op, (sample, codebook, codes, bias, attrs) = "EConv", econv_config(3, 8)
+    for bad in (np.nan, np.inf):
+        x = np.concatenate([sample[:1], sample[:1]])  # the second sample stays finite
+        x[0, 0, 0, 0] = bad
+        got = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
+        want = reference(op, x, codebook, codes, bias, attrs, kernels.isa())
+        assert np.isnan(want[0]).all() and not np.isnan(want[1:]).any()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        assert rel(got[1:], want[1:]) <= TOL
+
+
 def test_an_unknown_table_precision_is_refused():
     x, codebook, codes, bias, attrs = econv_config(0)
     with pytest.raises(Exception, match="table_bits must be 32, 16 or 8, not 4"):
