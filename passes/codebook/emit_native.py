@@ -39,7 +39,10 @@ class EmitNativePass(Pass):
     def __init__(self, auto: bool = False, batch: int = 1, threads: int = 1, table_precision: str = "fp32"):
         self.auto, self.batch, self.threads = auto, batch, threads  # auto: emit_auto times each layer
         self.table_precision = table_precision
-        self.table_bits = TABLE_BITS[table_precision]
+
+    @property
+    def table_bits(self) -> int:
+        return TABLE_BITS[self.table_precision]
 
     def call(self, state) -> PassResult:
         if not kernels.available() and (state.portable_fallback or self.auto):
