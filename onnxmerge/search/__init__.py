@@ -20,7 +20,8 @@ data per task. The search:
 - abandons early: a setting whose size (or latency), known before calibration, cannot beat the best
   model found so far is not calibrated; a model already within the budget before calibration is not
   calibrated either;
-- starts no trial that would end after the time budget, going by the method's longest trial so far.
+- starts no trial that would end after the time budget, going by the method's longest trial so far
+  (before its first: the longest trial of the methods before it).
 Every trial prints one line. The result holds every trial, the Pareto fronts and the chosen model
 (onnxmerge.search.front); onnxmerge.search.report writes them.
 """

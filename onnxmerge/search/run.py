@@ -164,7 +164,8 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
                 notes += found_notes
     else:
         for job in work:  # each method prunes against what the methods before it found
-            found_notes, best = bisect_method(*job[:5], best, deadline, on_trial=record, prune=job[7])
+            found_notes, best = bisect_method(*job[:5], best, deadline, on_trial=record, prune=job[7],
+                                              guess=max(t.seconds for t in trials))
             notes += found_notes
     for comp in compositions:  # where its first method was searched (under torchrun: by this process)
         if comp.composes[0] not in mine:
@@ -181,7 +182,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         best = choose([t for t in trials if t.within(max_loss)], max_loss, objective)
         ladder = [{**(params or {}), **start_from.params, **p} for p in comp.search.ladder(n_layers)]
         found_notes, best = bisect_method(setup, comp.name, ladder, max_loss, objective, best, deadline,
-                                          on_trial=record)
+                                          on_trial=record, guess=max(t.seconds for t in trials))
         notes += found_notes
     if world > 1:
         trials, notes = _gather(trials, notes, rank, world)
@@ -199,17 +200,21 @@ def _strength(method, objective: str) -> int:
 
 
 def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, objective: str, best: Trial,
-                  deadline: float, on_trial, prune: bool = True) -> tuple[list[str], Trial]:
+                  deadline: float, on_trial, prune: bool = True, guess: float = 0.0) -> tuple[list[str], Trial]:
     """Bisect one method's ladder for its most aggressive setting within the budget; `best`: the best
     model within the budget found before (with `prune`, settings that cannot beat it are not calibrated);
-    `on_trial(trial)` receives each trial; returns the notes and the best model now. Only the models of this method's best
-    setting and of the warm start are kept (a big pair's candidates would not all fit in memory)."""
+    `on_trial(trial)` receives each trial; `guess`: the seconds a trial is taken to last before this
+    method has run one (the longest trial of the methods before it); returns the notes and the best
+    model now. Only the models of this method's best setting and of the warm start are kept (a big
+    pair's candidates would not all fit in memory)."""
     method, notes, tried = METHODS[name], [], []
     lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
     while hi - lo > 1:
         # a trial started now must end within the budget: this method's longest trial so far is the guess
-        # (calibration, which dominates, runs to the same step budget each time)
-        if time.time() + max((t.seconds for t in tried), default=0.0) > deadline:
+        # (calibration, which dominates, runs to the same step budget each time); before its first, the
+        # longest of the methods before it (a method's first trial once ran 48 s past a 600 s budget)
+        ran = [t.seconds for t in tried if not t.status.startswith("skipped")]
+        if time.time() + max(ran, default=guess) > deadline:
             notes.append(f"time budget spent: {name} settings {', '.join(_setting(p) for p in ladder[lo + 1:hi])} "
                          "not tried")
             break
