@@ -50,9 +50,16 @@ struct IsaKernels;
 // Where each (output channel, segment, kernel offset) reads its table plane, for one input size.
 struct EConvPlan {
   int64_t H = 0, W = 0, Ho = 0, Wo = 0, Hp = 0;
-  int64_t width = 0;          // entries per row and column phase: the padded row's phase, and the last
-                              // kernel offset's first column + Wo rounded up to a vector of 16
+  // Stride 1 (`flat`): outputs are computed on the padded grid, row after row as one run of vectors
+  // (output (a, b) at a * row + b; the row's last row - Wo entries are discarded), so a kernel offset
+  // reads one contiguous run of table entries for a whole tile, and vectors are full however narrow
+  // the rows. Other strides: each output row is its own run of whole vectors, columns split by phase.
+  bool flat = false;
+  int64_t width = 0;          // entries per row and column phase: flat, the padded row; else the padded
+                              // row's phase, and the last kernel offset's first column + Wo rounded up to
+                              // a vector of 16
   int64_t row = 0;            // entries per padded input row: sw phases of `width`
+  int64_t out_plane = 0;      // flat: entries per output channel of the outputs on the padded grid
   int64_t tile_rows = 0;      // output rows per tile, so that a segment group's tables stay in cache
   int64_t tile_in_rows = 0;   // padded input rows a tile reads
   int64_t plane = 0;          // entries per table plane (one codeword): tile_in_rows * row, rounded up to 16

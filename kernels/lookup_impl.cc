@@ -289,12 +289,14 @@ struct EConvScratch {
   std::vector<float> scale, inv;
   std::vector<float> padded;   // [p][Ho][nvec * VEC], or empty
 
+  // xp: flat, the last channel's tables read up to (kw - 1) * dw + 2 vectors past its last row
   EConvScratch(const EConvLayer& L, const EConvPlan& P)
-      : xp(static_cast<size_t>(L.s.d * P.Hp * P.row + 16), 0.0f),
+      : xp(static_cast<size_t>(L.s.d * P.Hp * P.row + (L.s.kw - 1) * L.s.dw + 2 * 16), 0.0f),
         tables(static_cast<size_t>(P.group * L.s.C * P.plane)),
         scale(static_cast<size_t>(L.s.V), 1.0f),
         inv(static_cast<size_t>(L.s.V), 1.0f),
-        padded(P.Wo % VEC == 0 ? 0 : static_cast<size_t>(L.s.p * P.Ho * ceil_div(P.Wo, VEC) * VEC)) {}
+        padded(P.flat ? static_cast<size_t>(L.s.p * P.out_plane)
+               : P.Wo % VEC == 0 ? 0 : static_cast<size_t>(L.s.p * P.Ho * ceil_div(P.Wo, VEC) * VEC)) {}
 };
 
 // One sample: x [d, H, W] -> y [p, Ho, Wo], the tables and lookups of each tile and segment group
@@ -305,7 +307,8 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
   const EConvParams& s = L.s;
   const int64_t taps = s.kh * s.kw, HW = P.H * P.W;
   const int64_t nvec = ceil_div(P.Wo, VEC);
-  // outputs are accumulated in place when rows are whole vectors, else in a padded copy
+  // outputs are accumulated in place when rows are whole vectors, else in a padded copy (flat: on the
+  // padded grid, EConvPlan::flat)
   const bool direct = w.padded.empty();
   const int64_t ystride = direct ? P.Wo : nvec * VEC;
   const int64_t chan = P.Hp * P.row;
@@ -335,7 +338,9 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
   for (int64_t a0 = 0; a0 < P.Ho; a0 += P.tile_rows) {
     const int64_t a1 = std::min(P.Ho, a0 + P.tile_rows);
     const int64_t first = a0 * s.sh * P.row;
-    const int64_t span = ceil_div(((a1 - 1 - a0) * s.sh + (s.kh - 1) * s.dh + 1) * P.row, VEC) * VEC;
+    // flat: the tile's run of outputs, rounded up to whole vectors, reads past its last input row's start
+    const int64_t reach = P.flat ? (s.kw - 1) * s.dw + VEC : 0;
+    const int64_t span = ceil_div(((a1 - 1 - a0) * s.sh + (s.kh - 1) * s.dh + 1) * P.row + reach, VEC) * VEC;
     for (int64_t g0 = 0; g0 < s.V; g0 += P.group) {
       const int64_t g1 = std::min(s.V, g0 + P.group);
       parallel.run(static_cast<size_t>((g1 - g0) * cblocks), [&](size_t item) {
@@ -349,6 +354,22 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
         for (int64_t o = o0; o < std::min(s.p, o0 + oblock); ++o) {
           const int32_t* off = P.offsets.data() + (o * s.V + g0) * taps;
           const float b = bias ? bias[o] : 0.0f;
+          if (P.flat) {  // the tile's outputs as one run: "rows" of kVecs vectors, then what is left
+            const int64_t nv = ceil_div((a1 - a0) * P.row, VEC), step = kRows<T> * kVecs;
+            float* yo = out + o * P.out_plane + a0 * P.row;
+            for (int64_t cv = 0; cv < nv; cv += step) {
+              const int64_t left = std::min(step, nv - cv), rows = left / kVecs, rest = left % kVecs;
+              if (rows > 0)
+                econv_lookup_fn<T>(rows, kVecs)(yo + cv * VEC, kVecs * VEC, g0 == 0, b, w.tables.data() + cv * VEC,
+                                                kVecs * VEC, g1 - g0, seg_stride, off, taps, w.scale.data() + g0);
+              if (rest > 0) {
+                const int64_t c = cv + rows * kVecs;
+                econv_lookup_fn<T>(1, rest)(yo + c * VEC, 0, g0 == 0, b, w.tables.data() + c * VEC, 0, g1 - g0,
+                                            seg_stride, off, taps, w.scale.data() + g0);
+              }
+            }
+            continue;
+          }
           for (int64_t a = a0; a < a1; a += kRows<T>) {
             const int64_t rows = std::min<int64_t>(kRows<T>, a1 - a);
             for (int64_t cv = 0; cv < nvec; cv += kVecs) {
@@ -362,7 +383,12 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
       });
     }
   }
-  if (!direct)
+  if (P.flat)
+    for (int64_t o = 0; o < s.p; ++o)
+      for (int64_t a = 0; a < P.Ho; ++a)
+        std::memcpy(y + (o * P.Ho + a) * P.Wo, w.padded.data() + o * P.out_plane + a * P.row,
+                    sizeof(float) * static_cast<size_t>(P.Wo));
+  else if (!direct)
     for (int64_t oa = 0; oa < s.p * P.Ho; ++oa)
       std::memcpy(y + oa * P.Wo, w.padded.data() + oa * ystride, sizeof(float) * static_cast<size_t>(P.Wo));
 }

@@ -204,7 +204,8 @@ void pack_econv(EConvLayer& layer, const EConvParams& s, int64_t Vc, const float
   layer.plans_.clear();
 }
 
-// EConv's lookups add whole vectors of an output row: a row of Wo outputs takes ceil(Wo / vec) vectors,
+// EConv's lookups at strides other than 1 add whole vectors of an output row (stride 1: EConvPlan::flat,
+// the widest vectors): a row of Wo outputs takes ceil(Wo / vec) vectors,
 // and the lanes past Wo are work thrown away (Wo = 8 on 16-float vectors: half). Of the instruction
 // sets this CPU runs, the one whose vectors waste the fewest lanes of a row, the best-ranked (`best`,
 // chosen first) among those that waste as few: the lookups are bound by the bytes they load, not by
@@ -231,11 +232,13 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
   if (P.Ho <= 0 || P.Wo <= 0) fail("EConv: the kernel does not fit the padded input");
   P.Hp = H + s.pt + s.pb;
   const int64_t Wp = W + s.pl + s.pr;
-  // Columns are stored split by phase (column mod stride), so every kernel offset reads its output row
-  // as one contiguous run: offset j starts at column (j*dw)/sw of phase (j*dw)%sw. Rows are as wide
-  // as the widest such run, in whole vectors of any instruction set.
+  // Stride 1: rows as padded, outputs on the padded grid (EConvPlan::flat). Other strides: columns are
+  // stored split by phase (column mod stride), so every kernel offset reads its output row as one
+  // contiguous run: offset j starts at column (j*dw)/sw of phase (j*dw)%sw. Rows are as wide as the
+  // widest such run, in whole vectors of any instruction set.
+  P.flat = s.sh == 1 && s.sw == 1;
   const int64_t first_max = (s.kw - 1) * s.dw / s.sw;
-  P.width = std::max((Wp + s.sw - 1) / s.sw, first_max + round_up(P.Wo, kMaxVec));
+  P.width = P.flat ? Wp : std::max((Wp + s.sw - 1) / s.sw, first_max + round_up(P.Wo, kMaxVec));
   P.row = s.sw * P.width;
   const auto rows_in = [&](int64_t out_rows) { return (out_rows - 1) * s.sh + (s.kh - 1) * s.dh + 1; };
   const int64_t entry_bytes = s.table_bits / 8;
@@ -244,7 +247,11 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
   P.tile_rows = 1;
   while (P.tile_rows < P.Ho && rows_in(P.tile_rows + 1) * codeword_row_bytes <= table_budget_bytes()) ++P.tile_rows;
   P.tile_in_rows = rows_in(P.tile_rows);
-  P.plane = round_up(P.tile_in_rows * P.row, kMaxVec);
+  // flat: a tile's run of outputs, rounded up to whole vectors, reads up to (kw - 1) * dw entries past
+  // its last input row's start
+  const int64_t reach = P.flat ? (s.kw - 1) * s.dw + kMaxVec : 0;
+  P.plane = round_up(P.tile_in_rows * P.row + reach, kMaxVec);
+  P.out_plane = P.flat ? round_up(P.Ho * P.row, kMaxVec) + kMaxVec : 0;  // the last tile's run rounded up
   P.group = std::clamp<int64_t>(table_budget_bytes() / (s.C * P.plane * entry_bytes), 1, s.V);
   if (s.C * P.plane >= std::numeric_limits<int32_t>::max()) fail("EConv: a segment's tables are too large");
   const int64_t taps = s.kh * s.kw;
@@ -256,7 +263,7 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
         const int64_t tap = i * s.dh * P.row + (j * s.dw % s.sw) * P.width + j * s.dw / s.sw;
         P.offsets[ov * taps + t] = static_cast<int32_t>(codes[ov * taps + t] * P.plane + tap);
       }
-  P.isa = isa_forced ? isa : &fullest_vectors(*isa, P.Wo);
+  P.isa = isa_forced || P.flat ? isa : &fullest_vectors(*isa, P.Wo);  // flat runs waste under a vector a tile
   plans_.push_back(plan);
   return plan;
 }
