@@ -66,6 +66,11 @@ struct EConvPlan {
   int64_t group = 0;          // segments whose tables are built together
   std::vector<int32_t> offsets;  // [p][V][kh*kw]: code * plane + the kernel offset's row / phase / column
   const IsaKernels* isa = nullptr;  // the instruction set this input size runs (see EConvLayer::plan)
+  // What a sample works in (padded input, tables, outputs: lookup_impl.cc's EConvScratch of `isa`),
+  // kept from run to run, one set per sample run at once: allocating and zeroing them each run cost
+  // more than small layers' lookups. Guarded by scratch_lock.
+  mutable std::mutex scratch_lock;
+  mutable std::vector<std::shared_ptr<void>> scratch;
 };
 
 struct EConvLayer {

@@ -393,6 +393,26 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
       std::memcpy(y + oa * P.Wo, w.padded.data() + oa * ystride, sizeof(float) * static_cast<size_t>(P.Wo));
 }
 
+// A scratch set of the plan's pool (EConvPlan::scratch), or a new one; given back with give_scratch.
+template <typename T>
+std::shared_ptr<EConvScratch<T>> take_scratch(const EConvLayer& L, const EConvPlan& P) {
+  {
+    std::lock_guard<std::mutex> guard(P.scratch_lock);
+    if (!P.scratch.empty()) {
+      auto w = std::static_pointer_cast<EConvScratch<T>>(P.scratch.back());
+      P.scratch.pop_back();
+      return w;
+    }
+  }
+  return std::make_shared<EConvScratch<T>>(L, P);
+}
+
+template <typename T>
+void give_scratch(const EConvPlan& P, std::shared_ptr<EConvScratch<T>> w) {
+  std::lock_guard<std::mutex> guard(P.scratch_lock);
+  P.scratch.push_back(std::move(w));
+}
+
 // One sample: its work spread over the threads. Several: the samples spread over the threads, each
 // sample's work on one thread (one parallel section per run, no synchronisation between a sample's
 // phases), with as many scratch sets as samples run at once, reused from sample to sample.
@@ -401,22 +421,15 @@ void econv_entries(const EConvLayer& L, const EConvPlan& P, int64_t N, const flo
                    const Parallel& parallel) {
   const int64_t in = L.s.d * P.H * P.W, out = L.s.p * P.Ho * P.Wo;
   if (N == 1) {
-    EConvScratch<T> w(L, P);
-    econv_sample(L, P, x, bias, y, w, parallel);
+    auto w = take_scratch<T>(L, P);
+    econv_sample(L, P, x, bias, y, *w, parallel);
+    give_scratch<T>(P, std::move(w));
     return;
   }
-  std::mutex lock;
-  std::vector<std::unique_ptr<EConvScratch<T>>> idle;
   parallel.run(static_cast<size_t>(N), [&](size_t n) {
-    std::unique_ptr<EConvScratch<T>> w;
-    {
-      std::lock_guard<std::mutex> guard(lock);
-      if (!idle.empty()) w = std::move(idle.back()), idle.pop_back();
-    }
-    if (!w) w = std::make_unique<EConvScratch<T>>(L, P);
+    auto w = take_scratch<T>(L, P);
     econv_sample(L, P, x + static_cast<int64_t>(n) * in, bias, y + static_cast<int64_t>(n) * out, *w, Parallel());
-    std::lock_guard<std::mutex> guard(lock);
-    idle.push_back(std::move(w));
+    give_scratch<T>(P, std::move(w));
   });
 }
 
