@@ -11,7 +11,8 @@
 //      vectorised multiply-add over contiguous positions (pixels for EConv, samples for EFC);
 //   2. lookups: each output adds, per segment and kernel offset, the table entries its code picks
 //      (eq. 9). For EConv that is a whole table row, shifted: contiguous vector adds, accumulated in
-//      registers over all segments and kernel offsets before one store.
+//      registers over all segments and kernel offsets before one store (at stride 1 over a tile's
+//      outputs on the padded grid, row after row: EConvPlan::flat).
 // Tables are built for groups of segments (and tiles of rows or samples) that fit a core's L2 cache;
 // the items of each phase are spread over onnxruntime's intra-op threads (Parallel), or, for an
 // EConv of several samples, the samples. EConv's tables may be int16 / int8 (EConvParams::table_bits):
