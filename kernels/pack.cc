@@ -204,9 +204,9 @@ void pack_econv(EConvLayer& layer, const EConvParams& s, int64_t Vc, const float
   layer.plans_.clear();
 }
 
-// EConv's lookups at strides other than 1 add whole vectors of an output row (stride 1: EConvPlan::flat,
-// the widest vectors): a row of Wo outputs takes ceil(Wo / vec) vectors,
-// and the lanes past Wo are work thrown away (Wo = 8 on 16-float vectors: half). Of the instruction
+// EConv's lookups, unless flat (EConvPlan::flat, which runs the widest vectors), add whole vectors of
+// an output row: a row of Wo outputs takes ceil(Wo / vec) vectors, and the lanes past Wo are work
+// thrown away (Wo = 8 on 16-float vectors: half). Of the instruction
 // sets this CPU runs, the one whose vectors waste the fewest lanes of a row, the best-ranked (`best`,
 // chosen first) among those that waste as few: the lookups are bound by the bytes they load, not by
 // the vector width (measured on a Xeon with AVX-512: AVX2 as fast on rows of 16, faster on rows of
@@ -232,11 +232,13 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
   if (P.Ho <= 0 || P.Wo <= 0) fail("EConv: the kernel does not fit the padded input");
   P.Hp = H + s.pt + s.pb;
   const int64_t Wp = W + s.pl + s.pr;
-  // Stride 1: rows as padded, outputs on the padded grid (EConvPlan::flat). Other strides: columns are
-  // stored split by phase (column mod stride), so every kernel offset reads its output row as one
-  // contiguous run: offset j starts at column (j*dw)/sw of phase (j*dw)%sw. Rows are as wide as the
-  // widest such run, in whole vectors of any instruction set.
-  P.flat = s.sh == 1 && s.sw == 1;
+  // Stride 1, where it loads fewer table entries than whole-vector rows: rows as padded, outputs on the
+  // padded grid (EConvPlan::flat; 18 outputs in rows of 20 rather than 24 or 32, but 16 outputs in
+  // rows of 16 rather than 20). Else columns are stored split by phase (column mod stride), so every
+  // kernel offset reads its output row as one contiguous run: offset j starts at column (j*dw)/sw of
+  // phase (j*dw)%sw. Rows are as wide as the widest such run, in whole vectors of any instruction set.
+  const IsaKernels& rows_isa = isa_forced ? *isa : fullest_vectors(*isa, P.Wo);
+  P.flat = s.sh == 1 && s.sw == 1 && round_up(P.Ho * Wp, kMaxVec) < P.Ho * round_up(P.Wo, rows_isa.vec);
   const int64_t first_max = (s.kw - 1) * s.dw / s.sw;
   P.width = P.flat ? Wp : std::max((Wp + s.sw - 1) / s.sw, first_max + round_up(P.Wo, kMaxVec));
   P.row = s.sw * P.width;
@@ -263,7 +265,7 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
         const int64_t tap = i * s.dh * P.row + (j * s.dw % s.sw) * P.width + j * s.dw / s.sw;
         P.offsets[ov * taps + t] = static_cast<int32_t>(codes[ov * taps + t] * P.plane + tap);
       }
-  P.isa = isa_forced || P.flat ? isa : &fullest_vectors(*isa, P.Wo);  // flat runs waste under a vector a tile
+  P.isa = P.flat ? isa : &rows_isa;  // flat runs waste under a vector a tile: the best set
   plans_.push_back(plan);
   return plan;
 }
