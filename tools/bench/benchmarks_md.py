@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from onnxmerge.model.saving import write_text_atomic
@@ -41,3 +42,16 @@ def write_section(path: Path, name: str, body: str) -> None:
 def cpu_section(name: str, cpu: str) -> str:
     """The name of `name`'s section for one CPU (`name:<cpu slug>`), where each CPU's figures are kept."""
     return f"{name}:" + re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
+
+
+def require(script: str, *, kernels: bool = False, data: bool = False) -> bool:
+    """Whether what `script` needs is here: onnxmerge's native kernels built, ../shared/data found;
+    where not, one line on stderr saying what is missing."""
+    from onnxmerge import kernels as native
+    from onnxmerge.data import shared_data_dir
+
+    why = ([native.unavailable_reason()] if kernels and not native.available() else []) + \
+        (["../shared/data not found (set ONNXMERGE_DATA)"] if data and shared_data_dir() is None else [])
+    for line in why:
+        print(f"{script}: {line}", file=sys.stderr)
+    return not why

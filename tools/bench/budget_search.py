@@ -47,7 +47,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
@@ -301,10 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, help="also write the section to this file")
     args = ap.parse_args(argv)
 
-    from onnxmerge.data import shared_data_dir
-
-    if shared_data_dir() is None:
-        print("budget_search: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
+    if not require("budget_search", data=True):
         return 1
     pairs = args.only or (list(PAIRS) if args.pairs == "all" else list(HALVES[args.pairs]))
     if args.no_train:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 PAIRS = {
     "LeNet pair (MNIST + Fashion-MNIST)": {
@@ -45,12 +45,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from onnxmerge.api import merge
     from onnxmerge.calibration.calibrate import CalibrationConfig, calibrate, perturb_weights
-    from onnxmerge.data import load_named, shared_data_dir
+    from onnxmerge.data import load_named
     from onnxmerge.measure.evaluate import evaluate
     from onnxmerge.measure.latency import machine_info
 
-    if shared_data_dir() is None:
-        print("calibration bench: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
+    if not require("calibration", data=True):
         return 1
     lines = ["## Calibration: pack stays put, and recovery from weight noise", "",
              "Written by `tools/bench/calibration.py`; rerun it to update this section.", "",

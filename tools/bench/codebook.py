@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks_md import BENCHMARKS, write_section  # noqa: E402  (tools/ is not a package)
+from benchmarks_md import BENCHMARKS, require, write_section  # noqa: E402  (tools/ is not a package)
 
 # task name -> (bench model, dataset, image size for load_named)
 EXPERIMENTS = {
@@ -141,11 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
 
-    from onnxmerge.data import shared_data_dir
     from onnxmerge.measure.latency import machine_info
 
-    if shared_data_dir() is None:
-        print("codebook bench: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
+    if not require("codebook", data=True):
         return 1
     header = ["Written by `tools/bench/codebook.py`; rerun it to update this section.", "",
               f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",

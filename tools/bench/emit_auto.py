@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, cpu_section, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 PAIRS = {  # name -> (model files, what it is)
     "example": ([ROOT / "onnxmerge/examples/fashion_lenet.onnx", ROOT / "onnxmerge/examples/digits_lenet.onnx"],
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnxmerge.kernels import DOMAIN
     from onnxmerge.measure.latency import candidate, compare_latency, machine_info
 
-    if not kernels.available():
-        print(f"emit_auto: {kernels.unavailable_reason()}", file=sys.stderr)
+    if not require("emit_auto", kernels=True):
         return 1
     rows, missing = [], []
     for pair in args.pairs.split(","):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, cpu_section, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 from kernels import layer_models  # noqa: E402
 
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnxmerge.measure.latency import candidate, compare_latency, machine_info
     from onnxmerge.passes.codebook.emit_native import TABLE_BITS
 
-    if not kernels.available():
-        print(f"kernel_grid: {kernels.unavailable_reason()}", file=sys.stderr)
+    if not require("kernel_grid", kernels=True):
         return 1
     rng = np.random.default_rng(0)
     cells = [("conv", w, k) for w in CHANNELS for k in KERNELS] + [("fc", w, 1) for w in WIDTHS]

@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks_md import BENCHMARKS, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 MODELS = {"digits": "paper_lenet_fsdd", "fashion": "paper_lenet_fashion32"}
 TARGETS = {"accu": 1.3, "light": 1.8}  # issue 6: single thread, batch 1, native merged vs originals
@@ -279,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnxmerge.measure.latency import latency_table, machine_info
     from onnxmerge.measure.metrics import model_stats
 
-    if not kernels.available():
-        print("kernels: onnxmerge's native kernels are not built (python kernels/build.py); "
-              "nothing to time", file=sys.stderr)
+    if not require("kernels", kernels=True):
         return 1
     paths = ensure_bench_models(list(MODELS.values()))
     originals = {task: str(paths[name]) for task, name in MODELS.items()}

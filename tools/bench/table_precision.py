@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks_md import BENCHMARKS, cpu_section, write_section  # noqa: E402  (tools/ is not a package)
+from benchmarks_md import BENCHMARKS, cpu_section, require, write_section  # noqa: E402  (tools/ is not a package)
 
 TASKS = {"digits": ("paper_lenet_fsdd", "fsdd", None), "fashion": ("paper_lenet_fashion32", "fashion-mnist", 32)}
 PRECISIONS = ("fp32", "int16", "int8")
@@ -47,18 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     from onnxmerge import kernels
     from onnxmerge.api import merge
     from onnxmerge.calibration.calibrate import CalibrationConfig, calibrate
-    from onnxmerge.data import load_named, shared_data_dir
+    from onnxmerge.data import load_named
     from onnxmerge.graph.ops import make_session
     from onnxmerge.measure.evaluate import evaluate
     from onnxmerge.measure.latency import candidate, compare_latency, machine_info
     from onnxmerge.passes.codebook.emit_native import TABLE_BITS, to_native
     from onnxmerge.pipeline.checks import native_difference
 
-    if not kernels.available():
-        print(f"table_precision: {kernels.unavailable_reason()}", file=sys.stderr)
-        return 1
-    if shared_data_dir() is None:
-        print("table_precision: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
+    if not require("table_precision", kernels=True, data=True):
         return 1
     paths = ensure_bench_models([m for m, _, _ in TASKS.values()])
     models = {t: str(paths[m]) for t, (m, _, _) in TASKS.items()}

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 sys.path.insert(0, str(ROOT))
 
@@ -46,12 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from onnxmerge.api import merge
     from onnxmerge.calibration.calibrate import CalibrationConfig
-    from onnxmerge.data import load_named, shared_data_dir
+    from onnxmerge.data import load_named
     from onnxmerge.measure.evaluate import evaluate
     from onnxmerge.measure.latency import machine_info
 
-    if shared_data_dir() is None:
-        print("zipper_defaults: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
+    if not require("zipper_defaults", data=True):
         return 1
     inputs = [str(ROOT / "tests" / "models" / f) for f in FILES.values()]
     calib = {t: load_named(d, "train") for t, d in DATA.items()}

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 PAIRS = {
     "lenet": ("LeNet pair, one initialisation (seed 0 for both, like two fine-tunings of one pre-trained net)",
@@ -53,13 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from onnxmerge.calibration.calibrate import CalibrationConfig
-    from onnxmerge.data import load_named, shared_data_dir
+    from onnxmerge.data import load_named
     from onnxmerge.measure.latency import machine_info
     from onnxmerge.passes import METHODS
     from onnxmerge.sweep import sweep, sweep_markdown
 
-    if shared_data_dir() is None:
-        print("zipper_sweep: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
+    if not require("zipper_sweep", data=True):
         return 1
     calib = {t: load_named(d, "train") for t, d in DATA.items()}
     test = {t: load_named(d, "test") for t, d in DATA.items()}

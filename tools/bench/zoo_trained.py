@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, read_section, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, read_section, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
@@ -319,10 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import train_models
 
-    from onnxmerge.data import shared_data_dir
-
-    if shared_data_dir() is None:
-        print("zoo_trained: ../shared/data not found (set ONNXMERGE_DATA)", file=sys.stderr)
+    if not require("zoo_trained", data=True):
         return 1
     t0 = time.perf_counter()
     names = [n for a in args.only for n in ARCHS[a][1].values()]
