@@ -6,7 +6,8 @@ layer, shared or per task (size).
 
 `then(first, second)` is a Method whose pipeline is the first's up to its clean-up, the second's
 passes on the combined graph, one calibration of the whole merged model at the end, then the
-second's after-calibration passes. The second method sees the graph the first left: a layer the
+second's after-calibration passes and the first's (mtz's FuseRunsPass then finds no layer of its
+form where codebooks replaced the weights). The second method sees the graph the first left: a layer the
 first shared is one node, or (mtz) one node of its shared neurons beside per-task nodes of the
 others; ShareCodebooksPass gives a shared node a codebook of its own. Its options are both methods' (their names do not overlap: checked). The budgeted search runs a
 composition on the first method's best setting within the budget (`Method.composes`), bisecting the
@@ -33,12 +34,10 @@ def then(first: Method, second: Method) -> Method:
         b = second.build({k: p[k] for k in second.options})
         a_clean, a_cal = _index(a, CleanupGraphPass), a.index(CALIBRATE)
         b_combine, b_clean, b_cal = _index(b, CombineGraphsPass), _index(b, CleanupGraphPass), b.index(CALIBRATE)
-        if a[a_cal + 1:]:
-            raise ValueError(f"then({first.name}, ...): {first.name} has passes after calibration")
         if [type(s) for s in b[:b_combine]] != [type(s) for s in a[:len(b[:b_combine])]]:
             raise ValueError(f"then(..., {second.name}): {second.name} rewrites the task graphs before they are "
                              "combined; a composition runs only its passes on the combined graph")
-        return [*a[:a_clean], *b[b_combine + 1:b_clean], *a[a_clean:a_cal + 1], *b[b_cal + 1:]]
+        return [*a[:a_clean], *b[b_combine + 1:b_clean], *a[a_clean:a_cal + 1], *b[b_cal + 1:], *a[a_cal + 1:]]
 
     return Method(
         name=f"{first.name}+{second.name}",

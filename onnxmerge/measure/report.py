@@ -200,6 +200,16 @@ def format_report(report: dict) -> str:
         out.append(_table(["layer", "op", "native us", "dense us", "native/dense", "kept"], [
             [r["layer"], r["op"], _us(r["native_s"], r["native_quartiles_s"]), _us(r["dense_s"], r["dense_quartiles_s"]),
              f"{r['native_s'] / r['dense_s']:.2f}", r["faster"]] for r in timed]))
+    fuse = (report.get("fidelity") or {}).get("mtz_fuse")
+    if fuse and fuse["layers"]:
+        timed_fuse = fuse["mode"] == "auto"
+        out += ["", f"mtz --fuse {fuse['mode']}: each layer of several runs as one node of its dense weight or one node "
+                    "per run" + ("; both timed on this machine (median us per run, batch 1, one thread), the faster "
+                                 "kept" if timed_fuse else "")]
+        out.append(_table(["layer", "runs", "per run us", "fused us", "kept"], [
+            [r["layer"], str(r["runs"]), _us(r["runs_s"], r["runs_quartiles_s"]) if timed_fuse else "-",
+             _us(r["fused_s"], r["fused_quartiles_s"]) if timed_fuse else "-", "fused" if r["fused"] else "per run"]
+            for r in fuse["layers"]]))
     notes = (report.get("fidelity") or {}).get("notes")
     if notes:
         out += ["", "Notes"] + [f"  - {n}" for n in notes]

@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
 from onnxmerge.errors import MergeError
-from onnxmerge.model.runtime import random_feeds
+from onnxmerge.model.runtime import random_feeds, session
 
 
 @dataclass
@@ -94,3 +95,14 @@ def compare_latency(candidates: dict[str, list[Step]], baseline: str, *, min_rou
             "ratio_q1": float(paired[0]), "ratio_q3": float(paired[1]),
         }
     return result
+
+
+def time_models(models: dict[str, onnx.ModelProto], baseline: str, batch: int = 1, threads: int = 1,
+                budget_s: float = 0.3, min_rounds: int = 5, native: bool = False) -> dict[str, dict]:
+    """Small models (one layer in two forms, say) each alone in a session, onnxruntime's optimisations
+    on and onnxmerge's kernels registered where `native`, run at `batch` on `threads` threads, on the
+    same random inputs (candidate's seed is the step's index), interleaved for `budget_s`
+    (compare_latency)."""
+    cands = {name: candidate([session(m, threads=threads, optimize=True, native=native)], batch)
+             for name, m in models.items()}
+    return compare_latency(cands, baseline, min_rounds=min_rounds, warmup=1, budget_s=budget_s, progress=False)

@@ -19,8 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxmerge.graph.ops import export_with_domain, shaped_graph, to_portable
 from onnxmerge.kernels import DOMAIN
-from onnxmerge.model.runtime import session
-from onnxmerge.model.timing import candidate, compare_latency
+from onnxmerge.model.timing import time_models
 
 BUDGET_S = 0.3  # per layer, both forms together
 MIN_ROUNDS = 5
@@ -38,11 +37,8 @@ def time_layers(native: onnx.ModelProto, batch: int = 1, threads: int = 1, budge
         if not shape or not all(isinstance(d, int) for d in shape[1:]):
             continue  # an input of unknown size: nothing to time it on (the operation count decided)
         alone = _alone(node, native, batch)
-        sessions = {"native": session(alone, threads=threads, optimize=True, native=True),
-                    "dense": session(to_portable(alone), threads=threads, optimize=True)}
-        # the same random input for both forms (candidate's seed is the step's index: 0 for each)
-        times = compare_latency({form: candidate([s], batch) for form, s in sessions.items()}, "dense",
-                                min_rounds=MIN_ROUNDS, warmup=1, budget_s=budget_s, progress=False)
+        times = time_models({"native": alone, "dense": to_portable(alone)}, "dense", batch, threads, budget_s,
+                            MIN_ROUNDS, native=True)
         row = {"layer": node.name, "op": node.op, "batch": batch, "threads": threads, "rounds": times["native"]["runs"]}
         for form, t in times.items():
             row[f"{form}_s"], row[f"{form}_quartiles_s"] = 1e-3 * t["median_ms"], [1e-3 * t["q1_ms"], 1e-3 * t["q3_ms"]]

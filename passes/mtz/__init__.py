@@ -2,8 +2,9 @@
 
 Neuron pairs chosen by the layer-wise Hessian functional difference (eq. 12; _hessian) share merged
 incoming weights (eqs. 10-11), layer by layer with light retraining, on the method's own view of
-the network (_zipped.ZippedNet; zip_neurons.ZipNeuronsPass). A model it merged, given first, takes
-further tasks (_resume: its layout in the metadata).
+the network (_zipped.ZippedNet; zip_neurons.ZipNeuronsPass). After calibration, a layer is
+written as one node where that runs faster here (fuse_runs.FuseRunsPass). A model it merged, given
+first, takes further tasks (_resume: its layout in the metadata).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 from onnxmerge.errors import OnnxMergeError
 from onnxmerge.passes import common
 from onnxmerge.passes.mtz._zipped import ZippedNet
+from onnxmerge.passes.mtz.fuse_runs import MODES as FUSE_MODES
+from onnxmerge.passes.mtz.fuse_runs import FuseRunsPass
 from onnxmerge.passes.mtz.zip_neurons import ZipNeuronsPass, parse_counts
 from onnxmerge.pipeline.method import Knob, Method, Option, count, number, positive
 
@@ -21,7 +24,7 @@ def _pipeline(p: dict[str, Any]) -> list:
     zip_neurons = ZipNeuronsPass(p["share_ratio"], parse_counts(p["layer_share"]), p["threshold"], p["alpha"],
                                  p["hessian_samples"], p["retrain_steps"], p["pairing"], p["damping"], p["mtz_seed"],
                                  p["tolerance"])
-    return common.pipeline(combined=[zip_neurons])
+    return common.pipeline(combined=[zip_neurons], after=[FuseRunsPass(p["fuse"])])
 
 
 def _explain(graph, layers: list) -> list[str]:
@@ -67,6 +70,9 @@ METHOD = Method(
                           "authors' code); random: the random-sharing baseline", choices=("optimal", "greedy", "random")),
         "damping": Option(1e-2, "Hessian damping, as a fraction of the mean diagonal", parse=number("damping")),
         "mtz_seed": Option(0, "seed of the Hessian sample and random pairing", parse=int),
+        "fuse": Option("auto", "write a zipped layer as one Conv / Gemm (its dense weight, zero blocks included) "
+                       "instead of one node per run of same-task neurons: auto where that runs faster here (each "
+                       "layer timed both ways, batch 1, one thread), on, off", choices=FUSE_MODES),
         "tolerance": Option(None, "adaptive: per layer, the most pairs (up to --share-ratio) whose merge, after "
                             "--retrain-steps, keeps each task within this many accuracy points of its original on "
                             "labelled held-out samples (--validation, else a fifth of --calib)", parse=number("tolerance")),

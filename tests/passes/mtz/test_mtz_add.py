@@ -32,10 +32,11 @@ def calib3():
 
 
 def merge_ab(tmp_path, files=LENETS, **params):
-    """A+B merged by mtz into a file, as a user would have it."""
+    """A+B merged by mtz into a file, as a user would have it; its layers as built, one node per run
+    (--fuse off: the timed choice would vary from run to run; fused files: test_mtz_fuse.py)."""
     out = tmp_path / "ab.onnx"
     merge(paths(files), out, method="mtz", names=NAMES, calib=calib(),
-          params={"hessian_samples": SAMPLES, **params})
+          params={"hessian_samples": SAMPLES, "fuse": "off", **params})
     return out
 
 
@@ -49,7 +50,7 @@ def test_adding_to_a_merged_file_equals_one_run_of_all_models(tmp_path, arch):
     run of A+B+C (same flags, no retraining): same columns, same weights, same outputs. A wrong layout
     or a merged side whose Hessian is not the sum of its tasks' gives other pairs and weights."""
     files = {"lenet": LENETS, "resnet": RESNETS}[arch]
-    params = {"share_ratio": 0.5, "hessian_samples": SAMPLES}
+    params = {"share_ratio": 0.5, "hessian_samples": SAMPLES, "fuse": "off"}
     one = merge(paths([*files, THIRD[arch]]), method="mtz", names=NAMES3, calib=calib3(), params=params)
     ab = merge_ab(tmp_path, files, share_ratio=0.5)
     added = merge([str(ab), *paths([THIRD[arch]])], tmp_path / "abc.onnx", method="mtz", names=["fashion1"],

@@ -119,7 +119,16 @@ class Merged:
         """Layer k as one dense weight [columns of space k + 1, input features, ...] and bias, the
         tensor its nodes read (before any Slice / Gather) and the nodes' attributes."""
         by_weight = {n.input[1]: n for n in self.model.graph.node if n.op_type in ("Conv", "Gemm")}
-        nodes = [by_weight[w] for w, _ in self.layout["layers"][k]["runs"]]
+        runs = self.layout["layers"][k]["runs"]
+        if runs[0][0] not in by_weight:  # written as one node (mtz --fuse) whose weight is computed from the
+            # runs' weights (constant nodes): that weight and bias evaluated, the dense weight itself
+            (node,) = {id(r): r for r in self.readers[runs[0][0]]}.values()
+            while node.op_type not in ("Conv", "Gemm"):
+                (node,) = {id(r): r for r in self.readers[node.output[0]]}.values()
+            x = np.zeros([d.dim_value or 1 for d in self.model.graph.input[0].type.tensor_type.shape.dim], np.float32)
+            got = self.activations([node.input[1], node.input[2]], x)
+            return got[node.input[1]], got[node.input[2]], node.input[0], attrs(node)
+        nodes = [by_weight[w] for w, _ in runs]
         if len(nodes) > 1:  # the nodes' outputs are joined, in row order, by one Concat
             (cat,) = {id(r): r for n in nodes for r in self.readers[n.output[0]]}.values()
             assert cat.op_type == "Concat"
