@@ -2,8 +2,8 @@
 
 Neuron pairs chosen by the layer-wise Hessian functional difference (eq. 12; _hessian) share merged
 incoming weights (eqs. 10-11), layer by layer with light retraining, on the method's own view of
-the network (_zipped.ZippedNet; zip_neurons.ZipNeuronsPass). After calibration, a layer is
-written as one node where that runs faster here (fuse_runs.FuseRunsPass). A model it merged, given
+the network (_zipped.ZippedNet; zip_neurons.ZipNeuronsPass). After the merge, a layer of several
+runs is written as one node (fuse_runs.FuseRunsPass). A model it merged, given
 first, takes further tasks (_resume: its layout in the metadata).
 """
 
@@ -70,9 +70,10 @@ METHOD = Method(
                           "authors' code); random: the random-sharing baseline", choices=("optimal", "greedy", "random")),
         "damping": Option(1e-2, "Hessian damping, as a fraction of the mean diagonal", parse=number("damping")),
         "mtz_seed": Option(0, "seed of the Hessian sample and random pairing", parse=int),
-        "fuse": Option("auto", "write a zipped layer as one Conv / Gemm (its dense weight, zero blocks included) "
-                       "instead of one node per run of same-task neurons: auto where that runs faster here (each "
-                       "layer timed both ways, batch 1, one thread), on, off", choices=FUSE_MODES),
+        "fuse": Option("on", "write a zipped layer as one Conv / Gemm (its dense weight, zero blocks included) "
+                       "instead of one node per run of same-task neurons: on, off, or auto where that runs faster "
+                       "here (each layer timed both ways, batch 1, one thread; the bytes then follow the timings)",
+                       choices=FUSE_MODES),
         "tolerance": Option(None, "adaptive: per layer, the most pairs (up to --share-ratio) whose merge, after "
                             "--retrain-steps, keeps each task within this many accuracy points of its original on "
                             "labelled held-out samples (--validation, else a fifth of --calib)", parse=number("tolerance")),

@@ -14,10 +14,12 @@ k = 1..K in the Concat's order, rows R_k and the input columns N_k that run k re
 so that W x = Concat_k(W_k x[N_k]) for finite x: each output adds the same products, and products
 with exact zeros, which add nothing (the summation order inside onnxruntime may differ: float
 rounding, checked). The dense weight does more multiplications (the zero blocks: up to twice the
-runs' at share 0), so whether a layer is fused is measured, not guessed (`--fuse auto`): the runs
-and the fused node are each cut out of the model and timed interleaved at batch 1 on one thread
-(onnxmerge.model.timing.time_models), and the faster is kept; `--fuse on` fuses every layer,
-`--fuse off` none. The report lists both timings per layer (figure mtz_fuse).
+runs' at share 0), so `--fuse auto` measures which is faster: the runs and the fused node are each
+cut out of the model and timed interleaved at batch 1 on one thread
+(onnxmerge.model.timing.time_models), and the faster is kept; the report lists both timings per
+layer (figure mtz_fuse). Its choice follows the machine's timings, so the same flags can give
+other bytes; the default, `--fuse on`, fuses every layer (the faster form on every pair of the
+budget suite: BENCHMARKS.md, mtz_fuse), and `--fuse off` none.
 
 The file keeps the runs' weights as they are and builds W from them with constant nodes (each run's
 weight padded with zeros along the input axis, or gathered into place, the runs concatenated), which
@@ -40,6 +42,10 @@ from onnxmerge.pipeline.manager import Pass, PassResult
 
 MODES = ("auto", "on", "off")
 BUDGET_S = 0.2  # per layer, both forms together
+# a fused layer adds its products in another order than its runs (onnxruntime blocks the longer sums
+# otherwise): float rounding, which compounds over depth (1.1e-5 relative on EfficientNet-B0's 52
+# layers); a wrong weight differs by the size of the outputs themselves
+ROUNDING_TOL = 1e-4
 
 
 class FuseRunsPass(Pass):
@@ -50,7 +56,7 @@ class FuseRunsPass(Pass):
     exact = True  # the fused model computes the same outputs to float rounding (checked)
     requires = ("exported",)
 
-    def __init__(self, mode: str = "auto"):
+    def __init__(self, mode: str = "on"):
         if mode not in MODES:
             raise ValueError(f"fuse mode {mode!r}: one of {', '.join(MODES)}")
         self.mode = mode
@@ -87,8 +93,8 @@ class FuseRunsPass(Pass):
             return PassResult(state, False)
         out = _rewrite(model, fused)
         diff = checks.output_difference(out, model)
-        if not diff <= checks.EXACT_TOL:
-            raise MergeError(f"mtz: the fused layers differ from their runs by {diff:.3g} (> {checks.EXACT_TOL:g}): "
+        if not diff <= ROUNDING_TOL:
+            raise MergeError(f"mtz: the fused layers differ from their runs by {diff:.3g} (> {ROUNDING_TOL:g}): "
                              "this is a bug")
         state.info.fidelity["mtz_fuse"]["rel_diff"] = diff
         state.model = out

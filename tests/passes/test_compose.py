@@ -102,7 +102,7 @@ def test_mtz_then_codebooks_plans_the_shared_neurons_too():
     assert plan["target_met"] and plan["bytes"] <= 0.2 * plan["dense_bytes"]
     assert parameter_bytes(composed.model) < 0.35 * parameter_bytes(zipped.model)
     # the shared neurons are still computed once: the same shared nodes as mtz alone, or, where the
-    # codebooks kept a layer dense and mtz's --fuse auto timed it faster as one node, that node
+    # codebooks kept a layer dense, mtz's fused node of it (--fuse on, the default)
     composed_nodes = {n.name for n in composed.model.graph.node if n.op_type in ("Conv", "Gemm")}
     shared = [n.name for n in zipped.model.graph.node if n.name.startswith("shared/") and n.op_type in ("Conv", "Gemm")]
     assert shared and all(name in composed_nodes or f"mtz/{name[len('shared/'):name.rindex('/')]}/fused" in composed_nodes

@@ -70,7 +70,7 @@ def test_fused_layers_compute_their_runs_and_a_fused_file_takes_further_tasks(tm
 
 def test_auto_keeps_the_form_it_timed_faster():
     result = merge(paths(LENETS), method="mtz", names=NAMES, calib=calib(),
-                   params={"share_ratio": 0.5, "hessian_samples": SAMPLES})  # --fuse auto, the default
+                   params={"share_ratio": 0.5, "hessian_samples": SAMPLES, "fuse": "auto"})
     record = result.info.fidelity["mtz_fuse"]
     assert record["mode"] == "auto" and record["layers"]
     names = {n.name for n in result.model.graph.node}
