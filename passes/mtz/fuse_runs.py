@@ -135,6 +135,8 @@ class _Layer:
         attrs = {(r.op_type, str(sorted((a.name, helper.get_attribute_value(a)) for a in r.attribute))) for r in runs}
         if len(attrs) != 1:  # one op with one set of attributes (ZippedNet.build writes them so)
             return None
+        if runs[0].op_type == "Gemm" and [a.i for a in runs[0].attribute if a.name == "transB"] != [1]:
+            return None  # the weight's axis 1 must be its inputs' (ZippedNet.build writes transB=1)
         sources, views, columns = set(), [], []
         for r in runs:
             view = producer.get(r.input[0])
