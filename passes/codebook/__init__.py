@@ -14,7 +14,7 @@ from typing import Any
 from onnxmerge.errors import UsageError
 from onnxmerge.passes import common
 from onnxmerge.passes.codebook._codebook import index_dtype, parse_layer_params
-from onnxmerge.passes.codebook.emit_native import EmitNativePass
+from onnxmerge.passes.codebook.emit_native import TABLE_BITS, EmitNativePass
 from onnxmerge.passes.codebook.plan import parse_size
 from onnxmerge.passes.codebook.share_codebooks import ShareCodebooksPass, explain
 from onnxmerge.pipeline.method import Knob, Method, Option, positive
@@ -83,7 +83,7 @@ METHOD = Method(
                                   "power-of-two scale per sample and segment (a quarter of the bytes for int8, "
                                   "faster lookups, a rounding whose accuracy cost the evaluation measures; EFC "
                                   "tables stay fp32; the portable form computes fp32 tables)",
-                                  choices=("fp32", "int16", "int8")),
+                                  choices=tuple(TABLE_BITS)),
         "kmeans_init": Option(3, "k-means initialisations per segment (the lowest error is kept)",
                               parse=positive("kmeans-init")),
         "kmeans_seed": Option(0, "k-means seed", parse=int),

@@ -70,16 +70,17 @@ class FuseRunsPass(Pass):
         channels = {v.name: v.type.tensor_type.shape.dim[1].dim_value
                     for v in [*inferred.graph.input, *inferred.graph.value_info]
                     if len(v.type.tensor_type.shape.dim) > 1}
-        layers = [_Layer.find(model, entry, channels) for entry in layout["layers"] if len(entry["runs"]) > 1]
+        index = _Index(model)
+        layers = [_Layer.find(index, entry, channels) for entry in layout["layers"] if len(entry["runs"]) > 1]
         layers = [layer for layer in layers if layer is not None]
         if not layers:
             return PassResult(state, False)
+        extractor = Extractor(inferred) if self.mode == "auto" else None  # indexes the model once
         rows, fused = [], []
         for layer in layers:
             row = {"layer": layer.entry["node"], "runs": len(layer.runs)}
             if self.mode == "auto":
-                times = time_models({"runs": layer.runs_model(inferred), "fused": layer.fused_model(inferred)},
-                                    "runs", budget_s=BUDGET_S)
+                times = time_models(layer.forms(extractor), "runs", budget_s=BUDGET_S)
                 for form, t in times.items():
                     row[f"{form}_s"], row[f"{form}_quartiles_s"] = 1e-3 * t["median_ms"], [1e-3 * t["q1_ms"], 1e-3 * t["q3_ms"]]
                 row["fused"] = row["fused_s"] < row["runs_s"]
@@ -101,32 +102,39 @@ class FuseRunsPass(Pass):
         return PassResult(state, True)
 
 
+class _Index:
+    """A model's nodes by the tensors they make and read, and its initializers by name: built once
+    for all the layers a pass looks up."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.readers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
+        self.inits = {i.name: i for i in graph.initializer}
+        self.by_weight = {n.input[1]: n for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3}
+
+
 class _Layer:
     """One zipped layer of several runs in the exported model: its run nodes (Conv / Gemm), the views
     they read (Slice / Gather of one tensor, or that tensor), the Concat of their outputs, and the
     fused weight and bias of eq. F1."""
 
     def __init__(self, entry: dict, source: str, runs: list, views: list, concat, columns: list[np.ndarray],
-                 weights: list[tuple[np.ndarray, np.ndarray]], width: int):
+                 shapes: list[tuple[int, ...]], width: int):
         self.entry, self.source, self.runs, self.views, self.concat = entry, source, runs, views, concat
         self.prefix = f"mtz/{entry['node']}/fused"
-        self.columns, self.width = columns, width
-        self.shapes = [w.shape for w, _ in weights]
+        self.columns, self.shapes, self.width = columns, shapes, width
 
     @classmethod
-    def find(cls, model: onnx.ModelProto, entry: dict, channels: dict[str, int]) -> _Layer | None:
+    def find(cls, index: _Index, entry: dict, channels: dict[str, int]) -> _Layer | None:
         """The layer whose runs' weights `entry` names, or None where the graph is not of that form
         (a run's output read elsewhere, runs that are not one Concat's inputs in order, views along
         another axis, an input of unknown width). `channels`: tensor -> its axis-1 size."""
-        graph = model.graph
-        producer = {o: n for n in graph.node for o in n.output}
-        readers: dict[str, list] = {}
-        for n in graph.node:
-            for i in n.input:
-                readers.setdefault(i, []).append(n)
-        inits = {i.name: i for i in graph.initializer}
-        by_weight = {n.input[1]: n for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3}
-        runs = [by_weight.get(w) for w, _ in entry["runs"]]
+        producer, readers, inits = index.producer, index.readers, index.inits
+        runs = [index.by_weight.get(w) for w, _ in entry["runs"]]
         if any(r is None or len(readers.get(r.output[0], [])) != 1 for r in runs):
             return None
         concat = readers[runs[0].output[0]][0]
@@ -159,28 +167,27 @@ class _Layer:
                 columns.append(None)
         if any(r.input[1] not in inits or r.input[2] not in inits for r in runs):
             return None
-        weights = [(numpy_helper.to_array(inits[r.input[1]]), numpy_helper.to_array(inits[r.input[2]])) for r in runs]
-        columns = [np.arange(w.shape[1]) if c is None else c for c, (w, _) in zip(columns, weights)]
+        shapes = [tuple(inits[r.input[1]].dims) for r in runs]
+        columns = [np.arange(shape[1]) if c is None else c for c, shape in zip(columns, shapes)]
         source = sources.pop() if len(sources) == 1 else None
         if not channels.get(source):
             return None
-        return cls(entry, source, runs, views, concat, columns, weights, channels[source])
+        return cls(entry, source, runs, views, concat, columns, shapes, channels[source])
 
-    def runs_model(self, inferred: onnx.ModelProto) -> onnx.ModelProto:
-        """The runs, their views and the Concat alone (the layer as built)."""
-        return Extractor(inferred).extract_model([self.source], [self.concat.output[0]])
-
-    def fused_model(self, inferred: onnx.ModelProto) -> onnx.ModelProto:
-        """The fused node alone (its weight's subgraph folded by onnxruntime), on the same input."""
-        alone = Extractor(inferred).extract_model([self.source], [self.concat.output[0]])
-        graph = alone.graph
+    def forms(self, extractor: Extractor) -> dict[str, onnx.ModelProto]:
+        """The layer alone in both forms, on the same input: "runs" (the runs, their views and the
+        Concat, as built) and "fused" (the fused node, its weight's subgraph folded by onnxruntime)."""
+        runs = extractor.extract_model([self.source], [self.concat.output[0]])
+        fused = onnx.ModelProto()
+        fused.CopyFrom(runs)
+        graph = fused.graph
         keep = {r.input[i] for r in self.runs for i in (1, 2)}
         inits = [i for i in graph.initializer if i.name in keep]
         del graph.node[:], graph.initializer[:], graph.value_info[:]
         nodes, tensors = self.nodes()
         graph.node.extend(nodes)
         graph.initializer.extend(inits + tensors)
-        return alone
+        return {"runs": runs, "fused": fused}
 
     def nodes(self) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
         """The fused node and the subgraph that builds its weight (eq. F1) and bias from the runs'
@@ -219,8 +226,8 @@ class _Layer:
 
 
 def _rewrite(model: onnx.ModelProto, layers: list[_Layer]) -> onnx.ModelProto:
-    """`model` with each of `layers` one node (in its Concat's place), the runs' weights and the views
-    no other node reads removed."""
+    """`model` with each of `layers` one node and the constant nodes of its weight (in its Concat's
+    place); the run nodes, and the views and constants no other node reads, removed."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     replaced = {layer.concat.name: layer for layer in layers}  # node names are unique (CleanupGraphPass)
