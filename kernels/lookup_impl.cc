@@ -282,13 +282,14 @@ void segment_scales(const EConvLayer& L, const float* x, int64_t HW, float* scal
 }
 
 // What one sample's EConv works in: the padded input, a segment group's tables, the segments'
-// scales (integer tables) and, where output rows are not whole vectors, padded outputs.
+// scales (integer tables) and, where output rows are not whole vectors or the plan is flat, padded
+// outputs.
 template <typename T>
 struct EConvScratch {
   std::vector<float> xp;       // [d][Hp * row]; the pads stay zero for every sample of the plan
   std::vector<T> tables;       // [group][C][plane]
   std::vector<float> scale, inv;
-  std::vector<float> padded;   // [p][Ho][nvec * VEC], or empty
+  std::vector<float> padded;   // flat: [p][out_plane]; else [p][Ho][nvec * VEC], or empty
 
   // xp: flat, the last channel's tables read up to (kw - 1) * dw + 2 vectors past its last row
   EConvScratch(const EConvLayer& L, const EConvPlan& P)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import shlex
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from onnxmerge.model.saving import write_text_atomic
@@ -37,6 +39,13 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     write_text_atomic(path, new)
+
+
+def cpu_header(script: str, argv: list[str]) -> list[str]:
+    """The lines under a per-CPU section's heading (cpu_section): who writes it, the date, the command."""
+    return ["", f"Written by `tools/bench/{script}.py`; one section per CPU (rerun on a CPU to update its own).", "",
+            f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+            f"- command: `python {shlex.join([f'tools/bench/{script}.py', *argv])}`"]
 
 
 def cpu_section(name: str, cpu: str) -> str:

@@ -17,13 +17,11 @@ ratios; auto is "not slower" when that ratio is at least 1 or its upper quartile
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, cpu_header, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 PAIRS = {  # name -> (model files, what it is)
     "example": ([ROOT / "onnxmerge/examples/fashion_lenet.onnx", ROOT / "onnxmerge/examples/digits_lenet.onnx"],
@@ -86,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"portable {row['portable_vs_originals']:.2f}x vs originals", flush=True)
     machine = machine_info()
     lines = [f"## `--emit auto`: the native form only where it is faster, against the portable form: {machine['cpu']}",
-             "", "Written by `tools/bench/emit_auto.py`; one section per CPU (rerun on a CPU to update its own).", "",
-             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `python {shlex.join(['tools/bench/emit_auto.py', *argv])}`",
+             *cpu_header("emit_auto", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores; kernels' instruction set "
              f"{kernels.isa()} (of {', '.join(kernels.isas())})",
              "- each row: codebook merge (no calibration), `--emit auto --target-batch B --target-threads 1` "

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, cpu_header, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 from kernels import layer_models  # noqa: E402
 
@@ -123,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     eligible = [r for r in rows if r["batch"] == 1 and r["theory"] >= THEORY_MIN]
     met = [r for r in eligible if r["reached"] >= TARGET]
     tables = "" if bits == 32 else f", EConv tables in {args.table_precision}"
-    lines = [f"## Native kernels over a grid of layer shapes{tables}: {cpu}", "",
-             "Written by `tools/bench/kernel_grid.py`; one section per CPU (rerun on a CPU to update its own).", "",
-             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `python {shlex.join(['tools/bench/kernel_grid.py', *argv])}`",
+    lines = [f"## Native kernels over a grid of layer shapes{tables}: {cpu}", *cpu_header("kernel_grid", argv),
              f"- machine: {cpu}, {machine['usable_cores']} cores, onnxruntime {machine['onnxruntime']}; kernels' "
              f"instruction set {kernels.isa()} (of {', '.join(kernels.isas())}); one thread",
              "- cells: random codebook and codes; conv: in = out channels, stride 1, same padding, input side "

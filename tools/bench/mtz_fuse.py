@@ -19,13 +19,11 @@ per-round paired ratios.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, cpu_header, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 sys.path.insert(0, str(ROOT / "tools"))
 ARCHS = ("lenet", "vgg", "resnet", "mobilenet", "mlp")
@@ -74,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                   + f"  auto fused {row['fused']}/{row['layers']}", flush=True)
     machine = machine_info()
     cell = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"  # noqa: E731
-    lines = [f"## mtz: zipped layers per run or fused (`--fuse`), against the originals: {machine['cpu']}", "",
-             "Written by `tools/bench/mtz_fuse.py`; one section per CPU (rerun on a CPU to update its own).", "",
-             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `python {shlex.join(['tools/bench/mtz_fuse.py', *argv])}`",
+    lines = [f"## mtz: zipped layers per run or fused (`--fuse`), against the originals: {machine['cpu']}", *cpu_header("mtz_fuse", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores",
              "- models: the budget suite's MNIST and Fashion-MNIST models of one architecture (independently "
              "trained); mtz at the share ratio, Hessians on 128 calibration samples per task, no retraining",

@@ -18,14 +18,12 @@ in one process, one thread, at batch 1 and 32 (onnxmerge.model.timing.compare_la
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks_md import BENCHMARKS, cpu_section, require, write_section  # noqa: E402  (tools/ is not a package)
+from benchmarks_md import BENCHMARKS, cpu_header, cpu_section, require, write_section  # noqa: E402  (tools/ is not a package)
 
 TASKS = {"digits": ("paper_lenet_fsdd", "fsdd", None), "fashion": ("paper_lenet_fashion32", "fashion-mnist", 32)}
 PRECISIONS = ("fp32", "int16", "int8")
@@ -84,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"b={batch} {prec}: {res[prec]['median_ms']:.3f} ms, {res[prec]['ratio']:.2f}x vs originals", flush=True)
 
     machine = machine_info()
-    lines = [f"## EConv lookup tables in fp32, int16 and int8: the paper LeNet pair, {machine['cpu']}", "",
-             "Written by `tools/bench/table_precision.py`; one section per CPU (rerun on a CPU to update its own).", "",
-             f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- command: `python {shlex.join(['tools/bench/table_precision.py', *argv])}`",
+    lines = [f"## EConv lookup tables in fp32, int16 and int8: the paper LeNet pair, {machine['cpu']}", *cpu_header("table_precision", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores; kernels' instruction set "
              f"{kernels.isa()} (of {', '.join(kernels.isas())})",
              f"- model: paper_lenet_fsdd (digits) + paper_lenet_fashion32 (fashion), codebook `{args.preset}`, "
