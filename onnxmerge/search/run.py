@@ -127,6 +127,12 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     # the originals' answers on the held-out data, from pack: it computes them exactly (checked by merge)
     original_correct = correct(base.model, base.info, held)
     calibration = calibration or CalibrationConfig()
+    from_calib = [t for t in names if not where[t].startswith("--validation")]
+    if from_calib:  # the usual case of a user who calibrates on the models' training data
+        notes.append(f"validation of {', '.join(from_calib)}: held out of --calib; if the models trained on these "
+                     "samples, they know them better than unseen data, and losses read high (about 1.5 times the "
+                     "test-split loss on the budget suite, README \"Held-out data\"): give --validation data they "
+                     "did not train on")
     if importlib.util.find_spec("torch") is None:  # candidates are judged as merged, none calibrated
         calibration = dataclasses.replace(calibration, steps=0)
         notes.append("PyTorch is not installed: no candidate was calibrated, each was judged as merged "

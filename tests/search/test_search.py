@@ -122,6 +122,20 @@ def test_bisection_finds_the_most_aggressive_setting_within_budget(fake_trials):
     assert all(w is None for _, _, w in fake_trials)
 
 
+def test_validation_held_out_of_calib_is_flagged_and_given_validation_is_not(fake_trials):
+    # held out of --calib: the notes warn that losses read high if the models trained on these samples
+    names = list(PAIR)
+    held = _search_examples(methods=["zipper"], max_loss=1.0)
+    flagged = [n for n in held.notes if n.startswith("validation of ")]
+    assert len(flagged) == 1 and all(t in flagged[0] for t in names) and "--validation" in flagged[0]
+    given = _search_examples(methods=["zipper"], max_loss=1.0,
+                             validation={n: load_dataset(_calib(n)) for n in names[:1]})
+    (partly,) = [n for n in given.notes if n.startswith("validation of ")]
+    assert partly.startswith(f"validation of {names[1]}: held out")
+    every = _search_examples(methods=["zipper"], max_loss=1.0, validation={n: load_dataset(_calib(n)) for n in names})
+    assert not any(n.startswith("validation of ") for n in every.notes)
+
+
 def test_a_setting_that_cannot_beat_the_best_is_not_calibrated(fake_trials):
     # zipper finds k=3 (700 bytes); codebook's k=4 is smaller but over the budget, and its k=2 and k=3
     # cannot beat 700 bytes: they are skipped, not measured

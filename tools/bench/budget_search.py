@@ -9,8 +9,10 @@ log-spectrograms, 32x32), every model from its own seed and with its own recipe.
 the Python API as `onnxmerge A.onnx B.onnx -o M.onnx --max-loss 1 --calib TASK=PATH ... --objective O
 --time-budget S` would search it (onnxmerge.search.run.search):
 
-- calibration data: 2,000 samples of each task's TRAIN split (build/budget_models/*_calib.npz); the search
-  holds out its own validation part of them (a fifth) to choose on;
+- calibration data: samples of the part of each task's TRAIN split the models trained on
+  (build/budget_models/*_calib.npz); validation data, which the search chooses on: the part of the TRAIN
+  split held back from the models' training (build/budget_models/*_valid.npz, `--validation`; the paper
+  pair's models trained on all of it: the search holds out a fifth of its calibration data);
 - pairs of one architecture (MNIST + Fashion-MNIST): `--objective latency`; target at least 2x smaller and
   at least 1.5x faster than the originals run one after another in separate sessions (one thread, batch 1);
 - pairs of different architectures (most with spoken digits): `--objective size`; target at least 5x smaller
@@ -64,6 +66,7 @@ OBJECTIVE = {"same": "latency", "different": "size", "paper": "size"}
 TASK_DATA = {"mnist": "mnist", "fashion": "fashion-mnist", "digits": "fsdd"}  # task -> dataset
 TEST_FILES = {"mnist": "mnist_test.npz", "fashion": "fashion_test.npz", "digits": "digits_test.npz"}
 CALIB_FILES = {"mnist": "mnist_calib.npz", "fashion": "fashion_calib.npz", "digits": "digits_calib.npz"}
+VALID_FILES = {"mnist": "mnist_valid.npz", "fashion": "fashion_valid.npz", "digits": "digits_valid.npz"}
 
 # The pairs: name -> (kind, {task: model of the budget group}). Split into the tuning half and the report half
 # BEFORE any search was run on them (2026-12-04), and fixed since: tune the search on TUNING only; REPORT is
@@ -92,6 +95,7 @@ PAPER = {"paper_lenet_fsdd+paper_lenet_fashion32": ("paper", {"digits": "paper_l
                                                               "fashion": "paper_lenet_fashion32"})}
 HALVES = {"tuning": TUNING, "report": REPORT, "paper": PAPER}
 PAIRS = {**TUNING, **REPORT, **PAPER}
+PAPER_CALIB = {"digits": (2000, 2), "fashion": (5000, 1)}  # task -> (samples, Dataset.subset seed)
 PAPER_TEST = {"digits": "digits_eval.npz", "fashion": "fashion32_eval.npz"}  # bench group: the full test splits
 
 assert not set(TUNING) & set(REPORT)
@@ -109,8 +113,9 @@ def rel(p: Path) -> str:
         return str(p)
 
 
-def pair_files(pair: str, work: Path) -> tuple[dict[str, Path], dict[str, Path], dict[str, Path]]:
-    """({task: model}, {task: calibration file}, {task: test file}) of `pair`, training or writing what is missing."""
+def pair_files(pair: str, work: Path) -> tuple[dict[str, Path], dict[str, Path], dict[str, Path], dict[str, Path]]:
+    """({task: model}, {task: calibration file}, {task: validation file} (none for the paper pair), {task: test
+    file}) of `pair`, training or writing what is missing."""
     import train_models
 
     from onnxmerge.data import load_named, save_npz
@@ -119,19 +124,19 @@ def pair_files(pair: str, work: Path) -> tuple[dict[str, Path], dict[str, Path],
     if kind == "paper":
         paths = train_models.ensure_bench_models(list(models.values()))
         calib = {t: work / f"paper_{t}_calib.npz" for t in models}
-        for t, path in calib.items():  # as the budget group's calibration files (BUDGET_CALIB), fashion at 32x32
+        for t, path in calib.items():  # samples of the train split its models trained on, fashion at 32x32
             if not path.is_file():
-                _, n, seed = train_models.BUDGET_CALIB[TASK_DATA[t]]
+                n, seed = PAPER_CALIB[t]
                 work.mkdir(parents=True, exist_ok=True)
                 ds = load_named(TASK_DATA[t], "train", size=32).subset(n, seed)
                 ds.preprocessing = {**ds.preprocessing, "subset": f"{len(ds)} of the {TASK_DATA[t]} train split drawn "
                                     f"at random (Dataset.subset(n, seed={seed}))" + (", resized to 32x32" if t != "digits" else "")}
                 save_npz(path, ds)
         test = {t: PAPER_MODELS / PAPER_TEST[t] for t in models}
-        return {t: paths[m] for t, m in models.items()}, calib, test
+        return {t: paths[m] for t, m in models.items()}, calib, {}, test
     paths = train_models.ensure_budget_models(list(models.values()))
     return ({t: paths[m] for t, m in models.items()}, {t: MODELS / CALIB_FILES[t] for t in models},
-            {t: MODELS / TEST_FILES[t] for t in models})
+            {t: MODELS / VALID_FILES[t] for t in models}, {t: MODELS / TEST_FILES[t] for t in models})
 
 
 def architectures(pair: str) -> dict[str, str]:
@@ -153,18 +158,20 @@ def run_pair(pair: str, time_budget: float, work: Path) -> dict:
 
     kind, _ = PAIRS[pair]
     objective = OBJECTIVE[kind]
-    models, calib_files, test_files = pair_files(pair, work)
+    models, calib_files, valid_files, test_files = pair_files(pair, work)
     tasks = list(models)
     calib = {t: load_dataset(p) for t, p in calib_files.items()}
+    validation = {t: load_dataset(p) for t, p in valid_files.items()} or None
     test = {t: load_dataset(p) for t, p in test_files.items()}
     command = shlex.join(["onnxmerge", *[rel(models[t]) for t in tasks], "-o", rel(work / f"{pair}.onnx"),
                           "--names", ",".join(tasks), "--max-loss", f"{MAX_LOSS:g}",
                           *[a for t in tasks for a in ("--calib", f"{t}={rel(calib_files[t])}")],
+                          *[a for t in valid_files for a in ("--validation", f"{t}={rel(valid_files[t])}")],
                           "--objective", objective, "--time-budget", f"{time_budget:g}",
                           *[a for t in tasks for a in ("--data", f"{t}={rel(test_files[t])}")]])
     print(f"\n=== {pair} ({half_of(pair)} half, {kind}): {command}", flush=True)
     t0 = time.perf_counter()
-    result = search([str(models[t]) for t in tasks], tasks, calib, max_loss=MAX_LOSS, objective=objective,
+    result = search([str(models[t]) for t in tasks], tasks, calib, validation=validation, max_loss=MAX_LOSS, objective=objective,
                     time_budget_s=time_budget, progress=False, log=lambda line: print("    " + line, flush=True))
     search_s = time.perf_counter() - t0
     chosen = result.chosen
@@ -191,6 +198,7 @@ def run_pair(pair: str, time_budget: float, work: Path) -> dict:
         "macs": chosen.macs, "speedup_search": chosen.speedup, "speedup": speedup,
         "latency_ms": {"originals": lat["originals"]["median_ms"], "merged": lat["merged"]["median_ms"]},
         "validation_loss_points": chosen.loss, "validation": result.validation,
+        "validation_samples": {t: len(d) for t, d in (validation or {}).items()},
         "test_accuracy": acc, "test_original_accuracy": orig, "test_change_points": change,
         "test_samples": {t: ev[t]["n"] for t in tasks},
         "within_on_test": within, "target": target, "target_met": meets, "accepted": within and meets,
@@ -207,10 +215,23 @@ def run_pair(pair: str, time_budget: float, work: Path) -> dict:
     return row
 
 
-def calib_text() -> str:
+def data_text() -> str:
+    """What the budget pairs' searches were given: calibration and validation samples per dataset."""
     import train_models
 
-    return ", ".join(f"{n:,} samples of the {ds} train split" for ds, (_, n, _) in train_models.BUDGET_CALIB.items())
+    calib = ", ".join(f"{n:,} ({ds})" for ds, (_, n, _) in train_models.BUDGET_CALIB.items())
+    held = ", ".join(f"{n:,} ({ds})" for ds, (_, n, _) in train_models.BUDGET_VALIDATION.items())
+    return (f"`--calib` {calib} samples of the part of the train split the models trained on, `--validation` "
+            f"(what the search chooses on) the {held} samples of the train split held back from their training")
+
+
+def chosen_on(r: dict) -> str:
+    """Where a row's search measured the loss it chose on: data held back from the models' training, or a
+    fifth of the calibration data (which the models trained on)."""
+    where = r["validation"]
+    if all(w.startswith("--validation") for w in where.values()):
+        return "held back from training: " + ", ".join(f"{t} {n:,}" for t, n in r["validation_samples"].items())
+    return "a fifth of --calib, trained on: " + ", ".join(f"{t} {w.split(' of ')[0]}" for t, w in where.items())
 
 
 def target_text(kind: str) -> str:
@@ -220,7 +241,7 @@ def target_text(kind: str) -> str:
 
 def table(rows: list[dict]) -> list[str]:
     head = ["pair", "half", "architectures (task: arch)", "objective", "chosen", "smaller", "speed-up (b=1, 1 thread)",
-            "test accuracy (change, points)", "within 1 point on test", "target", "met", "trials", "search s", "run"]
+            "test accuracy (change, points)", "chosen on", "within 1 point on test", "target", "met", "trials", "search s", "run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         tasks = r["tasks"]
@@ -228,7 +249,7 @@ def table(rows: list[dict]) -> list[str]:
         accs = ", ".join(f"{t} {100 * r['test_accuracy'][t]:.2f}% ({r['test_change_points'][t]:+.2f})" for t in tasks)
         lines.append("| " + " | ".join([
             f"`{r['pair']}`", r["half"], archs, r["objective"], f"`{r['chosen']}`" + (" (calibrated)" if r["calibrated"] else ""),
-            f"{r['compression']:.2f}x", f"{r['speedup']:.2f}x", accs, "yes" if r["within_on_test"] else "**no**",
+            f"{r['compression']:.2f}x", f"{r['speedup']:.2f}x", accs, chosen_on(r), "yes" if r["within_on_test"] else "**no**",
             target_text(r["kind"]), "yes" if r["accepted"] else "**no**", str(r["trials"]), f"{r['search_seconds']:.0f}",
             f"{r['date']}, {r.get('cpu', 'CPU not recorded')}"]) + " |")
     return lines
@@ -258,8 +279,9 @@ def section(rows: list[dict], argv: list[str], seconds: float) -> str:
         + ", ".join(f"`{p}`" for p in TUNING) + "; **report half** (never tuned on) "
         + ", ".join(f"`{p}`" for p in REPORT) + "; and the paper's LeNet pair (NeuralMerger experiment 4.1, "
         "developed on: neither half)",
-        "- each search: `--max-loss 1` with " + calib_text() + " as `--calib` (the search holds "
-        "out a fifth to choose on); same-architecture pairs `--objective latency` (target >= 2x smaller and >= 1.5x "
+        "- each search: `--max-loss 1` with " + data_text() + " (column \"chosen on\": rows of earlier runs, "
+        "and the paper pair, whose models trained on the whole train split, chose on a fifth of their "
+        "calibration samples, which the models had trained on); same-architecture pairs `--objective latency` (target >= 2x smaller and >= 1.5x "
         "faster), different architectures and the paper pair `--objective size` (targets >= 5x and >= 15x smaller)",
         "- test accuracy: the chosen model on each task's full test split (MNIST and Fashion-MNIST 10,000 images, "
         "spoken digits 300 recordings: one recording is 0.33 points), which the search never saw; change = merged "
