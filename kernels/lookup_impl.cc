@@ -141,6 +141,38 @@ inline ivec load_entries(const T* p) {
 #endif
 }
 
+// int8 entries on x86 are summed per segment as 16-bit integers, 2 * VEC to a vector: one widening
+// load (vpmovsxbw) per two float vectors where 32-bit sums take one per vector, and half the
+// registers for the sums. Exact while a segment's sum cannot leave int16: entries are within +-127,
+// so for at most kSum16Taps kernel offsets; larger kernels sum in 32 bits.
+#if defined(__AVX512BW__) || defined(__AVX2__)
+#define ONNXMERGE_SUM16 1
+constexpr int64_t kSum16Taps = std::numeric_limits<int16_t>::max() / std::numeric_limits<int8_t>::max();
+typedef int16_t svec __attribute__((vector_size(2 * VEC * sizeof(int16_t))));
+
+inline svec load_entries16(const int8_t* p) {
+#if defined(__AVX512BW__)
+  return reinterpret_cast<svec>(
+      _mm512_maskz_cvtepi8_epi16(0xFFFFFFFFu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
+  return reinterpret_cast<svec>(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#endif
+}
+
+// the first and the last VEC of s's 16-bit integers as 32-bit integers
+inline void widen16(svec s, ivec& first, ivec& last) {
+#if defined(__AVX512BW__)
+  const __m512i w = reinterpret_cast<__m512i>(s);
+  first = reinterpret_cast<ivec>(_mm512_maskz_cvtepi16_epi32(0xFFFF, _mm512_maskz_extracti64x4_epi64(0xF, w, 0)));
+  last = reinterpret_cast<ivec>(_mm512_maskz_cvtepi16_epi32(0xFFFF, _mm512_maskz_extracti64x4_epi64(0xF, w, 1)));
+#else
+  const __m256i w = reinterpret_cast<__m256i>(s);
+  first = reinterpret_cast<ivec>(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(w)));
+  last = reinterpret_cast<ivec>(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(w, 1)));
+#endif
+}
+#endif
+
 template <typename T>
 inline void put(T* p, vec a, float inv) {
   if constexpr (std::is_same_v<T, float>) {
@@ -193,14 +225,18 @@ void econv_tables(const EConvLayer& L, const EConvPlan& P, const float* xp, int6
 // Phase 2 for RB output rows of K vectors: y[rb][.] (+)= sum over the group's segments and kernel
 // offsets of the table row each code picks. t points at the group's tables, shifted to the first
 // output row and column; a segment's offsets (code plane + kernel offset) are at off[v * taps ..].
-// Integer entries are summed per segment as 32-bit integers (exact) and added to the float sums
-// scaled by the segment's scale (a power of two: exact), in segment order.
+// Integer entries are summed per segment as integers (exact: 16-bit for int8 on x86 where the
+// segment's offsets allow, ONNXMERGE_SUM16, else 32-bit) and added to the float sums scaled by the
+// segment's scale (a power of two: exact), in segment order.
 template <typename T, int RB, int K>
 void econv_lookup(float* y, int64_t ystride, bool init, float bias, const T* t, int64_t rowstep, int64_t segs,
                   int64_t seg_stride, const int32_t* off, int64_t taps, const float* scale) {
   vec acc[RB][K];
   for (int rb = 0; rb < RB; ++rb)
     for (int k = 0; k < K; ++k) acc[rb][k] = init ? splat(bias) : load(y + rb * ystride + k * VEC);
+#ifdef ONNXMERGE_SUM16
+  const bool sum16 = std::is_same_v<T, int8_t> && K == 2 && taps <= kSum16Taps;
+#endif
   for (int64_t v = 0; v < segs; ++v) {
     const T* tv = t + v * seg_stride;
     const int32_t* ov = off + v * taps;
@@ -210,6 +246,21 @@ void econv_lookup(float* y, int64_t ystride, bool init, float bias, const T* t, 
         for (int rb = 0; rb < RB; ++rb)
           for (int k = 0; k < K; ++k) acc[rb][k] += load(src + rb * rowstep + k * VEC);
       }
+#ifdef ONNXMERGE_SUM16
+    } else if (std::is_same_v<T, int8_t> && sum16) {  // K == 2: one 16-bit vector covers both float vectors
+      svec sum[RB] = {};
+      for (int64_t i = 0; i < taps; ++i) {
+        const int8_t* src = reinterpret_cast<const int8_t*>(tv + ov[i]);
+        for (int rb = 0; rb < RB; ++rb) sum[rb] += load_entries16(src + rb * rowstep);
+      }
+      const vec sv = splat(scale[v]);
+      for (int rb = 0; rb < RB; ++rb) {
+        ivec first, last;
+        widen16(sum[rb], first, last);
+        acc[rb][0] += __builtin_convertvector(first, vec) * sv;
+        acc[rb][K - 1] += __builtin_convertvector(last, vec) * sv;
+      }
+#endif
     } else {
       ivec sum[RB][K] = {};
       for (int64_t i = 0; i < taps; ++i) {
@@ -228,12 +279,19 @@ void econv_lookup(float* y, int64_t ystride, bool init, float bias, const T* t, 
 
 // output rows accumulated together (independent add chains sharing each offset load) and vectors per
 // row: as many accumulators as the registers hold (32 with AVX-512, 16 otherwise); integer tables
-// need as many again for the per-segment sums, so half the rows
+// need as many again for the per-segment sums, so half the rows, except int8 summed in 16 bits (half
+// as many sums again)
 #ifndef ONNXMERGE_ROWS
 #define ONNXMERGE_ROWS (VEC == 16 ? 8 : 4)
 #endif
+#ifdef ONNXMERGE_SUM16
+constexpr bool kSum16 = true;
+#else
+constexpr bool kSum16 = false;
+#endif
 template <typename T>
-constexpr int kRows = std::is_same_v<T, float> ? ONNXMERGE_ROWS : std::max(1, ONNXMERGE_ROWS / 2);
+constexpr int kRows = std::is_same_v<T, float> || (std::is_same_v<T, int8_t> && kSum16)
+                          ? ONNXMERGE_ROWS : std::max(1, ONNXMERGE_ROWS / 2);
 constexpr int kVecs = 2;
 
 template <typename T>

@@ -213,6 +213,26 @@ def test_integer_tables_match_their_reference_on_every_instruction_set(isa, bits
         assert rel(got, reference(op, x, codebook, codes, bias, attrs, isa)) <= TOL, (isa, x.shape, attrs)
 
 
+@pytest.mark.parametrize("k", [15, 19])
+@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+def test_int8_sums_that_would_leave_int16_are_exact(isa, k, monkeypatch):
+    """int8 entries are summed per segment in 16 bits on x86 while kh * kw * 127 fits (15x15 = 225
+    offsets), in 32 bits beyond (19x19 = 361): positive inputs and one positive codeword picked
+    everywhere put every entry near +127, so a 19x19 segment's sum passes 32,767 and 16-bit sums
+    would wrap."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
+    rng = np.random.default_rng(k)
+    d, p, r, n_codes = 4, 3, 4, 8
+    codebook = rng.standard_normal((1, n_codes, r)).astype(np.float32)
+    codebook[0, 5] = np.abs(codebook[0, 5]) + 1.0
+    codes = np.full((1, p, k, k), 5, np.uint8)
+    x = rng.uniform(0.9, 1.0, (1, d, k + 6, k + 40)).astype(np.float32)  # rows of two vectors and more
+    attrs = dict(in_channels=d, kernel_shape=[k, k], strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], table_bits=8)
+    got = native_session(one_node("EConv", x.ndim, codebook, codes, None, **attrs)).run(None, {"X": x})[0]
+    want = reference("EConv", x, codebook, codes, None, attrs, isa)
+    assert rel(got, want) <= TOL, (isa, k)
+
+
 def test_integer_tables_turn_a_nan_input_into_nan_outputs_as_the_reference_does():
     """A sample with a NaN (or infinite) input has no finite scale: its outputs are NaN, in the
     kernels as in the reference (std::max would drop the NaN and round garbage instead)."""
