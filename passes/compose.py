@@ -6,8 +6,9 @@ layer, shared or per task (size).
 
 `then(first, second)` is a Method whose pipeline is the first's up to its clean-up, the second's
 passes on the combined graph, one calibration of the whole merged model at the end, then the
-second's after-calibration passes and the first's (mtz's FuseRunsPass then finds no layer of its
-form where codebooks replaced the weights). The second method sees the graph the first left: a layer the
+second's after-calibration passes and the first's (mtz's FuseRunsPass then fuses each zipped
+layer whose runs' weights the portable codebook form gathers, and leaves native EConv / EFC runs as
+they are). The second method sees the graph the first left: a layer the
 first shared is one node, or (mtz) one node of its shared neurons beside per-task nodes of the
 others; ShareCodebooksPass gives a shared node a codebook of its own. Its options are both methods' (their names do not overlap: checked). The budgeted search runs a
 composition on the first method's best setting within the budget (`Method.composes`), bisecting the

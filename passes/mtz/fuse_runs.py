@@ -25,7 +25,9 @@ The file keeps the runs' weights as they are and builds W from them with constan
 weight padded with zeros along the input axis, or gathered into place, the runs concatenated), which
 onnxruntime folds once, when it creates the session: the zero blocks are never stored, the file is
 as small as before, and its layout (ZippedNet.layout: the runs' weights by name) still lets
-ZippedNet.resume zip further tasks into it.
+ZippedNet.resume zip further tasks into it. A run's weight may itself be computed from constants
+(mtz+codebook: the portable codebook form gathers it from a codebook by codes): W is then built from
+those tensors, and onnxruntime folds the whole chain.
 """
 
 from __future__ import annotations
@@ -67,11 +69,11 @@ class FuseRunsPass(Pass):
             return PassResult(state, False)
         model = state.model
         inferred = onnx.shape_inference.infer_shapes(model)
-        channels = {v.name: v.type.tensor_type.shape.dim[1].dim_value
-                    for v in [*inferred.graph.input, *inferred.graph.value_info]
-                    if len(v.type.tensor_type.shape.dim) > 1}
+        shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+                  for v in [*inferred.graph.input, *inferred.graph.value_info]}
+        shapes.update({i.name: tuple(i.dims) for i in model.graph.initializer})
         index = _Index(model)
-        layers = [_Layer.find(index, entry, channels) for entry in layout["layers"] if len(entry["runs"]) > 1]
+        layers = [_Layer.find(index, entry, shapes) for entry in layout["layers"] if len(entry["runs"]) > 1]
         layers = [layer for layer in layers if layer is not None]
         if not layers:
             return PassResult(state, False)
@@ -103,8 +105,10 @@ class FuseRunsPass(Pass):
 
 
 class _Index:
-    """A model's nodes by the tensors they make and read, and its initializers by name: built once
-    for all the layers a pass looks up."""
+    """A model's nodes by the tensors they make and read, its initializers by name, and the tensors
+    computed from initializers alone (constants: a codebook's gathered weight): built once for all
+    the layers a pass looks up. Conv / Gemm nodes with a bias are found by their bias, which stays an
+    initializer of the name the layout gives it (a weight may be computed under another name)."""
 
     def __init__(self, model: onnx.ModelProto):
         graph = model.graph
@@ -114,7 +118,11 @@ class _Index:
             for i in n.input:
                 self.readers.setdefault(i, []).append(n)
         self.inits = {i.name: i for i in graph.initializer}
-        self.by_weight = {n.input[1]: n for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3}
+        self.constant = set(self.inits)
+        for n in graph.node:  # topologically sorted: a node's inputs are made before it
+            if n.input and all(i in self.constant for i in n.input if i):
+                self.constant.update(n.output)
+        self.by_bias = {n.input[2]: n for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) == 3}
 
 
 class _Layer:
@@ -129,12 +137,13 @@ class _Layer:
         self.columns, self.shapes, self.width = columns, shapes, width
 
     @classmethod
-    def find(cls, index: _Index, entry: dict, channels: dict[str, int]) -> _Layer | None:
-        """The layer whose runs' weights `entry` names, or None where the graph is not of that form
+    def find(cls, index: _Index, entry: dict, shapes: dict[str, tuple[int, ...]]) -> _Layer | None:
+        """The layer whose runs' biases `entry` names, or None where the graph is not of that form
         (a run's output read elsewhere, runs that are not one Concat's inputs in order, views along
-        another axis, an input of unknown width). `channels`: tensor -> its axis-1 size."""
+        another axis, a weight that is not constant, a shape not known). `shapes`: tensor -> its shape
+        (0 where a dimension is not known)."""
         producer, readers, inits = index.producer, index.readers, index.inits
-        runs = [index.by_weight.get(w) for w, _ in entry["runs"]]
+        runs = [index.by_bias.get(b) for _, b in entry["runs"]]
         if any(r is None or len(readers.get(r.output[0], [])) != 1 for r in runs):
             return None
         concat = readers[runs[0].output[0]][0]
@@ -165,14 +174,16 @@ class _Layer:
             else:
                 sources.add(r.input[0])
                 columns.append(None)
-        if any(r.input[1] not in inits or r.input[2] not in inits for r in runs):
+        weights = [shapes.get(r.input[1], ()) for r in runs]
+        if any(r.input[1] not in index.constant or r.input[2] not in inits or len(w) < 2 or 0 in w
+               for r, w in zip(runs, weights)):
             return None
-        shapes = [tuple(inits[r.input[1]].dims) for r in runs]
-        columns = [np.arange(shape[1]) if c is None else c for c, shape in zip(columns, shapes)]
+        columns = [np.arange(w[1]) if c is None else c for c, w in zip(columns, weights)]
         source = sources.pop() if len(sources) == 1 else None
-        if not channels.get(source):
+        width = shapes.get(source, (0, 0))[1] if source is not None and len(shapes.get(source, ())) > 1 else 0
+        if not width:
             return None
-        return cls(entry, source, runs, views, concat, columns, shapes, channels[source])
+        return cls(entry, source, runs, views, concat, columns, weights, width)
 
     def forms(self, extractor: Extractor) -> dict[str, onnx.ModelProto]:
         """The layer alone in both forms, on the same input: "runs" (the runs, their views and the
@@ -181,10 +192,12 @@ class _Layer:
         fused = onnx.ModelProto()
         fused.CopyFrom(runs)
         graph = fused.graph
-        keep = {r.input[i] for r in self.runs for i in (1, 2)}
-        inits = [i for i in graph.initializer if i.name in keep]
-        del graph.node[:], graph.initializer[:], graph.value_info[:]
+        gone = {n.name for n in (*self.runs, *self.views, self.concat)}
         nodes, tensors = self.nodes()
+        nodes = [n for n in graph.node if n.name not in gone] + nodes  # what computes the runs' weights stays
+        read = {i for n in nodes for i in n.input}
+        inits = [i for i in graph.initializer if i.name in read]
+        del graph.node[:], graph.initializer[:], graph.value_info[:]
         graph.node.extend(nodes)
         graph.initializer.extend(inits + tensors)
         return {"runs": runs, "fused": fused}

@@ -78,3 +78,26 @@ def test_auto_keeps_the_form_it_timed_faster():
         assert row["fused"] == (row["fused_s"] < row["runs_s"]) == (f"mtz/{row['layer']}/fused" in names), row
     concat = set(_runs(result.model))
     assert concat == {f"mtz/{r['layer']}/concat" for r in record["layers"] if not r["fused"]}
+
+
+def test_a_composition_s_codebook_weights_are_fused_too():
+    """mtz+codebook: the runs' weights are gathered from codebooks (the portable form), not stored;
+    the fused node's weight is built from those gathered tensors, and the model computes what its
+    runs compute. `auto` times the two forms with the gathering subgraph in both."""
+    params = {"share_ratio": 0.5, "hessian_samples": SAMPLES, "size": 0.2}
+    made = {fuse: merge(paths(LENETS), method="mtz+codebook", names=NAMES, calib=calib(), calibrate_last=False,
+                        params={**params, "fuse": fuse}) for fuse in ("off", "on", "auto")}
+    runs, fused = made["off"].model, made["on"].model
+    concats = _runs(runs)
+    assert concats and not _runs(fused)
+    assert all(r["fused"] for r in made["on"].info.fidelity["mtz_fuse"]["layers"])
+    assert {f"mtz/{r['layer']}/concat" for r in made["on"].info.fidelity["mtz_fuse"]["layers"]} == set(concats)
+    assert parameter_bytes(fused) <= parameter_bytes(runs)  # the codebooks and codes, no dense weight stored
+    x = load_dataset(shipped(MODELS / "fashion_eval.npz")).x[:32]
+    want = outputs(runs, made["off"].info, x)
+    for form in ("on", "auto"):
+        got = outputs(made[form].model, made[form].info, x)
+        for name in NAMES:
+            assert np.abs(got[name] - want[name]).max() <= 1e-5 * max(1.0, np.abs(want[name]).max()), (form, name)
+    timed = made["auto"].info.fidelity["mtz_fuse"]["layers"]
+    assert len(timed) == len(concats) and all(r["fused_s"] > 0 and r["runs_s"] > 0 for r in timed)
