@@ -586,6 +586,7 @@ def budget_split(ds: str, train: Dataset) -> tuple[Dataset, Dataset]:
     _, n, seed = BUDGET_VALIDATION[ds]
     return train.split(n, seed)
 
+
 SPECS = [
     Spec("fashion_lenet", "examples", "lenet", "fashion-mnist", epochs=3, lr=2e-3),
     Spec("digits_lenet", "examples", "lenet", "fsdd", epochs=25, lr=2e-3, batch=64, weight_decay=1e-4),
@@ -789,7 +790,7 @@ def write_eval_set(group: str, ds: str, out_dir: Path) -> Dataset:
     return sub
 
 
-def write_calib_set(ds: str, out_dir: Path) -> Path:
+def write_budget_sets(ds: str, out_dir: Path) -> Path:
     """The budget group's calibration and validation files of dataset `ds` (BUDGET_CALIB,
     BUDGET_VALIDATION) in `out_dir`: calibration samples drawn at random with a fixed seed from the part of
     the train split the models trained on, validation the part held back (never the test split)."""
@@ -823,7 +824,7 @@ def train_and_export(specs: list[Spec], out_dirs: dict[str, Path]) -> dict[str, 
     for group, ds in sorted({(s.group, s.dataset) for s in specs}):
         evals[group, ds] = write_eval_set(group, ds, out_dirs[group])
         if group == "budget":
-            write_calib_set(ds, out_dirs[group])
+            write_budget_sets(ds, out_dirs[group])
 
     results: dict[str, dict[str, dict]] = {g: {} for g in GROUPS}
     print(f"{'model':22} {'params':>8} {'epochs':>6} {'train s':>8} {'acc test':>9} {'acc eval':>9} "
@@ -964,7 +965,7 @@ def ensure_models(group: str, names: list[str] | None = None, out_dir: str | Pat
         if not (out / EVAL_SETS[group, ds][0]).is_file():
             write_eval_set(group, ds, out)
         if group == "budget" and not all((out / f[ds][0]).is_file() for f in (BUDGET_CALIB, BUDGET_VALIDATION)):
-            write_calib_set(ds, out)
+            write_budget_sets(ds, out)
     return {n: out / f"{n}.onnx" for n in names}
 
 

@@ -180,7 +180,8 @@ class _Layer:
             return None
         columns = [np.arange(w[1]) if c is None else c for c, w in zip(columns, weights)]
         source = sources.pop() if len(sources) == 1 else None
-        width = shapes.get(source, (0, 0))[1] if source is not None and len(shapes.get(source, ())) > 1 else 0
+        shape = shapes.get(source, ())
+        width = shape[1] if len(shape) > 1 else 0
         if not width:
             return None
         return cls(entry, source, runs, views, concat, columns, weights, width)
@@ -189,18 +190,7 @@ class _Layer:
         """The layer alone in both forms, on the same input: "runs" (the runs, their views and the
         Concat, as built) and "fused" (the fused node, its weight's subgraph folded by onnxruntime)."""
         runs = extractor.extract_model([self.source], [self.concat.output[0]])
-        fused = onnx.ModelProto()
-        fused.CopyFrom(runs)
-        graph = fused.graph
-        gone = {n.name for n in (*self.runs, *self.views, self.concat)}
-        nodes, tensors = self.nodes()
-        nodes = [n for n in graph.node if n.name not in gone] + nodes  # what computes the runs' weights stays
-        read = {i for n in nodes for i in n.input}
-        inits = [i for i in graph.initializer if i.name in read]
-        del graph.node[:], graph.initializer[:], graph.value_info[:]
-        graph.node.extend(nodes)
-        graph.initializer.extend(inits + tensors)
-        return {"runs": runs, "fused": fused}
+        return {"runs": runs, "fused": _rewrite(runs, [self])}
 
     def nodes(self) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
         """The fused node and the subgraph that builds its weight (eq. F1) and bias from the runs'
