@@ -268,7 +268,8 @@ def merge(
     (onnxmerge.calibration.calibrate), with `calibration`'s settings. `validation` (task name -> labelled
     Dataset) is held-out data for choices made during the merge (mtz's --tolerance; without it,
     samples of `calib` are held out). `warm_start`, an earlier merged model of the
-    same tasks, gives the starting weights (progressive zippering: onnxmerge.sweep). `checkpoint`
+    same tasks, gives the starting weights (progressive zippering: onnxmerge.sweep; a composition
+    started from its first method's calibrated model: onnxmerge.search). `checkpoint`
     (onnxmerge.calibration.calibrate.Checkpoint) makes the calibration save its state and resume from it; the
     file is removed once the merged model is saved. `portable_fallback`: a native form that this
     machine cannot run (kernels not built) is written in its portable form, with a warning in
@@ -286,7 +287,7 @@ def merge(
         check_writable(output)
     if dump_dir is not None and Path(dump_dir).exists() and not Path(dump_dir).is_dir():
         raise UsageError(f"--dump-dir {dump_dir}: is a file, not a folder")
-    if warm_start is not None and chosen.sweep is None:
+    if warm_start is not None and not chosen.warm:
         raise UsageError(f"method {chosen.name} cannot start from an earlier merged model (warm_start)")
     method_params = chosen.parameters(params or {})
     before, after = split_pipeline(chosen.pipeline(method_params))

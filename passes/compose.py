@@ -50,6 +50,7 @@ def then(first: Method, second: Method) -> Method:
         search=Knob(second.search.ladder, f"{second.search.describe}, on {first.name}'s best setting",
                     saves=tuple(dict.fromkeys(first.search.saves + second.search.saves))),
         composes=(first.name, second.name),
+        warm=first.warm,  # the first's passes load the warm start; the second's run on what they leave
     )
 
 

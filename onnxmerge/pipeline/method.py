@@ -73,6 +73,10 @@ class Method:
     rewrites_layers: bool = True  # whether it edits weight-bearing layers (a model without any is refused)
     extends_merged: bool = False  # whether a model it merged, given first, takes further tasks
     sweep: str | None = None  # the layer-count parameter that a progressive sweep (--sweep) walks
+    # whether a merge can start from the weights of an earlier merged model of the same tasks
+    # (api.merge's warm_start, read by its LoadWeightsPass): a sweep's previous step, or the
+    # calibrated model a composition's first method found
+    warm: bool = False
     validation: str | None = None  # the parameter whose choices are measured on --validation data
     # pairs of parameters that contradict each other (one would be silently ignored), with why
     conflicts: tuple[tuple[str, str, str], ...] = ()

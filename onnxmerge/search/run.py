@@ -187,8 +187,17 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         start_from = choose(first, max_loss, objective)
         best = choose([t for t in trials if t.within(max_loss)], max_loss, objective)
         ladder = [{**(params or {}), **start_from.params, **p} for p in comp.search.ladder(n_layers)]
+        # from the first method's model as calibrated (its shared layers' averages corrected), so that
+        # the second's loss adds to a recovered one, not to the raw merge's (issue 18)
+        warm = start_from.model if comp.warm else None
+        if comp.warm and warm is None:
+            notes.append(f"{comp.name} started from a fresh {comp.composes[0]} merge: the model of "
+                         f"{comp.composes[0]} {_setting(start_from.params)} was not kept")
+        elif warm is not None:
+            notes.append(f"{comp.name} started from {comp.composes[0]} {_setting(start_from.params)} as the search "
+                         f"{'calibrated' if start_from.calibrated else 'merged'} it")
         found_notes, best = bisect_method(setup, comp.name, ladder, max_loss, objective, best, deadline,
-                                          on_trial=record, guess=max(t.seconds for t in trials))
+                                          on_trial=record, guess=max(t.seconds for t in trials), start=warm)
         notes += found_notes
     if world > 1:
         trials, notes = _gather(trials, notes, rank, world)
@@ -206,12 +215,13 @@ def _strength(method, objective: str) -> int:
 
 
 def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, objective: str, best: Trial,
-                  deadline: float, on_trial, prune: bool = True, guess: float = 0.0) -> tuple[list[str], Trial]:
+                  deadline: float, on_trial, prune: bool = True, guess: float = 0.0,
+                  start=None) -> tuple[list[str], Trial]:
     """Bisect one method's ladder for its most aggressive setting within the budget; `best`: the best
     model within the budget found before (with `prune`, settings that cannot beat it are not calibrated);
     `on_trial(trial)` receives each trial; `guess`: the seconds a trial is taken to last before this
-    method has run one (the longest trial of the methods before it); returns the notes and the best
-    model now. Only the models of this method's best setting and of the warm start are kept (a big
+    method has run one (the longest trial of the methods before it); `start`: the earlier merged model
+    every setting starts from (a composition's first method's); returns the notes and the best model now. Only the models of this method's best setting and of the warm start are kept (a big
     pair's candidates would not all fit in memory)."""
     method, notes, tried = METHODS[name], [], []
     lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
@@ -228,7 +238,8 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
         try:
             worth = (lambda t: beats(t, best, objective)) if prune else None
             trial = run_trial(setup, name, ladder[mid], max_loss, worth,
-                              warm if method.sweep and method.sweep in ladder[mid] else None)
+                              start if start is not None else warm if method.sweep and method.sweep in ladder[mid]
+                              else None)
         except (MergeError, UsageError) as e:
             if not tried:  # its first trial: the method does not apply to these models
                 notes.append(f"{name} does not apply: {e}")

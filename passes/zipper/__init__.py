@@ -55,6 +55,7 @@ METHOD = Method(
     summary="same-architecture models share their first K layers (weights averaged, eq. 1), computed once",
     build=_pipeline,
     sweep="share",
+    warm=True,
     explain=_explain,
     # share 1, 2, ... layers: each more is smaller and (with depthwise shared) faster
     # the shared layers' work is done once: latency first (their parameters are halved, not more)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 from conftest import MODELS, shipped
 from onnxmerge.api import merge
 from onnxmerge.data import load_dataset
+from onnxmerge.errors import UsageError
 from onnxmerge.measure.evaluate import run_task
 from onnxmerge.measure.metrics import parameter_bytes
 from onnxmerge.model.runtime import session
@@ -68,6 +70,33 @@ def test_shared_layers_are_computed_once_and_every_layer_is_planned():
     plan = composed.info.fidelity["codebook_plan"]
     assert plan["target_met"] and plan["bytes"] <= 0.1 * plan["dense_bytes"]
     assert parameter_bytes(composed.model) < 0.2 * parameter_bytes(zipped.model)
+
+
+def test_a_composition_starts_from_the_first_method_s_merged_model():
+    """The search starts zipper+codebook from zipper's calibrated model (warm_start): with codebooks
+    that lose nothing, the composition computes that model's function, not the fresh merge's. The
+    'calibration' here is noise on every weight, so that a composition that ignored the warm start
+    (or loaded only some of its weights) would differ."""
+    zipped = merge(_paths(), method="zipper", names=NAMES, calib=_calib(), calibrate_last=False, params={"share": 2})
+    warm = zipped.model
+    rng = np.random.default_rng(0)
+    for init in warm.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size > 1:
+            init.CopyFrom(numpy_helper.from_array(w + 0.05 * np.abs(w).mean() * rng.standard_normal(w.shape)
+                                                  .astype(np.float32), init.name))
+    exact = {"share": 2, "codewords": 4096, "heads": "codebook", "if_larger": "codebook"}
+    composed = merge(_paths(), method=COMPOSED, names=NAMES, calib=_calib(), calibrate_last=False,
+                     params=exact, warm_start=warm)
+    fresh = merge(_paths(), method=COMPOSED, names=NAMES, calib=_calib(), calibrate_last=False, params=exact)
+    assert all(g["exact"] for g in composed.info.fidelity["codebook_layers"])
+    a, b, c = session(composed.model), session(warm), session(fresh.model)
+    for task, ds in zip(composed.info.tasks, _calib().values()):
+        got, want = run_task(a, task, ds.x[:64]), run_task(b, task, ds.x[:64])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert np.abs(run_task(c, task, ds.x[:64]) - want).max() > 1e-2 * np.abs(want).max()
+    with pytest.raises(UsageError, match="cannot start from an earlier merged model"):
+        merge(_paths(), method=MTZ_COMPOSED, names=NAMES, calib=_calib(), calibrate_last=False, warm_start=warm)
 
 
 MTZ_COMPOSED = "mtz+codebook"

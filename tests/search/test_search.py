@@ -325,6 +325,9 @@ def test_a_composition_starts_from_its_first_method_s_best_setting(fake_trials, 
     assert all(m == "zipper" for m, _ in tried[:first])  # the composition after the method it starts from
     assert all(p["k"] == 3 for _, p in tried[first:])
     assert result.chosen.method == COMPOSED and result.chosen.params == {"k": 3, "j": 2}
+    # every composition setting starts from zipper's k=3 model (as the search calibrated it)
+    start = next(t.model for t in result.trials if t.method == "zipper" and t.params == {"k": 3})
+    assert start is not None and all(w is start for m, _, w in fake_trials if m == COMPOSED)
 
 
 def test_the_method_a_composition_starts_from_is_not_pruned(fake_trials, fake_compositions):
