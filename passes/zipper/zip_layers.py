@@ -147,13 +147,18 @@ def _crossing(graph: gs.Graph, prefix: list[gs.Node]) -> list[gs.Tensor]:
 
 
 def _valid_cut(graph: gs.Graph, tasks: list[Task], k: int) -> tuple[int, dict[str, gs.Tensor]]:
-    """The smallest k' >= k whose prefix is left through exactly one tensor in every task."""
+    """The smallest k' >= k whose prefix holds exactly the layers 0 .. k'-1 and is left through
+    exactly one tensor in every task. (The prefix of a block's shortcut, listed after the block's
+    convolutions, is the block's input alone: cut there, the count would name layers it does not share.)"""
     last = len(tasks[0].layers) - 1
     for kk in range(k, last + 1):
         cuts = {}
         for task in tasks:
-            crossing = _crossing(graph, _prefix_nodes(graph, task, kk))
-            if len(crossing) != 1:
+            prefix = _prefix_nodes(graph, task, kk)
+            names = {n.name for n in prefix}
+            crossing = _crossing(graph, prefix)
+            if len(crossing) != 1 or any((f"{task.name}/{layer.node}" in names) != (i < kk)
+                                         for i, layer in enumerate(task.layers)):
                 break
             cuts[task.name] = crossing[0]
         else:

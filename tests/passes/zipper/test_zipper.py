@@ -103,6 +103,22 @@ def test_residual_block_is_shared_whole():
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-4)
 
 
+def test_every_share_count_names_the_layers_it_shares():
+    """Whatever --share asks, the count recorded is the layers shared: the merge equals eq. 1 on
+    exactly those. (A block's 1x1 shortcut is listed after its convolutions and reads the block's
+    input: a cut there shares the blocks before it only, and once recorded their count plus two.)"""
+    n = len(layer_view(load_tasks(paths("resnet"), NAMES).tasks[0].graph))
+    counts = set()
+    for share in range(1, n - 1):
+        result = merge(paths("resnet"), method="zipper", names=NAMES, params={"share": share, "match": "none"})
+        k = result.info.params["share"]
+        got, ref = outputs(result, data()), reference("resnet", k)
+        for name in NAMES:
+            np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-4, err_msg=f"share {share} -> {k}")
+        counts.add(k)
+    assert len(counts) >= 3
+
+
 def test_layer_map_points_shared_layers_at_the_backbone():
     result = merge(paths("lenet"), method="zipper", names=NAMES, params={"share": 2})
     tensors = {o for n in result.model.graph.node for o in n.output}
