@@ -229,7 +229,7 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
         # a trial started now must end within the budget: this method's longest trial so far is the guess
         # (calibration, which dominates, runs to the same step budget each time); before its first, the
         # longest of the methods before it (a method's first trial once ran 48 s past a 600 s budget)
-        ran = [t.seconds for t in tried if not t.status.startswith("skipped")]
+        ran = [t.seconds for t in tried if t.measured]
         if time.time() + max(ran, default=guess) > deadline:
             notes.append(f"time budget spent: {name} settings {', '.join(_setting(p) for p in ladder[lo + 1:hi])} "
                          "not tried")
@@ -239,7 +239,8 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
             worth = (lambda t: beats(t, best, objective)) if prune else None
             trial = run_trial(setup, name, ladder[mid], max_loss, worth,
                               start if start is not None else warm if method.sweep and method.sweep in ladder[mid]
-                              else None)
+                              else None,
+                              same=lambda eff: next((t for t in tried if t.measured and t.effective == eff), None))
         except (MergeError, UsageError) as e:
             if not tried:  # its first trial: the method does not apply to these models
                 notes.append(f"{name} does not apply: {e}")
@@ -247,11 +248,12 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
             trial = Trial(name, ladder[mid], status=f"failed: {e}")
         tried.append(trial)
         on_trial(trial)
-        if trial.status.startswith("skipped") or trial.within(max_loss):
+        outcome = trial.same_as or trial  # a setting the merge rounded to one tried before: that one's outcome
+        if outcome.status.startswith("skipped") or outcome.within(max_loss):
             lo = mid  # only more aggressive settings can do better
-            if trial.within(max_loss):
-                warm = trial.model
-                best = choose([best, trial], max_loss, objective)
+            if outcome.within(max_loss):
+                warm = outcome.model
+                best = choose([best, outcome], max_loss, objective)
         else:
             hi = mid
         for t in tried:

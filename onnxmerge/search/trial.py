@@ -53,10 +53,16 @@ class Trial:
     seconds: float = 0.0
     model: onnx.ModelProto | None = field(default=None, repr=False)
     info: MergedInfo | None = field(default=None, repr=False)
+    # the knob's values the merge recorded (a method may round a setting up: zipper's cut moves to a
+    # residual block's end), and the earlier trial of the same model, where there was one
+    effective: dict[str, Any] = field(default_factory=dict)
+    same_as: Trial | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
-        return self.method + "".join(f" {k}={v}" for k, v in self.params.items())
+        rounded = {k: v for k, v in self.effective.items() if self.params.get(k) != v}
+        return (self.method + "".join(f" {k}={v}" for k, v in self.params.items())
+                + (f" (merged as {' '.join(f'{k}={v}' for k, v in rounded.items())})" if rounded else ""))
 
     @property
     def measured(self) -> bool:
@@ -77,7 +83,8 @@ class Trial:
         return {"method": self.method, "params": self.params, "label": self.label, "status": self.status,
                 "bytes": self.bytes, "macs": self.macs, "speedup": self.speedup,
                 "speedup_quartiles": self.speedup_quartiles, "accuracy": self.accuracy,
-                "loss_points": self.loss, "loss_standard_error": self.error, "calibrated": self.calibrated, "seconds": round(self.seconds, 1)}
+                "loss_points": self.loss, "loss_standard_error": self.error, "calibrated": self.calibrated, "seconds": round(self.seconds, 1),
+                "effective_params": self.effective}
 
 
 @dataclass
@@ -101,14 +108,21 @@ class Setup:
 
 
 def run_trial(setup: Setup, method: str, params: dict, max_loss: float, beats=None,
-              warm_start: onnx.ModelProto | None = None) -> Trial:
+              warm_start: onnx.ModelProto | None = None, same=None) -> Trial:
     """Merge, measure and if needed calibrate one candidate. `beats(trial)`: whether its size or
     latency, measured before calibration, could still improve on the best model found; a trial
-    that could not is returned as skipped without calibrating it."""
+    that could not is returned as skipped without calibrating it. `same(effective)`: the earlier
+    trial whose merge recorded the same knob values, if any; this one is then not measured again."""
     start = time.perf_counter()
     trial = Trial(method, dict(params))
     result = merge(setup.inputs, method=method, names=setup.names, params=params, warm_start=warm_start,
                    calib=setup.calib, calibration=setup.calibration, calibrate_last=False)
+    trial.effective = {k: result.info.params.get(k, v) for k, v in params.items()}
+    earlier = same(trial.effective) if same is not None else None
+    if earlier is not None:
+        trial.status, trial.same_as = f"same model as {earlier.label}", earlier
+        trial.seconds = time.perf_counter() - start
+        return trial
     trial.model, trial.info = result.model, result.info
     trial.bytes, trial.macs = parameter_bytes(result.model), count_macs(result.model)
     teachers = {t.name: t.original for t in result.state.tasks}

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import EXAMPLES, shipped
+from conftest import EXAMPLES, MODELS, shipped
+from onnxmerge.calibration.calibrate import CalibrationConfig
 from onnxmerge.cli import main
 from onnxmerge.data import Dataset, load_dataset
 from onnxmerge.errors import UsageError
@@ -86,7 +87,7 @@ def fake_trials(monkeypatch):
     points, within a budget of 1 up to k = 3) and whose size falls with it; records each call."""
     calls = []
 
-    def fake_run_trial(setup, method, params, max_loss, beats=None, warm_start=None):
+    def fake_run_trial(setup, method, params, max_loss, beats=None, warm_start=None, same=None):
         calls.append((method, dict(params), warm_start))
         k = params.get("k", 0)
         t = Trial(method, dict(params), bytes=1000 - 100 * k, speedup=1.0 + k / 10,
@@ -299,7 +300,7 @@ def fake_compositions(fake_trials, monkeypatch):
         lambda n: [{"j": j} for j in range(1, 9)], "j")}))
     fake, offset = search_run.run_trial, {"zipper": 0.0}
 
-    def run_trial(setup, method, params, max_loss, beats=None, warm_start=None):
+    def run_trial(setup, method, params, max_loss, beats=None, warm_start=None, same=None):
         t = fake(setup, method, {k: v for k, v in params.items() if k != "j"}, max_loss, None, warm_start)
         fake_trials[-1] = (method, dict(params), warm_start)
         j = params.get("j", 0)
@@ -366,3 +367,20 @@ def test_without_pytorch_candidates_are_judged_as_merged(monkeypatch):
     assert codebook and all(t.measured and not t.calibrated for t in codebook)
     assert any(n.startswith("PyTorch is not installed: no candidate was calibrated") for n in result.notes)
     assert not any("does not apply" in n for n in result.notes)
+
+
+def test_a_setting_the_merge_rounds_to_one_tried_before_is_not_measured_again():
+    """zipper rounds --share up to a residual block's end: on the ResNet pair, settings merged as one
+    model are measured once; the later one says which it is, and the bisection goes by that outcome."""
+    paths = [str(shipped(MODELS / f)) for f in ("resnet_mnist.onnx", "resnet_fashion.onnx")]
+    calib = {n: load_dataset(shipped(MODELS / f"{n}_eval.npz")) for n in ("mnist", "fashion")}
+    result = search(paths, ["mnist", "fashion"], calib, max_loss=100, methods=["zipper"], progress=False,
+                    calibration=CalibrationConfig(steps=0), measure_latency=False, log=lambda line: None)
+    zipper = [t for t in result.trials if t.method == "zipper"]
+    measured = [t for t in zipper if t.measured]
+    assert len({t.effective["share"] for t in measured}) == len(measured)  # each model measured once
+    again = [t for t in zipper if t.same_as is not None]
+    assert again and all(t.effective == t.same_as.effective and t.status == f"same model as {t.same_as.label}"
+                         for t in again)
+    assert any("merged as share=" in t.label for t in measured)  # a rounded setting says what it merged
+    assert result.chosen.effective["share"] == max(t.effective["share"] for t in zipper)  # budget 100: the most
