@@ -12,11 +12,12 @@ data per task. The search:
   falls or stays, so each trial halves what is left. Neighbouring settings of a method that can start
   from an earlier merged model (zipper) start from the calibrated model of the last setting that was
   within the budget (warm start);
-- then each composition of two methods (Method.composes: zipper's shared layers, then codebooks on
-  the layers that stay per task) on the first method's best setting within the budget, bisecting the
-  second's knob; where the first can (Method.warm: zipper), every setting starts from the first's
-  model as the search calibrated it, so the second's loss adds to a recovered model rather than to
-  the raw merge; it is not tried where the first found no setting within the budget;
+- each composition of two methods (Method.composes: zipper's shared layers, then codebooks on the
+  layers that stay per task) right after its first method (with --jobs: after every method), on
+  that method's best setting within the budget, bisecting the second's knob; where the first can
+  (Method.warm: zipper), every setting starts from the first's model as the search calibrated it,
+  so the second's loss adds to a recovered model rather than to the raw merge; it is not tried
+  where the first found no setting within the budget;
 - tries first the methods whose knob saves what the objective asks for (`Knob.saves`), so that the
   pruning below has a strong model to compare with early;
 - abandons early: a setting whose size (or latency), known before calibration, cannot beat the best

@@ -162,43 +162,55 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     starts = {c.composes[0] for c in compositions}
     work = [(setup, name, [{**(params or {}), **p} for p in METHODS[name].search.ladder(n_layers)], max_loss,
              objective, best, deadline, name not in starts) for name in mine]
+
+    def compose(comp) -> None:
+        """Bisect composition `comp`'s knob on its first method's best setting within the budget."""
+        nonlocal best
+        if not any(t.method == comp.composes[0] for t in trials):
+            notes.append(f"{comp.name} does not apply: {comp.composes[0]} does not")
+            return
+        first = [t for t in trials if t.method == comp.composes[0] and t.within(max_loss)]
+        if not first:
+            notes.append(f"{comp.name} not tried: no {comp.composes[0]} setting was measured within the budget "
+                         "(each one tried was over it)")
+            return
+        start_from = choose(first, max_loss, objective)
+        best = choose([t for t in trials if t.within(max_loss)], max_loss, objective)
+        ladder = [{**(params or {}), **start_from.params, **start_from.effective, **p}
+                  for p in comp.search.ladder(n_layers)]
+        # from the first method's model as calibrated (its shared layers' averages corrected), so that
+        # the second's loss adds to a recovered one, not to the raw merge's (issue 18)
+        warm = start_from.model if comp.warm else None
+        if comp.warm and warm is None:
+            notes.append(f"{comp.name} started from a fresh {comp.composes[0]} merge: the model of "
+                         f"{start_from.label} was not kept")
+        elif warm is not None:
+            notes.append(f"{comp.name} started from {start_from.label} as the search "
+                         f"{'calibrated' if start_from.calibrated else 'merged'} it")
+        found_notes, best = bisect_method(setup, comp.name, ladder, max_loss, objective, best, deadline,
+                                          on_trial=record, guess=max(t.seconds for t in trials), start=warm)
+        notes.extend(found_notes)
+
+    # a composition runs where its first method was searched (under torchrun: by this process)
+    composed_here = [c for c in compositions if c.composes[0] in mine]
     if jobs > 1 and len(work) > 1:
         with ProcessPoolExecutor(min(jobs, len(work)), mp_context=multiprocessing.get_context("spawn")) as pool:
             for found, found_notes in pool.map(_bisect_printing, work):
                 for t in found:
                     record(t)
                 notes += found_notes
+        for comp in composed_here:
+            compose(comp)
     else:
         for job in work:  # each method prunes against what the methods before it found
             found_notes, best = bisect_method(*job[:5], best, deadline, on_trial=record, prune=job[7],
                                               guess=max(t.seconds for t in trials))
             notes += found_notes
-    for comp in compositions:  # where its first method was searched (under torchrun: by this process)
-        if comp.composes[0] not in mine:
-            continue
-        if not any(t.method == comp.composes[0] for t in trials):
-            notes.append(f"{comp.name} does not apply: {comp.composes[0]} does not")
-            continue
-        first = [t for t in trials if t.method == comp.composes[0] and t.within(max_loss)]
-        if not first:
-            notes.append(f"{comp.name} not tried: no {comp.composes[0]} setting was measured within the budget "
-                         "(each one tried was over it)")
-            continue
-        start_from = choose(first, max_loss, objective)
-        best = choose([t for t in trials if t.within(max_loss)], max_loss, objective)
-        ladder = [{**(params or {}), **start_from.params, **p} for p in comp.search.ladder(n_layers)]
-        # from the first method's model as calibrated (its shared layers' averages corrected), so that
-        # the second's loss adds to a recovered one, not to the raw merge's (issue 18)
-        warm = start_from.model if comp.warm else None
-        if comp.warm and warm is None:
-            notes.append(f"{comp.name} started from a fresh {comp.composes[0]} merge: the model of "
-                         f"{comp.composes[0]} {_setting(start_from.params)} was not kept")
-        elif warm is not None:
-            notes.append(f"{comp.name} started from {comp.composes[0]} {_setting(start_from.params)} as the search "
-                         f"{'calibrated' if start_from.calibrated else 'merged'} it")
-        found_notes, best = bisect_method(setup, comp.name, ladder, max_loss, objective, best, deadline,
-                                          on_trial=record, guess=max(t.seconds for t in trials), start=warm)
-        notes += found_notes
+            # a composition right after its first method: its start is at hand, and what it finds
+            # prunes the methods after it (it beats its first method on bytes at the same latency)
+            for comp in composed_here:
+                if comp.composes[0] == job[1]:
+                    compose(comp)
     if world > 1:
         trials, notes = _gather(trials, notes, rank, world)
     bar.n = min(int(time.perf_counter() - start), bar.total)

@@ -331,6 +331,17 @@ def test_a_composition_starts_from_its_first_method_s_best_setting(fake_trials, 
     assert start is not None and all(w is start for m, _, w in fake_trials if m == COMPOSED)
 
 
+def test_a_composition_runs_right_after_its_first_method(fake_trials, fake_compositions):
+    """Its start is at hand, and what it finds prunes the methods after it: zipper, then
+    zipper+codebook, then codebook, whose settings cannot beat the composition's j=2 (680 bytes) at
+    k <= 3 and so are not calibrated."""
+    result = _search_examples(methods=["zipper", "codebook", COMPOSED], max_loss=1.5)
+    order = [m for m, _, _ in fake_trials if m != "pack"]
+    assert order == sorted(order, key=["zipper", COMPOSED, "codebook"].index)
+    assert all(t.status.startswith("skipped") for t in result.trials if t.method == "codebook" and t.params["k"] <= 3)
+    assert result.chosen.method == COMPOSED
+
+
 def test_the_method_a_composition_starts_from_is_not_pruned(fake_trials, fake_compositions):
     """codebook, searched first, finds k=3 (700 bytes); zipper's settings alone cannot beat that, but
     the composition needs zipper's best within the budget measured: zipper is bisected unpruned,
