@@ -56,7 +56,7 @@ def markdown(result: SearchResult) -> str:
              f"loss plus {CONFIDENCE_Z:g} standard error(s) is.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, t in enumerate(result.trials, 1):
-        setting = " ".join(f"{a}={b}" for a, b in t.params.items()) or "-"
+        setting = t.setting
         if not t.measured:
             lines.append("| " + " | ".join([str(k), t.method, setting, t.status, *[""] * (len(head) - 4)]) + " |")
             continue

@@ -167,7 +167,9 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         """Bisect composition `comp`'s knob on its first method's best setting within the budget."""
         nonlocal best
         if not any(t.method == comp.composes[0] for t in trials):
-            notes.append(f"{comp.name} does not apply: {comp.composes[0]} does not")
+            refused = any(n.startswith(f"{comp.composes[0]} does not apply") for n in notes)
+            notes.append(f"{comp.name} does not apply: {comp.composes[0]} does not" if refused else
+                         f"{comp.name} not tried: {comp.composes[0]} was not tried (time budget)")
             return
         first = [t for t in trials if t.method == comp.composes[0] and t.within(max_loss)]
         if not first:
@@ -221,9 +223,10 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
 
 
 def _strength(method, objective: str) -> int:
-    """Where `objective` stands among what the method's knob saves (0: its first strength)."""
+    """Where `objective` stands among what the method's knob saves (0: its first strength; a knob
+    that does not save it at all after every knob that does)."""
     saves = method.search.saves if method.search else ()
-    return saves.index(objective) if objective in saves else len(saves)
+    return saves.index(objective) if objective in saves else len(OBJECTIVES)
 
 
 def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, objective: str, best: Trial,
@@ -233,8 +236,10 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
     model within the budget found before (with `prune`, settings that cannot beat it are not calibrated);
     `on_trial(trial)` receives each trial; `guess`: the seconds a trial is taken to last before this
     method has run one (the longest trial of the methods before it); `start`: the earlier merged model
-    every setting starts from (a composition's first method's); returns the notes and the best model now. Only the models of this method's best setting and of the warm start are kept (a big
-    pair's candidates would not all fit in memory)."""
+    every setting starts from (a composition's first method's); returns the notes and the best model
+    now. Only the models of this method's best setting and of the warm start are kept (a big pair's
+    candidates would not all fit in memory). A setting that the merge rounds to one tried before
+    (Trial.effective) is not measured again: that trial's outcome steers the bisection."""
     method, notes, tried = METHODS[name], [], []
     lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
     while hi - lo > 1:
@@ -335,7 +340,7 @@ def _setting(params: dict) -> str:
 
 def _line(t: Trial, original_bytes: int | None, max_loss: float) -> str:
     """One trial as one line of the search's log."""
-    head = f"{t.method:<8} {_setting(t.params):<28}"
+    head = f"{t.method:<8} {t.setting:<28}"
     if not t.measured:
         return f"{head} {t.status}"
     size = f"{original_bytes / t.bytes:5.2f}x smaller" if t.bytes and original_bytes else f"{t.bytes:,} bytes"

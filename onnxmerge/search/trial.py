@@ -59,10 +59,15 @@ class Trial:
     same_as: Trial | None = field(default=None, repr=False)
 
     @property
-    def label(self) -> str:
+    def setting(self) -> str:
+        """The parameters asked for, and what the merge rounded them to where it did."""
         rounded = {k: v for k, v in self.effective.items() if self.params.get(k) != v}
-        return (self.method + "".join(f" {k}={v}" for k, v in self.params.items())
-                + (f" (merged as {' '.join(f'{k}={v}' for k, v in rounded.items())})" if rounded else ""))
+        return (" ".join(f"{k}={v}" for k, v in self.params.items()) or "-") \
+            + (f" (merged as {' '.join(f'{k}={v}' for k, v in rounded.items())})" if rounded else "")
+
+    @property
+    def label(self) -> str:
+        return self.method if self.setting == "-" else f"{self.method} {self.setting}"
 
     @property
     def measured(self) -> bool:
@@ -83,8 +88,8 @@ class Trial:
         return {"method": self.method, "params": self.params, "label": self.label, "status": self.status,
                 "bytes": self.bytes, "macs": self.macs, "speedup": self.speedup,
                 "speedup_quartiles": self.speedup_quartiles, "accuracy": self.accuracy,
-                "loss_points": self.loss, "loss_standard_error": self.error, "calibrated": self.calibrated, "seconds": round(self.seconds, 1),
-                "effective_params": self.effective}
+                "loss_points": self.loss, "loss_standard_error": self.error, "calibrated": self.calibrated,
+                "seconds": round(self.seconds, 1), "effective_params": self.effective}
 
 
 @dataclass

@@ -158,6 +158,13 @@ def test_methods_whose_strength_is_the_objective_go_first(fake_trials, monkeypat
         fake_trials.clear()
         _search_examples(methods=["zipper", "codebook"], max_loss=1.0, objective=objective, measure_latency=False)
         assert [m for m, _, _ in fake_trials if m != "pack"][0] == first, objective
+    # a knob that saves latency second (mtz's) still goes before one that does not save it at all
+    method = METHODS["zipper"]
+    monkeypatch.setitem(METHODS, "zipper", type(method)(**{**method.__dict__,
+                                                           "search": Knob(method.search.ladder, "k", ("size", "latency"))}))
+    fake_trials.clear()
+    _search_examples(methods=["codebook", "zipper"], max_loss=1.0, objective="latency", measure_latency=False)
+    assert [m for m, _, _ in fake_trials if m != "pack"][0] == "zipper"
 
 
 def test_a_trial_that_would_overrun_the_time_budget_is_not_started(fake_trials, monkeypatch):
