@@ -24,7 +24,7 @@ from onnxmerge.passes import BASELINE, METHODS
 from onnxmerge.pipeline.checks import validate_output
 from onnxmerge.search import DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 from onnxmerge.search.front import beats, choose, pareto
-from onnxmerge.search.trial import Setup, Trial, correct, run_trial
+from onnxmerge.search.trial import Setup, Trial, correct, run_trial, setting_text
 
 HELD_OUT_FRACTION, HELD_OUT_MAX = 0.2, 2000  # of --calib, per task, when no --validation is given
 HELD_OUT_SEED = 0
@@ -248,15 +248,15 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
         # longest of the methods before it (a method's first trial once ran 48 s past a 600 s budget)
         ran = [t.seconds for t in tried if t.measured]
         if time.time() + max(ran, default=guess) > deadline:
-            notes.append(f"time budget spent: {name} settings {', '.join(_setting(p) for p in ladder[lo + 1:hi])} "
+            notes.append(f"time budget spent: {name} settings {', '.join(setting_text(p) for p in ladder[lo + 1:hi])} "
                          "not tried")
             break
         mid = (lo + hi) // 2
         try:
             worth = (lambda t: beats(t, best, objective)) if prune else None
-            trial = run_trial(setup, name, ladder[mid], max_loss, worth,
-                              start if start is not None else warm if method.sweep and method.sweep in ladder[mid]
-                              else None,
+            # a composition's every setting from its fixed start; a sweep's from its last within the budget
+            start_here = warm if start is None and method.sweep and method.sweep in ladder[mid] else start
+            trial = run_trial(setup, name, ladder[mid], max_loss, worth, start_here,
                               same=lambda eff: next((t for t in tried if t.measured and t.effective == eff), None))
         except (MergeError, UsageError) as e:
             if not tried:  # its first trial: the method does not apply to these models
@@ -332,10 +332,6 @@ def save(result: SearchResult, output: str | Path, target_opset: int | None = No
         t.info.fidelity["output_check"] = validate_output(t.model, t.info, result.originals, where=str(output))
     write_metadata(t.model, t.info)
     return save_atomic(t.model, output)
-
-
-def _setting(params: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items()) or "-"
 
 
 def _line(t: Trial, original_bytes: int | None, max_loss: float) -> str:

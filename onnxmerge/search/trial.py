@@ -33,6 +33,11 @@ from onnxmerge.model.contract import MergedInfo
 CONFIDENCE_Z = 1.0
 
 
+def setting_text(params: dict[str, Any]) -> str:
+    """`k=v k=v`, or "-" for no parameters."""
+    return " ".join(f"{k}={v}" for k, v in params.items()) or "-"
+
+
 @dataclass
 class Trial:
     """One merged candidate and what was measured on it. `loss`: points of accuracy lost per task on
@@ -62,8 +67,7 @@ class Trial:
     def setting(self) -> str:
         """The parameters asked for, and what the merge rounded them to where it did."""
         rounded = {k: v for k, v in self.effective.items() if self.params.get(k) != v}
-        return (" ".join(f"{k}={v}" for k, v in self.params.items()) or "-") \
-            + (f" (merged as {' '.join(f'{k}={v}' for k, v in rounded.items())})" if rounded else "")
+        return setting_text(self.params) + (f" (merged as {setting_text(rounded)})" if rounded else "")
 
     @property
     def label(self) -> str:
