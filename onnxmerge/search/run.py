@@ -143,6 +143,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     say(f"search: {', '.join(m.name for m in searched + compositions)} within {max_loss:g} point(s) per task, objective "
         f"{objective}; validation: " + "; ".join(f"{t}: {w}" for t, w in where.items()))
     trials = []
+    refused = set()  # methods whose first trial was refused: they do not apply to these models
 
     def record(trial: Trial) -> Trial:
         trials.append(trial)
@@ -167,8 +168,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         """Bisect composition `comp`'s knob on its first method's best setting within the budget."""
         nonlocal best
         if not any(t.method == comp.composes[0] for t in trials):
-            refused = any(n.startswith(f"{comp.composes[0]} does not apply") for n in notes)
-            notes.append(f"{comp.name} does not apply: {comp.composes[0]} does not" if refused else
+            notes.append(f"{comp.name} does not apply: {comp.composes[0]} does not" if comp.composes[0] in refused else
                          f"{comp.name} not tried: {comp.composes[0]} was not tried (time budget)")
             return
         first = [t for t in trials if t.method == comp.composes[0] and t.within(max_loss)]
@@ -189,25 +189,29 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         elif warm is not None:
             notes.append(f"{comp.name} started from {start_from.label} as the search "
                          f"{'calibrated' if start_from.calibrated else 'merged'} it")
-        found_notes, best = bisect_method(setup, comp.name, ladder, max_loss, objective, best, deadline,
-                                          on_trial=record, guess=max(t.seconds for t in trials), start=warm)
+        found_notes, best, _ = bisect_method(setup, comp.name, ladder, max_loss, objective, best, deadline,
+                                             on_trial=record, guess=max(t.seconds for t in trials), start=warm)
         notes.extend(found_notes)
 
     # a composition runs where its first method was searched (under torchrun: by this process)
     composed_here = [c for c in compositions if c.composes[0] in mine]
     if jobs > 1 and len(work) > 1:
         with ProcessPoolExecutor(min(jobs, len(work)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            for found, found_notes in pool.map(_bisect_printing, work):
+            for job, (found, found_notes, applies) in zip(work, pool.map(_bisect_printing, work)):
                 for t in found:
                     record(t)
                 notes += found_notes
+                if not applies:
+                    refused.add(job[1])
         for comp in composed_here:
             compose(comp)
     else:
         for job in work:  # each method prunes against what the methods before it found
-            found_notes, best = bisect_method(*job[:5], best, deadline, on_trial=record, prune=job[7],
-                                              guess=max(t.seconds for t in trials))
+            found_notes, best, applies = bisect_method(*job[:5], best, deadline, on_trial=record, prune=job[7],
+                                                       guess=max(t.seconds for t in trials))
             notes += found_notes
+            if not applies:
+                refused.add(job[1])
             # a composition right after its first method: its start is at hand, and what it finds
             # prunes the methods after it (it beats its first method on bytes at the same latency)
             for comp in composed_here:
@@ -231,16 +235,16 @@ def _strength(method, objective: str) -> int:
 
 def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, objective: str, best: Trial,
                   deadline: float, on_trial, prune: bool = True, guess: float = 0.0,
-                  start=None) -> tuple[list[str], Trial]:
+                  start=None) -> tuple[list[str], Trial, bool]:
     """Bisect one method's ladder for its most aggressive setting within the budget; `best`: the best
     model within the budget found before (with `prune`, settings that cannot beat it are not calibrated);
     `on_trial(trial)` receives each trial; `guess`: the seconds a trial is taken to last before this
     method has run one (the longest trial of the methods before it); `start`: the earlier merged model
-    every setting starts from (a composition's first method's); returns the notes and the best model
-    now. Only the models of this method's best setting and of the warm start are kept (a big pair's
+    every setting starts from (a composition's first method's); returns the notes, the best model
+    now and whether the method applies to the models (False: its first trial was refused). Only the models of this method's best setting and of the warm start are kept (a big pair's
     candidates would not all fit in memory). A setting that the merge rounds to one tried before
     (Trial.effective) is not measured again: that trial's outcome steers the bisection."""
-    method, notes, tried = METHODS[name], [], []
+    method, notes, tried, applies = METHODS[name], [], [], True
     lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
     while hi - lo > 1:
         # a trial started now must end within the budget: this method's longest trial so far is the guess
@@ -261,6 +265,7 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
         except (MergeError, UsageError) as e:
             if not tried:  # its first trial: the method does not apply to these models
                 notes.append(f"{name} does not apply: {e}")
+                applies = False
                 break
             trial = Trial(name, ladder[mid], status=f"failed: {e}")
         tried.append(trial)
@@ -276,10 +281,10 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
         for t in tried:
             if t is not best and t.model is not warm:
                 t.model = None
-    return notes, best
+    return notes, best, applies
 
 
-def _bisect_printing(job: tuple) -> tuple[list[Trial], list[str]]:
+def _bisect_printing(job: tuple) -> tuple[list[Trial], list[str], bool]:
     """bisect_method in a worker process (--jobs): each trial's line printed as it ends, the trials
     returned to the parent."""
     found = []
@@ -289,11 +294,11 @@ def _bisect_printing(job: tuple) -> tuple[list[Trial], list[str]]:
         found.append(t)
         print(f"[{t.method}] " + _line(t, setup.original_bytes, max_loss), flush=True)
 
-    notes, _ = bisect_method(*job[:7], on_trial=on_trial, prune=job[7])
+    notes, _, applies = bisect_method(*job[:7], on_trial=on_trial, prune=job[7])
     for t in found:
         if not t.within(max_loss):
             t.model = None
-    return found, notes
+    return found, notes, applies
 
 
 def _rank_world() -> tuple[int, int]:

@@ -16,7 +16,7 @@ from conftest import EXAMPLES, MODELS, shipped
 from onnxmerge.calibration.calibrate import CalibrationConfig
 from onnxmerge.cli import main
 from onnxmerge.data import Dataset, load_dataset
-from onnxmerge.errors import UsageError
+from onnxmerge.errors import MergeError, UsageError
 from onnxmerge.model.contract import read_metadata
 from onnxmerge.model.runtime import session
 from onnxmerge.pipeline.method import Knob
@@ -371,6 +371,27 @@ def test_a_composition_is_not_tried_without_a_start_within_the_budget(fake_trial
     fake_trials.clear()
     result = _search_examples(methods=[COMPOSED], max_loss=1.0)  # zipper not searched: nothing to start from
     assert [m for m, _, _ in fake_trials] == ["pack"] and any(n.startswith(f"{COMPOSED} not tried") for n in result.notes)
+
+
+def test_a_composition_says_whether_its_first_method_does_not_apply_or_was_not_reached(
+        fake_trials, fake_compositions, monkeypatch):
+    """zipper refused by the models: the composition does not apply either; zipper not started for
+    want of time: the composition was not tried, which is not the same thing."""
+    run = search_run.run_trial
+
+    def refusing(setup, method, params, *args, **kwargs):
+        if method == "zipper":
+            raise MergeError("zipper: the models differ")
+        return run(setup, method, params, *args, **kwargs)
+
+    monkeypatch.setattr(search_run, "run_trial", refusing)
+    notes = _search_examples(methods=["zipper", COMPOSED], max_loss=1.0).notes
+    assert f"{COMPOSED} does not apply: zipper does not" in notes
+    monkeypatch.setattr(search_run, "run_trial", run)
+    fake_trials.clear()
+    notes = _search_examples(methods=["zipper", COMPOSED], max_loss=1.0, time_budget_s=1e-3).notes
+    assert f"{COMPOSED} not tried: zipper was not tried (time budget)" in notes
+    assert not any(n.startswith(f"{COMPOSED} does not apply") for n in notes)
 
 
 def test_without_pytorch_candidates_are_judged_as_merged(monkeypatch):
