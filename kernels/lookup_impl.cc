@@ -186,6 +186,46 @@ inline void put(T* p, vec a, float inv) {
   }
 }
 
+// Phase 1 for CB codewords at once: T[c][q] for the codewords whose weights start at w (r apart)
+// and planes at t (plane apart). A block of CB codewords by 4 vectors of positions: each input
+// vector loaded feeds CB multiply-adds, where one codeword at a time loaded an input vector per
+// multiply-add (the loads, not the multiply-adds, bounded the phase).
+template <typename T, int CB>
+void econv_tables_block(const float* x, int64_t chan, const float* w, int64_t r, int64_t depth, int64_t span,
+                        float inv, T* t, int64_t plane) {
+  int64_t q = 0;
+  for (; q + 4 * VEC <= span; q += 4 * VEC) {
+    vec a[CB][4];
+    for (int cb = 0; cb < CB; ++cb)
+      for (int j = 0; j < 4; ++j) a[cb][j] = splat(0.0f);
+    for (int64_t k = 0; k < depth; ++k) {
+      const float* xk = x + k * chan + q;
+      const vec x0 = load(xk), x1 = load(xk + VEC), x2 = load(xk + 2 * VEC), x3 = load(xk + 3 * VEC);
+      for (int cb = 0; cb < CB; ++cb) {
+        const vec wk = splat(w[cb * r + k]);
+        a[cb][0] += wk * x0;
+        a[cb][1] += wk * x1;
+        a[cb][2] += wk * x2;
+        a[cb][3] += wk * x3;
+      }
+    }
+    for (int cb = 0; cb < CB; ++cb)
+      for (int j = 0; j < 4; ++j) put(t + cb * plane + q + j * VEC, a[cb][j], inv);
+  }
+  for (; q < span; q += VEC) {
+    vec a[CB];
+    for (int cb = 0; cb < CB; ++cb) a[cb] = splat(0.0f);
+    for (int64_t k = 0; k < depth; ++k) {
+      const vec xk = load(x + k * chan + q);
+      for (int cb = 0; cb < CB; ++cb) a[cb] += splat(w[cb * r + k]) * xk;
+    }
+    for (int cb = 0; cb < CB; ++cb) put(t + cb * plane + q, a[cb], inv);
+  }
+}
+
+// codewords per block of phase 1: CB x 4 sums and 4 inputs in the registers (32 with AVX-512, else 16)
+constexpr int kTableCodewords = VEC == 16 ? 4 : 2;
+
 // Phase 1 for segment v, codewords [c0, c1): T[c][q] = sum_k codebook[v][c][k] * xp[v*r + k][first + q]
 // for q < span (a multiple of VEC), where xp is the padded input [d][chan] and t is codeword 0's plane;
 // integer entries scaled by inv (put). The sum runs over k in order from 0, one multiply-add per k.
@@ -195,31 +235,11 @@ void econv_tables(const EConvLayer& L, const EConvPlan& P, const float* xp, int6
   const EConvParams& s = L.s;
   const int64_t depth = std::clamp<int64_t>(s.d - v * s.r, 0, s.r);
   const float* x = xp + v * s.r * chan + first;
-  for (int64_t c = c0; c < c1; ++c) {
-    T* tc = t + c * P.plane;
-    const float* w = L.codebook.data() + (v * s.C + c) * s.r;
-    int64_t q = 0;
-    for (; q + 4 * VEC <= span; q += 4 * VEC) {
-      vec a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < depth; ++k) {
-        const vec wk = splat(w[k]);
-        const float* xk = x + k * chan + q;
-        a0 += wk * load(xk);
-        a1 += wk * load(xk + VEC);
-        a2 += wk * load(xk + 2 * VEC);
-        a3 += wk * load(xk + 3 * VEC);
-      }
-      put(tc + q, a0, inv);
-      put(tc + q + VEC, a1, inv);
-      put(tc + q + 2 * VEC, a2, inv);
-      put(tc + q + 3 * VEC, a3, inv);
-    }
-    for (; q < span; q += VEC) {
-      vec a = splat(0.0f);
-      for (int64_t k = 0; k < depth; ++k) a += splat(w[k]) * load(x + k * chan + q);
-      put(tc + q, a, inv);
-    }
-  }
+  const float* w = L.codebook.data() + v * s.C * s.r;
+  int64_t c = c0;
+  for (; c + kTableCodewords <= c1; c += kTableCodewords)
+    econv_tables_block<T, kTableCodewords>(x, chan, w + c * s.r, s.r, depth, span, inv, t + c * P.plane, P.plane);
+  for (; c < c1; ++c) econv_tables_block<T, 1>(x, chan, w + c * s.r, s.r, depth, span, inv, t + c * P.plane, P.plane);
 }
 
 // Phase 2 for RB output rows of K vectors: y[rb][.] (+)= sum over the group's segments and kernel
