@@ -22,7 +22,7 @@ from onnxmerge.calibration.calibrate import CHECKPOINT_EVERY
 from onnxmerge.errors import OnnxMergeError, UsageError
 from onnxmerge.model.contract import read_metadata
 from onnxmerge.passes import BASELINE, METHODS, get_method
-from onnxmerge.search import DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
+from onnxmerge.search import CANDIDATE_CALIBRATION, DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 
 COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "deploy", "methods")
 SWEEP_STEPS_PER_LAYER = 200  # --steps-per-layer's default
@@ -59,15 +59,18 @@ def _calib_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--calib", action="append", default=[], required=required, metavar="TASK=PATH",
                    help="calibration data per task (labels optional); repeatable" +
                    ("" if required else "; given, the merged model is calibrated as the last step"))
-    g.add_argument("--steps", type=int, default=d.steps,
-                   help=f"most optimizer steps, all tasks together; early stopping may end sooner (default {d.steps})")
+    # --steps and --patience default to None: a search calibrates each candidate on a smaller budget
+    g.add_argument("--steps", type=int,
+                   help=f"most optimizer steps, all tasks together; early stopping may end sooner (default {d.steps}; "
+                        f"{CANDIDATE_CALIBRATION.steps} per candidate when searching with --max-loss)")
     g.add_argument("--lr", type=float, default=d.lr,
                    help=f"Adam's peak learning rate (warmup, then cosine to 0 at --steps; default {d.lr})")
     g.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N",
                    help=f"early stopping: score a held-out part of --calib every N steps, keep the best weights "
                         f"(0: off; on when --steps >= 3 N; default {d.eval_every})")
-    g.add_argument("--patience", type=int, default=d.patience, metavar="N",
-                   help=f"early stopping: stop after N evaluations without improvement (default {d.patience})")
+    g.add_argument("--patience", type=int, metavar="N",
+                   help=f"early stopping: stop after N evaluations without improvement (default {d.patience}; "
+                        f"{CANDIDATE_CALIBRATION.patience} per candidate when searching)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     g.add_argument("--layer-loss-weight", type=float, default=d.layer_loss_weight,
                    help=f"weight of the per-layer L1 output loss (default {d.layer_loss_weight})")
@@ -122,11 +125,15 @@ def _checkpoint(args, files: list):
     return Checkpoint(path, args.checkpoint_every, args.resume).validate()
 
 
-def _calib_config(args):
+def _calib_config(args, searching: bool = False):
+    """The calibration settings of the command line; where --steps or --patience is not given, a
+    search's per-candidate budget (searching) or a plain calibration's."""
     from onnxmerge.calibration.calibrate import CalibrationConfig
 
-    return CalibrationConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                             eval_every=args.eval_every, patience=args.patience,
+    d = CANDIDATE_CALIBRATION if searching else CalibrationConfig()
+    return CalibrationConfig(steps=d.steps if args.steps is None else args.steps, lr=args.lr,
+                             batch_size=args.batch_size, eval_every=args.eval_every,
+                             patience=d.patience if args.patience is None else args.patience,
                              layer_loss_weight=args.layer_loss_weight, distill_weight=args.distill_weight,
                              temperature=args.temperature, use_labels=not args.no_labels, seed=args.seed,
                              device=args.device).validate()
@@ -307,7 +314,7 @@ def cmd_merge(args) -> int:
     data = _load_data(args.data)  # refuse bad data before any work
     calib = _load_data(args.calib)
     validation = _load_data(args.validation)
-    config = _calib_config(args) if calib else None
+    config = _calib_config(args, _searching(args, calib)) if calib else None
     if args.sweep:
         return _sweep(args, names, data, calib, config)
     if _searching(args, calib):
@@ -377,8 +384,8 @@ def _check_merge_flags(args) -> None:
         raise UsageError(f"--validation: only with {flags} (the held-out data its choices are measured on)")
     if not args.calib:
         d = CalibrationConfig()
-        settings = {"--steps": (args.steps, d.steps), "--lr": (args.lr, d.lr),
-                    "--eval-every": (args.eval_every, d.eval_every), "--patience": (args.patience, d.patience),
+        settings = {"--steps": (args.steps, None), "--lr": (args.lr, d.lr),
+                    "--eval-every": (args.eval_every, d.eval_every), "--patience": (args.patience, None),
                     "--batch-size": (args.batch_size, d.batch_size),
                     "--layer-loss-weight": (args.layer_loss_weight, d.layer_loss_weight),
                     "--distill-weight": (args.distill_weight, d.distill_weight),

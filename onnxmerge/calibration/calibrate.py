@@ -74,7 +74,7 @@ class CalibrationConfig:
     the first `warmup` of the budget to `lr`, then follows a cosine to 0 at the budget's end
     (schedule "cosine"); schedule "step" is the earlier decay (times `lr_gamma` every `lr_step`)."""
 
-    steps: int = 2000  # the budget; early stopping usually ends sooner
+    steps: int = 6000  # the budget; early stopping may end sooner (README "Calibration defaults")
     lr: float = 3e-3  # the peak (cosine) or initial (step) learning rate (README "Calibration defaults")
     batch_size: int = 64
     layer_loss_weight: float = 1.0  # lambda
@@ -89,7 +89,7 @@ class CalibrationConfig:
     schedule: str = "cosine"  # "cosine" (with warmup) or "step"
     warmup: float = 0.05  # schedule "cosine": fraction of the budget spent warming up
     eval_every: int = 100  # steps between held-out evaluations; 0: no early stopping
-    patience: int = 5  # evaluations without improvement before stopping
+    patience: int = 10  # evaluations without improvement before stopping
     holdout: int = 1000  # most held-out samples per task (at most a fifth of its data)
 
     def validate(self) -> CalibrationConfig:

@@ -22,7 +22,7 @@ from onnxmerge.model.contract import write_metadata
 from onnxmerge.model.saving import save_atomic
 from onnxmerge.passes import BASELINE, METHODS
 from onnxmerge.pipeline.checks import validate_output
-from onnxmerge.search import DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
+from onnxmerge.search import CANDIDATE_CALIBRATION, DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 from onnxmerge.search.front import beats, choose, pareto
 from onnxmerge.search.trial import Setup, Trial, correct, run_trial, setting_text
 
@@ -126,7 +126,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     n_layers = min(len(t.layers) for t in base.state.tasks)
     # the originals' answers on the held-out data, from pack: it computes them exactly (checked by merge)
     original_correct = correct(base.model, base.info, held)
-    calibration = calibration or CalibrationConfig()
+    calibration = calibration or CANDIDATE_CALIBRATION
     from_calib = [t for t in names if not where[t].startswith("--validation")]
     if from_calib:  # the usual case of a user who calibrates on the models' training data
         notes.append(f"validation of {', '.join(from_calib)}: held out of --calib; if the models trained on these "

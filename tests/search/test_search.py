@@ -423,3 +423,31 @@ def test_a_setting_the_merge_rounds_to_one_tried_before_is_not_measured_again():
                          for t in again)
     assert any("merged as share=" in t.label for t in measured)  # a rounded setting says what it merged
     assert result.chosen.effective["share"] == max(t.effective["share"] for t in zipper)  # budget 100: the most
+
+
+def test_a_search_calibrates_each_candidate_on_a_smaller_budget_than_a_plain_merge(monkeypatch):
+    """Where --steps / --patience are not given: a plain merge or `calibrate` gets CalibrationConfig's
+    budget, each candidate of a search a third of it (so that the time budget holds more trials);
+    given, they are used as they are."""
+    from onnxmerge import cli
+    from onnxmerge.search import CANDIDATE_CALIBRATION as candidate
+
+    d = CalibrationConfig()
+    assert candidate.steps < d.steps and candidate.patience <= d.patience
+    merge_args = ["merge", "a.onnx", "b.onnx", "-o", "m.onnx", "--calib", "a=x.npz"]
+    args = cli.build_parser().parse_args(merge_args)
+    plain, searching = cli._calib_config(args), cli._calib_config(args, searching=True)
+    assert (plain.steps, plain.patience) == (d.steps, d.patience)
+    assert (searching.steps, searching.patience) == (candidate.steps, candidate.patience)
+    args = cli.build_parser().parse_args(merge_args + ["--steps", "300", "--patience", "2"])
+    assert all((c.steps, c.patience) == (300, 2) for c in (cli._calib_config(args), cli._calib_config(args, True)))
+    # search() itself, given no calibration settings
+    seen = []
+
+    def bisect_method(setup, name, ladder, max_loss, objective, best, *args, **kwargs):
+        seen.append(setup.calibration)
+        return [], best, True
+
+    monkeypatch.setattr(search_run, "bisect_method", bisect_method)
+    _search_examples(methods=["codebook"], max_loss=1.0)
+    assert seen == [candidate]
