@@ -199,7 +199,10 @@ def format_report(report: dict) -> str:
                     f"quartiles; batch {timed[0]['batch']}, {timed[0]['threads']} thread(s)); the faster is kept"]
         out.append(_table(["layer", "op", "native us", "dense us", "native/dense", "kept"], [
             [r["layer"], r["op"], _us(r["native_s"], r["native_quartiles_s"]), _us(r["dense_s"], r["dense_quartiles_s"]),
-             f"{r['native_s'] / r['dense_s']:.2f}", r["faster"]] for r in timed]))
+             f"{r['native_s'] / r['dense_s']:.2f}", r.get("kept", r["faster"])] for r in timed]))
+        for w in (report.get("fidelity") or {}).get("emit_auto_model", []):
+            out.append(f"- the whole model with {w['native_layers']} native layer(s): {w['ratio']:.2f}x the portable "
+                       f"form's speed [{w['ratio_q1']:.2f}-{w['ratio_q3']:.2f}]")
     fuse = (report.get("fidelity") or {}).get("mtz_fuse")
     if fuse and fuse["layers"]:
         timed_fuse = fuse["mode"] == "auto"

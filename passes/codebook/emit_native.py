@@ -59,8 +59,8 @@ class EmitNativePass(Pass):
             native, kept = self._timed(state, portable, native, kept)
             if not any(n.domain == DOMAIN for n in native.graph.node):  # every layer faster dense
                 state.info.fidelity.setdefault("notes", []).append(
-                    f"--emit auto: no native node ran faster than its dense layer here (batch {self.batch}, "
-                    f"{self.threads} thread(s)): the portable form is written")
+                    f"--emit auto: no native node ran faster than its dense layer here, alone or in the model "
+                    f"(batch {self.batch}, {self.threads} thread(s)): the portable form is written")
                 state.params["emit"] = "gather"
                 return PassResult(state, False)
         fidelity = state.info.fidelity
@@ -84,13 +84,33 @@ class EmitNativePass(Pass):
     def _timed(self, state, portable: onnx.ModelProto, native: onnx.ModelProto,
                kept: list[str]) -> tuple[onnx.ModelProto, list[str]]:
         """`--emit auto`: the native model with only the nodes that ran faster than their dense layer
-        here (emit_auto.time_layers); the timings go to the report (figure emit_auto)."""
+        here (emit_auto.time_layers), as long as the whole model runs faster than its portable form
+        (emit_auto.time_model: else the native layer that gained least alone returns to dense, and the
+        model is timed again); the timings go to the report (figures emit_auto, emit_auto_model)."""
         rows = emit_auto.time_layers(native, self.batch, self.threads)
         state.info.fidelity["emit_auto"] = rows  # after calibration: straight into the metadata
+        for r in rows:
+            r["kept"] = r["faster"]  # the form kept: the whole-model check below may return a layer to dense
         slower = {r["layer"]: (f"timed slower than dense here ({1e6 * r['native_s']:.0f} vs {1e6 * r['dense_s']:.0f} "
                                f"us at batch {self.batch}, {self.threads} thread(s))")
                   for r in rows if r["faster"] == "dense"}
-        return to_native(portable, skip=slower, table_bits=self.table_bits) if slower else (native, kept)
+        if slower:
+            native, kept = to_native(portable, skip=slower, table_bits=self.table_bits)
+        wholes = state.info.fidelity["emit_auto_model"] = []
+        while any(n.domain == DOMAIN for n in native.graph.node):
+            whole = emit_auto.time_model(native, portable, self.batch, self.threads)
+            wholes.append(whole)
+            if whole["ratio"] > 1:
+                break
+            timed = [r for r in rows if r["kept"] == "native"]
+            if not timed:  # only nodes of unknown input size are left: the operation count chose them
+                break
+            least = min(timed, key=lambda r: r["dense_s"] / r["native_s"])
+            least["kept"] = "dense (model slower)"
+            slower[least["layer"]] = (f"faster alone, but the model with it native ran {whole['ratio']:.2f}x the "
+                                      f"portable form's speed (batch {self.batch}, {self.threads} thread(s))")
+            native, kept = to_native(portable, skip=slower, table_bits=self.table_bits)
+        return native, kept
 
 
 # --table-precision -> EConv's table_bits (onnxmerge.graph.ops)

@@ -56,9 +56,11 @@ def test_the_model_holds_exactly_the_nodes_that_ran_faster(monkeypatch, portable
         return rows
 
     monkeypatch.setattr(emit_auto, "time_layers", decided)
+    monkeypatch.setattr(emit_auto, "time_model", _whole_model_faster)
     result = merge(PAIR, method="codebook", params={**PARAMS, "emit": "auto", "target_batch": 2}, progress=False)
     rows = result.info.fidelity["emit_auto"]
     faster = {r["layer"] for r in rows if r["faster"] == "native"}
+    assert all(r["kept"] == r["faster"] for r in rows)
     got = {n.name for n in result.model.graph.node if n.domain == DOMAIN}
     assert got == faster and all(r["batch"] == 2 for r in rows)
     assert result.info.params["emit"] == ("gather" if not faster else "auto")
@@ -67,6 +69,44 @@ def test_the_model_holds_exactly_the_nodes_that_ran_faster(monkeypatch, portable
     notes = result.info.fidelity.get("notes", [])
     assert sum("timed slower than dense here" in n for n in notes) == (len(rows) - len(faster) if faster else 0)
     assert any(n.startswith("--emit auto: no native node ran faster") for n in notes) == (not faster)
+
+
+def _whole_model_faster(model, portable, batch, threads, **kw):
+    return {"native_layers": sum(n.domain == DOMAIN for n in model.graph.node), "batch": batch, "threads": threads,
+            "ratio": 1.5, "ratio_q1": 1.4, "ratio_q3": 1.6}
+
+
+@needs_kernels
+def test_while_the_whole_model_is_slower_the_layer_that_gained_least_returns_to_dense(monkeypatch, portable):
+    """Every layer timed faster alone, by 2.0x, 1.9x, ...; the whole model slower than the portable form
+    twice, then faster: the two layers that gained least go back to dense, one per check, and the
+    report says why."""
+    real = emit_auto.time_layers
+
+    def decided(native, batch, threads, **kw):
+        rows = real(native, batch, threads, budget_s=0.001)
+        for k, r in enumerate(rows):
+            r["dense_s"], r["native_s"], r["faster"] = 1.0, 1.0 / (2.0 - 0.1 * k), "native"
+        return rows
+
+    checks = []
+
+    def whole(model, portable, batch, threads, **kw):
+        row = _whole_model_faster(model, portable, batch, threads)
+        row["ratio"] = 0.9 if len(checks) < 2 else 1.2
+        checks.append(row["native_layers"])
+        return row
+
+    monkeypatch.setattr(emit_auto, "time_layers", decided)
+    monkeypatch.setattr(emit_auto, "time_model", whole)
+    result = merge(PAIR, method="codebook", params={**PARAMS, "emit": "auto"}, progress=False)
+    rows = result.info.fidelity["emit_auto"]
+    n = len(rows)
+    assert checks == [n, n - 1, n - 2] and [w["native_layers"] for w in result.info.fidelity["emit_auto_model"]] == checks
+    assert [r["kept"] for r in rows] == ["native"] * (n - 2) + ["dense (model slower)"] * 2
+    assert {nd.name for nd in result.model.graph.node if nd.domain == DOMAIN} == {r["layer"] for r in rows[:n - 2]}
+    notes = result.info.fidelity["notes"]
+    assert sum("faster alone, but the model with it native ran 0.90x" in x for x in notes) == 2
 
 
 def test_without_kernels_auto_writes_the_portable_form(monkeypatch, portable):
@@ -88,5 +128,8 @@ def test_the_report_lists_both_timings_and_the_choice_per_layer(tmp_path, capsys
     head = next(line for line in out.splitlines() if line.startswith("--emit auto: each native node"))
     assert "batch 2, 1 thread(s)" in head
     rows = [line for line in out.splitlines() if line.strip().startswith(("fashion_lenet/", "digits_lenet/"))
-            and line.rstrip().endswith((" native", " dense"))]
+            and line.rstrip().endswith((" native", " dense", " dense (model slower)"))]
     assert len(rows) >= 4
+    # the whole model is timed while any layer is native alone
+    wholes = [line for line in out.splitlines() if line.startswith("- the whole model with ")]
+    assert bool(wholes) == any(line.rstrip().endswith((" native", "(model slower)")) for line in rows)
