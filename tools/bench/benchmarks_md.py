@@ -41,6 +41,15 @@ def write_section(path: Path, name: str, body: str) -> None:
     write_text_atomic(path, new)
 
 
+def publish(name: str, body: str, write: bool = True) -> None:
+    """Print a benchmark's section and, with `write` (the scripts' --no-write turns it off), put it into
+    BENCHMARKS.md as section `name`."""
+    print(body, flush=True)
+    if write:
+        write_section(BENCHMARKS, name, body)
+        print(f"updated section {name} of {BENCHMARKS}", flush=True)
+
+
 def cpu_header(script: str, argv: list[str]) -> list[str]:
     """The lines under a per-CPU section's heading (cpu_section): who writes it, the date, the command."""
     return ["", f"Written by `tools/bench/{script}.py`; one section per CPU (rerun on a CPU to update its own).", "",

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, require, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import ROOT, publish, require  # noqa: E402  (tools/bench is not a package)
 
 sys.path.insert(0, str(ROOT))
 
@@ -119,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} share {share} {key}: {cells[-1]}", flush=True)
             lines.append(f"| {what} | {share} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(BENCHMARKS, SECTION, text)
-        print(f"updated {BENCHMARKS}")
+    publish(SECTION, text, write=not args.no_write)
     return 0
 
 

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import ROOT, publish  # noqa: E402  (tools/bench is not a package)
 
 TARGET_S = 300.0
 TARGET_BYTES = 8e9
@@ -179,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"Result: **{'PASS' if ok else 'FAIL'}** — {wall:.1f} s against < {TARGET_S:.0f} s and "
                   f"{peak / 1e9:.2f} GB against < {TARGET_BYTES / 1e9:.0f} GB."]
     body = "\n".join(lines)
-    print(body)
-    if not args.no_write:
-        write_section(BENCHMARKS, "codebook_scale", body)
-        print(f"updated {BENCHMARKS}")
+    publish("codebook_scale", body, write=not args.no_write)
     return 0 if ok else 1
 
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, cpu_header, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import ROOT, cpu_header, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
 
 PAIRS = {  # name -> (model files, what it is)
     "example": ([ROOT / "onnxmerge/examples/fashion_lenet.onnx", ROOT / "onnxmerge/examples/digits_lenet.onnx"],
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         lines += ["", f"Not run (models missing): {', '.join(missing)}."]
     body = "\n".join(lines) + "\n"
-    print(body)
-    if not args.no_write:
-        write_section(BENCHMARKS, cpu_section("emit_auto", machine["cpu"]), body)
+    publish(cpu_section("emit_auto", machine["cpu"]), body, write=not args.no_write)
     return 0
 
 

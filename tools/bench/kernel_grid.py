@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, cpu_header, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import cpu_header, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
 
 from kernels import layer_models  # noqa: E402
 
@@ -138,10 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['native_ms']:.3f} | {r['ratio']:.2f} [{r['q1']:.2f}-{r['q3']:.2f}] | {r['theory']:.2f}x | "
                      f"{100 * r['reached']:.0f}% |")
     body = "\n".join(lines) + "\n"
-    print(body)
-    if not args.no_write and not args.quick:
-        name = "kernel_grid" if bits == 32 else f"kernel_grid_{args.table_precision}"
-        write_section(BENCHMARKS, cpu_section(name, cpu), body)
+    name = "kernel_grid" if bits == 32 else f"kernel_grid_{args.table_precision}"
+    publish(cpu_section(name, cpu), body, write=not args.no_write and not args.quick)
     return 0
 
 

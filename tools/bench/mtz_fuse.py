@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, cpu_header, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import ROOT, cpu_header, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
 
 sys.path.insert(0, str(ROOT / "tools"))
 ARCHS = ("lenet", "vgg", "resnet", "mobilenet", "mlp")
@@ -84,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['arch']} | {r['ratio']:g} | " + " | ".join(f"{cell(r[f])} ({r['nodes'][f]})" for f in FORMS)
               + f" | {r['fused']} / {r['layers']} |" for r in rows]
     body = "\n".join(lines) + "\n"
-    print(body)
-    if not args.no_write:
-        write_section(BENCHMARKS, cpu_section("mtz_fuse", machine["cpu"]), body)
+    publish(cpu_section("mtz_fuse", machine["cpu"]), body, write=not args.no_write)
     return 0
 
 

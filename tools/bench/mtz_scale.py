@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import ROOT, publish  # noqa: E402  (tools/bench is not a package)
 from codebook_scale import ensure_models, run_merge, total_ram  # noqa: E402
 
 TARGET_S = 15 * 60.0
@@ -109,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"Result: **{'PASS' if ok else 'FAIL'}**: {wall:.0f} s against < {TARGET_S:.0f} s and "
                   f"{peak / 1e9:.2f} GB against < {TARGET_BYTES / 1e9:.0f} GB."]
     body = "\n".join(lines)
-    print(body)
-    if not args.no_write:
-        write_section(BENCHMARKS, "mtz_scale", body)
-        print(f"updated {BENCHMARKS}")
+    publish("mtz_scale", body, write=not args.no_write)
     return 0 if ok else 1
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks_md import BENCHMARKS, cpu_header, cpu_section, require, write_section  # noqa: E402  (tools/ is not a package)
+from benchmarks_md import cpu_header, cpu_section, publish, require  # noqa: E402  (tools/ is not a package)
 
 TASKS = {"digits": ("paper_lenet_fsdd", "fsdd", None), "fashion": ("paper_lenet_fashion32", "fashion-mnist", 32)}
 PRECISIONS = ("fp32", "int16", "int8")
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Originals: " + ", ".join(f"{t} {100 * e['original_accuracy']:.2f}%"
                                             for t, e in rows["fp32"]["eval"].items()) + "."]
     body = "\n".join(lines) + "\n"
-    print(body)
-    if not args.no_write:
-        write_section(BENCHMARKS, cpu_section("table_precision", machine["cpu"]), body)
+    publish(cpu_section("table_precision", machine["cpu"]), body, write=not args.no_write)
     return 0
 
 

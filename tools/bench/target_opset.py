@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import budget_search  # noqa: E402  (tools/bench is not a package; it puts tools/ on the path for train_models)
-from benchmarks_md import BENCHMARKS, ROOT, write_section  # noqa: E402
+from benchmarks_md import ROOT, publish  # noqa: E402
 
 EXAMPLES = ROOT / "onnxmerge" / "examples"
 TARGET = 13
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (kind, models, calib) in pairs(args.work, args.only).items():
         rows += run(name, kind, models, calib)
     body = section(rows, argv, time.perf_counter() - t0)
-    print(body)
-    if not args.no_write and not args.only:
-        write_section(BENCHMARKS, "target_opset", body)
+    publish("target_opset", body, write=not args.no_write and not args.only)
     bad = [r for r in rows if "max_rel_diff" in r and not r["max_rel_diff"] <= 1e-5]
     return 1 if bad else 0
 

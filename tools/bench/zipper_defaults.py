@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, require, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import ROOT, publish, require  # noqa: E402  (tools/bench is not a package)
 
 sys.path.insert(0, str(ROOT))
 
@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"| {'yes' if change >= -LIMIT else 'no'} | best at {stopped} | {seconds:.0f} |")
         print("\n".join(lines[-len(scores):]), flush=True)
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(BENCHMARKS, SECTION, text)
-        print(f"updated {BENCHMARKS}")
+    publish(SECTION, text, write=not args.no_write)
     return 0
 
 
