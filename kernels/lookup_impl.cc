@@ -223,7 +223,8 @@ void econv_tables_block(const float* x, int64_t chan, const float* w, int64_t r,
   }
 }
 
-// codewords per block of phase 1: CB x 4 sums and 4 inputs in the registers (32 with AVX-512, else 16)
+// codewords per block of phase 1: CB x 4 sums and 4 inputs in the registers: 4 with AVX-512's 32 vector
+// registers, 2 where AVX2 has 16 (NEON's 32 would hold 4 too: not measured, so 2 as elsewhere)
 constexpr int kTableCodewords = VEC == 16 ? 4 : 2;
 
 // Phase 1 for segment v, codewords [c0, c1): T[c][q] = sum_k codebook[v][c][k] * xp[v*r + k][first + q]

@@ -62,7 +62,7 @@ def _calib_args(p: argparse.ArgumentParser, required: bool) -> None:
     # --steps and --patience default to None: a search calibrates each candidate on a smaller budget
     g.add_argument("--steps", type=int,
                    help=f"most optimizer steps, all tasks together; early stopping may end sooner (default {d.steps}; "
-                        f"{CANDIDATE_CALIBRATION.steps} per candidate when searching with --max-loss)")
+                        f"{CANDIDATE_CALIBRATION.steps} per candidate of a merge's search, --max-loss)")
     g.add_argument("--lr", type=float, default=d.lr,
                    help=f"Adam's peak learning rate (warmup, then cosine to 0 at --steps; default {d.lr})")
     g.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N",
@@ -70,7 +70,7 @@ def _calib_args(p: argparse.ArgumentParser, required: bool) -> None:
                         f"(0: off; on when --steps >= 3 N; default {d.eval_every})")
     g.add_argument("--patience", type=int, metavar="N",
                    help=f"early stopping: stop after N evaluations without improvement (default {d.patience}; "
-                        f"{CANDIDATE_CALIBRATION.patience} per candidate when searching)")
+                        f"{CANDIDATE_CALIBRATION.patience} per candidate of a merge's search, --max-loss)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     g.add_argument("--layer-loss-weight", type=float, default=d.layer_loss_weight,
                    help=f"weight of the per-layer L1 output loss (default {d.layer_loss_weight})")
@@ -314,10 +314,11 @@ def cmd_merge(args) -> int:
     data = _load_data(args.data)  # refuse bad data before any work
     calib = _load_data(args.calib)
     validation = _load_data(args.validation)
-    config = _calib_config(args, _searching(args, calib)) if calib else None
+    searching = not args.sweep and _searching(args, calib)
+    config = _calib_config(args, searching) if calib else None
     if args.sweep:
         return _sweep(args, names, data, calib, config)
-    if _searching(args, calib):
+    if searching:
         return _search(args, names, data, calib, validation, config)
     checkpoint = _checkpoint(args, args.inputs)
     # a native form that this machine cannot run is written in its portable form (with a warning)

@@ -196,13 +196,14 @@ def format_report(report: dict) -> str:
     timed = (report.get("fidelity") or {}).get("emit_auto")
     if timed:
         out += ["", f"--emit auto: each native node against its dense layer on this machine (median us per run, "
-                    f"quartiles; batch {timed[0]['batch']}, {timed[0]['threads']} thread(s)); the faster is kept"]
+                    f"quartiles; batch {timed[0]['batch']}, {timed[0]['threads']} thread(s)); kept: the form written "
+                    "(a layer faster alone returns to dense while the whole model runs slower than its portable form)"]
         out.append(_table(["layer", "op", "native us", "dense us", "native/dense", "kept"], [
             [r["layer"], r["op"], _us(r["native_s"], r["native_quartiles_s"]), _us(r["dense_s"], r["dense_quartiles_s"]),
              f"{r['native_s'] / r['dense_s']:.2f}", r.get("kept", r["faster"])] for r in timed]))
-        for w in (report.get("fidelity") or {}).get("emit_auto_model", []):
-            out.append(f"- the whole model with {w['native_layers']} native layer(s): {w['ratio']:.2f}x the portable "
-                       f"form's speed [{w['ratio_q1']:.2f}-{w['ratio_q3']:.2f}]")
+    for w in (report.get("fidelity") or {}).get("emit_auto_model", []):
+        out.append(f"- --emit auto: the whole model with {w['native_layers']} native layer(s) ran {w['ratio']:.2f}x "
+                   f"its portable form's speed [{w['ratio_q1']:.2f}-{w['ratio_q3']:.2f}] (batch {w['batch']})")
     fuse = (report.get("fidelity") or {}).get("mtz_fuse")
     if fuse and fuse["layers"]:
         timed_fuse = fuse["mode"] == "auto"

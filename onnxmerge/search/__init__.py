@@ -35,6 +35,6 @@ DEFAULT_MAX_LOSS = 1.0  # points of accuracy per task
 DEFAULT_TIME_BUDGET_S = 600.0  # a LeNet-size pair: every method's bisection on 2 cores
 OBJECTIVES = ("size", "latency")
 # each candidate's calibration (where --steps / --patience are not given): a third of a plain merge's
-# budget (CalibrationConfig), so that the time budget holds about three times as many trials; a setting
+# budget (CalibrationConfig), so that the time budget holds up to about three times as many trials; a setting
 # is judged by what this budget recovers (README "Calibration defaults")
 CANDIDATE_CALIBRATION = CalibrationConfig(steps=2000, patience=5)

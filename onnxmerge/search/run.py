@@ -77,8 +77,10 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
            log=None) -> SearchResult:
     """Search `methods` (default: every method with a search knob) for the model with the lowest
     `objective` cost whose every task loses at most `max_loss` points on held-out data. `params`:
-    fixed parameters of the searched methods (not the knob's). `log(line)`: where each trial's line
-    goes (default: printed above the progress bar).
+    fixed parameters of the searched methods (not the knob's). `calibration`: how each candidate
+    that is over the budget as merged is calibrated (default CANDIDATE_CALIBRATION: 2000 steps,
+    patience 5, a third of a plain merge's budget). `log(line)`: where each trial's line goes
+    (default: printed above the progress bar).
 
     Methods are independent: `jobs` > 1 bisects up to that many methods at once in worker processes
     (each then prunes against the baseline and its own finds only); under torchrun each process

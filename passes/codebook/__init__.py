@@ -72,8 +72,9 @@ METHOD = Method(
                         choices=("keep", "codebook")),
         "emit": Option("gather", "gather: portable codebook-gather subgraph; native: ai.onnxmerge EConv/EFC nodes "
                        "(need onnxmerge.kernels in the session); auto: native only for the layers whose node "
-                       "ran faster than the dense layer on this machine at --target-batch and --target-threads "
-                       "(timed when the merge is compiled; 4-bit codes stay packed and portable)",
+                       "ran faster than the dense layer on this machine at --target-batch and --target-threads, "
+                       "and only while the whole model runs faster than its portable form (timed when the merge "
+                       "is compiled; 4-bit codes stay packed and portable)",
                        choices=("gather", "native", "auto")),
         "target_batch": Option(1, "--emit auto: the batch size the merged model is deployed with",
                                parse=positive("target-batch")),

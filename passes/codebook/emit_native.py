@@ -85,31 +85,34 @@ class EmitNativePass(Pass):
                kept: list[str]) -> tuple[onnx.ModelProto, list[str]]:
         """`--emit auto`: the native model with only the nodes that ran faster than their dense layer
         here (emit_auto.time_layers), as long as the whole model runs faster than its portable form
-        (emit_auto.time_model: else the native layer that gained least alone returns to dense, and the
-        model is timed again); the timings go to the report (figures emit_auto, emit_auto_model)."""
+        (emit_auto.time_model: else the native layer that saved least time alone returns to dense, and
+        the model is timed again; with no timed layer left native, every native node does); the
+        timings go to the report (figures emit_auto, emit_auto_model)."""
         rows = emit_auto.time_layers(native, self.batch, self.threads)
         state.info.fidelity["emit_auto"] = rows  # after calibration: straight into the metadata
         for r in rows:
             r["kept"] = r["faster"]  # the form kept: the whole-model check below may return a layer to dense
-        slower = {r["layer"]: (f"timed slower than dense here ({1e6 * r['native_s']:.0f} vs {1e6 * r['dense_s']:.0f} "
-                               f"us at batch {self.batch}, {self.threads} thread(s))")
-                  for r in rows if r["faster"] == "dense"}
-        if slower:
-            native, kept = to_native(portable, skip=slower, table_bits=self.table_bits)
+        to_dense = {r["layer"]: (f"timed slower than dense here ({1e6 * r['native_s']:.0f} vs "
+                                 f"{1e6 * r['dense_s']:.0f} us at batch {self.batch}, {self.threads} thread(s))")
+                    for r in rows if r["faster"] == "dense"}
+        if to_dense:
+            native, kept = to_native(portable, skip=to_dense, table_bits=self.table_bits)
         wholes = state.info.fidelity["emit_auto_model"] = []
-        while any(n.domain == DOMAIN for n in native.graph.node):
+        while native_nodes := [n.name for n in native.graph.node if n.domain == DOMAIN]:
             whole = emit_auto.time_model(native, portable, self.batch, self.threads)
             wholes.append(whole)
             if whole["ratio"] > 1:
                 break
-            timed = [r for r in rows if r["kept"] == "native"]
-            if not timed:  # only nodes of unknown input size are left: the operation count chose them
-                break
-            least = min(timed, key=lambda r: r["dense_s"] / r["native_s"])
-            least["kept"] = "dense (model slower)"
-            slower[least["layer"]] = (f"faster alone, but the model with it native ran {whole['ratio']:.2f}x the "
-                                      f"portable form's speed (batch {self.batch}, {self.threads} thread(s))")
-            native, kept = to_native(portable, skip=slower, table_bits=self.table_bits)
+            why = (f"the model with its {len(native_nodes)} native layer(s), this one among them, ran "
+                   f"{whole['ratio']:.2f}x the portable form's speed (batch {whole['batch']}, {self.threads} thread(s))")
+            still = [r for r in rows if r["kept"] == "native"]
+            if still:  # the layout conversions cost about the same per node: the least saving goes first
+                least = min(still, key=lambda r: r["dense_s"] - r["native_s"])
+                least["kept"] = "dense (model slower)"
+                to_dense[least["layer"]] = f"faster alone, but {why}"
+            else:  # only nodes of unknown input size (untimed) are left
+                to_dense.update((name, f"not timed alone, and {why}") for name in native_nodes)
+            native, kept = to_native(portable, skip=to_dense, table_bits=self.table_bits)
         return native, kept
 
 

@@ -7,7 +7,7 @@ The pair: tests/models/mobilenet_mnist.onnx (seed 0) + mobilenet_fashion_seed1.o
 would merge them: calibration data = the training splits (the calibration's own early stopping holds out
 a part of them), accuracy on the full test splits, which neither training nor calibration saw.
 
-    python tools/bench/zipper_defaults.py               # ~10 minutes on 2 cores
+    python tools/bench/zipper_defaults.py               # ~15 minutes on 2 cores
     python tools/bench/zipper_defaults.py --no-write    # print only
 """
 
