@@ -13,7 +13,8 @@ median time is below the dense one's. The report lists both medians, their quart
 A layer alone does not pay all that its native node costs inside the model: there onnxruntime runs the
 dense layers around it in its blocked layout (NCHWc) and converts to and from that layout at the
 native node, and the node's tables compete for the caches with the other layers. So the whole model is
-then timed against the portable form (time_model), and while it is not faster the native layer that
+then timed against the portable form (time_model), and while it is not faster beyond noise (in at least
+three of four paired rounds: the lower quartile of the per-round ratios above 1) the native layer that
 saved least time alone returns to its dense form (EmitNativePass); the report lists each whole-model
 check.
 """

@@ -79,8 +79,8 @@ def _whole_model_faster(model, portable, batch, threads, **kw):
 @needs_kernels
 def test_while_the_whole_model_is_slower_the_layer_that_gained_least_returns_to_dense(monkeypatch, portable):
     """Every layer timed faster alone, by 2.0x, 1.9x, ...; the whole model slower than the portable form
-    twice, then faster: the two layers that gained least go back to dense, one per check, and the
-    report says why."""
+    twice (once faster on the median only), then faster beyond noise: the two layers that saved least go back to dense, one per check,
+    and the report says why."""
     real = emit_auto.time_layers
 
     def decided(native, batch, threads, **kw):
@@ -93,7 +93,8 @@ def test_while_the_whole_model_is_slower_the_layer_that_gained_least_returns_to_
 
     def whole(model, portable, batch, threads, **kw):
         row = _whole_model_faster(model, portable, batch, threads)
-        row["ratio"] = 0.9 if len(checks) < 2 else 1.2
+        # faster on the median but not in three of four rounds, slower, then faster beyond noise
+        row["ratio"], row["ratio_q1"] = [(1.05, 0.95), (0.9, 0.85), (1.2, 1.1)][len(checks)]
         checks.append(row["native_layers"])
         return row
 
@@ -106,7 +107,7 @@ def test_while_the_whole_model_is_slower_the_layer_that_gained_least_returns_to_
     assert [r["kept"] for r in rows] == ["native"] * (n - 2) + ["dense (model slower)"] * 2
     assert {nd.name for nd in result.model.graph.node if nd.domain == DOMAIN} == {r["layer"] for r in rows[:n - 2]}
     notes = result.info.fidelity["notes"]
-    assert sum("faster alone, but the model with its" in x and "ran 0.90x the portable form" in x for x in notes) == 2
+    assert sorted(x.split(" ran ")[1][:5] for x in notes if "faster alone, but the model with its" in x) == ["0.90x", "1.05x"]
 
 
 def test_without_kernels_auto_writes_the_portable_form(monkeypatch, portable):
@@ -144,7 +145,7 @@ def test_with_no_timed_layer_left_every_native_node_returns_and_the_portable_for
     monkeypatch.setattr(emit_auto, "time_layers", lambda native, b, t, **kw: real(native, b, t, budget_s=0.001)[1:])
 
     def slower(model, portable, batch, threads, **kw):
-        return {**_whole_model_faster(model, portable, batch, threads), "ratio": 0.8, "ratio_q3": 0.9}
+        return {**_whole_model_faster(model, portable, batch, threads), "ratio": 0.8, "ratio_q1": 0.7, "ratio_q3": 0.9}
 
     monkeypatch.setattr(emit_auto, "time_model", slower)
     result = merge(PAIR, method="codebook", params={**PARAMS, "emit": "auto"}, progress=False)
