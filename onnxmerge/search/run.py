@@ -243,7 +243,8 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
     `on_trial(trial)` receives each trial; `guess`: the seconds a trial is taken to last before this
     method has run one (the longest trial of the methods before it); `start`: the earlier merged model
     every setting starts from (a composition's first method's); returns the notes, the best model
-    now and whether the method applies to the models (False: its first trial was refused). Only the models of this method's best setting and of the warm start are kept (a big pair's
+    now and whether the method applies to the models (False: its first trial was refused). Only
+    the models of this method's best setting and of the warm start are kept (a big pair's
     candidates would not all fit in memory). A setting that the merge rounds to one tried before
     (Trial.effective) is not measured again: that trial's outcome steers the bisection."""
     method, notes, tried, applies = METHODS[name], [], [], True

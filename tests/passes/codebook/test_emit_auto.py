@@ -1,7 +1,8 @@
 """`--emit auto`: every layer with a native form is timed against its dense layer on this machine and
-the faster form is kept, while the whole model runs faster than its portable form. The timings themselves are not asserted (machines are noisy): the harness
-must time the same computation both ways, and the model must hold exactly the nodes the timings
-chose; without built kernels auto writes the portable form and says so."""
+the faster form is kept, while the whole model runs faster than its portable form. The timings
+themselves are not asserted (machines are noisy): the harness must time the same computation both
+ways, and the model must hold exactly the nodes the timings chose; without built kernels auto
+writes the portable form and says so."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def _whole_model_faster(model, portable, batch, threads, **kw):
 
 
 @needs_kernels
-def test_while_the_whole_model_is_slower_the_layer_that_gained_least_returns_to_dense(monkeypatch, portable):
+def test_while_the_whole_model_is_slower_the_layer_that_saved_least_time_returns_to_dense(monkeypatch, portable):
     """Every layer timed faster alone, by 2.0x, 1.9x, ...; the whole model slower than the portable form
     twice (once faster on the median only), then faster beyond noise: the two layers that saved least go back to dense, one per check,
     and the report says why."""
