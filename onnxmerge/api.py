@@ -49,6 +49,8 @@ from onnxmerge.model.loading import (
 from onnxmerge.model.runtime import input_signature
 from onnxmerge.model.saving import check_model, check_output_path, save_atomic
 from onnxmerge.passes import BASELINE, get_method
+from onnxmerge.passes.common.fuse_branches import MODES as FUSE_MODES
+from onnxmerge.passes.common.fuse_branches import FuseBranchesPass
 from onnxmerge.pipeline import checks
 from onnxmerge.pipeline.manager import PassManager
 from onnxmerge.pipeline.method import split_pipeline
@@ -259,6 +261,7 @@ def merge(
     portable_fallback: bool = False,
     calibrate_last: bool = True,
     target_opset: int | None = None,
+    fuse_branches: str = "on",
 ) -> MergeResult:
     """Merge the models at `inputs` with `method` and (if `output` is given) save the result atomically.
 
@@ -278,7 +281,12 @@ def merge(
     calibrates, if at all (the budgeted search measures a candidate before calibrating it).
     `target_opset`: the merged model taken down to that opset for an older runtime and checked
     against itself as merged (onnxmerge.model.downgrade; `fidelity.target_opset`).
+    `fuse_branches` (auto, on, off): the last rewrite, the tasks' parallel layers of one shape run as
+    one grouped layer (passes/common/fuse_branches.py; auto: where the whole model runs faster so);
+    not with `calibrate_last=False` and `calib`, whose caller calibrates the model and fuses it after.
     """
+    if fuse_branches not in FUSE_MODES:
+        raise UsageError(f"--fuse-branches {fuse_branches}: choose from {', '.join(FUSE_MODES)}")
     chosen = get_method(method)
     if len(inputs) < (1 if chosen.single else 2):
         raise UsageError(f"give at least {'one model' if chosen.single else 'two models'} to merge")
@@ -328,7 +336,9 @@ def merge(
     # the method's after-calibration passes rewrite the exported model (each checks its own result:
     # the native form against the portable one)
     state.model, state.info = model, info
-    state = PassManager(after, progress=progress).run(state)
+    # the per-task tensors that calibration's per-layer loss reads are gone once fused: fused last
+    fuse = [FuseBranchesPass(fuse_branches)] if calibrate_last or not calib else []
+    state = PassManager([*after, *fuse], progress=progress).run(state)
     model = state.model
     if target_opset is not None:
         model = for_runtime(model, info, target_opset, str(output or "merged model"))

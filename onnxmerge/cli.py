@@ -22,6 +22,7 @@ from onnxmerge.calibration.calibrate import CHECKPOINT_EVERY
 from onnxmerge.errors import OnnxMergeError, UsageError
 from onnxmerge.model.contract import read_metadata
 from onnxmerge.passes import BASELINE, METHODS, get_method
+from onnxmerge.passes.common.fuse_branches import MODES as FUSE_MODES
 from onnxmerge.search import CANDIDATE_CALIBRATION, DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 
 COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "deploy", "methods")
@@ -158,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the model as merged; refused in one line where its operators cannot go there")
     p.add_argument("--verify", action="store_true", help="check invariants and exactness after every pass")
     p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass that changed it")
+    p.add_argument("--fuse-branches", choices=FUSE_MODES, default="on",
+                   help="run the tasks' parallel layers of one shape as one grouped layer (the same outputs to float "
+                        "rounding): on (default), off, or auto = where the whole model runs faster so (timed here, "
+                        "batch 1, one thread)")
     _method_args(p)
     p.add_argument("--validation", action="append", default=[], metavar="TASK=PATH",
                    help="labelled held-out data per task for a method's choices (see --tolerance), data the models were not trained on "
@@ -326,7 +331,8 @@ def cmd_merge(args) -> int:
                    separate_inputs=args.separate_inputs, align=args.align, opset=args.opset,
                    verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
                    calib=calib, calibration=config, validation=validation, params=_method_params(args),
-                   checkpoint=checkpoint, portable_fallback=True, target_opset=args.target_opset)
+                   checkpoint=checkpoint, portable_fallback=True, target_opset=args.target_opset,
+                   fuse_branches=args.fuse_branches)
     for warning in result.state.warnings:
         print(f"onnxmerge: warning: {warning}", file=sys.stderr)
     # a merged input's tasks are compared with its sub-models, as the merge compared them
@@ -435,7 +441,7 @@ def _sweep(args, names, data, calib, config) -> int:
         raise UsageError(f"--keep {args.keep}: give layer counts like 2,4") from None
     rows = sweep(method, args.inputs, names, calib, data, steps_per_layer=args.steps_per_layer,
                  calibration=config, params=params, latency_budget_s=args.latency_budget,
-                 up_to=args.sweep_to, progress=not args.quiet)
+                 up_to=args.sweep_to, progress=not args.quiet, fuse_branches=args.fuse_branches)
     written = write_sweep(rows, args.output, keep)
     print(sweep_markdown([{k: v for k, v in r.items() if k != "model"} for r in rows]))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -464,7 +470,7 @@ def _search(args, names, data, calib, validation, config) -> int:
                     max_loss=DEFAULT_MAX_LOSS if args.max_loss is None else args.max_loss,
                     objective=args.objective, time_budget_s=args.time_budget, methods=methods,
                     params=_method_params(args), calibration=config, measure_latency=not args.no_latency,
-                    jobs=args.jobs, progress=not args.quiet)
+                    jobs=args.jobs, progress=not args.quiet, fuse_branches=args.fuse_branches)
     if int(os.environ.get("RANK", "0")):
         return 0  # under torchrun, rank 0 writes what every process found
     path = save(result, args.output, args.target_opset)

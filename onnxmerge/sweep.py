@@ -31,19 +31,20 @@ from onnxmerge.pipeline.method import Method
 
 def sweep(method: Method, inputs: list, names: list[str] | None, calib: dict, data: dict, *,
           steps_per_layer: int = 200, calibration: CalibrationConfig | None = None, params: dict | None = None,
-          latency_budget_s: float = 1.0, up_to: int | None = None, progress: bool = True) -> list[dict]:
+          latency_budget_s: float = 1.0, up_to: int | None = None, progress: bool = True,
+          fuse_branches: str = "on") -> list[dict]:
     """Merge with `method.sweep` = 1, 2, ..., `up_to` (default: all layers but the heads), each step
     starting from the previous calibrated model, the method's other `params` fixed; one row per model.
 
     Row 0 is the merged model with nothing shared (the originals, BatchNorm folded). Each row holds
     the model itself under "model". Compression counts the originals' parameters as exported, so
-    row 0 already shows what folding BatchNorm saves.
+    row 0 already shows what folding BatchNorm saves. `fuse_branches`: as api.merge's, for every row.
     """
     if not data:
         raise UsageError("--sweep needs --data TASK=PATH to measure accuracy along the sweep")
     config = replace(calibration or CalibrationConfig(), steps=steps_per_layer)
     knob, params = method.sweep, dict(params or {})
-    base = merge(inputs, method=method.name, names=names, params=params | {knob: 0})
+    base = merge(inputs, method=method.name, names=names, params=params | {knob: 0}, fuse_branches=fuse_branches)
     originals = {t.name: str(t.path) for t in base.state.tasks}
     n_layers = len(base.state.tasks[0].layers)
     orig_models = [onnx.load(p) for p in originals.values()]
@@ -56,7 +57,7 @@ def sweep(method: Method, inputs: list, names: list[str] | None, calib: dict, da
         if k <= done:
             continue  # a residual block already shared whole by the previous step
         result = merge(inputs, method=method.name, names=names, params=params | {knob: k},
-                       calib=calib or None, calibration=config, warm_start=previous)
+                       calib=calib or None, calibration=config, warm_start=previous, fuse_branches=fuse_branches)
         done = result.info.params[knob]
         previous = result.model
         rows.append(_row(result, done, originals, totals, data, latency_budget_s, reference=rows[0]["original_accuracy"]))

@@ -214,6 +214,13 @@ def format_report(report: dict) -> str:
             [r["layer"], str(r["runs"]), _us(r["runs_s"], r["runs_quartiles_s"]) if timed_fuse else "-",
              _us(r["fused_s"], r["fused_quartiles_s"]) if timed_fuse else "-", "fused" if r["fused"] else "per run"]
             for r in fuse["layers"]]))
+    branches = (report.get("fidelity") or {}).get("fuse_branches")
+    if branches:
+        timing = (f": fused ran {branches['ratio']:.2f}x the unfused model's speed [{branches['ratio_q1']:.2f}-"
+                  f"{branches['ratio_q3']:.2f}] (batch {branches['batch']}, one thread)" if "ratio" in branches else "")
+        out += ["", f"--fuse-branches {branches['mode']}: the tasks' parallel layers as one grouped layer would save "
+                    f"{branches['fused_nodes']} node(s){timing}; "
+                    + ("fused" if branches["kept"] else "left unfused (not faster in three of four rounds)")]
     notes = (report.get("fidelity") or {}).get("notes")
     if notes:
         out += ["", "Notes"] + [f"  - {n}" for n in notes]

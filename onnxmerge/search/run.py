@@ -21,6 +21,7 @@ from onnxmerge.measure.metrics import parameter_bytes
 from onnxmerge.model.contract import write_metadata
 from onnxmerge.model.saving import save_atomic
 from onnxmerge.passes import BASELINE, METHODS
+from onnxmerge.passes.common.fuse_branches import MODES as FUSE_MODES
 from onnxmerge.pipeline.checks import validate_output
 from onnxmerge.search import CANDIDATE_CALIBRATION, DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 from onnxmerge.search.front import beats, choose, pareto
@@ -74,13 +75,14 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
            max_loss: float = DEFAULT_MAX_LOSS, objective: str = "size", time_budget_s: float = DEFAULT_TIME_BUDGET_S,
            methods: list[str] | None = None, params: dict | None = None, calibration: CalibrationConfig | None = None,
            latency_budget_s: float = 0.3, measure_latency: bool = True, jobs: int = 1, progress: bool = True,
-           log=None) -> SearchResult:
+           log=None, fuse_branches: str = "on") -> SearchResult:
     """Search `methods` (default: every method with a search knob) for the model with the lowest
     `objective` cost whose every task loses at most `max_loss` points on held-out data. `params`:
     fixed parameters of the searched methods (not the knob's). `calibration`: how each candidate
     that is over the budget as merged is calibrated (default CANDIDATE_CALIBRATION: 2000 steps,
     patience 5, a third of a plain merge's budget). `log(line)`: where each trial's line goes
-    (default: printed above the progress bar).
+    (default: printed above the progress bar). `fuse_branches`: as api.merge's, for each candidate
+    (fused after its calibration; its latency measured fused).
 
     Methods are independent: `jobs` > 1 bisects up to that many methods at once in worker processes
     (each then prunes against the baseline and its own finds only); under torchrun each process
@@ -93,6 +95,8 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         raise UsageError(f"--time-budget {time_budget_s}: give seconds (> 0)")
     if not jobs >= 1:
         raise UsageError(f"--jobs {jobs}: give a number of processes (>= 1)")
+    if fuse_branches not in FUSE_MODES:
+        raise UsageError(f"--fuse-branches {fuse_branches}: choose from {', '.join(FUSE_MODES)}")
     if not calib:
         raise UsageError("--max-loss needs labelled data per task to measure accuracy on: give --calib TASK=PATH")
     chosen = [METHODS[m] for m in (methods or [m for m in METHODS if METHODS[m].search])]
@@ -140,7 +144,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         notes.append("PyTorch is not installed: no candidate was calibrated, each was judged as merged "
                      "(pip install torch==2.13.0, the CPU build, to calibrate them)")
     setup = Setup(inputs, names, train, held, originals, original_correct, original_bytes,
-                  calibration, latency_budget_s, measure_latency)
+                  calibration, latency_budget_s, measure_latency, fuse_branches)
     del base
     say(f"search: {', '.join(m.name for m in searched + compositions)} within {max_loss:g} point(s) per task, objective "
         f"{objective}; validation: " + "; ".join(f"{t}: {w}" for t, w in where.items()))

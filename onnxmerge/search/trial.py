@@ -26,6 +26,7 @@ from onnxmerge.measure.evaluate import run_task
 from onnxmerge.measure.latency import latency_table
 from onnxmerge.measure.metrics import count_macs, parameter_bytes
 from onnxmerge.model.contract import MergedInfo
+from onnxmerge.passes.common import fuse_branches as fuse
 
 # a candidate is within the budget when its held-out loss plus this many standard errors is: with a
 # few hundred held-out samples a point of accuracy is a few samples, and a choice made on the
@@ -110,6 +111,7 @@ class Setup:
     calibration: CalibrationConfig
     latency_budget_s: float
     measure_latency: bool
+    fuse_branches: str = "on"  # each candidate's parallel layers fused (passes/common/fuse_branches.py)
 
     @property
     def original_accuracy(self) -> dict[str, float]:
@@ -136,8 +138,14 @@ def run_trial(setup: Setup, method: str, params: dict, max_loss: float, beats=No
     trial.bytes, trial.macs = parameter_bytes(result.model), count_macs(result.model)
     teachers = {t.name: t.original for t in result.state.tasks}
     del result
+    # its latency measured as it will be written (branches fused, passes/common/fuse_branches.py), its
+    # accuracy measured and its calibration run on the unfused model (calibration's per-layer loss
+    # reads the tasks' tensors that fusing removes; the two agree to float rounding)
+    fused, record = fuse.apply(trial.model, setup.fuse_branches)
+    if record is not None:
+        trial.info.fidelity["fuse_branches"] = record
     if setup.measure_latency:
-        row = latency_table(trial.model, setup.originals, batch_sizes=(1,), threads=(1,),
+        row = latency_table(fused, setup.originals, batch_sizes=(1,), threads=(1,),
                             budget_s=setup.latency_budget_s, progress=False)[0]
         trial.speedup = row["speedup_vs_originals"]
         trial.speedup_quartiles = (row["merged"]["ratio_q1"], row["merged"]["ratio_q3"])
@@ -151,6 +159,8 @@ def run_trial(setup: Setup, method: str, params: dict, max_loss: float, beats=No
         trial.model, trial.calibrated = calibrated.model, True
         record_calibration(trial.info, setup.calibration, calibrated)
         _measure(trial, setup)
+    if record is not None and record["kept"]:  # calibrated: the new weights fused the same way
+        trial.model = fuse.fuse_branches(trial.model)[0] if trial.calibrated else fused
     trial.seconds = time.perf_counter() - start
     return trial
 

@@ -1,0 +1,365 @@
+"""FuseBranchesPass: the tasks' parallel layers of one shape run as one grouped layer (horizontal fusion).
+
+What a merge leaves per task is, for models of one architecture, k chains of layers of the same
+shapes side by side: each a node of its own in onnxruntime, whose fixed cost (dispatch, a kernel's
+set-up, its own pass over memory) dominates on the narrow layers of small models. Those chains run
+as one chain of layers k times as wide, without one multiplication more, as the horizontal fusion
+of TASO and TVM does for parallel operators. With the branches' tensors concatenated along the
+channel axis (part i of the fused tensor F is the task's tensor p_i, c_i channels):
+
+- k convolutions reading one tensor x, each of group 1 (where the tasks' branches start):
+
+      Conv(x, Concat_i W_i, Concat_i b_i) = Concat_i Conv(x, W_i, b_i)                         (H1)
+
+  (a convolution's output channels are independent of each other);
+- k convolutions of group g_i reading the parts p_i of F, with the same input and output channels
+  per group (c_i / g_i and C_i / g_i: the same layer shape in every task): one convolution of
+  group sum_i g_i, weight Concat_i W_i along the output axis, reads F (ONNX Conv's group j reads
+  input channels [j*c/g, (j+1)*c/g) and writes output channels [j*C/g, (j+1)*C/g), so the tasks'
+  groups follow each other in order). Only depthwise (one channel per group) and 1x1
+  convolutions are fused so: a 3x3 or 5x5 convolution of group 2 ran 0.6-0.9x the speed of its two
+  group-1 halves in onnxruntime (budget suite's LeNet, VGG and ResNet pairs; BENCHMARKS.md);  (H2)
+- per-channel operators (BatchNormalization with its parameters concatenated, Clip with equal
+  bounds, activations, pooling) applied to F are the per-task operator on each part;             (H3)
+- elementwise Add / Mul / Sub / Div of two fused tensors with the same parts is the per-task
+  operator on each pair of parts (residual shortcuts, x * sigmoid(x));                           (H4)
+- Flatten of F is the concatenation of the parts' Flatten (the channel axis is the outermost axis
+  it flattens).                                                                                  (H5)
+
+Where a fused tensor's parts are read by anything else (a layer of other shapes, a graph output), one
+Split gives back the tasks' tensors under their own names. Every output keeps each product and sum
+of its task's layer, in an order onnxruntime may change (float rounding: checked on every merge).
+The fused weights are built by Concat nodes from the tasks' weights, which stay in the file under
+their names (a warm start reads them so; mtz's layout names them): onnxruntime folds those nodes
+once, when it creates the session, and the file grows by the nodes alone. Fusing saves nodes and
+each Split costs about one; onnxruntime fuses BatchNormalization and an activation into the
+convolution before them, so fusing those saves nothing at run time: a region (the chains from one
+H1 node, joined where H4 reads two) that saves no more run-time nodes than its Splits is left as
+it was (the ResNet pair's zipper share 2, whose one fused convolution a shortcut Add reads per task,
+ran 0.93x).
+
+Measured on the budget suite's pairs of one architecture (BENCHMARKS.md, `fuse_branches:<cpu>`), so
+`--fuse-branches on` is the default. The speed of a grouped layer against k separate ones depends on
+the machine and onnxruntime's kernels, so `auto` times the whole model both ways here (batch 1, one
+thread, paired rounds: onnxmerge.model.timing.time_models) and keeps the fused model only where it
+was faster in at least three of four rounds; the report says which. Its choice follows the
+machine's timings, so the same flags can then give other bytes (`on` and `off` are deterministic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxmerge.errors import MergeError
+from onnxmerge.kernels import DOMAIN
+from onnxmerge.model.runtime import run_batch
+from onnxmerge.model.saving import weights_apart
+from onnxmerge.model.timing import time_models
+from onnxmerge.pipeline import checks
+from onnxmerge.pipeline.manager import Pass, PassResult
+
+MODES = ("auto", "on", "off")
+BUDGET_S = 0.3  # the whole model both ways, interleaved
+MIN_ROUNDS = 20
+# the fused layers add their products in another order (onnxruntime blocks a grouped convolution
+# otherwise): float rounding; a wrong weight differs by the size of the outputs themselves
+ROUNDING_TOL = 1e-4
+
+CHANNEL_WISE = {  # (H3): operators that act on each channel alone, with no inputs beyond the tensor
+    "Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Softplus", "Gelu",
+    "Identity", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Neg", "Abs",
+}
+ELEMENTWISE = {"Add", "Mul", "Sub", "Div"}  # (H4)
+
+
+class FuseBranchesPass(Pass):
+    """Rewrites `state.model` (the exported, calibrated model): the tasks' parallel layers fused where
+    `mode` says so (auto: where the whole model ran faster fused, at batch 1 on one thread); records
+    what it did in `info.fidelity["fuse_branches"]`."""
+
+    exact = True  # the fused model computes the same outputs to float rounding (checked)
+    requires = ("exported",)
+
+    def __init__(self, mode: str = "auto"):
+        if mode not in MODES:
+            raise ValueError(f"fuse-branches mode {mode!r}: one of {', '.join(MODES)}")
+        self.mode = mode
+
+    def call(self, state) -> PassResult:
+        model, record = apply(state.model, self.mode)
+        if record is not None:
+            state.info.fidelity["fuse_branches"] = record
+        modified = model is not state.model
+        state.model = model
+        return PassResult(state, modified)
+
+
+def apply(model: onnx.ModelProto, mode: str) -> tuple[onnx.ModelProto, dict | None]:
+    """`model` fused as `mode` says, and the record of it (None: nothing to fuse, or mode off):
+    {mode, fused_nodes, kept, and with auto the timing: batch, ratio (unfused median / fused median),
+    ratio_q1, ratio_q3}."""
+    if mode == "off" or weights_apart(model):
+        # a big model's weights, held apart from its graph (onnxruntime would not fold a Concat of
+        # them): big layers, whose nodes' fixed cost that fusing saves is negligible
+        return model, None
+    fused, removed = fuse_branches(model)
+    if not removed:
+        return model, None
+    diff = checks.output_difference(fused, model)
+    if np.isnan(diff):  # the model's own outputs are not finite: the check before writing names them
+        return model, None
+    if not diff <= ROUNDING_TOL:
+        raise MergeError(f"fusing the tasks' parallel layers changed the outputs by {diff:.2e} relative: "
+                         "this is a bug (give --fuse-branches off to go on without it)")
+    record = {"mode": mode, "fused_nodes": removed, "rel_diff": diff, "kept": True}
+    if mode == "auto":
+        native = any(n.domain == DOMAIN for n in model.graph.node)
+        batch = run_batch(model, 1)
+        t = time_models({"fused": fused, "plain": model}, "plain", batch, 1, BUDGET_S, MIN_ROUNDS,
+                        native=native)["fused"]
+        record.update(batch=batch, ratio=t["ratio"], ratio_q1=t["ratio_q1"], ratio_q3=t["ratio_q3"],
+                      kept=t["ratio_q1"] > 1)  # faster in at least three of four paired rounds
+    return (fused if record["kept"] else model), record
+
+
+@dataclass
+class _Bundle:
+    """The fused tensor and the tasks' tensors it holds, in order (part i: `parts[i]`, `sizes[i]`
+    entries along axis 1)."""
+
+    fused: gs.Variable
+    parts: list[gs.Variable]
+    sizes: list[int]
+    region: str = ""  # the name of the H1 node that the fused chain it belongs to starts from
+
+
+# operators onnxruntime fuses into the convolution before them (Conv+BatchNorm, Conv+activation
+# fusions): fusing them saves no node at run time, so they do not count towards a region's saving
+FOLDED_AT_RUN = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "Identity"}
+
+
+def fuse_branches(model: onnx.ModelProto, _skip: frozenset = frozenset()) -> tuple[onnx.ModelProto, int]:
+    """The model with its tasks' parallel layers fused (H1-H5), and the number of nodes it fused away
+    (0: nothing to fuse; the model is returned as it was). A fused region (the chains that start at
+    one H1 node, joined where H4 reads two of them) that saves no more run-time nodes than the Splits
+    it needs (FOLDED_AT_RUN saves none) is left as it was (`_skip`: the H1 nodes of such regions, for
+    the second pass that leaves them)."""
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    graph.toposort()
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    bundles: dict[str, tuple[_Bundle, int]] = {}  # task tensor name -> its bundle and part index
+    done: set[int] = set()
+    known = {id(n) for n in graph.nodes}
+    joined: dict[str, str] = {}  # region -> the region it joined (H4)
+    saved: dict[str, int] = {}  # region -> run-time nodes it saves, less its Splits
+    removed = 0
+
+    def root(region: str) -> str:
+        while region in joined:
+            region = joined[region]
+        return region
+
+    for node in list(graph.nodes):
+        if id(node) in done:
+            continue
+        group = (_seed(node, done) if node.name not in _skip else None) or _follow(node, bundles, done)
+        if not group:
+            continue
+        nodes, fused_node, bundle = group
+        read = [root(bundles[t.name][0].region) for t in nodes[0].inputs if t.name in bundles]
+        bundle.region = read[0] if read else node.name
+        for other in read[1:]:
+            if other != bundle.region:
+                joined[other] = bundle.region
+        saved[bundle.region] = saved.get(bundle.region, 0) + (len(nodes) - 1) * (fused_node.op not in FOLDED_AT_RUN)
+        graph.nodes.extend(_built(fused_node, known))
+        for n in nodes:
+            done.add(id(n))
+            n.inputs.clear()
+        for i, part in enumerate(bundle.parts):
+            bundles[part.name] = (bundle, i)
+        removed += len(nodes) - 1
+    if not removed:
+        return model, 0
+    # the tasks' tensors that something unfused still reads (or that the graph outputs): one Split
+    outputs = {t.name for t in graph.outputs}
+    split_done: set[int] = set()
+    for bundle, _ in bundles.values():
+        if id(bundle) in split_done:
+            continue
+        split_done.add(id(bundle))
+        for part in bundle.parts:
+            part.inputs.clear()  # its producer was fused away
+        if any(part.outputs or part.name in outputs for part in bundle.parts):
+            sizes = np.array(bundle.sizes, dtype=np.int64)
+            if opset >= 13:
+                split = gs.Node("Split", f"{bundle.fused.name}_split",
+                                inputs=[bundle.fused, gs.Constant(f"{bundle.fused.name}_sizes", sizes)],
+                                outputs=list(bundle.parts), attrs={"axis": 1})
+            else:
+                split = gs.Node("Split", f"{bundle.fused.name}_split", inputs=[bundle.fused], outputs=list(bundle.parts),
+                                attrs={"axis": 1, "split": sizes.tolist()})
+            graph.nodes.append(split)
+            removed -= 1
+            saved[bundle.region] -= 1
+    totals: dict[str, int] = {}
+    for region, n in saved.items():
+        totals[root(region)] = totals.get(root(region), 0) + n
+    idle = frozenset(r for r in saved if totals[root(r)] <= 0)
+    if idle:
+        return fuse_branches(model, _skip | idle)
+    graph.cleanup().toposort()
+    fused = gs.export_onnx(graph)
+    del fused.graph.value_info[:]  # the shapes inferred here: what later passes infer is theirs
+    fused.ir_version = model.ir_version
+    del fused.opset_import[:]
+    fused.opset_import.extend(model.opset_import)
+    fused.metadata_props.extend(model.metadata_props)
+    return fused, removed
+
+
+def _seed(node: gs.Node, done: set[int]) -> tuple | None:
+    """(H1): the group-1 convolutions of one shape (but their output channels) that read the same
+    tensor as `node`, with `node` first; None if there is no other."""
+    if node.op != "Conv" or node.attrs.get("group", 1) != 1 or _shape(node.inputs[1]) is None:
+        return None
+    x = node.inputs[0]
+    siblings = [n for n in x.outputs if n.op == "Conv" and id(n) not in done and n.inputs[0] is x
+                and n.attrs == node.attrs and _shape(n.inputs[1]) is not None
+                and _shape(n.inputs[1])[1:] == _shape(node.inputs[1])[1:] and len(n.outputs) == 1]
+    if node not in siblings or len(siblings) < 2:
+        return None
+    siblings.sort(key=lambda n: n is not node)  # node first, the others in graph order
+    out_channels = [_shape(n.inputs[1])[0] for n in siblings]
+    weight = _concat([n.inputs[1] for n in siblings], node.name + "_fused_W")
+    bias = _concat([_bias(n, c) for n, c in zip(siblings, out_channels)], node.name + "_fused_B")
+    return _fused(siblings, "Conv", [x, weight, bias], dict(node.attrs), out_channels)
+
+
+def _follow(node: gs.Node, bundles: dict, done: set[int]) -> tuple | None:
+    """(H2-H5): `node` and the nodes at the same place in the other tasks' branches, if every tensor
+    they read is a part of one bundle (at their part index) or a constant they share in value, and
+    they compute the same operator; None otherwise."""
+    if not node.inputs or node.inputs[0].name not in bundles or len(node.outputs) != 1:
+        return None
+    bundle, index = bundles[node.inputs[0].name]
+    if index != 0:
+        return None
+    position = [n for n in bundle.parts[0].outputs if n.op == node.op].index(node)
+    nodes = []
+    for part in bundle.parts:
+        same = [n for n in part.outputs if n.op == node.op]
+        if position >= len(same) or id(same[position]) in done:
+            return None
+        nodes.append(same[position])
+    if len({id(n) for n in nodes}) != len(nodes) or any(len(n.outputs) != 1 for n in nodes):
+        return None
+    if any(n.attrs != node.attrs for n in nodes) and node.op != "Conv":
+        return None
+    sizes = bundle.sizes
+    if node.op in CHANNEL_WISE:
+        return _fused(nodes, node.op, [bundle.fused], dict(node.attrs), sizes)
+    if node.op == "Clip":
+        bounds = node.inputs[1:]
+        if any(not _same_constants(n.inputs[1:], bounds) for n in nodes):
+            return None
+        return _fused(nodes, "Clip", [bundle.fused, *bounds], dict(node.attrs), sizes)
+    if node.op == "BatchNormalization":
+        params = [_concat([n.inputs[k] for n in nodes], f"{node.name}_fused_{k}") for k in range(1, 5)]
+        return _fused(nodes, node.op, [bundle.fused, *params], dict(node.attrs), sizes)
+    if node.op in ELEMENTWISE:
+        operands = []
+        for k in range(2):
+            owners = [bundles.get(n.inputs[k].name) for n in nodes]
+            if any(o is None for o in owners) or any(o[0] is not owners[0][0] or o[1] != i
+                                                      for i, o in enumerate(owners)):
+                return None
+            operands.append(owners[0][0].fused)
+        if any(o.sizes != sizes for o in (bundles[nodes[0].inputs[k].name][0] for k in range(2))):
+            return None
+        return _fused(nodes, node.op, operands, dict(node.attrs), sizes)
+    if node.op == "Flatten":
+        shapes = [_shape(n.inputs[0], batch=False) for n in nodes]
+        if node.attrs.get("axis", 1) != 1 or any(s is None for s in shapes):
+            return None
+        return _fused(nodes, "Flatten", [bundle.fused], dict(node.attrs), [int(np.prod(s)) for s in shapes])
+    if node.op == "Conv":
+        return _grouped_conv(nodes, bundle)
+    return None
+
+
+def _grouped_conv(nodes: list[gs.Node], bundle: _Bundle) -> tuple | None:
+    """(H2): one convolution of group sum g_i where every task's layer has the same channels per group."""
+    first = nodes[0]
+    other_attrs = {k: v for k, v in first.attrs.items() if k != "group"}
+    shapes = [_shape(n.inputs[1]) for n in nodes]
+    if any(s is None for s in shapes):
+        return None
+    groups = [n.attrs.get("group", 1) for n in nodes]
+    per_group = {(s[0] // g, c // g, tuple(s[1:])) for s, g, c in zip(shapes, groups, bundle.sizes)}
+    if len(per_group) != 1 or any({k: v for k, v in n.attrs.items() if k != "group"} != other_attrs
+                                  for n in nodes):
+        return None
+    if not (shapes[0][0] == groups[0] and shapes[0][1] == 1) and any(d != 1 for d in shapes[0][2:]):
+        return None  # neither depthwise nor 1x1: see the module docstring (H2)
+    out_channels = [s[0] for s in shapes]
+    weight = _concat([n.inputs[1] for n in nodes], first.name + "_fused_W")
+    bias = _concat([_bias(n, c) for n, c in zip(nodes, out_channels)], first.name + "_fused_B")
+    return _fused(nodes, "Conv", [bundle.fused, weight, bias], {**other_attrs, "group": sum(groups)}, out_channels)
+
+
+def _fused(nodes: list[gs.Node], op: str, inputs: list, attrs: dict, sizes: list[int]) -> tuple:
+    out = gs.Variable(nodes[0].outputs[0].name + "_fused", dtype=nodes[0].outputs[0].dtype)
+    node = gs.Node(op, name=nodes[0].name + "_fused", inputs=inputs, outputs=[out], attrs=attrs)
+    return nodes, node, _Bundle(out, [n.outputs[0] for n in nodes], list(sizes))
+
+
+def _concat(tensors: list, name: str, axis: int = 0) -> gs.Variable:
+    """The tensors concatenated along `axis` by a Concat node, which onnxruntime folds once, when it
+    creates the session: the tasks' weights stay in the file as they are, under their names (a warm
+    start and LoadWeightsPass read them so), and nothing is stored twice."""
+    out = gs.Variable(name, dtype=tensors[0].dtype)
+    gs.Node("Concat", name=name + "_concat", inputs=list(tensors), outputs=[out], attrs={"axis": axis})
+    return out
+
+
+def _bias(node: gs.Node, channels: int):
+    """The layer's bias, or zeros where it has none (of its output's type)."""
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        return node.inputs[2]
+    return gs.Constant(node.name + "_zero_B", np.zeros(channels, np.dtype(node.outputs[0].dtype or np.float32)))
+
+
+def _built(node: gs.Node, known: set[int]) -> list[gs.Node]:
+    """`node` and the nodes this pass built to compute its inputs (its weights' Concat nodes), inputs
+    first; each id added to `known`."""
+    order: list[gs.Node] = []
+    for t in node.inputs:
+        if isinstance(t, gs.Variable) and t.inputs and id(t.inputs[0]) not in known:
+            order += _built(t.inputs[0], known)
+    known.add(id(node))
+    return [*order, node]
+
+
+def _shape(tensor, batch: bool = True) -> tuple | None:
+    """The tensor's shape if every dimension is known (`batch=False`: the dimensions after the first)."""
+    shape = tensor.shape
+    if shape is None or len(shape) < 1 + (not batch):
+        return None
+    shape = tuple(shape) if batch else tuple(shape[1:])
+    return None if any(not isinstance(d, int) for d in shape) else shape
+
+
+def _same_constants(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x is y or (not x.name and not y.name):
+            continue
+        if not (isinstance(x, gs.Constant) and isinstance(y, gs.Constant)) or not np.array_equal(x.values, y.values):
+            return False
+    return True

@@ -1,0 +1,229 @@
+"""Fusing the tasks' parallel layers (passes/common/fuse_branches.py): the fused model against the model
+as it was (built here by hand, run by onnxruntime: the reference), which layers fuse, and the merge's use."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import init, make_model, shipped
+from onnxmerge.api import merge
+from onnxmerge.errors import UsageError
+from onnxmerge.model.runtime import random_feeds, session
+from onnxmerge.passes.common.fuse_branches import apply, fuse_branches
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def branches(widths, opset=17, computed=False, middle_output=False, seed=0, kernel=1) -> onnx.ModelProto:
+    """input (N,1,8,8) -> a shared 3x3 conv -> per task i (widths[i] channels): 3x3 conv, BN, Clip,
+    depthwise 3x3 conv, Relu, `kernel`x`kernel` conv (its weight gathered from a codebook where
+    `computed`), Add of the depthwise output (a shortcut), x * Sigmoid(x), MaxPool, Flatten, Gemm to 3
+    classes."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["input", "stem_w"], ["stem"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["stem"], ["x"], name="stem_relu")]
+    inits = [init("stem_w", rng.standard_normal((4, 1, 3, 3))),
+             init("lo", 0.0), init("hi", 6.0)]
+    outputs = []
+    for i, c in enumerate(widths):
+        t = f"t{i}/"
+        nodes += [
+            helper.make_node("Conv", ["x", t + "w1", t + "b1"], [t + "c1"], name=t + "conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", [t + "c1", t + "g", t + "be", t + "m", t + "v"], [t + "n1"],
+                             name=t + "bn", epsilon=1e-3),
+            helper.make_node("Clip", [t + "n1", "lo", "hi"], [t + "r1"], name=t + "clip"),
+            helper.make_node("Conv", [t + "r1", t + "wd"], [t + "d"], name=t + "dw", group=c, pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", [t + "d"], [t + "dr"], name=t + "dw_relu"),
+            helper.make_node("Conv", [t + "dr", t + "wp", t + "bp"], [t + "p"], name=t + "pw",
+                             pads=[kernel // 2] * 4),
+            helper.make_node("Add", [t + "p", t + "dr"], [t + "sum"], name=t + "shortcut"),
+            helper.make_node("Sigmoid", [t + "sum"], [t + "sig"], name=t + "sigmoid"),
+            helper.make_node("Mul", [t + "sum", t + "sig"], [t + "silu"], name=t + "silu"),
+            helper.make_node("MaxPool", [t + "silu"], [t + "pool"], name=t + "pool", kernel_shape=[2, 2], strides=[2, 2]),
+            helper.make_node("Flatten", [t + "pool"], [t + "flat"], name=t + "flatten"),
+            helper.make_node("Gemm", [t + "flat", t + "wf", t + "bf"], [t + "logits"], name=t + "fc", transB=1),
+        ]
+        inits += [init(t + "w1", rng.standard_normal((c, 4, 3, 3)) * 0.3), init(t + "b1", rng.standard_normal(c)),
+                  init(t + "g", rng.uniform(0.5, 1.5, c)), init(t + "be", rng.standard_normal(c)),
+                  init(t + "m", rng.standard_normal(c)), init(t + "v", rng.uniform(0.5, 2, c)),
+                  init(t + "wd", rng.standard_normal((c, 1, 3, 3)) * 0.3), init(t + "bp", rng.standard_normal(c)),
+                  init(t + "wf", rng.standard_normal((3, c * 16)) * 0.1), init(t + "bf", rng.standard_normal(3))]
+        if computed:  # the portable codebook form's shape: a weight gathered from a codebook by codes
+            nodes[-12:-12] = [helper.make_node("Gather", [t + "book", t + "codes"], [t + "rows"], name=t + "gather",
+                                               axis=0),
+                      helper.make_node("Reshape", [t + "rows", t + "shape"], [t + "wp"], name=t + "reshape")]
+            inits += [init(t + "book", rng.standard_normal((5, c * kernel * kernel))),
+                      helper.make_tensor(t + "codes", TensorProto.INT64, [c], rng.integers(0, 5, c).tolist()),
+                      helper.make_tensor(t + "shape", TensorProto.INT64, [4], [c, c, kernel, kernel])]
+        else:
+            inits.append(init(t + "wp", rng.standard_normal((c, c, kernel, kernel)) * 0.3))
+        outputs.append(helper.make_tensor_value_info(t + "logits", TensorProto.FLOAT, ["N", 3]))
+    if middle_output:  # a graph output inside a branch: it must come back by its name
+        outputs.append(helper.make_tensor_value_info("t0/dr", TensorProto.FLOAT, ["N", widths[0], 8, 8]))
+    return make_model(nodes, inits, opset=opset, outputs=outputs)
+
+
+def outputs_of(model, feeds):
+    sess = session(model)
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def check_same(fused, model, batch=3):
+    feeds = random_feeds(session(model), batch=batch, seed=5)
+    want, got = outputs_of(model, feeds), outputs_of(fused, feeds)
+    assert list(got) == list(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def ops(model):
+    """The operators that compute (not the Concat that builds a fused weight, which onnxruntime folds)."""
+    return [n.op_type for n in model.graph.node if n.op_type != "Concat"]
+
+
+@pytest.mark.parametrize("tasks", [2, 3])
+def test_branches_of_one_shape_fuse_into_one_chain(tasks):
+    model = branches([4] * tasks)
+    fused, removed = fuse_branches(model)
+    check_same(fused, model)
+    # every per-task node up to the heads fused: 11 per task, one of each left, and one Split back to
+    # the tasks' flattened features, which each task's head (Gemm) reads
+    assert removed == 11 * (tasks - 1) - 1
+    computing = ops(fused)
+    assert computing.count("Conv") == 4 and computing.count("Gemm") == tasks and computing.count("Split") == 1
+    conv = {n.name: n for n in fused.graph.node if n.op_type == "Conv"}
+    groups = sorted(helper.get_attribute_value(a) for n in conv.values() for a in n.attribute if a.name == "group")
+    assert groups == [tasks, 4 * tasks]  # (H2): the 1x1 convs of group 1 each, the depthwise ones of 4
+
+
+def test_only_depthwise_and_1x1_convolutions_fuse_into_groups():
+    """A 3x3 convolution of group 1 per task stays per task (as a grouped one it ran slower: module
+    docstring); what fuses before it still does, and a Split gives it its task's input."""
+    model = branches([4, 4], kernel=3)
+    fused, removed = fuse_branches(model)
+    check_same(fused, model)
+    assert ops(fused).count("Conv") == 1 + 2 + 2 and removed == 5 - 1  # conv1, BN, Clip, depthwise, Relu
+
+
+def test_a_region_that_saves_no_node_at_run_time_is_left_as_it_was():
+    """Per task a conv and its Relu (which onnxruntime fuses into the conv anyway), then a 3x3 conv
+    that stays per task: fusing would save one node and cost a Split."""
+    rng = np.random.default_rng(0)
+    nodes, inits, outputs = [], [], []
+    for t in ("a/", "b/"):
+        nodes += [helper.make_node("Conv", ["input", t + "w1"], [t + "c1"], name=t + "conv1", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [t + "c1"], [t + "r1"], name=t + "relu"),
+                  helper.make_node("Conv", [t + "r1", t + "w2"], [t + "c2"], name=t + "conv2", pads=[1, 1, 1, 1]),
+                  helper.make_node("GlobalAveragePool", [t + "c2"], [t + "pool"], name=t + "pool"),
+                  helper.make_node("Flatten", [t + "pool"], [t + "logits"], name=t + "flatten")]
+        inits += [init(t + "w1", rng.standard_normal((3, 1, 3, 3))), init(t + "w2", rng.standard_normal((3, 3, 3, 3)))]
+        outputs.append(helper.make_tensor_value_info(t + "logits", TensorProto.FLOAT, ["N", 3]))
+    model = make_model(nodes, inits, outputs=outputs)
+    assert fuse_branches(model) == (model, 0)
+    assert apply(model, "on") == (model, None)
+
+
+def test_the_tasks_weights_stay_under_their_names():
+    model = branches([4, 4])
+    fused, _ = fuse_branches(model)
+    before = {i.name: i for i in model.graph.initializer}
+    after = {i.name: i for i in fused.graph.initializer}
+    for name in ("t0/w1", "t1/w1", "t0/wp", "t1/wf", "t1/g"):
+        assert after[name] == before[name]
+
+
+def test_layers_of_other_widths_stay_per_task_and_the_outputs_agree():
+    model = branches([4, 6])
+    fused, removed = fuse_branches(model)
+    check_same(fused, model)
+    convs = [n for n in fused.graph.node if n.op_type == "Conv"]
+    # the first convs (one input: H1) and the depthwise ones (one channel per group: H2) fuse; the 1x1
+    # convs (4 and 6 input channels per group) cannot, nor what reads them
+    assert len(convs) == 1 + 2 + 2
+    assert 0 < removed < 11
+
+
+def test_computed_weights_and_a_graph_output_inside_a_branch():
+    model = branches([4, 4], computed=True, middle_output=True)
+    fused, removed = fuse_branches(model)
+    assert removed > 0
+    check_same(fused, model)
+    assert "t0/dr" in [o.name for o in fused.graph.output]
+
+
+def test_opset_11_splits_by_attribute():
+    model = branches([4, 4], opset=11)
+    fused, _ = fuse_branches(model)
+    check_same(fused, model)
+    split = next(n for n in fused.graph.node if n.op_type == "Split")
+    assert [a.name for a in split.attribute] == ["axis", "split"] and len(split.input) == 1
+
+
+def test_a_model_with_one_branch_is_left_as_it_was():
+    model = branches([4])
+    fused, removed = fuse_branches(model)
+    assert removed == 0 and fused is model
+
+
+def test_apply_records_and_auto_keeps_the_fused_form_only_when_it_ran_faster():
+    model = branches([4, 4])
+    assert apply(model, "off") == (model, None)
+    fused, record = apply(model, "on")
+    assert record["kept"] and record["fused_nodes"] == 10 and "ratio" not in record and record["rel_diff"] <= 1e-5
+    kept, record = apply(model, "auto")
+    assert record["kept"] == (record["ratio_q1"] > 1)
+    assert (len(ops(kept)) < len(ops(model))) == record["kept"]
+
+
+def test_merge_fuses_last_and_reports_it(tmp_path):
+    pair = [shipped(MODELS / "mobilenet_mnist.onnx"), shipped(MODELS / "mobilenet_fashion.onnx")]
+    on = merge(pair, tmp_path / "on.onnx", method="pack", fuse_branches="on")
+    off = merge(pair, tmp_path / "off.onnx", method="pack", fuse_branches="off")
+    assert on.info.fidelity["fuse_branches"]["kept"] and "fuse_branches" not in off.info.fidelity
+    assert len(ops(on.model)) < len(ops(off.model))
+    check_same(on.model, off.model)
+    # the layers' weights stay under their names (one task's Clip bounds serve both, the other's go)
+    weights = {n.input[k] for n in off.model.graph.node if n.op_type in ("Conv", "Gemm") for k in (1, 2)
+               if k < len(n.input)}
+    assert weights and weights <= {i.name for i in on.model.graph.initializer}
+    with pytest.raises(UsageError, match="--fuse-branches sometimes"):
+        merge(pair, method="pack", fuse_branches="sometimes")
+
+
+def test_a_merge_and_a_search_candidate_are_calibrated_unfused_then_fused(monkeypatch):
+    """Calibration's per-layer loss reads the tasks' own tensors: both calibrate the unfused model and
+    fuse its calibrated weights after (outputs as the calibrated unfused model's, to float rounding)."""
+    from onnxmerge.calibration.calibrate import CalibrationConfig
+    from onnxmerge.data import load_dataset
+    from onnxmerge.search import trial as trial_module
+
+    pair = [str(shipped(MODELS / "mobilenet_mnist.onnx")), str(shipped(MODELS / "mobilenet_fashion.onnx"))]
+    names = ["mnist", "fashion"]
+    calib = {n: load_dataset(shipped(MODELS / f"{n}_eval.npz")).take(64) for n in names}
+    config = CalibrationConfig(steps=3, batch_size=16)
+    fused_nodes = lambda m: [n.name for n in m.graph.node if n.name.endswith("_fused")]  # noqa: E731
+    plain = merge(pair, method="zipper", names=names, params={"share": 2}, calib=calib, calibration=config,
+                  fuse_branches="off").model
+    fused = merge(pair, method="zipper", names=names, params={"share": 2}, calib=calib, calibration=config).model
+    assert not fused_nodes(plain) and fused_nodes(fused)
+    check_same(fused, plain)
+
+    calibrated = []  # (the model calibration was given, what it returned)
+    real = trial_module.calibrate
+
+    def spy(model, *args, **kwargs):
+        calibrated.append((model, real(model, *args, **kwargs)))
+        return calibrated[-1][1]
+
+    monkeypatch.setattr(trial_module, "calibrate", spy)
+    base = merge(pair, method="pack", names=names, fuse_branches="off")
+    setup = trial_module.Setup(pair, names, calib, calib, dict(zip(names, pair)),
+                               trial_module.correct(base.model, base.info, calib), 0, config, 0.1, False)
+    trial = trial_module.run_trial(setup, "zipper", {"share": 2}, max_loss=-1)  # nothing is within -1: calibrated
+    (before, after), = calibrated
+    assert trial.calibrated and not fused_nodes(before) and fused_nodes(trial.model)
+    assert trial.info.fidelity["fuse_branches"]["kept"]
+    check_same(trial.model, after.model)

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""The tasks' parallel layers fused into grouped layers (`--fuse-branches`), against the originals,
+written into BENCHMARKS.md, one section per CPU (`fuse_branches:<cpu>`): each CPU's table is kept.
+
+For each same-architecture pair of the budget suite (MNIST + Fashion-MNIST models of
+tools/train_models.py --group budget, trained when missing), merged with pack (nothing shared) and
+zipper sharing its first 1 and 2 layers (weight matching, no REPAIR, no calibration: timing only),
+each written `--fuse-branches off` and `on`. Then, interleaved in one process on one thread
+(onnxmerge.model.timing.compare_latency), at batch 1 and 32: the merged models and the two originals
+one after another in separate sessions; speed-up = the originals' median / the model's, with the
+quartiles of the per-round paired ratios. What `--fuse-branches auto` decides on a machine is the
+on/off comparison of its own model at batch 1.
+
+    python tools/bench/fuse_branches.py                 # ~3 min, writes BENCHMARKS.md
+    python tools/bench/fuse_branches.py --pairs mobilenet --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks_md import ROOT, cpu_header, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
+
+sys.path.insert(0, str(ROOT / "tools"))
+ARCHS = ("lenet", "vgg", "resnet", "mobilenet")
+SETTINGS = (("pack", {}), ("zipper", {"share": 1, "match": "weights", "repair": "off"}),
+            ("zipper", {"share": 2, "match": "weights", "repair": "off"}))
+BATCHES = (1, 32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", default=",".join(ARCHS), help="architectures, of: " + ", ".join(ARCHS))
+    p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per pair and batch (at least)")
+    p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    args = p.parse_args(argv)
+    if not require("fuse_branches", data=True):
+        return 1
+    import train_models
+
+    from onnxmerge.api import merge
+    from onnxmerge.measure.latency import machine_info
+    from onnxmerge.model.runtime import session
+    from onnxmerge.model.timing import candidate, compare_latency
+
+    archs = args.pairs.split(",")
+    paths = train_models.ensure_budget_models([f"{a}_{d}" for a in archs for d in ("mnist", "fashion")])
+    rows = []
+    for arch in archs:
+        files = [str(paths[f"{arch}_{d}"]) for d in ("mnist", "fashion")]
+        originals = [session(f, threads=1, optimize=True) for f in files]
+        for method, params in SETTINGS:
+            models = {form: merge(files, method=method, names=["mnist", "fashion"], params=params,
+                                  fuse_branches=form).model for form in ("off", "on")}
+            nodes = {form: sum(n.op_type not in ("Concat", "Pad") for n in m.graph.node) for form, m in models.items()}
+            row = {"arch": arch, "setting": method + (f" share={params['share']}" if params else ""), "nodes": nodes}
+            for batch in BATCHES:
+                cands = {"originals": candidate(originals, batch)}
+                cands |= {form: candidate([session(m, threads=1, optimize=True)], batch) for form, m in models.items()}
+                res = compare_latency(cands, "originals", budget_s=args.budget, progress=False)
+                row[batch] = {form: (res[form]["ratio"], res[form]["ratio_q1"], res[form]["ratio_q3"])
+                              for form in models}
+            rows.append(row)
+            print(f"{arch:9s} {row['setting']:16s} " + "  ".join(
+                f"b{b} off {row[b]['off'][0]:.2f}x on {row[b]['on'][0]:.2f}x" for b in BATCHES), flush=True)
+    machine = machine_info()
+    cell = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"  # noqa: E731
+    lines = [f"## `--fuse-branches`: the tasks' parallel layers as grouped layers, against the originals: {machine['cpu']}",
+             *cpu_header("fuse_branches", argv),
+             f"- machine: {machine['cpu']}, {machine['usable_cores']} cores",
+             "- models: the budget suite's MNIST and Fashion-MNIST models of one architecture (independently trained); "
+             "pack, and zipper at share 1 and 2 (weight matching, no REPAIR, no calibration: timing only)",
+             "- speed-up: the two originals one after another in separate sessions over the merged model, one thread, "
+             "interleaved in one process [quartiles of the per-round paired ratios]; nodes: the merged graph's "
+             "computing nodes (the Concat / Pad nodes that build a fused weight are folded when the session is created)",
+             "", "| pair | merge | b=1 off | b=1 on | b=32 off | b=32 on | nodes off / on |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arch']} | {r['setting']} | {cell(r[1]['off'])} | {cell(r[1]['on'])} | {cell(r[32]['off'])} | "
+              f"{cell(r[32]['on'])} | {r['nodes']['off']} / {r['nodes']['on']} |" for r in rows]
+    publish(cpu_section("fuse_branches", machine["cpu"]), "\n".join(lines) + "\n", write=not args.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
