@@ -313,6 +313,14 @@ def trainable_names(model: onnx.ModelProto) -> set[str]:
     floats = {i.name for i in model.graph.initializer if i.data_type in FLOAT_TYPES}
     floats |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     settings = {n.input[k] for n in model.graph.node for k in _NOT_WEIGHTS.get(n.op_type, ()) if k < len(n.input)}
+    # a setting built by a Concat (the tasks' fused branches: passes/common/fuse_branches.py) is
+    # made of settings
+    concats = {n.output[0]: n.input for n in model.graph.node if n.op_type == "Concat"}
+    todo = [s for s in settings if s in concats]
+    while todo:
+        parts = [p for p in concats[todo.pop()] if p not in settings]
+        settings.update(parts)
+        todo += [p for p in parts if p in concats]
     return floats - settings
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 import onnx
-from onnx import helper, version_converter
+from onnx import helper, numpy_helper, version_converter
 
 from onnxmerge.errors import MergeError, UsageError, first_line
 
@@ -110,16 +110,24 @@ def _changed(model: onnx.ModelProto, source: int, target: int) -> list[str]:
 def _relabel(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """The opset import lowered, and each attribute that the target's schema lacks dropped where it
     holds the default of the schema that added it (BatchNormalization's training_mode=0, Reshape's
-    allowzero=0: the old version's only behaviour). Anything else is left for the checker to refuse."""
+    allowzero=0: the old version's only behaviour); a Split's constant sizes input (opset 13, as
+    the tasks' fused branches write it) becomes the attribute of older versions. Anything else is
+    left for the checker to refuse."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     source = default_opset(model)
     for o in out.opset_import:
         if o.domain in DEFAULT_DOMAINS:
             o.version = target
+    constants = {i.name: i for i in out.graph.initializer}
     for node in out.graph.node:
         if node.domain not in DEFAULT_DOMAINS or _since(node.op_type, target) == _since(node.op_type, source):
             continue
+        if node.op_type == "Split" and target < 13 and len(node.input) == 2 and node.input[1] in constants:
+            # Split 13 took its sizes as an input, earlier versions as the attribute `split`
+            sizes = numpy_helper.to_array(constants[node.input[1]]).tolist()
+            del node.input[1]
+            node.attribute.append(helper.make_attribute("split", sizes))
         old, new = onnx.defs.get_schema(node.op_type, target), onnx.defs.get_schema(node.op_type, source)
         keep = [a for a in node.attribute if a.name in old.attributes or not _is_default(a, new.attributes.get(a.name))]
         del node.attribute[:]

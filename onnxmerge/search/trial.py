@@ -144,6 +144,7 @@ def run_trial(setup: Setup, method: str, params: dict, max_loss: float, beats=No
     fused, record = fuse.apply(trial.model, setup.fuse_branches)
     if record is not None:
         trial.info.fidelity["fuse_branches"] = record
+        trial.bytes, trial.macs = parameter_bytes(fused), count_macs(fused)  # the file as it will be written
     if setup.measure_latency:
         row = latency_table(fused, setup.originals, batch_sizes=(1,), threads=(1,),
                             budget_s=setup.latency_budget_s, progress=False)[0]
@@ -159,8 +160,9 @@ def run_trial(setup: Setup, method: str, params: dict, max_loss: float, beats=No
         trial.model, trial.calibrated = calibrated.model, True
         record_calibration(trial.info, setup.calibration, calibrated)
         _measure(trial, setup)
-    if record is not None and record["kept"]:  # calibrated: the new weights fused the same way
-        trial.model = fuse.fuse_branches(trial.model)[0] if trial.calibrated else fused
+    if record is not None and record["kept"]:  # calibrated: its new weights fused the same way (checked)
+        trial.model, again = fuse.apply(trial.model, "on") if trial.calibrated else (fused, record)
+        record["rel_diff"] = again["rel_diff"]
     trial.seconds = time.perf_counter() - start
     return trial
 

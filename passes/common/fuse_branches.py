@@ -17,8 +17,9 @@ channel axis (part i of the fused tensor F is the task's tensor p_i, c_i channel
   group sum_i g_i, weight Concat_i W_i along the output axis, reads F (ONNX Conv's group j reads
   input channels [j*c/g, (j+1)*c/g) and writes output channels [j*C/g, (j+1)*C/g), so the tasks'
   groups follow each other in order). Only depthwise (one channel per group) and 1x1
-  convolutions are fused so: a 3x3 or 5x5 convolution of group 2 ran 0.6-0.9x the speed of its two
-  group-1 halves in onnxruntime (budget suite's LeNet, VGG and ResNet pairs; BENCHMARKS.md);  (H2)
+  convolutions are fused so: with 3x3 and 5x5 convolutions of group 2 as well, the budget suite's
+  LeNet, VGG and ResNet pairs packed ran 0.6-0.9x as fast as unfused (measured while this pass
+  was written, Intel Xeon; not kept in BENCHMARKS.md);                                           (H2)
 - per-channel operators (BatchNormalization with its parameters concatenated, Clip with equal
   bounds, activations, pooling) applied to F are the per-task operator on each part;             (H3)
 - elementwise Add / Mul / Sub / Div of two fused tensors with the same parts is the per-task
@@ -31,12 +32,14 @@ Split gives back the tasks' tensors under their own names. Every output keeps ea
 of its task's layer, in an order onnxruntime may change (float rounding: checked on every merge).
 The fused weights are built by Concat nodes from the tasks' weights, which stay in the file under
 their names (a warm start reads them so; mtz's layout names them): onnxruntime folds those nodes
-once, when it creates the session, and the file grows by the nodes alone. Fusing saves nodes and
+once, when it creates the session. The file grows by those nodes, each Split's sizes, and zeros
+for a task's layer without a bias beside one with; it loses the other tasks' copies of constants
+that equal the first task's (Clip bounds). Fusing saves nodes and
 each Split costs about one; onnxruntime fuses BatchNormalization and an activation into the
 convolution before them, so fusing those saves nothing at run time: a region (the chains from one
 H1 node, joined where H4 reads two) that saves no more run-time nodes than its Splits is left as
 it was (the ResNet pair's zipper share 2, whose one fused convolution a shortcut Add reads per task,
-ran 0.93x).
+ran 0.93x as fast fused: measured while this pass was written, as H2's figure).
 
 Measured on the budget suite's pairs of one architecture (BENCHMARKS.md, `fuse_branches:<cpu>`), so
 `--fuse-branches on` is the default. The speed of a grouped layer against k separate ones depends on
@@ -54,8 +57,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxmerge.errors import MergeError
+from onnxmerge.errors import MergeError, first_line
+from onnxmerge.graph.ops import export_with_domain, shaped_graph
 from onnxmerge.kernels import DOMAIN
+from onnxmerge.model.loading import opset_of
 from onnxmerge.model.runtime import run_batch
 from onnxmerge.model.saving import weights_apart
 from onnxmerge.model.timing import time_models
@@ -109,7 +114,11 @@ def apply(model: onnx.ModelProto, mode: str) -> tuple[onnx.ModelProto, dict | No
     fused, removed = fuse_branches(model)
     if not removed:
         return model, None
-    diff = checks.output_difference(fused, model)
+    try:
+        diff = checks.output_difference(fused, model)
+    except Exception as e:  # onnxruntime's own exception types: the fused model does not load or run
+        raise MergeError(f"fusing the tasks' parallel layers gave a model onnxruntime cannot run ({first_line(e)}): "
+                         "this is a bug (give --fuse-branches off to go on without it)") from None
     if np.isnan(diff):  # the model's own outputs are not finite: the check before writing names them
         return model, None
     if not diff <= ROUNDING_TOL:
@@ -148,14 +157,15 @@ def fuse_branches(model: onnx.ModelProto, _skip: frozenset = frozenset()) -> tup
     one H1 node, joined where H4 reads two of them) that saves no more run-time nodes than the Splits
     it needs (FOLDED_AT_RUN saves none) is left as it was (`_skip`: the H1 nodes of such regions, for
     the second pass that leaves them)."""
-    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    graph = shaped_graph(model)
     graph.toposort()
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = opset_of(model)
     bundles: dict[str, tuple[_Bundle, int]] = {}  # task tensor name -> its bundle and part index
     done: set[int] = set()
     known = {id(n) for n in graph.nodes}
     joined: dict[str, str] = {}  # region -> the region it joined (H4)
     saved: dict[str, int] = {}  # region -> run-time nodes it saves, less its Splits
+    seeds: dict[str, set[str]] = {}  # region -> the names of the H1 nodes it starts from
     removed = 0
 
     def root(region: str) -> str:
@@ -172,6 +182,8 @@ def fuse_branches(model: onnx.ModelProto, _skip: frozenset = frozenset()) -> tup
         nodes, fused_node, bundle = group
         read = [root(bundles[t.name][0].region) for t in nodes[0].inputs if t.name in bundles]
         bundle.region = read[0] if read else node.name
+        if not read:  # an H1 group: the region is named for its first node, skipped by all of them
+            seeds[node.name] = {n.name for n in nodes}
         for other in read[1:]:
             if other != bundle.region:
                 joined[other] = bundle.region
@@ -209,16 +221,11 @@ def fuse_branches(model: onnx.ModelProto, _skip: frozenset = frozenset()) -> tup
     totals: dict[str, int] = {}
     for region, n in saved.items():
         totals[root(region)] = totals.get(root(region), 0) + n
-    idle = frozenset(r for r in saved if totals[root(r)] <= 0)
+    idle = frozenset(name for r in seeds if totals[root(r)] <= 0 for name in seeds[r])
     if idle:
         return fuse_branches(model, _skip | idle)
-    graph.cleanup().toposort()
-    fused = gs.export_onnx(graph)
+    fused = export_with_domain(graph, model, native=any(n.domain == DOMAIN for n in model.graph.node))
     del fused.graph.value_info[:]  # the shapes inferred here: what later passes infer is theirs
-    fused.ir_version = model.ir_version
-    del fused.opset_import[:]
-    fused.opset_import.extend(model.opset_import)
-    fused.metadata_props.extend(model.metadata_props)
     return fused, removed
 
 
@@ -234,10 +241,7 @@ def _seed(node: gs.Node, done: set[int]) -> tuple | None:
     if node not in siblings or len(siblings) < 2:
         return None
     siblings.sort(key=lambda n: n is not node)  # node first, the others in graph order
-    out_channels = [_shape(n.inputs[1])[0] for n in siblings]
-    weight = _concat([n.inputs[1] for n in siblings], node.name + "_fused_W")
-    bias = _concat([_bias(n, c) for n, c in zip(siblings, out_channels)], node.name + "_fused_B")
-    return _fused(siblings, "Conv", [x, weight, bias], dict(node.attrs), out_channels)
+    return _fused_conv(siblings, x, dict(node.attrs), [_shape(n.inputs[1])[0] for n in siblings])
 
 
 def _follow(node: gs.Node, bundles: dict, done: set[int]) -> tuple | None:
@@ -271,7 +275,12 @@ def _follow(node: gs.Node, bundles: dict, done: set[int]) -> tuple | None:
     if node.op == "BatchNormalization":
         params = [_concat([n.inputs[k] for n in nodes], f"{node.name}_fused_{k}") for k in range(1, 5)]
         return _fused(nodes, node.op, [bundle.fused, *params], dict(node.attrs), sizes)
+    if any(n.inputs[0] is not part for n, part in zip(nodes, bundle.parts)):
+        return None  # each task's node must read its part where the first reads part 0 (input 0)
     if node.op in ELEMENTWISE:
+        ranks = {len(t.shape) if t.shape is not None else None for n in nodes for t in n.inputs}
+        if len(ranks) != 1 or None in ranks:  # broadcasting aligns trailing axes: the ranks must agree
+            return None
         operands = []
         for k in range(2):
             owners = [bundles.get(n.inputs[k].name) for n in nodes]
@@ -306,10 +315,19 @@ def _grouped_conv(nodes: list[gs.Node], bundle: _Bundle) -> tuple | None:
         return None
     if not (shapes[0][0] == groups[0] and shapes[0][1] == 1) and any(d != 1 for d in shapes[0][2:]):
         return None  # neither depthwise nor 1x1: see the module docstring (H2)
-    out_channels = [s[0] for s in shapes]
-    weight = _concat([n.inputs[1] for n in nodes], first.name + "_fused_W")
-    bias = _concat([_bias(n, c) for n, c in zip(nodes, out_channels)], first.name + "_fused_B")
-    return _fused(nodes, "Conv", [bundle.fused, weight, bias], {**other_attrs, "group": sum(groups)}, out_channels)
+    return _fused_conv(nodes, bundle.fused, {**other_attrs, "group": sum(groups)}, [s[0] for s in shapes])
+
+
+def _fused_conv(nodes: list[gs.Node], source, attrs: dict, out_channels: list[int]) -> tuple:
+    """One Conv reading `source`, its weight (and bias, where a task's layer has one) the tasks'
+    concatenated along the output axis."""
+    name = nodes[0].name
+    inputs = [source, _concat([n.inputs[1] for n in nodes], name + "_fused_W")]
+    if any(_has_bias(n) for n in nodes):  # a task's layer without one adds zeros (a small constant)
+        inputs.append(_concat([n.inputs[2] if _has_bias(n) else gs.Constant(
+            n.name + "_zero_B", np.zeros(c, np.dtype(n.outputs[0].dtype or np.float32)))
+            for n, c in zip(nodes, out_channels)], name + "_fused_B"))
+    return _fused(nodes, "Conv", inputs, attrs, out_channels)
 
 
 def _fused(nodes: list[gs.Node], op: str, inputs: list, attrs: dict, sizes: list[int]) -> tuple:
@@ -327,11 +345,8 @@ def _concat(tensors: list, name: str, axis: int = 0) -> gs.Variable:
     return out
 
 
-def _bias(node: gs.Node, channels: int):
-    """The layer's bias, or zeros where it has none (of its output's type)."""
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        return node.inputs[2]
-    return gs.Constant(node.name + "_zero_B", np.zeros(channels, np.dtype(node.outputs[0].dtype or np.float32)))
+def _has_bias(node: gs.Node) -> bool:
+    return len(node.inputs) > 2 and bool(node.inputs[2].name)
 
 
 def _built(node: gs.Node, known: set[int]) -> list[gs.Node]:

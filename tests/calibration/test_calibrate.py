@@ -201,6 +201,15 @@ def test_settings_are_not_trained():
     assert clip_bounds and not clip_bounds & trainable_names(model)
     convs = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     assert convs <= trainable_names(model)
+    # the tasks' branches fused (pack keeps BatchNorm): the running statistics a Concat gathers stay
+    # settings, the weights it gathers are trained
+    fused = merge([MODELS / "mobilenet_mnist.onnx", MODELS / "mobilenet_fashion.onnx"], names=NAMES,
+                  method="pack").model
+    stats = {i for n in fused.graph.node if n.op_type == "BatchNormalization" for i in n.input[3:5]}
+    gathered = {i for n in fused.graph.node if n.op_type == "Concat" and n.output[0] in stats for i in n.input}
+    weights = {i for n in fused.graph.node if n.op_type == "Concat" and n.output[0].endswith("_fused_W")
+               for i in n.input}
+    assert gathered and weights and not gathered & trainable_names(fused) and weights <= trainable_names(fused)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -53,6 +53,22 @@ def test_every_method_s_merge_goes_down_to_opset_13_and_computes_the_same(method
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("target", [11, 12])
+def test_fused_branches_go_below_opset_13_with_the_split_attribute(target):
+    """The tasks' fused branches end in a Split whose sizes are an input (opset 13): below 13 they
+    become its `split` attribute, and the model computes what it computed."""
+    pair = [shipped(MODELS / "mobilenet_mnist.onnx"), shipped(MODELS / "mobilenet_fashion.onnx")]
+    merged = merge(pair, method="pack").model
+    assert [len(n.input) for n in merged.graph.node if n.op_type == "Split"] == [2]
+    down = merge(pair, method="pack", target_opset=target)
+    assert down.info.fidelity["target_opset"]["how"] == "relabelled"
+    split, = [n for n in down.model.graph.node if n.op_type == "Split"]
+    assert len(split.input) == 1 and [a.name for a in split.attribute if a.name == "split"] == ["split"]
+    x = {"input": np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)}
+    for got, want in zip(_outputs(down.model, x), _outputs(merged, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def _layer_norm_model() -> onnx.ModelProto:
     """A model with LayerNormalization, an operator of opset 17."""
     nodes = [helper.make_node("Flatten", ["input"], ["f"]),
