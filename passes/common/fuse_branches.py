@@ -89,7 +89,7 @@ class FuseBranchesPass(Pass):
     exact = True  # the fused model computes the same outputs to float rounding (checked)
     requires = ("exported",)
 
-    def __init__(self, mode: str = "auto"):
+    def __init__(self, mode: str = "on"):
         if mode not in MODES:
             raise ValueError(f"fuse-branches mode {mode!r}: one of {', '.join(MODES)}")
         self.mode = mode
@@ -264,6 +264,8 @@ def _follow(node: gs.Node, bundles: dict, done: set[int]) -> tuple | None:
         return None
     if any(n.attrs != node.attrs for n in nodes) and node.op != "Conv":
         return None
+    if any(n.inputs[0] is not part for n, part in zip(nodes, bundle.parts)):
+        return None  # each task's node must read its part where the first reads part 0 (input 0)
     sizes = bundle.sizes
     if node.op in CHANNEL_WISE:
         return _fused(nodes, node.op, [bundle.fused], dict(node.attrs), sizes)
@@ -275,8 +277,6 @@ def _follow(node: gs.Node, bundles: dict, done: set[int]) -> tuple | None:
     if node.op == "BatchNormalization":
         params = [_concat([n.inputs[k] for n in nodes], f"{node.name}_fused_{k}") for k in range(1, 5)]
         return _fused(nodes, node.op, [bundle.fused, *params], dict(node.attrs), sizes)
-    if any(n.inputs[0] is not part for n, part in zip(nodes, bundle.parts)):
-        return None  # each task's node must read its part where the first reads part 0 (input 0)
     if node.op in ELEMENTWISE:
         ranks = {len(t.shape) if t.shape is not None else None for n in nodes for t in n.inputs}
         if len(ranks) != 1 or None in ranks:  # broadcasting aligns trailing axes: the ranks must agree
@@ -336,12 +336,12 @@ def _fused(nodes: list[gs.Node], op: str, inputs: list, attrs: dict, sizes: list
     return nodes, node, _Bundle(out, [n.outputs[0] for n in nodes], list(sizes))
 
 
-def _concat(tensors: list, name: str, axis: int = 0) -> gs.Variable:
-    """The tensors concatenated along `axis` by a Concat node, which onnxruntime folds once, when it
+def _concat(tensors: list, name: str) -> gs.Variable:
+    """The tensors concatenated along axis 0 by a Concat node, which onnxruntime folds once, when it
     creates the session: the tasks' weights stay in the file as they are, under their names (a warm
     start and LoadWeightsPass read them so), and nothing is stored twice."""
     out = gs.Variable(name, dtype=tensors[0].dtype)
-    gs.Node("Concat", name=name + "_concat", inputs=list(tensors), outputs=[out], attrs={"axis": axis})
+    gs.Node("Concat", name=name + "_concat", inputs=list(tensors), outputs=[out], attrs={"axis": 0})
     return out
 
 
