@@ -201,6 +201,26 @@ def test_a_method_s_first_trial_is_guessed_from_the_methods_before_it(fake_trial
     assert any(n.startswith(f"time budget spent: {other} settings") for n in result.notes), result.notes
 
 
+def test_each_method_gets_its_share_of_the_time_left(fake_trials, monkeypatch):
+    """A method whose trials are slow stops after its share (half the budget for the first of two
+    methods), so the method after it is still tried; without shares the first would bisect on."""
+    real = search_run.run_trial
+
+    def slow(*args, **kwargs):  # zipper's trials report 350 s each: one fits its 300 s share, not two
+        trial = real(*args, **kwargs)
+        trial.seconds = 350.0 if trial.method == "zipper" else 1.0
+        return trial
+
+    monkeypatch.setattr(search_run, "run_trial", slow)
+    result = _search_examples(methods=["zipper", "codebook"], max_loss=1.0, objective="latency", time_budget_s=600,
+                              measure_latency=False)
+    tried = [m for m, _, _ in fake_trials]
+    assert tried.count("zipper") == 1 and tried.count("codebook") >= 2, tried
+    assert any(n.startswith("zipper's share of the time budget spent: zipper settings") for n in result.notes), \
+        result.notes
+    assert not any("codebook settings" in n for n in result.notes), result.notes  # codebook's share: all that was left
+
+
 def test_budget_zero_returns_the_originals_exactly(tmp_path):
     result = _search_examples(max_loss=0.0, measure_latency=False)
     assert result.chosen.method == "pack" and len(result.trials) == 1

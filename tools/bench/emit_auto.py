@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import ROOT, cpu_header, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import ROOT, cpu_header, cpu_label, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
 
 PAIRS = {  # name -> (model files, what it is)
     "example": ([ROOT / "onnxmerge/examples/fashion_lenet.onnx", ROOT / "onnxmerge/examples/digits_lenet.onnx"],
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['ratio']:.2f} [{row['q1']:.2f}-{row['q3']:.2f}]  auto {row['auto_vs_originals']:.2f}x, "
                       f"portable {row['portable_vs_originals']:.2f}x vs originals", flush=True)
     machine = machine_info()
-    lines = [f"## `--emit auto`: the native form only where it is faster, against the portable form: {machine['cpu']}",
+    lines = [f"## `--emit auto`: the native form only where it is faster, against the portable form: {cpu_label(machine['cpu'])}",
              *cpu_header("emit_auto", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores; kernels' instruction set "
              f"{kernels.isa()} (of {', '.join(kernels.isas())})",

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import ROOT, cpu_header, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import ROOT, cpu_header, cpu_label, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
 
 sys.path.insert(0, str(ROOT / "tools"))
 ARCHS = ("lenet", "vgg", "resnet", "mobilenet")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"b{b} off {row[b]['off'][0]:.2f}x on {row[b]['on'][0]:.2f}x" for b in BATCHES), flush=True)
     machine = machine_info()
     cell = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"  # noqa: E731
-    lines = [f"## `--fuse-branches`: the tasks' parallel layers as grouped layers, against the originals: {machine['cpu']}",
+    lines = [f"## `--fuse-branches`: the tasks' parallel layers as grouped layers, against the originals: {cpu_label(machine['cpu'])}",
              *cpu_header("fuse_branches", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores",
              "- models: the budget suite's MNIST and Fashion-MNIST models of one architecture (independently trained); "

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import cpu_header, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import cpu_header, cpu_label, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
 
 from kernels import layer_models  # noqa: E402
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     eligible = [r for r in rows if r["batch"] == 1 and r["theory"] >= THEORY_MIN]
     met = [r for r in eligible if r["reached"] >= TARGET]
     tables = "" if bits == 32 else f", EConv tables in {args.table_precision}"
-    lines = [f"## Native kernels over a grid of layer shapes{tables}: {cpu}", *cpu_header("kernel_grid", argv),
+    lines = [f"## Native kernels over a grid of layer shapes{tables}: {cpu_label(cpu)}", *cpu_header("kernel_grid", argv),
              f"- machine: {cpu}, {machine['usable_cores']} cores, onnxruntime {machine['onnxruntime']}; kernels' "
              f"instruction set {kernels.isa()} (of {', '.join(kernels.isas())}); one thread",
              "- cells: random codebook and codes; conv: in = out channels, stride 1, same padding, input side "

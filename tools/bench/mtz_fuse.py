@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import ROOT, cpu_header, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import ROOT, cpu_header, cpu_label, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
 
 sys.path.insert(0, str(ROOT / "tools"))
 ARCHS = ("lenet", "vgg", "resnet", "mobilenet", "mlp")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                   + f"  auto fused {row['fused']}/{row['layers']}", flush=True)
     machine = machine_info()
     cell = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"  # noqa: E731
-    lines = [f"## mtz: zipped layers per run or fused (`--fuse`), against the originals: {machine['cpu']}", *cpu_header("mtz_fuse", argv),
+    lines = [f"## mtz: zipped layers per run or fused (`--fuse`), against the originals: {cpu_label(machine['cpu'])}", *cpu_header("mtz_fuse", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores",
              "- models: the budget suite's MNIST and Fashion-MNIST models of one architecture (independently "
              "trained); mtz at the share ratio, Hessians on 128 calibration samples per task, no retraining",

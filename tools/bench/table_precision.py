@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks_md import cpu_header, cpu_section, publish, require  # noqa: E402  (tools/ is not a package)
+from benchmarks_md import cpu_header, cpu_label, cpu_section, publish, require  # noqa: E402  (tools/ is not a package)
 
 TASKS = {"digits": ("paper_lenet_fsdd", "fsdd", None), "fashion": ("paper_lenet_fashion32", "fashion-mnist", 32)}
 PRECISIONS = ("fp32", "int16", "int8")
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"b={batch} {prec}: {res[prec]['median_ms']:.3f} ms, {res[prec]['ratio']:.2f}x vs originals", flush=True)
 
     machine = machine_info()
-    lines = [f"## EConv lookup tables in fp32, int16 and int8: the paper LeNet pair, {machine['cpu']}", *cpu_header("table_precision", argv),
+    lines = [f"## EConv lookup tables in fp32, int16 and int8: the paper LeNet pair, {cpu_label(machine['cpu'])}", *cpu_header("table_precision", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores; kernels' instruction set "
              f"{kernels.isa()} (of {', '.join(kernels.isas())})",
              f"- model: paper_lenet_fsdd (digits) + paper_lenet_fashion32 (fashion), codebook `{args.preset}`, "
