@@ -86,6 +86,21 @@ def pytest_sessionstart(session):
 
 
 
+def isa_params() -> list:
+    """Every instruction set the kernels are built with on this machine's architecture, as pytest
+    parameters: those this CPU does not run are skipped, saying so, rather than left out unseen
+    (an AVX2-only CPU cannot check the AVX-512 kernels; CI's CPU may)."""
+    from onnxmerge import kernels
+    from onnxmerge.kernels import build
+
+    if not kernels.available():
+        return []
+    runs = kernels.isas()
+    return [pytest.param(isa, marks=() if isa in runs else pytest.mark.skip(
+                reason=f"this CPU does not run the {isa} kernels (built, checked on a CPU that runs them)"))
+            for isa in build.isas()]
+
+
 def require_aarch64(*needs: str, missing: tuple[str, ...] = ()) -> None:
     """Skip, saying what this machine lacks for an aarch64 check, or fail where ONNXMERGE_REQUIRE_CROSS
     is set (CI, which installs the tools). The cross compiler is always needed; `needs` adds "qemu"

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, isa_params
 from onnxmerge import kernels
 from onnxmerge.graph.ops import is_native, to_portable
 from random_layers import TOL, econv_config, efc_config, random_layer, reference, rel
@@ -186,13 +186,14 @@ def test_small_caches_give_other_blocks_and_the_same_numbers():
     in many small blocks, and every instruction set still matches the reference."""
     env = {**os.environ, "ONNXMERGE_L1D_BYTES": "4096", "ONNXMERGE_L2_BYTES": "65536"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "every_instruction_set or sizes_its_tables or benchmark_layer_shapes"],
+                           "every_instruction_set or sizes_its_tables or benchmark_layer_shapes", "-rs"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
+    skips = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert " passed" in done.stdout and all("this CPU does not run" in line for line in skips), done.stdout[-2000:]
 
 
-@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+@pytest.mark.parametrize("isa", isa_params())
 def test_every_instruction_set_matches_the_reference(isa, monkeypatch):
     monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
     cases = large_configs() + [("EConv", *econv_config(s)) for s in range(8)] + [("EFC", *efc_config(s)) for s in range(8)]
@@ -202,7 +203,7 @@ def test_every_instruction_set_matches_the_reference(isa, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [16, 8])
-@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+@pytest.mark.parametrize("isa", isa_params())
 def test_integer_tables_match_their_reference_on_every_instruction_set(isa, bits, monkeypatch):
     """`table_bits` 16 / 8: the same quantised arithmetic as the numpy reference, rounded as `isa`
     computes its tables (fused multiply-adds or not): equal to TOL (in practice bit for bit)."""
@@ -214,7 +215,7 @@ def test_integer_tables_match_their_reference_on_every_instruction_set(isa, bits
 
 
 @pytest.mark.parametrize("k", [15, 19])
-@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+@pytest.mark.parametrize("isa", isa_params())
 def test_int8_sums_that_would_leave_int16_are_exact(isa, k, monkeypatch):
     """int8 entries are summed per segment in 16 bits on x86 while kh * kw * 127 fits (15x15 = 225
     offsets), in 32 bits beyond (19x19 = 361): positive inputs and one positive codeword picked

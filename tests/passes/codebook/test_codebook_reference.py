@@ -36,7 +36,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import EXAMPLES, make_model, shipped
+from conftest import EXAMPLES, isa_params, make_model, shipped
 from onnxmerge import kernels
 from onnxmerge.api import merge
 from onnxmerge.data import load_dataset
@@ -475,7 +475,7 @@ def test_integer_tables_stay_within_their_rounding_bound_of_the_dense_convolutio
 
 
 @pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason() or "built")
-@pytest.mark.parametrize("isa", kernels.isas() if kernels.available() else [])
+@pytest.mark.parametrize("isa", isa_params())
 def test_econv_kernel_with_dilation_equals_the_dense_convolution(isa, monkeypatch):
     monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
     for seed in range(8):
