@@ -23,10 +23,9 @@ data per task. The search:
 - abandons early: a setting whose size (or latency), known before calibration, cannot beat the best
   model found so far is not calibrated; a model already within the budget before calibration is not
   calibrated either;
-- gives each method and composition still to run an equal share of the time left (unspent time
-  passes on), so that a slow method tried early cannot leave the last ones untried; a method's first
-  trial may run past its share, no later one does;
-- starts no trial that would end after the time budget (or the method's share), going by the method's
+- keeps for every method still to run the time of one trial (the longest so far), so that a slow
+  method tried early cannot leave the later ones untried;
+- starts no trial that would end after the time budget (or in the time kept), going by the method's
   longest trial so far (before its first: the longest trial of the methods before it).
 Every trial prints one line. The result holds every trial, the Pareto fronts and the chosen model
 (onnxmerge.search.front); onnxmerge.search.report writes them.

@@ -170,16 +170,13 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     work = [(setup, name, [{**(params or {}), **p} for p in METHODS[name].search.ladder(n_layers)], max_loss,
              objective, best, deadline, name not in starts) for name in mine]
 
-    # each method and composition still to run gets an equal share of the time left (what one leaves
-    # unspent passes to the next): without shares, a slow method tried first spent the whole budget and
-    # a method tried last (codebook, under --objective latency) was never tried (README "Time shares")
-    units = [u for name in mine for u in [name, *(c.name for c in compositions if c.composes[0] == name)]]
+    # every method still to run is kept the time of one trial (the longest so far): the methods before
+    # it bisect only as long as they leave that, so a slow method tried first cannot leave a later one
+    # untried (codebook, tried last under --objective latency, once never ran: README "Time kept")
+    pending = list(mine)  # methods whose bisection has not started
 
-    def share_end(unit: str) -> float:
-        """The wall-clock time by which `unit` (a method or composition about to run) starts no further
-        trial: an equal share of the time left among it and the units after it."""
-        left = len(units) - units.index(unit)
-        return time.time() + max(0.0, deadline - time.time()) / left
+    def kept() -> tuple[float, list[str]]:
+        return len(pending) * max(t.seconds for t in trials), pending
 
     def compose(comp) -> None:
         """Bisect composition `comp`'s knob on its first method's best setting within the budget."""
@@ -208,7 +205,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
                          f"{'calibrated' if start_from.calibrated else 'merged'} it")
         found_notes, best, _ = bisect_method(setup, comp.name, ladder, max_loss, objective, best, deadline,
                                              on_trial=record, guess=max(t.seconds for t in trials), start=warm,
-                                             share_end=share_end(comp.name))
+                                             kept=kept, first_kept=False)
         notes.extend(found_notes)
 
     # a composition runs where its first method was searched (under torchrun: by this process)
@@ -221,13 +218,14 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
                 notes += found_notes
                 if not applies:
                     refused.add(job[1])
-        units[:] = [c.name for c in composed_here]  # the methods ran side by side: the compositions share what is left
+        pending.clear()  # the methods ran side by side: the compositions keep nothing back
         for comp in composed_here:
             compose(comp)
     else:
         for job in work:  # each method prunes against what the methods before it found
+            pending.remove(job[1])
             found_notes, best, applies = bisect_method(*job[:5], best, deadline, on_trial=record, prune=job[7],
-                                                       guess=max(t.seconds for t in trials), share_end=share_end(job[1]))
+                                                       guess=max(t.seconds for t in trials), kept=kept)
             notes += found_notes
             if not applies:
                 refused.add(job[1])
@@ -254,7 +252,7 @@ def _strength(method, objective: str) -> int:
 
 def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, objective: str, best: Trial,
                   deadline: float, on_trial, prune: bool = True, guess: float = 0.0,
-                  start=None, share_end: float | None = None) -> tuple[list[str], Trial, bool]:
+                  start=None, kept=None, first_kept: bool = True) -> tuple[list[str], Trial, bool]:
     """Bisect one method's ladder for its most aggressive setting within the budget; `best`: the best
     model within the budget found before (with `prune`, settings that cannot beat it are not calibrated);
     `on_trial(trial)` receives each trial; `guess`: the seconds a trial is taken to last before this
@@ -262,9 +260,9 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
     every setting starts from (a composition's first method's); returns the notes, the best model
     now and whether the method applies to the models (False: its first trial was refused). Only
     the models of this method's best setting and of the warm start are kept (a big pair's
-    candidates would not all fit in memory). `share_end`: the method's share of the time budget;
-    its first trial may start whenever it can end before `deadline`, a later one only if it can
-    also end before `share_end`. A setting that the merge rounds to one tried before
+    candidates would not all fit in memory). `kept()`: (seconds, method names) of the time kept for
+    the methods after this one; no trial starts that would end in it, but for this method's first
+    with `first_kept` (a method's first trial is what the methods before it kept for it). A setting that the merge rounds to one tried before
     (Trial.effective) is not measured again: that trial's outcome steers the bisection."""
     method, notes, tried, applies = METHODS[name], [], [], True
     lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
@@ -274,8 +272,10 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
         # longest of the methods before it (a method's first trial once ran 48 s past a 600 s budget)
         ran = [t.seconds for t in tried if t.measured]
         ends = time.time() + max(ran, default=guess)
-        if ends > deadline or (tried and share_end is not None and ends > share_end):
-            spent = "time budget spent" if ends > deadline else f"{name}'s share of the time budget spent"
+        keep, later = kept() if kept and (tried or not first_kept) else (0.0, [])
+        if ends > deadline - keep:
+            spent = "time budget spent" if ends > deadline else \
+                f"time budget spent but for a trial of each of {', '.join(later)}"
             notes.append(f"{spent}: {name} settings {', '.join(setting_text(p) for p in ladder[lo + 1:hi])} not tried")
             break
         mid = (lo + hi) // 2

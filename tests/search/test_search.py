@@ -201,12 +201,13 @@ def test_a_method_s_first_trial_is_guessed_from_the_methods_before_it(fake_trial
     assert any(n.startswith(f"time budget spent: {other} settings") for n in result.notes), result.notes
 
 
-def test_each_method_gets_its_share_of_the_time_left(fake_trials, monkeypatch):
-    """A method whose trials are slow stops after its share (half the budget for the first of two
-    methods), so the method after it is still tried; without shares the first would bisect on."""
+def test_every_later_method_is_kept_the_time_of_one_trial(fake_trials, monkeypatch):
+    """A method whose trials are slow stops bisecting where another trial would eat the time kept for
+    the method after it (one trial of the longest so far), so that method is still tried; without
+    that the first would bisect on through the whole budget."""
     real = search_run.run_trial
 
-    def slow(*args, **kwargs):  # zipper's trials report 350 s each: one fits its 300 s share, not two
+    def slow(*args, **kwargs):  # zipper's trials report 350 s each: a second would leave codebook no 350 s
         trial = real(*args, **kwargs)
         trial.seconds = 350.0 if trial.method == "zipper" else 1.0
         return trial
@@ -216,9 +217,9 @@ def test_each_method_gets_its_share_of_the_time_left(fake_trials, monkeypatch):
                               measure_latency=False)
     tried = [m for m, _, _ in fake_trials]
     assert tried.count("zipper") == 1 and tried.count("codebook") >= 2, tried
-    assert any(n.startswith("zipper's share of the time budget spent: zipper settings") for n in result.notes), \
-        result.notes
-    assert not any("codebook settings" in n for n in result.notes), result.notes  # codebook's share: all that was left
+    assert any(n.startswith("time budget spent but for a trial of each of codebook: zipper settings")
+               for n in result.notes), result.notes
+    assert not any("codebook settings" in n for n in result.notes), result.notes  # nothing kept after the last
 
 
 def test_budget_zero_returns_the_originals_exactly(tmp_path):
