@@ -51,6 +51,7 @@ def then(first: Method, second: Method) -> Method:
                     saves=tuple(dict.fromkeys(first.search.saves + second.search.saves))),
         composes=(first.name, second.name),
         warm=first.warm,  # the first's passes load the warm start; the second's run on what they leave
+        one_input=first.one_input or second.one_input,
     )
 
 

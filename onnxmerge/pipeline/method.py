@@ -87,6 +87,9 @@ class Method:
     # a composition of two registered methods (passes/compose.py): the search bisects its knob on the
     # first method's best setting within the budget, after the first was searched
     composes: tuple[str, str] | None = None
+    # whether it shares computation on the tasks' one input (MergeState.shared_input): its passes
+    # refuse models whose inputs differ, and the search does not try it on them
+    one_input: bool = False
 
     @property
     def defaults(self) -> dict[str, Any]:

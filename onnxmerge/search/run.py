@@ -129,6 +129,11 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         raise UsageError(f"--max-loss: no --calib data for task(s) {', '.join(missing)}")
     originals = {t.name: t.original if t.modernised else str(t.path) for t in base.state.tasks}
     original_bytes = sum(parameter_bytes(t.original) for t in base.state.tasks)
+    if not base.state.shared_input:  # known now: not worth a trial each, nor the time kept for one
+        notes += [f"{m.name} does not apply: it shares computation on one input, and these models take inputs "
+                  "of different shapes or types" for m in searched + compositions if m.one_input]
+        searched = [m for m in searched if not m.one_input]
+        compositions = [m for m in compositions if not m.one_input]
     n_layers = min(len(t.layers) for t in base.state.tasks)
     # the originals' answers on the held-out data, from pack: it computes them exactly (checked by merge)
     original_correct = correct(base.model, base.info, held)

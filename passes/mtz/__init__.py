@@ -52,6 +52,7 @@ METHOD = Method(
     explain=_explain,
     extends_merged=True,
     validation="tolerance",
+    one_input=True,
     # eighths of each layer's neurons shared: fine enough for a budget, three bisection steps
     search=Knob(lambda n: [{"share_ratio": k / 8} for k in range(1, 9)], "share ratio", saves=("size", "latency")),
     options={

@@ -56,6 +56,7 @@ METHOD = Method(
     build=_pipeline,
     sweep="share",
     warm=True,
+    one_input=True,
     explain=_explain,
     # share 1, 2, ... layers: each more is smaller and (with depthwise shared) faster
     # the shared layers' work is done once: latency first (their parameters are halved, not more)

@@ -3,6 +3,7 @@ fronts, the budget of 0, and the command end to end on the shipped example pair.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -103,6 +104,8 @@ def fake_trials(monkeypatch):
     for name in ("zipper", "codebook"):
         method = METHODS[name]
         monkeypatch.setitem(METHODS, name, type(method)(**{**method.__dict__, "search": knob}))
+    for name, method in list(METHODS.items()):  # the fake trials merge any models, whatever their inputs
+        monkeypatch.setitem(METHODS, name, dataclasses.replace(method, one_input=False))
     monkeypatch.setattr(search_run, "run_trial", fake_run_trial)
     return calls
 
@@ -222,6 +225,20 @@ def test_every_later_method_is_kept_the_time_of_one_trial(fake_trials, monkeypat
     assert not any("codebook settings" in n for n in result.notes), result.notes  # nothing kept after the last
 
 
+def test_methods_that_share_one_input_are_not_tried_on_models_whose_inputs_differ(fake_trials, monkeypatch):
+    """The example pair takes 28x28 and 32x32 images: zipper (and its composition) cannot apply, which
+    the baseline merge already tells, so they cost no trial and keep no time from codebook."""
+    from onnxmerge.passes import METHODS
+
+    for name in ("zipper", COMPOSED):
+        monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], one_input=True))
+    result = _search_examples(methods=["zipper", "codebook", COMPOSED], max_loss=1.0, measure_latency=False)
+    assert {m for m, _, _ in fake_trials} == {"pack", "codebook"}, fake_trials
+    for name in ("zipper", COMPOSED):
+        assert f"{name} does not apply: it shares computation on one input, and these models take inputs of " \
+               "different shapes or types" in result.notes, result.notes
+
+
 def test_budget_zero_returns_the_originals_exactly(tmp_path):
     result = _search_examples(max_loss=0.0, measure_latency=False)
     assert result.chosen.method == "pack" and len(result.trials) == 1
@@ -270,28 +287,37 @@ def _command(tmp_path, *extra) -> list[str]:
     return argv + ["--max-loss", "3", "--steps", "10", "--no-latency", "-q", *extra]
 
 
+def _one_input_command(tmp_path, *extra) -> list[str]:
+    """The search of two LeNets that take one 28x28 input (MNIST, Fashion-MNIST; tests/models), where
+    every method applies: codebook, mtz and zipper, each taken by a process, 10 calibration steps."""
+    tasks = {"mnist": "lenet_mnist", "fashion": "lenet_fashion"}
+    argv = [str(MODELS / f"{m}.onnx") for m in tasks.values()] + ["-o", str(tmp_path / "m.onnx"), "--names",
+                                                                   ",".join(tasks)]
+    argv += [f"--calib={t}={MODELS / f'{t}_eval.npz'}" for t in tasks]
+    return argv + ["--max-loss", "3", "--steps", "10", "--no-latency", "--time-budget", "90", "-q", *extra]
+
+
 def test_jobs_search_methods_in_two_processes(tmp_path, capsys):
-    """--jobs 2: zipper (which does not apply to these inputs) and codebook in two worker processes;
-    the parent gathers both and chooses."""
-    assert main([*_command(tmp_path, "--jobs", "2")]) == 0, capsys.readouterr().err
+    """--jobs 2: codebook, mtz and zipper bisected by two worker processes; the parent gathers every
+    method's trials and chooses."""
+    assert main([*_one_input_command(tmp_path, "--jobs", "2")]) == 0, capsys.readouterr().err
     table = json.loads((tmp_path / "m_search.json").read_text())
-    assert any(t["method"] == "codebook" and t["status"] == "ok" for t in table["trials"])
-    assert any(n.startswith("zipper does not apply") for n in table["notes"])
-    assert any(n.startswith("mtz does not apply") for n in table["notes"])
+    measured = {t["method"] for t in table["trials"] if t["status"] == "ok"}
+    assert {"codebook", "mtz", "zipper"} <= measured, (measured, table["notes"])
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_ranks_share_the_methods_and_rank0_writes(tmp_path):
-    """Under torchrun with two processes, rank 0 searches codebook and mtz (the first and third of
-    codebook, zipper, mtz: objective size puts codebook first) and rank 1 zipper, which does not apply
-    to this pair: rank 1 ends with its baseline alone, and rank 0's report holds every trial."""
+    """Under torchrun with two processes, rank 0 searches codebook and zipper (the first and third of
+    codebook, mtz, zipper: objective size puts the two that save bytes first) and rank 1 mtz; rank 0's
+    report holds every trial, one baseline, and its choice is the model written."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     run = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "onnxmerge",
-                          *_command(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+                          *_one_input_command(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     table = json.loads((tmp_path / "m_search.json").read_text())
-    assert [t["method"] for t in table["trials"]].count("pack") == 1
-    assert any(t["method"] == "codebook" and t["status"] == "ok" for t in table["trials"])
+    methods = [t["method"] for t in table["trials"]]
+    assert methods.count("pack") == 1 and {"codebook", "mtz", "zipper"} <= set(methods), (methods, table["notes"])
     assert read_metadata(onnx.load(str(tmp_path / "m.onnx"))).method == table["trials"][table["chosen"]]["method"]
 
 
