@@ -49,7 +49,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmarks_md import BENCHMARKS, ROOT, require, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, ROOT, read_section, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
@@ -239,30 +239,44 @@ def target_text(kind: str) -> str:
     return f">= {t['compression']:g}x smaller" + (f", >= {t['speedup']:g}x faster" if "speedup" in t else "")
 
 
-def table(rows: list[dict]) -> list[str]:
-    head = ["pair", "half", "architectures (task: arch)", "objective", "chosen", "smaller", "speed-up (b=1, 1 thread)",
-            "test accuracy (change, points)", "chosen on", "within 1 point on test", "target", "met", "trials", "search s", "run"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        tasks = r["tasks"]
-        archs = ", ".join(f"{t}: {r['architectures'][t]}" for t in tasks)
-        accs = ", ".join(f"{t} {100 * r['test_accuracy'][t]:.2f}% ({r['test_change_points'][t]:+.2f})" for t in tasks)
-        lines.append("| " + " | ".join([
-            f"`{r['pair']}`", r["half"], archs, r["objective"], f"`{r['chosen']}`" + (" (calibrated)" if r["calibrated"] else ""),
-            f"{r['compression']:.2f}x", f"{r['speedup']:.2f}x", accs, chosen_on(r), "yes" if r["within_on_test"] else "**no**",
-            target_text(r["kind"]), "yes" if r["accepted"] else "**no**", str(r["trials"]), f"{r['search_seconds']:.0f}",
-            f"{r['date']}, {r.get('cpu', 'CPU not recorded')}"]) + " |")
-    return lines
+HEAD = ["pair", "half", "architectures (task: arch)", "objective", "chosen", "smaller", "speed-up (b=1, 1 thread)",
+        "test accuracy (change, points)", "chosen on", "within 1 point on test", "target", "met", "trials", "search s", "run"]
 
 
-def section(rows: list[dict], argv: list[str], seconds: float) -> str:
+def row_lines(r: dict) -> dict[str, list[str]]:
+    """A pair's lines in the section: its table row, its search's notes, its command."""
+    tasks = r["tasks"]
+    archs = ", ".join(f"{t}: {r['architectures'][t]}" for t in tasks)
+    accs = ", ".join(f"{t} {100 * r['test_accuracy'][t]:.2f}% ({r['test_change_points'][t]:+.2f})" for t in tasks)
+    row = "| " + " | ".join([
+        f"`{r['pair']}`", r["half"], archs, r["objective"], f"`{r['chosen']}`" + (" (calibrated)" if r["calibrated"] else ""),
+        f"{r['compression']:.2f}x", f"{r['speedup']:.2f}x", accs, chosen_on(r), "yes" if r["within_on_test"] else "**no**",
+        target_text(r["kind"]), "yes" if r["accepted"] else "**no**", str(r["trials"]), f"{r['search_seconds']:.0f}",
+        f"{r['date']}, {r.get('cpu', 'CPU not recorded')}"]) + " |"
+    return {"row": [row], "notes": [f"- `{r['pair']}`: {n}" for n in r["notes"]], "command": [f"- `{r['command']}`"]}
+
+
+def kept_lines(text: str | None) -> dict[str, dict[str, list[str]]]:
+    """Each pair's lines (row_lines) as the section `text` holds them: a pair whose figures are not in the
+    out-dir (another machine's run, a cleaned build/) keeps them, dated, rather than losing its row."""
+    kept = {}
+    for line in (text or "").splitlines():
+        for pair in PAIRS:
+            kind = ("row" if line.startswith(f"| `{pair}` |") else "notes" if line.startswith(f"- `{pair}`: ")
+                    else "command" if line.startswith("- `onnxmerge ") and f"/{pair}.onnx " in line else None)
+            if kind:
+                kept.setdefault(pair, {"row": [], "notes": [], "command": []})[kind].append(line)
+    return kept
+
+
+def section(rows: list[dict], argv: list[str], seconds: float, kept: dict | None = None) -> str:
+    """The section: `rows` (this out-dir's figures), and `kept` (kept_lines) for the pairs not among them."""
     from onnxmerge.measure.latency import machine_info
 
     info = machine_info()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
     command = shlex.join(["python", "tools/bench/budget_search.py", *argv])
-    order = list(PAIRS)
-    rows = sorted(rows, key=lambda r: order.index(r["pair"]))
+    pairs = {**(kept or {}), **{r["pair"]: row_lines(r) for r in rows}}
     lines = [
         "## Budgeted search (`--max-loss 1`): the acceptance suite of issue 18",
         "",
@@ -292,20 +306,19 @@ def section(rows: list[dict], argv: list[str], seconds: float) -> str:
         "",
     ]
     for half, title in (("tuning", "Tuning half"), ("report", "Report half"), ("paper", "The paper's LeNet pair")):
-        got = [r for r in rows if r["half"] == half]
-        missing = [p for p in HALVES[half] if p not in {r["pair"] for r in got}]
+        got = [p for p in HALVES[half] if p in pairs]
+        missing = [p for p in HALVES[half] if p not in pairs]
         lines += [f"### {title}", ""]
         if got:
-            lines += table(got) + [""]
-            for r in got:
-                for n in r["notes"]:
-                    lines.append(f"- `{r['pair']}`: {n}")
+            lines += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+            lines += [line for p in got for line in pairs[p]["row"]] + [""]
+            lines += [line for p in got for line in pairs[p]["notes"]]
         if missing:
             lines.append("- not run yet: " + ", ".join(f"`{p}`" for p in missing))
         lines.append("")
-    if rows:
+    if pairs:
         lines += ["Commands (as the search runs them; `onnxmerge` is `python -m onnxmerge`):", ""]
-        lines += [f"- `{r['command']}`" for r in rows]
+        lines += [line for p in PAIRS if p in pairs for line in pairs[p]["command"]]
     return "\n".join(lines)
 
 
@@ -344,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             (work / f"{pair}.error").write_text(f"{type(e).__name__}: {e}\n")
     rows = [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))
             if not p.name.endswith("_search.json") and p.stem in PAIRS]
-    body = section(rows, argv, time.perf_counter() - t0)
+    body = section(rows, argv, time.perf_counter() - t0, kept_lines(read_section(BENCHMARKS, SECTION)))
     print("\n" + body, flush=True)
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
