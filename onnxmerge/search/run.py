@@ -266,9 +266,10 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
     now and whether the method applies to the models (False: its first trial was refused). Only
     the models of this method's best setting and of the warm start are kept (a big pair's
     candidates would not all fit in memory). `kept()`: (seconds, method names) of the time kept for
-    the methods after this one; no trial starts that would end in it, but for this method's first
-    with `first_kept` (a method's first trial is what the methods before it kept for it). A setting that the merge rounds to one tried before
-    (Trial.effective) is not measured again: that trial's outcome steers the bisection."""
+    the methods after this one; no trial starts that could end in it, but for this method's first
+    with `first_kept` (a method's first trial is what the methods before it kept for it). A setting
+    that the merge rounds to one tried before (Trial.effective) is not measured again: that trial's
+    outcome steers the bisection."""
     method, notes, tried, applies = METHODS[name], [], [], True
     lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
     while hi - lo > 1:
@@ -276,11 +277,15 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
         # (calibration, which dominates, runs to the same step budget each time); before its first, the
         # longest of the methods before it (a method's first trial once ran 48 s past a 600 s budget)
         ran = [t.seconds for t in tried if t.measured]
-        ends = time.time() + max(ran, default=guess)
+        now = time.time()
         keep, later = kept() if kept and (tried or not first_kept) else (0.0, [])
-        if ends > deadline - keep:
-            spent = "time budget spent" if ends > deadline else \
-                f"time budget spent but for a trial of each of {', '.join(later)}"
+        # the time kept for later methods is judged by the longest trial of any method: a method's own may
+        # all have been quick (kept as merged) until one is calibrated (on the ResNet tuning pair a
+        # composition's 49 s trials were followed by one of 113 s, and codebook's kept time was gone)
+        spent = ("time budget spent" if now + max(ran, default=guess) > deadline else
+                 f"time budget spent but for a trial of each of {', '.join(later)}"
+                 if keep and now + max([*ran, guess]) > deadline - keep else None)
+        if spent:
             notes.append(f"{spent}: {name} settings {', '.join(setting_text(p) for p in ladder[lo + 1:hi])} not tried")
             break
         mid = (lo + hi) // 2

@@ -225,6 +225,26 @@ def test_every_later_method_is_kept_the_time_of_one_trial(fake_trials, monkeypat
     assert not any("codebook settings" in n for n in result.notes), result.notes  # nothing kept after the last
 
 
+def test_the_time_kept_is_judged_by_the_longest_trial_of_any_method(fake_trials, monkeypatch):
+    """zipper's one trial took 350 s; mtz's own trials take 1 s, but its next could be calibrated and
+    take as long: with 350 s kept for codebook, mtz stops after its first trial."""
+    real = search_run.run_trial
+
+    def timed(*args, **kwargs):
+        trial = real(*args, **kwargs)
+        trial.seconds = 350.0 if trial.method == "zipper" else 1.0
+        return trial
+
+    monkeypatch.setattr(search_run, "run_trial", timed)
+    result = _search_examples(methods=["zipper", "mtz", "codebook"], max_loss=1.0, objective="latency",
+                              time_budget_s=600, measure_latency=False)
+    tried = [m for m, _, _ in fake_trials]
+    assert tried.index("zipper") < tried.index("mtz") < tried.index("codebook"), tried  # latency's order
+    assert tried.count("zipper") == 1 and tried.count("mtz") == 1 and "codebook" in tried, tried
+    assert any(n.startswith("time budget spent but for a trial of each of codebook: mtz settings")
+               for n in result.notes), result.notes
+
+
 def test_methods_that_share_one_input_are_not_tried_on_models_whose_inputs_differ(fake_trials, monkeypatch):
     """The example pair takes 28x28 and 32x32 images: zipper (and its composition) cannot apply, which
     the baseline merge already tells, so they cost no trial and keep no time from codebook."""
