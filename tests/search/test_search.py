@@ -314,30 +314,30 @@ def _one_input_command(tmp_path, *extra) -> list[str]:
     argv = [str(MODELS / f"{m}.onnx") for m in tasks.values()] + ["-o", str(tmp_path / "m.onnx"), "--names",
                                                                    ",".join(tasks)]
     argv += [f"--calib={t}={MODELS / f'{t}_eval.npz'}" for t in tasks]
-    return argv + ["--max-loss", "3", "--steps", "10", "--no-latency", "--time-budget", "90", "-q", *extra]
+    return argv + ["--max-loss", "3", "--steps", "10", "--no-latency", "--time-budget", "40", "-q", *extra]
 
 
 def test_jobs_search_methods_in_two_processes(tmp_path, capsys):
-    """--jobs 2: codebook, mtz and zipper bisected by two worker processes; the parent gathers every
-    method's trials and chooses."""
+    """--jobs 2: codebook, mtz and zipper bisected by two worker processes (each starts its first method
+    at once; the third may find the 40 s spent); the parent gathers their trials and chooses."""
     assert main([*_one_input_command(tmp_path, "--jobs", "2")]) == 0, capsys.readouterr().err
     table = json.loads((tmp_path / "m_search.json").read_text())
     measured = {t["method"] for t in table["trials"] if t["status"] == "ok"}
-    assert {"codebook", "mtz", "zipper"} <= measured, (measured, table["notes"])
+    assert {"codebook", "mtz"} <= measured, (measured, table["notes"])
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_ranks_share_the_methods_and_rank0_writes(tmp_path):
     """Under torchrun with two processes, rank 0 searches codebook and zipper (the first and third of
     codebook, mtz, zipper: objective size puts the two that save bytes first) and rank 1 mtz; rank 0's
-    report holds every trial, one baseline, and its choice is the model written."""
+    report holds both ranks' trials, one baseline, and its choice is the model written."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     run = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "onnxmerge",
                           *_one_input_command(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     table = json.loads((tmp_path / "m_search.json").read_text())
     methods = [t["method"] for t in table["trials"]]
-    assert methods.count("pack") == 1 and {"codebook", "mtz", "zipper"} <= set(methods), (methods, table["notes"])
+    assert methods.count("pack") == 1 and {"codebook", "mtz"} <= set(methods), (methods, table["notes"])
     assert read_metadata(onnx.load(str(tmp_path / "m.onnx"))).method == table["trials"][table["chosen"]]["method"]
 
 
