@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import re
 import shlex
 import sys
@@ -58,25 +57,15 @@ def cpu_header(script: str, argv: list[str]) -> list[str]:
             f"- command: `python {shlex.join([f'tools/bench/{script}.py', *argv])}`"]
 
 
-def cpu_label(cpu: str) -> str:
-    """The CPU as the per-CPU sections name it: its model name and its widest vector instruction set,
-    which tells apart CPUs of one name (AMD EPYC has come as Zen 3, AVX2 only, and as Zen 4, AVX-512)."""
-    flags = next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), [])
-    vector = "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
-    return f"{cpu} ({vector})"
+def cpu_label(machine: dict) -> str:
+    """The CPU as the per-CPU sections name it (machine_info's): its model name and widest vector set."""
+    return f"{machine['cpu']} ({machine['vector']})"
 
 
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def cpu_section(name: str, cpu: str) -> str:
+def cpu_section(name: str, machine: dict) -> str:
     """The name of `name`'s section for one CPU (`name:<slug of cpu_label>`), where each CPU's figures
     are kept."""
-    return f"{name}:" + re.sub(r"[^a-z0-9]+", "-", cpu_label(cpu).lower()).strip("-")
+    return f"{name}:" + re.sub(r"[^a-z0-9]+", "-", cpu_label(machine).lower()).strip("-")
 
 
 def require(script: str, *, kernels: bool = False, data: bool = False) -> bool:

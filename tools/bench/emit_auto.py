@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['ratio']:.2f} [{row['q1']:.2f}-{row['q3']:.2f}]  auto {row['auto_vs_originals']:.2f}x, "
                       f"portable {row['portable_vs_originals']:.2f}x vs originals", flush=True)
     machine = machine_info()
-    lines = [f"## `--emit auto`: the native form only where it is faster, against the portable form: {cpu_label(machine['cpu'])}",
+    lines = [f"## `--emit auto`: the native form only where it is faster, against the portable form: {cpu_label(machine)}",
              *cpu_header("emit_auto", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores; kernels' instruction set "
              f"{kernels.isa()} (of {', '.join(kernels.isas())})",
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         lines += ["", f"Not run (models missing): {', '.join(missing)}."]
     body = "\n".join(lines) + "\n"
-    publish(cpu_section("emit_auto", machine["cpu"]), body, write=not args.no_write)
+    publish(cpu_section("emit_auto", machine), body, write=not args.no_write)
     return 0
 
 

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"b{b} off {row[b]['off'][0]:.2f}x on {row[b]['on'][0]:.2f}x" for b in BATCHES), flush=True)
     machine = machine_info()
     cell = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"  # noqa: E731
-    lines = [f"## `--fuse-branches`: the tasks' parallel layers as grouped layers, against the originals: {cpu_label(machine['cpu'])}",
+    lines = [f"## `--fuse-branches`: the tasks' parallel layers as grouped layers, against the originals: {cpu_label(machine)}",
              *cpu_header("fuse_branches", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores",
              "- models: the budget suite's MNIST and Fashion-MNIST models of one architecture (independently trained); "
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
              "", "| pair | merge | b=1 off | b=1 on | b=32 off | b=32 on | nodes off / on |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['arch']} | {r['setting']} | {cell(r[1]['off'])} | {cell(r[1]['on'])} | {cell(r[32]['off'])} | "
               f"{cell(r[32]['on'])} | {r['nodes']['off']} / {r['nodes']['on']} |" for r in rows]
-    publish(cpu_section("fuse_branches", machine["cpu"]), "\n".join(lines) + "\n", write=not args.no_write)
+    publish(cpu_section("fuse_branches", machine), "\n".join(lines) + "\n", write=not args.no_write)
     return 0
 
 

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     eligible = [r for r in rows if r["batch"] == 1 and r["theory"] >= THEORY_MIN]
     met = [r for r in eligible if r["reached"] >= TARGET]
     tables = "" if bits == 32 else f", EConv tables in {args.table_precision}"
-    lines = [f"## Native kernels over a grid of layer shapes{tables}: {cpu_label(cpu)}", *cpu_header("kernel_grid", argv),
+    lines = [f"## Native kernels over a grid of layer shapes{tables}: {cpu_label(machine)}", *cpu_header("kernel_grid", argv),
              f"- machine: {cpu}, {machine['usable_cores']} cores, onnxruntime {machine['onnxruntime']}; kernels' "
              f"instruction set {kernels.isa()} (of {', '.join(kernels.isas())}); one thread",
              "- cells: random codebook and codes; conv: in = out channels, stride 1, same padding, input side "
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * r['reached']:.0f}% |")
     body = "\n".join(lines) + "\n"
     name = "kernel_grid" if bits == 32 else f"kernel_grid_{args.table_precision}"
-    publish(cpu_section(name, cpu), body, write=not args.no_write and not args.quick)
+    publish(cpu_section(name, machine), body, write=not args.no_write and not args.quick)
     return 0
 
 

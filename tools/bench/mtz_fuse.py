@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                   + f"  auto fused {row['fused']}/{row['layers']}", flush=True)
     machine = machine_info()
     cell = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"  # noqa: E731
-    lines = [f"## mtz: zipped layers per run or fused (`--fuse`), against the originals: {cpu_label(machine['cpu'])}", *cpu_header("mtz_fuse", argv),
+    lines = [f"## mtz: zipped layers per run or fused (`--fuse`), against the originals: {cpu_label(machine)}", *cpu_header("mtz_fuse", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores",
              "- models: the budget suite's MNIST and Fashion-MNIST models of one architecture (independently "
              "trained); mtz at the share ratio, Hessians on 128 calibration samples per task, no retraining",
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['arch']} | {r['ratio']:g} | " + " | ".join(f"{cell(r[f])} ({r['nodes'][f]})" for f in FORMS)
               + f" | {r['fused']} / {r['layers']} |" for r in rows]
     body = "\n".join(lines) + "\n"
-    publish(cpu_section("mtz_fuse", machine["cpu"]), body, write=not args.no_write)
+    publish(cpu_section("mtz_fuse", machine), body, write=not args.no_write)
     return 0
 
 

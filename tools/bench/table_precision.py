@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"b={batch} {prec}: {res[prec]['median_ms']:.3f} ms, {res[prec]['ratio']:.2f}x vs originals", flush=True)
 
     machine = machine_info()
-    lines = [f"## EConv lookup tables in fp32, int16 and int8: the paper LeNet pair, {cpu_label(machine['cpu'])}", *cpu_header("table_precision", argv),
+    lines = [f"## EConv lookup tables in fp32, int16 and int8: the paper LeNet pair, {cpu_label(machine)}", *cpu_header("table_precision", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores; kernels' instruction set "
              f"{kernels.isa()} (of {', '.join(kernels.isas())})",
              f"- model: paper_lenet_fsdd (digits) + paper_lenet_fashion32 (fashion), codebook `{args.preset}`, "
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Originals: " + ", ".join(f"{t} {100 * e['original_accuracy']:.2f}%"
                                             for t, e in rows["fp32"]["eval"].items()) + "."]
     body = "\n".join(lines) + "\n"
-    publish(cpu_section("table_precision", machine["cpu"]), body, write=not args.no_write)
+    publish(cpu_section("table_precision", machine), body, write=not args.no_write)
     return 0
 
 
