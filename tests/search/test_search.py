@@ -245,6 +245,26 @@ def test_the_time_kept_is_judged_by_the_longest_trial_of_any_method(fake_trials,
                for n in result.notes), result.notes
 
 
+def test_the_time_kept_allows_for_the_spread_of_trial_times(fake_trials, monkeypatch):
+    """zipper's trials take 280 s: a second would end 40 s before the 600 s budget, just leaving
+    codebook one trial as long as the longest, but not one a little longer than that, as trials run
+    (search_run.KEPT_SPREAD): zipper stops after its first."""
+    real = search_run.run_trial
+
+    def timed(*args, **kwargs):
+        trial = real(*args, **kwargs)
+        trial.seconds = 280.0 if trial.method == "zipper" else 1.0
+        return trial
+
+    monkeypatch.setattr(search_run, "run_trial", timed)
+    result = _search_examples(methods=["zipper", "codebook"], max_loss=1.0, objective="latency", time_budget_s=600,
+                              measure_latency=False)
+    tried = [m for m, _, _ in fake_trials]
+    assert tried.count("zipper") == 1 and "codebook" in tried, tried
+    assert any(n.startswith("time budget spent but for a trial of each of codebook: zipper settings")
+               for n in result.notes), result.notes
+
+
 def test_methods_that_share_one_input_are_not_tried_on_models_whose_inputs_differ(fake_trials, monkeypatch):
     """The example pair takes 28x28 and 32x32 images: zipper (and its composition) cannot apply, which
     the baseline merge already tells, so they cost no trial and keep no time from codebook."""
