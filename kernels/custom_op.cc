@@ -204,10 +204,12 @@ struct EConvKernel : LookupKernel<onnxmerge::EConvLayer, EConvKernel> {
 // EFC
 
 struct EFCKernel : LookupKernel<onnxmerge::EFCLayer, EFCKernel> {
-  int64_t in_features;
+  int64_t in_features, table_bits;
 
   explicit EFCKernel(const OrtKernelInfo* info_ptr) {
-    in_features = Ort::ConstKernelInfo(info_ptr).GetAttribute<int64_t>("in_features");
+    Ort::ConstKernelInfo info(info_ptr);
+    in_features = info.GetAttribute<int64_t>("in_features");
+    table_bits = int_or(info, "table_bits", 32);  // checked by pack_efc
     pack_constant(info_ptr);
   }
 
@@ -215,7 +217,7 @@ struct EFCKernel : LookupKernel<onnxmerge::EFCLayer, EFCKernel> {
     const auto cbs = shape(codebook), cs = shape(codes);
     expect(cbs.size() == 3, "EFC: codebook must be 3-D [V', C, r]");
     expect(cs.size() == 2, "EFC: codes must be 2-D [V, out]");
-    onnxmerge::EFCParams s{in_features, cs[1], cs[0], cbs[1], cbs[2]};
+    onnxmerge::EFCParams s{in_features, cs[1], cs[0], cbs[1], cbs[2], table_bits};
     with_codes(codes, "EFC", [&](const auto* c) {
       onnxmerge::pack_efc(layer, s, cbs[0], codebook.GetTensorData<float>(), c, isa);
     });

@@ -108,6 +108,7 @@ const CacheSizes& cache_sizes();
 
 struct EFCParams {
   int64_t d = 0, out = 0, V = 0, C = 0, r = 0;
+  int64_t table_bits = 32;  // as EConvParams::table_bits (EFC is EConv's 1x1 kernel on one pixel)
 };
 
 struct EFCLayer {
@@ -118,7 +119,8 @@ struct EFCLayer {
   // [out][V], checked < C: one byte per code when C <= 256 (less to stream at batch 1), else two
   std::vector<uint8_t> codes8;
   std::vector<uint16_t> codes16;
-  std::vector<uint8_t> codes_vo;    // [V][out], for instruction sets with register_tables and C <= 64
+  std::vector<uint8_t> codes_vo;    // [V][out]: C <= 64 and register_tables, or int8 tables and shuffle_tables
+  std::vector<float> seg_bound;     // integer tables: as EConvLayer::seg_bound
 };
 
 // Check shapes and code indices and repack for the instruction set `isa` (see choose_isa);
@@ -147,6 +149,7 @@ struct IsaKernels {
                 const Parallel&);
   void (*efc)(const EFCLayer&, int64_t N, const float* x, const float* bias, float* y, const Parallel&);
   bool register_tables;  // EFC looks tables of <= 64 codewords up in registers at batch 1 (codes_vo)
+  bool shuffle_tables;   // EFC looks int8 tables of <= 64 codewords up by byte shuffles (codes_vo)
   int vec;               // floats per vector (ONNXMERGE_VEC)
 };
 

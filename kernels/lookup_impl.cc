@@ -334,20 +334,21 @@ LookupFn<T> econv_lookup_fn(int64_t rows, int64_t vecs) {
 // The scale of each segment's integer entries for one sample (EConvLayer::seg_bound): s[v] = 2^e and
 // inv[v] = 2^-e; 0 and 0 where the bound is 0 (the segment's tables are all zero); a bound that is
 // not finite (an infinite or NaN input) gives inv 0 and s NaN, so that the outputs are NaN.
+// x: [d][HW] of segments of r channels (EFC: HW = 1).
 template <typename T>
-void segment_scales(const EConvLayer& L, const float* x, int64_t HW, float* scale, float* inv) {
-  const EConvParams& s = L.s;
-  for (int64_t v = 0; v < s.V; ++v) {
+void segment_scales(const std::vector<float>& seg_bound, int64_t d, int64_t r, const float* x, int64_t HW,
+                    float* scale, float* inv) {
+  for (int64_t v = 0; v < static_cast<int64_t>(seg_bound.size()); ++v) {
     float xmax = 0.0f;
     bool finite = true;  // std::max drops a NaN: its own flag
-    const int64_t c1 = std::min(s.d, (v + 1) * s.r);
-    for (int64_t ch = v * s.r; ch < c1; ++ch)
+    const int64_t c1 = std::min(d, (v + 1) * r);
+    for (int64_t ch = v * r; ch < c1; ++ch)
       for (int64_t i = 0; i < HW; ++i) {
         const float a = std::abs(x[ch * HW + i]);
         finite = finite && std::isfinite(a);
         xmax = std::max(xmax, a);
       }
-    const float bound = L.seg_bound[v] * xmax;
+    const float bound = seg_bound[v] * xmax;
     if (!finite || !std::isfinite(bound)) {
       scale[v] = std::numeric_limits<float>::quiet_NaN(), inv[v] = 0.0f;
     } else if (bound == 0.0f) {
@@ -398,7 +399,7 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
   const int64_t cblocks = ceil_div(s.C, cblock);
   const int64_t oblock = block_size(s.p, 32);
 
-  if constexpr (!std::is_same_v<T, float>) segment_scales<T>(L, x, HW, w.scale.data(), w.inv.data());
+  if constexpr (!std::is_same_v<T, float>) segment_scales<T>(L.seg_bound, s.d, s.r, x, HW, w.scale.data(), w.inv.data());
   // the sample on the padded grid, columns split by phase (lookup.h, EConvPlan)
   for (int64_t ch = 0; ch < s.d; ++ch) {
     const float* src = x + ch * HW;
@@ -602,6 +603,93 @@ void efc_sample_registers(const EFCLayer& L, const float* table, int64_t o0, flo
 }
 #endif
 
+// ---- integer tables (EFCParams::table_bits 16 / 8): EConv's arithmetic on one pixel (a 1x1 kernel):
+// segment v's entries rint(T / s_v), s_v a power of two from EFCLayer::seg_bound and the sample's
+// max |x_v| (segment_scales); y[o] = b[o] + sum_v s_v * entry, added in segment order. The product of
+// an entry and a power of two is exact, so fusing it with the add changes no rounding.
+
+// Phase 2 for one sample, outputs [o0, o1), as scalar loads of codes [out][V]: one chain per output,
+// the segments in order.
+template <typename T, typename Code>
+void efc_integer_scalar(const EFCLayer& L, const Code* codes, const T* table, const float* scale, int64_t o0,
+                        int64_t o1, float* y) {
+  const EFCParams& s = L.s;
+  for (int64_t o = o0; o < o1; ++o) {
+    const Code* c = codes + o * s.V;
+    float a = y[o];
+    for (int64_t v = 0; v < s.V; ++v) a += static_cast<float>(table[v * L.Cp + c[v]]) * scale[v];
+    y[o] = a;
+  }
+}
+
+#if defined(__AVX2__)
+// Phase 2 for one sample with int8 tables of at most 64 codewords (T-MAC's lookups), outputs
+// [o0, o0 + 32): a segment's table is four 16-byte registers, and vpshufb looks 32 codes up in one
+// of them at once (by the code's low 4 bits; bits 4 and 5 choose the register, by blends): a lookup
+// is a shuffle, not a load. Codes [V][out] as bytes; the entries widen to floats, eight at a time.
+inline __m256i efc_shuffle(const int8_t* t, __m256i code, int64_t Cp) {
+  const auto row = [&](int64_t i) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16 * i)));
+  };
+  __m256i e = _mm256_shuffle_epi8(row(0), code);  // codes < 64: bit 7 clear, no lane zeroed
+  if (Cp == 16) return e;
+  const __m256i bit4 = _mm256_slli_epi16(code, 3);  // bit 4 of every byte to its bit 7, blendv's selector
+  e = _mm256_blendv_epi8(e, _mm256_shuffle_epi8(row(1), code), bit4);
+  if (Cp == 32) return e;
+  const __m256i f = _mm256_blendv_epi8(_mm256_shuffle_epi8(row(2), code), _mm256_shuffle_epi8(row(3), code), bit4);
+  return _mm256_blendv_epi8(e, f, _mm256_slli_epi16(code, 2));  // bit 5 to bit 7
+}
+
+void efc_integer_shuffles(const EFCLayer& L, const int8_t* table, const float* scale, int64_t o0, float* y) {
+  const EFCParams& s = L.s;
+  __m256 acc[4];
+  for (int q = 0; q < 4; ++q) acc[q] = _mm256_loadu_ps(y + o0 + 8 * q);
+  const uint8_t* codes = L.codes_vo.data() + o0;
+  for (int64_t v = 0; v < s.V; ++v, codes += s.out) {
+    const __m256i e = efc_shuffle(table + v * L.Cp, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)), L.Cp);
+    const __m256 sv = _mm256_set1_ps(scale[v]);
+    const __m128i lo = _mm256_castsi256_si128(e), hi = _mm256_extracti128_si256(e, 1);
+    const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[q])), sv, acc[q]);
+  }
+  for (int q = 0; q < 4; ++q) _mm256_storeu_ps(y + o0 + 8 * q, acc[q]);
+}
+#endif
+
+// What one sample's EFC with integer tables works in.
+template <typename T>
+struct EFCIntegerScratch {
+  std::vector<float> table, scale, inv;
+  std::vector<T> entries;
+  explicit EFCIntegerScratch(const EFCLayer& L)
+      : table(static_cast<size_t>(L.s.V * L.Cp)), scale(static_cast<size_t>(L.s.V)),
+        inv(static_cast<size_t>(L.s.V)), entries(static_cast<size_t>(L.s.V * L.Cp)) {}
+};
+
+// One sample with integer tables: float tables, the segments' scales, the entries, then the lookups
+// spread over blocks of outputs.
+template <typename T, typename Code>
+void efc_integer_sample(const EFCLayer& L, const Code* codes, const float* x, const float* bias, float* y,
+                        EFCIntegerScratch<T>& w, const Parallel& parallel) {
+  const EFCParams& s = L.s;
+  efc_sample_tables(L, x, w.table.data(), parallel);
+  segment_scales<T>(L.seg_bound, s.d, s.r, x, 1, w.scale.data(), w.inv.data());
+  for (int64_t v = 0; v < s.V; ++v)
+    for (int64_t q = 0; q < L.Cp; q += VEC) put(w.entries.data() + v * L.Cp + q, load(w.table.data() + v * L.Cp + q), w.inv[v]);
+  const int64_t oblock = ceil_div(block_size(s.out, 32, 64), 64) * 64;
+  parallel.run(static_cast<size_t>(ceil_div(s.out, oblock)), [&](size_t item) {
+    const int64_t o0 = static_cast<int64_t>(item) * oblock, o1 = std::min(s.out, o0 + oblock);
+    for (int64_t o = o0; o < o1; ++o) y[o] = bias ? bias[o] : 0.0f;
+    int64_t o = o0;
+#if defined(__AVX2__)
+    if constexpr (std::is_same_v<T, int8_t>)
+      if (!L.codes_vo.empty())
+        for (; o + 32 <= o1; o += 32) efc_integer_shuffles(L, w.entries.data(), w.scale.data(), o, y);
+#endif
+    efc_integer_scalar(L, codes, w.entries.data(), w.scale.data(), o, o1, y);  // (the last outputs, fewer than 32)
+  });
+}
+
 // One sample: tables, then the lookups spread over blocks of outputs.
 template <typename Code>
 void efc_sample(const EFCLayer& L, const Code* codes, const float* x, const float* bias, float* y, float* table,
@@ -690,6 +778,13 @@ template <typename Code>
 void efc_codes(const EFCLayer& L, const Code* codes, int64_t N, const float* x, const float* bias, float* y,
                const Parallel& parallel) {
   const EFCParams& s = L.s;
+  // integer tables: sample by sample at every batch size (the scales are per sample and segment)
+  const auto integer = [&](auto entry) {
+    EFCIntegerScratch<decltype(entry)> w(L);
+    for (int64_t n = 0; n < N; ++n) efc_integer_sample(L, codes, x + n * s.d, bias, y + n * s.out, w, parallel);
+  };
+  if (s.table_bits == 8) return integer(int8_t{});
+  if (s.table_bits == 16) return integer(int16_t{});
   // Up to a few samples, one at a time (a vector of samples would be mostly padding); then tiles of
   // one or two vectors of samples.
   if (N < 4) {
@@ -717,9 +812,11 @@ void efc_run(const EFCLayer& L, int64_t N, const float* x, const float* bias, fl
 
 extern const IsaKernels kernels;
 #if defined(__AVX512F__)
-const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, true, VEC};
+const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, true, true, VEC};
+#elif defined(__AVX2__)
+const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, false, true, VEC};
 #else
-const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, false, VEC};
+const IsaKernels kernels = {ONNXMERGE_ISA_NAME, econv_run, efc_run, false, false, VEC};
 #endif
 
 }  // namespace ONNXMERGE_ISA

@@ -79,6 +79,27 @@ void check_codes(const Code* codes, int64_t count, int64_t C, const char* op) {
          std::to_string(C) + " codewords");
 }
 
+// Integer tables (EConvLayer::seg_bound)
+
+void check_table_bits(int64_t bits, const char* op) {
+  if (bits != 32 && bits != 16 && bits != 8)
+    fail(std::string(op) + ": table_bits must be 32, 16 or 8, not " + std::to_string(bits));
+}
+
+// [V]: max over segment v's codewords of sum_k |w_k| (k < the segment's depth of d channels)
+std::vector<float> segment_bounds(const float* codebook, int64_t V, int64_t C, int64_t r, int64_t d) {
+  std::vector<float> bound(static_cast<size_t>(V), 0.0f);
+  for (int64_t v = 0; v < V; ++v) {
+    const int64_t depth = std::clamp<int64_t>(d - v * r, 0, r);
+    for (int64_t c = 0; c < C; ++c) {
+      float norm = 0.0f;  // in order over k, as the numpy reference sums it
+      for (int64_t k = 0; k < depth; ++k) norm += std::abs(codebook[(v * C + c) * r + k]);
+      bound[v] = std::max(bound[v], norm);
+    }
+  }
+  return bound;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -178,23 +199,14 @@ void pack_econv(EConvLayer& layer, const EConvParams& s, int64_t Vc, const float
   if (s.p <= 0 || s.kh <= 0 || s.kw <= 0) fail("EConv: codes must be [V, p, kh, kw] with positive sizes");
   if (s.sh <= 0 || s.sw <= 0 || s.dh <= 0 || s.dw <= 0) fail("EConv: strides and dilations must be positive");
   if (s.pt < 0 || s.pl < 0 || s.pb < 0 || s.pr < 0) fail("EConv: pads must be non-negative");
-  if (s.table_bits != 32 && s.table_bits != 16 && s.table_bits != 8)
-    fail("EConv: table_bits must be 32, 16 or 8, not " + std::to_string(s.table_bits));
+  check_table_bits(s.table_bits, "EConv");
   const int64_t taps = s.kh * s.kw;
   check_codes(codes, s.V * s.p * taps, s.C, "EConv");
   layer.isa = &choose_isa(isa);
   layer.isa_forced = !isa.empty();
   layer.s = s;
   layer.codebook.assign(codebook, codebook + s.V * s.C * s.r);
-  layer.seg_bound.assign(static_cast<size_t>(s.V), 0.0f);
-  for (int64_t v = 0; v < s.V; ++v) {
-    const int64_t depth = std::clamp<int64_t>(s.d - v * s.r, 0, s.r);
-    for (int64_t c = 0; c < s.C; ++c) {
-      float norm = 0.0f;  // in order over k, as the numpy reference sums it
-      for (int64_t k = 0; k < depth; ++k) norm += std::abs(codebook[(v * s.C + c) * s.r + k]);
-      layer.seg_bound[v] = std::max(layer.seg_bound[v], norm);
-    }
-  }
+  layer.seg_bound = segment_bounds(codebook, s.V, s.C, s.r, s.d);
   // [V][p][taps] -> [p][V][taps]: an output channel's codes of all segments are contiguous
   layer.codes.resize(static_cast<size_t>(s.p * s.V * taps));
   for (int64_t v = 0; v < s.V; ++v)
@@ -284,6 +296,7 @@ void pack_efc(EFCLayer& layer, const EFCParams& s, int64_t Vc, const float* code
               const std::string& isa) {
   check_codebook(Vc, s.C, s.r, s.V, s.d, "EFC");
   if (s.out <= 0) fail("EFC: codes must be [V, out] with positive sizes");
+  check_table_bits(s.table_bits, "EFC");
   check_codes(codes, s.V * s.out, s.C, "EFC");
   layer.isa = &choose_isa(isa);
   layer.s = s;
@@ -306,7 +319,10 @@ void pack_efc(EFCLayer& layer, const EFCParams& s, int64_t Vc, const float* code
   else
     transpose(layer.codes16);
   layer.codes_vo.clear();
-  if (layer.isa->register_tables && s.C <= 64) layer.codes_vo.assign(codes, codes + s.V * s.out);
+  const bool lookups_in_registers = s.table_bits == 32 ? layer.isa->register_tables
+                                    : s.table_bits == 8 && layer.isa->shuffle_tables;
+  if (lookups_in_registers && s.C <= 64) layer.codes_vo.assign(codes, codes + s.V * s.out);
+  layer.seg_bound = s.table_bits == 32 ? std::vector<float>() : segment_bounds(codebook, s.V, s.C, s.r, s.d);
 }
 
 void efc(const EFCLayer& layer, int64_t N, const float* x, const float* bias, float* y, const Parallel& parallel) {

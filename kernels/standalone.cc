@@ -11,7 +11,7 @@
 //
 // A layer directory holds `layer.txt`, one line of integers:
 //   econv N d H W p kh kw V Vc C r sh sw pt pl pb pr dh dw code_bytes has_bias table_bits
-//   efc   N d out V Vc C r code_bytes has_bias
+//   efc   N d out V Vc C r code_bytes has_bias table_bits
 // and raw little-endian arrays: x.f32, codebook.f32 [Vc, C, r], codes.u8 or codes.u16 (EConv
 // [V, p, kh, kw], EFC [V, out]), bias.f32 when has_bias. Exit status 1 with a one-line reason on error.
 #include <cstdint>
@@ -94,8 +94,8 @@ void run_layer(const std::string& dir, const std::string& isa) {
   } else if (op == "efc") {
     onnxmerge::EFCParams s;
     int64_t N, Vc, code_bytes, has_bias;
-    fields >> N >> s.d >> s.out >> s.V >> Vc >> s.C >> s.r >> code_bytes >> has_bias;
-    if (!fields) throw std::runtime_error(dir + "/layer.txt: expected 9 integers after 'efc'");
+    fields >> N >> s.d >> s.out >> s.V >> Vc >> s.C >> s.r >> code_bytes >> has_bias >> s.table_bits;
+    if (!fields) throw std::runtime_error(dir + "/layer.txt: expected 10 integers after 'efc'");
     if (code_bytes == 1)
       run_efc<uint8_t>(dir, isa, N, Vc, s, has_bias);
     else

@@ -68,8 +68,13 @@ def _tables(x: np.ndarray, codebook: np.ndarray, n_seg: int) -> np.ndarray:
     return np.einsum("nvr...,vcr->nvc...", xs, codebook[:n_seg].astype(x.dtype))
 
 
-def efc_reference(x: np.ndarray, codebook: np.ndarray, codes: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """y[n, o] = sum_v T[n, v, codes[v, o]] + b[o]  (E-FC, section 3.2)."""
+def efc_reference(x: np.ndarray, codebook: np.ndarray, codes: np.ndarray, bias: np.ndarray | None = None, *,
+                  table_bits: int = 32, fused: bool = False) -> np.ndarray:
+    """y[n, o] = sum_v T[n, v, codes[v, o]] + b[o]  (E-FC, section 3.2). `table_bits` 16 or 8: integer
+    tables, the arithmetic of EConv's (`econv_reference`) on a 1x1 kernel over one pixel, which E-FC is."""
+    if table_bits != 32:
+        return econv_reference(x[:, :, None, None], codebook, codes[:, :, None, None], bias, table_bits=table_bits,
+                               fused=fused)[:, :, 0, 0]
     n_seg = codes.shape[0]
     table = _tables(x, codebook, n_seg)  # [N, V, C]
     y = table[:, np.arange(n_seg)[:, None], codes.astype(np.int64)].sum(axis=1)  # [N, V, out] -> [N, out]
@@ -173,8 +178,8 @@ class EFC(OpRun):
 
     op_domain = DOMAIN
 
-    def _run(self, x, codebook, codes, bias=None, in_features=None):
-        return (efc_reference(x, codebook, codes, bias),)
+    def _run(self, x, codebook, codes, bias=None, in_features=None, table_bits=None):
+        return (efc_reference(x, codebook, codes, bias, table_bits=table_bits or 32),)
 
 
 def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -185,7 +190,7 @@ def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
 
 
 def float_tables(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with every EConv's tables in float (its table_bits attribute removed): the numbers
+    """`model` with every EConv's and EFC's tables in float (its table_bits attribute removed): the numbers
     of the portable form, up to float rounding."""
     out = onnx.ModelProto()
     out.CopyFrom(model)

@@ -8,7 +8,7 @@ ops' numpy reference (onnxmerge.pipeline.checks.check_native). Where the kernels
 command line writes the portable form instead (`MergeState.portable_fallback`) and warns; the Python
 API writes the native form, which onnxmerge then runs in its portable form.
 
-`--table-precision int16|int8` writes the EConv nodes with integer tables (attribute table_bits;
+`--table-precision int16|int8` writes the EConv and EFC nodes with integer tables (attribute table_bits;
 onnxmerge.graph.ops): the rewrite is still checked exact with float tables, and the rounding the
 integer tables add is recorded beside it (fidelity table_rounding_rel_diff) for the report.
 """
@@ -66,10 +66,10 @@ class EmitNativePass(Pass):
         fidelity = state.info.fidelity
         fidelity["native_vs_portable_rel_diff"] = checks.check_native(native, portable)
         notes = fidelity.setdefault("notes", [])
-        if self.table_bits != 32 and any(n.op_type == "EConv" for n in native.graph.node):
+        if self.table_bits != 32 and any(n.domain == DOMAIN for n in native.graph.node):
             rounded = checks.native_difference(native, portable)
             fidelity["table_rounding_rel_diff"] = rounded
-            notes.append(f"EConv lookup tables in {self.table_precision} (a power-of-two scale per sample and "
+            notes.append(f"lookup tables in {self.table_precision} (a power-of-two scale per sample and "
                          f"segment): the native form differs from the portable one by {rounded:.3g} (largest "
                          "relative output difference on random inputs); the evaluation measures what it costs")
         notes.extend(f"portable form kept for {k}" for k in kept)
@@ -117,7 +117,7 @@ class EmitNativePass(Pass):
         return native, kept
 
 
-# --table-precision -> EConv's table_bits (onnxmerge.graph.ops)
+# --table-precision -> EConv's and EFC's table_bits (onnxmerge.graph.ops)
 TABLE_BITS = {"fp32": 32, "int16": 16, "int8": 8}
 
 
@@ -132,7 +132,7 @@ def to_native(model: onnx.ModelProto, skip: dict[str, str] | None = None,
     (eq. 9's tables cost V*C*r per input pixel, e.g. a first convolution with one input channel and
     r = 1): such a layer keeps its dense Conv / Gemm, which onnxruntime runs faster, and the same
     compressed file. `skip`: further layers to keep portable (name -> reason). `table_bits` 16 / 8:
-    EConv nodes store their tables as integers (EFC's stay float)."""
+    EConv and EFC nodes store their tables as integers."""
     skip = dict(skip or {})
     candidate, kept = _to_native(model, skip, table_bits)
     dense, lookup = node_macs(model), node_macs(candidate)
@@ -168,8 +168,6 @@ def _to_native(model: onnx.ModelProto, skip: dict[str, str], table_bits: int) ->
                      "strides": list(node.attrs.get("strides", [1, 1])),
                      "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
                      "dilations": list(node.attrs.get("dilations", [1, 1]))}
-            if table_bits != 32:
-                attrs["table_bits"] = table_bits
             if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
                 kept.append(f"{node.name}: auto_pad")
                 continue
@@ -180,6 +178,8 @@ def _to_native(model: onnx.ModelProto, skip: dict[str, str], table_bits: int) ->
                 kept.append(f"{node.name}: input features unknown")
                 continue
             attrs, op = {"in_features": depth}, "EFC"
+        if table_bits != 32:
+            attrs["table_bits"] = table_bits
         node.inputs.clear()
         node.outputs.clear()
         y.dtype = np.float32

@@ -52,19 +52,21 @@ def econv_config(seed: int, table_bits: int = 32):
     return x, codebook, codes, bias, attrs | ({"table_bits": table_bits} if table_bits != 32 else {})
 
 
-def efc_config(seed: int):
+def efc_config(seed: int, table_bits: int = 32):
+    """A random EFC layer (at times over two vectors of outputs: the int8 tables' shuffles take 32
+    at once); `table_bits` 16 or 8 adds the integer-table attribute."""
     rng = np.random.default_rng(1000 + seed)
     d, out = int(rng.integers(1, 200)), int(rng.integers(1, 70))
     x = rng.standard_normal((int(rng.integers(1, 4)), d)).astype(np.float32)
     codebook, codes = random_layer(rng, d, (out,))
     bias = rng.standard_normal(out).astype(np.float32) if rng.random() < 0.5 else None
-    return x, codebook, codes, bias, dict(in_features=d)
+    return x, codebook, codes, bias, dict(in_features=d) | ({"table_bits": table_bits} if table_bits != 32 else {})
 
 
 def reference(op, x, codebook, codes, bias, attrs, isa: str = "generic"):
     """The numpy oracle's output; integer tables rounded as instruction set `isa` computes them."""
     if op == "EFC":
-        return efc_reference(x, codebook, codes, bias)
+        return efc_reference(x, codebook, codes, bias, table_bits=attrs.get("table_bits", 32), fused=FUSED[isa])
     return econv_reference(x, codebook, codes, bias, strides=attrs["strides"], pads=attrs["pads"],
                            dilations=attrs.get("dilations", [1, 1]), table_bits=attrs.get("table_bits", 32),
                            fused=FUSED[isa])

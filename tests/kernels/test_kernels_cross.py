@@ -38,7 +38,7 @@ def write_layer(folder: Path, op: str, x, codebook, codes, bias, attrs) -> None:
                   code_bytes, has_bias, attrs.get("table_bits", 32)]
     else:
         (n, d), (v, out) = x.shape, codes.shape
-        fields = ["efc", n, d, out, v, vc, c, r, code_bytes, has_bias]
+        fields = ["efc", n, d, out, v, vc, c, r, code_bytes, has_bias, attrs.get("table_bits", 32)]
     (folder / "layer.txt").write_text(" ".join(map(str, fields)) + "\n")
     x.astype("<f4").tofile(folder / "x.f32")
     codebook.astype("<f4").tofile(folder / "codebook.f32")
@@ -48,8 +48,9 @@ def write_layer(folder: Path, op: str, x, codebook, codes, bias, attrs) -> None:
 
 
 def layers() -> list[tuple[str, tuple]]:
-    """The random layers, and EConv layers of 16- and 8-bit tables."""
-    integer = [("EConv", econv_config(s, bits)) for s in range(10) for bits in (16, 8)]
+    """The random layers, and EConv and EFC layers of 16- and 8-bit tables."""
+    integer = [(op, config(s, bits)) for s in range(10) for bits in (16, 8)
+               for op, config in (("EConv", econv_config), ("EFC", efc_config))]
     return [("EConv", econv_config(s)) for s in SEEDS] + [("EFC", efc_config(s)) for s in SEEDS] + integer
 
 

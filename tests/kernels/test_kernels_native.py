@@ -7,6 +7,7 @@ Skipped, with the loader's reason, when the library is not built (python kernels
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -208,10 +209,10 @@ def test_integer_tables_match_their_reference_on_every_instruction_set(isa, bits
     """`table_bits` 16 / 8: the same quantised arithmetic as the numpy reference, rounded as `isa`
     computes its tables (fused multiply-adds or not): equal to TOL (in practice bit for bit)."""
     monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
-    for seed in range(30):
-        op, (x, codebook, codes, bias, attrs) = "EConv", econv_config(seed, bits)
+    cases = [("EConv", econv_config(seed, bits)) for seed in range(30)] + [("EFC", efc_config(seed, bits)) for seed in range(30)]
+    for op, (x, codebook, codes, bias, attrs) in cases:
         got = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
-        assert rel(got, reference(op, x, codebook, codes, bias, attrs, isa)) <= TOL, (isa, x.shape, attrs)
+        assert rel(got, reference(op, x, codebook, codes, bias, attrs, isa)) <= TOL, (isa, op, x.shape, codebook.shape, attrs)
 
 
 @pytest.mark.parametrize("k", [15, 19])
@@ -237,10 +238,10 @@ def test_int8_sums_that_would_leave_int16_are_exact(isa, k, monkeypatch):
 def test_integer_tables_turn_a_nan_input_into_nan_outputs_as_the_reference_does():
     """A sample with a NaN (or infinite) input has no finite scale: its outputs are NaN, in the
     kernels as in the reference (std::max would drop the NaN and round garbage instead)."""
-    op, (sample, codebook, codes, bias, attrs) = "EConv", econv_config(3, 8)
-    for bad in (np.nan, np.inf):
+    for (op, (sample, codebook, codes, bias, attrs)), bad in itertools.product(
+            [("EConv", econv_config(3, 8)), ("EFC", efc_config(3, 8))], (np.nan, np.inf)):
         x = np.concatenate([sample[:1], sample[:1]])  # the second sample stays finite
-        x[0, 0, 0, 0] = bad
+        x[(0,) * x.ndim] = bad
         got = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
         want = reference(op, x, codebook, codes, bias, attrs, kernels.isa())
         assert np.isnan(want[0]).all() and not np.isnan(want[1:]).any()
@@ -248,10 +249,11 @@ def test_integer_tables_turn_a_nan_input_into_nan_outputs_as_the_reference_does(
         assert rel(got[1:], want[1:]) <= TOL
 
 
-def test_an_unknown_table_precision_is_refused():
-    x, codebook, codes, bias, attrs = econv_config(0)
-    with pytest.raises(Exception, match="table_bits must be 32, 16 or 8, not 4"):
-        native_session(one_node("EConv", 4, codebook, codes, bias, table_bits=4, **attrs)).run(None, {"X": x})
+@pytest.mark.parametrize("op, config", [("EConv", econv_config), ("EFC", efc_config)])
+def test_an_unknown_table_precision_is_refused(op, config):
+    x, codebook, codes, bias, attrs = config(0)
+    with pytest.raises(Exception, match=f"{op}: table_bits must be 32, 16 or 8, not 4"):
+        native_session(one_node(op, x.ndim, codebook, codes, bias, table_bits=4, **attrs)).run(None, {"X": x})
 
 
 def test_an_unknown_instruction_set_is_refused(monkeypatch):
@@ -265,7 +267,7 @@ def test_threads_and_non_constant_inputs_give_the_same_numbers():
     """Each output is summed by one work item in a fixed order, so several threads give the single
     thread's result bit for bit (at batch > 1 each sample on one thread: one parallel section; integer
     tables too); codebooks and codes fed at run time give the packed result."""
-    integer = [(op, *rest, attrs | {"table_bits": 8}) for op, *rest, attrs in large_configs() if op == "EConv"]
+    integer = [(op, *rest, attrs | {"table_bits": 8}) for op, *rest, attrs in large_configs()]
     for op, x, codebook, codes, bias, attrs in large_configs() + integer:
         one = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
         two = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs), threads=2).run(None, {"X": x})[0]

@@ -11,11 +11,10 @@ a sample stays under about 50 M dense MACs), fc layers 64 to 4096 wide (square),
 presets, batch 1 and 32. Per cell: dense and native medians, the measured ratio (dense / native, > 1:
 native faster), the theoretical ratio (dense MACs / lookup operations) and the share of it reached.
 Issue 19's target: at batch 1, every layer whose theoretical ratio is at least 3x reaches 60%.
-`--table-precision int16|int8`: the EConv cells with integer tables (section
-`kernel_grid_<precision>:<cpu>`; EFC cells as with fp32).
+`--table-precision int16|int8`: the cells with integer tables (section `kernel_grid_<precision>:<cpu>`).
 
     python tools/bench/kernel_grid.py                 # ~10 min, writes BENCHMARKS.md
-    python tools/bench/kernel_grid.py --table-precision int8 --kinds conv
+    python tools/bench/kernel_grid.py --table-precision int8
     python tools/bench/kernel_grid.py --quick --no-write
 """
 
@@ -49,17 +48,18 @@ def cell_model(kind: str, width: int, k: int, r: int, c: int, rng, table_bits: i
     from onnxmerge.graph.ops import DOMAIN, DOMAIN_VERSION
 
     v = math.ceil(width / r)
+    integer = {"table_bits": table_bits} if table_bits != 32 else {}
     codebook = rng.standard_normal((v, c, r)).astype(np.float32) / math.sqrt(width * k * k)
     bias = rng.standard_normal(width).astype(np.float32)
     if kind == "conv":
         side = int(max(4, min(32, math.sqrt(MAX_MACS / (width * width * k * k)))))
         codes = rng.integers(0, c, (v, width, k, k)).astype(np.uint8)
         attrs = {"in_channels": width, "kernel_shape": [k, k], "strides": [1, 1], "pads": [k // 2] * 4,
-                 "dilations": [1, 1]} | ({"table_bits": table_bits} if table_bits != 32 else {})
+                 "dilations": [1, 1]} | integer
         x_shape = y_shape = [None, width, side, side]
     else:
         codes = rng.integers(0, c, (v, width)).astype(np.uint8)
-        attrs, x_shape, y_shape = {"in_features": width}, [None, width], [None, width]
+        attrs, x_shape, y_shape = {"in_features": width} | integer, [None, width], [None, width]
     op = "EConv" if kind == "conv" else "EFC"
     tensors = [numpy_helper.from_array(codebook, "codebook"), numpy_helper.from_array(codes, "codes"),
                numpy_helper.from_array(bias, "B")]
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.3, help="seconds of timing per cell (at least)")
     p.add_argument("--quick", action="store_true", help="a few cells only (a look, not the table)")
     p.add_argument("--table-precision", default="fp32", choices=["fp32", "int16", "int8"],
-                   help="EConv cells' lookup tables")
+                   help="the cells' lookup tables")
     p.add_argument("--kinds", default="conv,fc", help="which cells: conv, fc or both")
     p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = machine["cpu"]
     eligible = [r for r in rows if r["batch"] == 1 and r["theory"] >= THEORY_MIN]
     met = [r for r in eligible if r["reached"] >= TARGET]
-    tables = "" if bits == 32 else f", EConv tables in {args.table_precision}"
+    tables = "" if bits == 32 else f", tables in {args.table_precision}"
     lines = [f"## Native kernels over a grid of layer shapes{tables}: {cpu_label(machine)}", *cpu_header("kernel_grid", argv),
              f"- machine: {cpu}, {machine['usable_cores']} cores, onnxruntime {machine['onnxruntime']}; kernels' "
              f"instruction set {kernels.isa()} (of {', '.join(kernels.isas())}); one thread",

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""EConv's lookup tables in fp32, int16 and int8 (`--table-precision`, issue 19) on the paper LeNet
+"""EConv's and EFC's lookup tables in fp32, int16 and int8 (`--table-precision`, issue 19) on the paper LeNet
 pair: accuracy on the full test splits and speed against the originals, written into BENCHMARKS.md,
 one section per CPU (`table_precision:<cpu>`).
 
 The pair (tools/train_models.py --group bench: spoken digits + Fashion-MNIST at 32x32) is merged
 with the codebook method at a preset and calibrated once (train splits, the paper's learning rate);
-the calibrated portable model is then written in the native form three times, its EConv tables in
-each precision (emit_native.to_native: every layer the operation count lets through, as
+the calibrated portable model is then written in the native form three times, its EConv and EFC
+tables in each precision (emit_native.to_native: every layer the operation count lets through, as
 `--emit native`). Each is evaluated by the kernels on the test splits, and timed against the two
 originals (one after another in separate sessions) and against the fp32 native model, interleaved
 in one process, one thread, at batch 1 and 32 (onnxmerge.model.timing.compare_latency).
@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"b={batch} {prec}: {res[prec]['median_ms']:.3f} ms, {res[prec]['ratio']:.2f}x vs originals", flush=True)
 
     machine = machine_info()
-    lines = [f"## EConv lookup tables in fp32, int16 and int8: the paper LeNet pair, {cpu_label(machine)}", *cpu_header("table_precision", argv),
+    lines = [f"## EConv and EFC lookup tables in fp32, int16 and int8: the paper LeNet pair, {cpu_label(machine)}", *cpu_header("table_precision", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores; kernels' instruction set "
              f"{kernels.isa()} (of {', '.join(kernels.isas())})",
              f"- model: paper_lenet_fsdd (digits) + paper_lenet_fashion32 (fashion), codebook `{args.preset}`, "
              f"calibrated {args.steps} steps at lr {args.lr} once; the same calibrated model written native with "
-             "each table precision (EFC tables stay fp32); accuracy on the full test splits, run by the kernels",
+             "each table precision (EConv and EFC); accuracy on the full test splits, run by the kernels",
              "- rounding: the largest relative output difference of the native form from the portable (fp32) form "
              "on random inputs (numpy reference of the integer arithmetic)",
              "- speed: one thread, interleaved in one process; vs originals = the two originals' median (one after "

@@ -261,14 +261,13 @@ def test_native_form_equals_portable_form_and_converts_back():
 
 
 @pytest.mark.parametrize("precision, bits", [("int16", 16), ("int8", 8)])
-def test_integer_tables_are_written_on_econv_nodes_and_their_rounding_reported(precision, bits):
+def test_integer_tables_are_written_on_native_nodes_and_their_rounding_reported(precision, bits):
     result = merge([shipped(p) for p in MIXED], method="codebook",
                    params={"emit": "native", "table_precision": precision})
     native = result.model
-    econv = [n for n in native.graph.node if n.op_type == "EConv"]
-    assert econv and all({a.name: helper.get_attribute_value(a) for a in n.attribute}["table_bits"] == bits
-                         for n in econv)
-    assert not any(a.name == "table_bits" for n in native.graph.node if n.op_type == "EFC" for a in n.attribute)
+    lookups = [n for n in native.graph.node if n.domain == "ai.onnxmerge"]
+    assert {n.op_type for n in lookups} == {"EConv", "EFC"}
+    assert all({a.name: helper.get_attribute_value(a) for a in n.attribute}["table_bits"] == bits for n in lookups)
     fidelity = result.info.fidelity
     assert fidelity["native_vs_portable_rel_diff"] <= EXACT_TOL  # the rewrite itself: float tables, exact
     # the rounding (numpy reference of the integer tables against the portable form): more than float
