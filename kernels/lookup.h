@@ -119,7 +119,11 @@ struct EFCLayer {
   // [out][V], checked < C: one byte per code when C <= 256 (less to stream at batch 1), else two
   std::vector<uint8_t> codes8;
   std::vector<uint16_t> codes16;
-  std::vector<uint8_t> codes_vo;    // [V][out]: C <= 64 and register_tables, or int8 tables and shuffle_tables
+  std::vector<uint8_t> codes_vo;    // [V][out], for instruction sets with register_tables and C <= 64
+  // int8 tables, C <= 64 and shuffle_tables: [ceil(out / 32)][V][32], the codes of 32 outputs for each
+  // segment in turn (the last block padded with code 0), so that a block's codes stream contiguously:
+  // rows of [V][out] are a page apart at out = 4096, and reading 32 bytes of each thrashed the TLB
+  std::vector<uint8_t> codes_blocks;
   std::vector<float> seg_bound;     // integer tables: as EConvLayer::seg_bound
 };
 

@@ -319,9 +319,14 @@ void pack_efc(EFCLayer& layer, const EFCParams& s, int64_t Vc, const float* code
   else
     transpose(layer.codes16);
   layer.codes_vo.clear();
-  const bool lookups_in_registers = s.table_bits == 32 ? layer.isa->register_tables
-                                    : s.table_bits == 8 && layer.isa->shuffle_tables;
-  if (lookups_in_registers && s.C <= 64) layer.codes_vo.assign(codes, codes + s.V * s.out);
+  layer.codes_blocks.clear();
+  if (s.table_bits == 32 && layer.isa->register_tables && s.C <= 64) layer.codes_vo.assign(codes, codes + s.V * s.out);
+  if (s.table_bits == 8 && layer.isa->shuffle_tables && s.C <= 64) {
+    layer.codes_blocks.assign(static_cast<size_t>(round_up(s.out, 32) * s.V), 0);
+    for (int64_t v = 0; v < s.V; ++v)
+      for (int64_t o = 0; o < s.out; ++o)
+        layer.codes_blocks[((o / 32) * s.V + v) * 32 + o % 32] = static_cast<uint8_t>(codes[v * s.out + o]);
+  }
   layer.seg_bound = s.table_bits == 32 ? std::vector<float>() : segment_bounds(codebook, s.V, s.C, s.r, s.d);
 }
 
