@@ -50,6 +50,8 @@ def test_readme_cli_examples_run_in_order(tmp_path):
         argv = shlex.split(command)
         if argv[1] not in ("inspect", "eval", "deploy"):
             argv += ["--latency-budget", "0.05", "-q"]  # the figures are not the point here
+        if "--max-loss" in argv:
+            argv += ["--time-budget", "15"]  # the search's first trials (tests/search has the rest)
         done = subprocess.run([sys.executable, "-m", *argv], cwd=cwd, capture_output=True, text=True)
         assert done.returncode == 0, (command, done.stderr)
         assert done.stdout.strip(), command

@@ -53,6 +53,21 @@ class Pass:
         raise NotImplementedError
 
 
+FUSE_MODES = ("auto", "on", "off")
+
+
+class FusePass(Pass):
+    """A pass that fuses computation the tasks run side by side: `on`, `off`, or `auto` (kept where
+    the model ran faster fused, timed on this machine)."""
+
+    mode_option: ClassVar[str] = "fuse"  # how the refusal of an unknown mode names the option
+
+    def __init__(self, mode: str = "on"):
+        if mode not in FUSE_MODES:
+            raise ValueError(f"{self.mode_option} mode {mode!r}: one of {', '.join(FUSE_MODES)}")
+        self.mode = mode
+
+
 class TaskPass(Pass):
     """A pass that rewrites every task's graph separately, before the graphs are combined."""
 

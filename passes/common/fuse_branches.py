@@ -65,9 +65,9 @@ from onnxmerge.model.runtime import run_batch
 from onnxmerge.model.saving import weights_apart
 from onnxmerge.model.timing import time_models
 from onnxmerge.pipeline import checks
-from onnxmerge.pipeline.manager import Pass, PassResult
+from onnxmerge.pipeline.manager import FUSE_MODES, FusePass, PassResult
 
-MODES = ("auto", "on", "off")
+MODES = FUSE_MODES
 BUDGET_S = 0.3  # the whole model both ways, interleaved
 MIN_ROUNDS = 20
 # the fused layers add their products in another order (onnxruntime blocks a grouped convolution
@@ -81,7 +81,7 @@ CHANNEL_WISE = {  # (H3): operators that act on each channel alone, with no inpu
 ELEMENTWISE = {"Add", "Mul", "Sub", "Div"}  # (H4)
 
 
-class FuseBranchesPass(Pass):
+class FuseBranchesPass(FusePass):
     """Rewrites `state.model` (the exported, calibrated model): the tasks' parallel layers fused where
     `mode` says so (auto: where the whole model ran faster fused, at batch 1 on one thread); records
     what it did in `info.fidelity["fuse_branches"]`."""
@@ -89,10 +89,7 @@ class FuseBranchesPass(Pass):
     exact = True  # the fused model computes the same outputs to float rounding (checked)
     requires = ("exported",)
 
-    def __init__(self, mode: str = "on"):
-        if mode not in MODES:
-            raise ValueError(f"fuse-branches mode {mode!r}: one of {', '.join(MODES)}")
-        self.mode = mode
+    mode_option = "fuse-branches"
 
     def call(self, state) -> PassResult:
         model, record = apply(state.model, self.mode)

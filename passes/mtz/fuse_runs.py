@@ -40,9 +40,9 @@ from onnx.utils import Extractor
 from onnxmerge.errors import MergeError
 from onnxmerge.model.timing import time_models
 from onnxmerge.pipeline import checks
-from onnxmerge.pipeline.manager import Pass, PassResult
+from onnxmerge.pipeline.manager import FUSE_MODES, FusePass, PassResult
 
-MODES = ("auto", "on", "off")
+MODES = FUSE_MODES
 BUDGET_S = 0.2  # per layer, both forms together
 # a fused layer adds its products in another order than its runs (onnxruntime blocks the longer sums
 # otherwise): float rounding, which compounds over depth (1.1e-5 relative on EfficientNet-B0's 52
@@ -50,18 +50,13 @@ BUDGET_S = 0.2  # per layer, both forms together
 ROUNDING_TOL = 1e-4
 
 
-class FuseRunsPass(Pass):
+class FuseRunsPass(FusePass):
     """Rewrites `state.model` (the exported mtz model): each zipped layer of several runs becomes one
     Conv / Gemm where `mode` says so (auto: where it ran faster here); records the timings and
     choices (figure mtz_fuse)."""
 
     exact = True  # the fused model computes the same outputs to float rounding (checked)
     requires = ("exported",)
-
-    def __init__(self, mode: str = "on"):
-        if mode not in MODES:
-            raise ValueError(f"fuse mode {mode!r}: one of {', '.join(MODES)}")
-        self.mode = mode
 
     def call(self, state) -> PassResult:
         layout = state.info.layout
