@@ -626,25 +626,35 @@ void efc_sample_registers(const EFCLayer& L, const float* table, int64_t o0, flo
 // an entry and a power of two is exact, so fusing it with the add changes no rounding.
 
 // Phase 2 for one sample, outputs [o0, o1), as scalar loads of codes [out][V]: one chain per output,
-// the segments in order.
+// the segments in order, OB outputs side by side (one output at a time, each add waited on the last).
+template <int OB, typename T, typename Code>
+void efc_integer_outputs(const EFCLayer& L, const Code* codes, const T* table, const float* scale, int64_t o,
+                         float* y) {
+  const EFCParams& s = L.s;
+  float a[OB];
+  const Code* c[OB];
+  for (int i = 0; i < OB; ++i) a[i] = y[o + i], c[i] = codes + (o + i) * s.V;
+  for (int64_t v = 0; v < s.V; ++v) {
+    const T* t = table + v * L.Cp;
+    for (int i = 0; i < OB; ++i) a[i] += static_cast<float>(t[c[i][v]]) * scale[v];
+  }
+  for (int i = 0; i < OB; ++i) y[o + i] = a[i];
+}
+
 template <typename T, typename Code>
 void efc_integer_scalar(const EFCLayer& L, const Code* codes, const T* table, const float* scale, int64_t o0,
                         int64_t o1, float* y) {
-  const EFCParams& s = L.s;
-  for (int64_t o = o0; o < o1; ++o) {
-    const Code* c = codes + o * s.V;
-    float a = y[o];
-    for (int64_t v = 0; v < s.V; ++v) a += static_cast<float>(table[v * L.Cp + c[v]]) * scale[v];
-    y[o] = a;
-  }
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) efc_integer_outputs<4>(L, codes, table, scale, o, y);
+  for (; o < o1; ++o) efc_integer_outputs<1>(L, codes, table, scale, o, y);
 }
 
 #if defined(__AVX2__)
 // Phase 2 for one sample with int8 tables of at most 64 codewords (T-MAC's lookups), outputs
-// [o0, o0 + 32): a segment's table is four 16-byte registers, and vpshufb looks 32 codes up in one
-// of them at once (by the code's low 4 bits; bits 4 and 5 choose the register, by blends): a lookup
-// is a shuffle, not a load. Codes in blocks of 32 outputs (EFCLayer::codes_blocks); the entries
-// widen to floats, eight at a time.
+// [o0, o0 + 32): a segment's table is up to four 16-byte registers (EFCLayer::Cp / 16), and vpshufb
+// looks 32 codes up in one of them at once (by the code's low 4 bits; bits 4 and 5 choose the
+// register, by blends): a lookup is a shuffle, not a load. Codes in blocks of 32 outputs
+// (EFCLayer::codes_blocks); the entries widen to floats, eight at a time.
 inline __m256i efc_shuffle(const int8_t* t, __m256i code, int64_t Cp) {
   const auto row = [&](int64_t i) {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16 * i)));
@@ -654,7 +664,8 @@ inline __m256i efc_shuffle(const int8_t* t, __m256i code, int64_t Cp) {
   const __m256i bit4 = _mm256_slli_epi16(code, 3);  // bit 4 of every byte to its bit 7, blendv's selector
   e = _mm256_blendv_epi8(e, _mm256_shuffle_epi8(row(1), code), bit4);
   if (Cp == 32) return e;
-  const __m256i f = _mm256_blendv_epi8(_mm256_shuffle_epi8(row(2), code), _mm256_shuffle_epi8(row(3), code), bit4);
+  const __m256i r2 = row(2), r3 = Cp == 64 ? row(3) : r2;  // Cp 48: no code reaches a fourth register
+  const __m256i f = _mm256_blendv_epi8(_mm256_shuffle_epi8(r2, code), _mm256_shuffle_epi8(r3, code), bit4);
   return _mm256_blendv_epi8(e, f, _mm256_slli_epi16(code, 2));  // bit 5 to bit 7
 }
 

@@ -8,7 +8,8 @@ ops' numpy reference (onnxmerge.pipeline.checks.check_native). Where the kernels
 command line writes the portable form instead (`MergeState.portable_fallback`) and warns; the Python
 API writes the native form, which onnxmerge then runs in its portable form.
 
-`--table-precision int16|int8` writes the EConv and EFC nodes with integer tables (attribute table_bits;
+`--table-precision int16|int8` writes the EConv nodes, and with int8 the EFC nodes, with integer
+tables (attribute table_bits; EFC_TABLE_BITS;
 onnxmerge.graph.ops): the rewrite is still checked exact with float tables, and the rounding the
 integer tables add is recorded beside it (fidelity table_rounding_rel_diff) for the report.
 """
@@ -117,8 +118,12 @@ class EmitNativePass(Pass):
         return native, kept
 
 
-# --table-precision -> EConv's and EFC's table_bits (onnxmerge.graph.ops)
+# --table-precision -> EConv's table_bits (onnxmerge.graph.ops)
 TABLE_BITS = {"fp32": 32, "int16": 16, "int8": 8}
+# the precisions EFC nodes take too: int8 tables are looked up by byte shuffles, 32 outputs at once
+# (kernels/lookup_impl.cc); int16 ones by the same scalar loads as float tables plus a conversion each,
+# slower than float (fc 1024 light, batch 1, AMD EPYC: 79 us against 47), so EFC keeps float tables
+EFC_TABLE_BITS = (8,)
 
 
 def to_native(model: onnx.ModelProto, skip: dict[str, str] | None = None,
@@ -132,7 +137,7 @@ def to_native(model: onnx.ModelProto, skip: dict[str, str] | None = None,
     (eq. 9's tables cost V*C*r per input pixel, e.g. a first convolution with one input channel and
     r = 1): such a layer keeps its dense Conv / Gemm, which onnxruntime runs faster, and the same
     compressed file. `skip`: further layers to keep portable (name -> reason). `table_bits` 16 / 8:
-    EConv and EFC nodes store their tables as integers."""
+    EConv nodes store their tables as integers, and EFC nodes where EFC_TABLE_BITS has it."""
     skip = dict(skip or {})
     candidate, kept = _to_native(model, skip, table_bits)
     dense, lookup = node_macs(model), node_macs(candidate)
@@ -178,7 +183,7 @@ def _to_native(model: onnx.ModelProto, skip: dict[str, str], table_bits: int) ->
                 kept.append(f"{node.name}: input features unknown")
                 continue
             attrs, op = {"in_features": depth}, "EFC"
-        if table_bits != 32:
+        if table_bits != 32 and (op == "EConv" or table_bits in EFC_TABLE_BITS):
             attrs["table_bits"] = table_bits
         node.inputs.clear()
         node.outputs.clear()

@@ -170,15 +170,20 @@ def test_methods_whose_strength_is_the_objective_go_first(fake_trials, monkeypat
     assert [m for m, _, _ in fake_trials if m != "pack"][0] == "zipper"
 
 
-def test_a_trial_that_would_overrun_the_time_budget_is_not_started(fake_trials, monkeypatch):
+def _trials_lasting(monkeypatch, seconds: dict[str, float], others: float = 1.0) -> None:
+    """Every trial reports the seconds `seconds` gives its method (`others` for the other methods)."""
     real = search_run.run_trial
 
-    def slow(*args, **kwargs):  # each trial but the baseline's reports that it took longer than the whole budget
+    def timed(*args, **kwargs):
         trial = real(*args, **kwargs)
-        trial.seconds = 1000.0 if trial.method != "pack" else 1.0
+        trial.seconds = seconds.get(trial.method, others)
         return trial
 
-    monkeypatch.setattr(search_run, "run_trial", slow)
+    monkeypatch.setattr(search_run, "run_trial", timed)
+
+
+def test_a_trial_that_would_overrun_the_time_budget_is_not_started(fake_trials, monkeypatch):
+    _trials_lasting(monkeypatch, {"pack": 1.0}, others=1000.0)  # each but the baseline's longer than the budget
     result = _search_examples(methods=["zipper"], max_loss=1.0, time_budget_s=600)
     assert [m for m, _, _ in fake_trials] == ["pack", "zipper"]  # one zipper trial, then the guess says stop
     assert any(n.startswith("time budget spent: zipper settings") for n in result.notes)
@@ -208,14 +213,7 @@ def test_every_later_method_is_kept_the_time_of_one_trial(fake_trials, monkeypat
     """A method whose trials are slow stops bisecting where another trial would eat the time kept for
     the method after it (one trial of the longest so far), so that method is still tried; without
     that the first would bisect on through the whole budget."""
-    real = search_run.run_trial
-
-    def slow(*args, **kwargs):  # zipper's trials report 350 s each: a second would leave codebook no 350 s
-        trial = real(*args, **kwargs)
-        trial.seconds = 350.0 if trial.method == "zipper" else 1.0
-        return trial
-
-    monkeypatch.setattr(search_run, "run_trial", slow)
+    _trials_lasting(monkeypatch, {"zipper": 350.0})  # a second would leave codebook no 350 s
     result = _search_examples(methods=["zipper", "codebook"], max_loss=1.0, objective="latency", time_budget_s=600,
                               measure_latency=False)
     tried = [m for m, _, _ in fake_trials]
@@ -228,14 +226,7 @@ def test_every_later_method_is_kept_the_time_of_one_trial(fake_trials, monkeypat
 def test_the_time_kept_is_judged_by_the_longest_trial_of_any_method(fake_trials, monkeypatch):
     """zipper's one trial took 350 s; mtz's own trials take 1 s, but its next could be calibrated and
     take as long: with 350 s kept for codebook, mtz stops after its first trial."""
-    real = search_run.run_trial
-
-    def timed(*args, **kwargs):
-        trial = real(*args, **kwargs)
-        trial.seconds = 350.0 if trial.method == "zipper" else 1.0
-        return trial
-
-    monkeypatch.setattr(search_run, "run_trial", timed)
+    _trials_lasting(monkeypatch, {"zipper": 350.0})
     result = _search_examples(methods=["zipper", "mtz", "codebook"], max_loss=1.0, objective="latency",
                               time_budget_s=600, measure_latency=False)
     tried = [m for m, _, _ in fake_trials]
@@ -249,14 +240,7 @@ def test_the_time_kept_allows_for_the_spread_of_trial_times(fake_trials, monkeyp
     """zipper's trials take 280 s: a second would end 40 s before the 600 s budget, just leaving
     codebook one trial as long as the longest, but not one a little longer than that, as trials run
     (search_run.KEPT_SPREAD): zipper stops after its first."""
-    real = search_run.run_trial
-
-    def timed(*args, **kwargs):
-        trial = real(*args, **kwargs)
-        trial.seconds = 280.0 if trial.method == "zipper" else 1.0
-        return trial
-
-    monkeypatch.setattr(search_run, "run_trial", timed)
+    _trials_lasting(monkeypatch, {"zipper": 280.0})
     result = _search_examples(methods=["zipper", "codebook"], max_loss=1.0, objective="latency", time_budget_s=600,
                               measure_latency=False)
     tried = [m for m, _, _ in fake_trials]
