@@ -153,7 +153,7 @@ struct IsaKernels {
                 const Parallel&);
   void (*efc)(const EFCLayer&, int64_t N, const float* x, const float* bias, float* y, const Parallel&);
   bool register_tables;  // EFC looks tables of <= 64 codewords up in registers at batch 1 (codes_vo)
-  bool shuffle_tables;   // EFC looks int8 tables of <= 64 codewords up by byte shuffles (codes_vo)
+  bool shuffle_tables;   // EFC looks int8 tables of <= 64 codewords up by byte shuffles (codes_blocks)
   int vec;               // floats per vector (ONNXMERGE_VEC)
 };
 

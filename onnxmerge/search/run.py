@@ -181,7 +181,8 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
 
     # every method still to run is kept the time of one trial (the longest so far, and a quarter more
     # for the spread of trial times: KEPT_SPREAD): the methods before it bisect only as long as they
-    # leave that, so a slow method tried first cannot leave a later one untried (codebook, tried last under --objective latency, once never ran: README "Time kept")
+    # leave that, so a slow method tried first cannot leave a later one untried (codebook, tried last
+    # under --objective latency, once never ran: README "Time kept")
     pending = list(mine)  # methods whose bisection has not started
 
     def kept() -> tuple[float, list[str]]:

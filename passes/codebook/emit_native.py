@@ -8,10 +8,10 @@ ops' numpy reference (onnxmerge.pipeline.checks.check_native). Where the kernels
 command line writes the portable form instead (`MergeState.portable_fallback`) and warns; the Python
 API writes the native form, which onnxmerge then runs in its portable form.
 
-`--table-precision int16|int8` writes the EConv nodes, and with int8 the EFC nodes, with integer
-tables (attribute table_bits; EFC_TABLE_BITS;
-onnxmerge.graph.ops): the rewrite is still checked exact with float tables, and the rounding the
-integer tables add is recorded beside it (fidelity table_rounding_rel_diff) for the report.
+`--table-precision int16|int8` writes the EConv nodes, and with int8 the EFC nodes (EFC_TABLE_BITS),
+with integer tables (attribute table_bits; onnxmerge.graph.ops): the rewrite is still checked exact
+with float tables, and the rounding the integer tables add is recorded beside it (fidelity
+table_rounding_rel_diff) for the report.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class EmitNativePass(Pass):
         fidelity = state.info.fidelity
         fidelity["native_vs_portable_rel_diff"] = checks.check_native(native, portable)
         notes = fidelity.setdefault("notes", [])
-        if self.table_bits != 32 and any(n.domain == DOMAIN for n in native.graph.node):
+        if any(a.name == "table_bits" for n in native.graph.node for a in n.attribute):
             rounded = checks.native_difference(native, portable)
             fidelity["table_rounding_rel_diff"] = rounded
             notes.append(f"lookup tables in {self.table_precision} (a power-of-two scale per sample and "
