@@ -127,11 +127,12 @@ def layer_models(merged, node, shapes: dict) -> tuple[dict, object, object]:
 
 def time_layers(merged, args) -> list[dict]:
     from onnxmerge.graph.macs import _shapes
-    from onnxmerge.graph.ops import DOMAIN, make_session
+    from onnxmerge.graph.ops import DOMAIN, make_session, to_portable
     from onnxmerge.measure.latency import candidate, compare_latency
     from onnxmerge.model.runtime import random_feeds
 
-    shapes = _shapes(merged)
+    # shapes from the portable form (the same tensors): shape inference cannot see through EConv / EFC
+    shapes = _shapes(to_portable(merged))
     rows = []
     for node in merged.graph.node:
         if node.domain != DOMAIN:
