@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Speed of onnxmerge's native EConv / EFC kernels on the paper LeNet pair, written into
-BENCHMARKS.md (section `kernels`).
+BENCHMARKS.md, one section per CPU (`kernels:<cpu>`).
 
 The paper LeNet pair (build/bench_models/paper_lenet_fsdd.onnx and paper_lenet_fashion32.onnx,
 trained by tools/train_models.py when missing) is merged with the codebook method
@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks_md import BENCHMARKS, require, write_section  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import BENCHMARKS, cpu_label, cpu_section, require, write_section  # noqa: E402  (tools/bench is not a package)
 
 MODELS = {"digits": "paper_lenet_fsdd", "fashion": "paper_lenet_fashion32"}
 TARGETS = {"accu": 1.3, "light": 1.8}  # issue 6: single thread, batch 1, native merged vs originals
@@ -217,9 +217,9 @@ def verdicts(results: dict) -> list[str]:
 def section(results, machine, command, args, isa) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
-        "## Native EConv / EFC kernels: per layer against dense, whole model against the originals",
+        f"## Native EConv / EFC kernels: per layer against dense, whole model against the originals, {cpu_label(machine)}",
         "",
-        "Written by `tools/bench/kernels.py`; rerun it to update this section.",
+        "Written by `tools/bench/kernels.py`; one section per CPU (rerun on a CPU to update its own).",
         "",
         f"- date: {when}",
         f"- command: `{command}`",
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine['cpu']}, {machine['usable_cores']} usable cores, "
           f"onnxruntime {machine['onnxruntime']}")
     if not args.no_write:
-        write_section(args.benchmarks, "kernels", section(results, machine, command, args, kernels.isa()))
+        write_section(args.benchmarks, cpu_section("kernels", machine), section(results, machine, command, args, kernels.isa()))
         print(f"updated {args.benchmarks}")
     return 0
 
