@@ -49,10 +49,9 @@ from onnxmerge.model.loading import (
 from onnxmerge.model.runtime import input_signature
 from onnxmerge.model.saving import check_model, check_output_path, save_atomic
 from onnxmerge.passes import BASELINE, get_method
-from onnxmerge.passes.common.fuse_branches import MODES as FUSE_MODES
 from onnxmerge.passes.common.fuse_branches import FuseBranchesPass
 from onnxmerge.pipeline import checks
-from onnxmerge.pipeline.manager import PassManager
+from onnxmerge.pipeline.manager import FUSE_MODES, PassManager
 from onnxmerge.pipeline.method import split_pipeline
 from onnxmerge.pipeline.state import MergeState, Services, Task
 

@@ -22,7 +22,7 @@ from onnxmerge.calibration.calibrate import CHECKPOINT_EVERY
 from onnxmerge.errors import OnnxMergeError, UsageError
 from onnxmerge.model.contract import read_metadata
 from onnxmerge.passes import BASELINE, METHODS, get_method
-from onnxmerge.passes.common.fuse_branches import MODES as FUSE_MODES
+from onnxmerge.pipeline.manager import FUSE_MODES
 from onnxmerge.search import CANDIDATE_CALIBRATION, DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 
 COMMANDS = ("merge", "inspect", "eval", "calibrate", "demo", "deploy", "methods")

@@ -21,8 +21,8 @@ from onnxmerge.measure.metrics import parameter_bytes
 from onnxmerge.model.contract import write_metadata
 from onnxmerge.model.saving import save_atomic
 from onnxmerge.passes import BASELINE, METHODS
-from onnxmerge.passes.common.fuse_branches import MODES as FUSE_MODES
 from onnxmerge.pipeline.checks import validate_output
+from onnxmerge.pipeline.manager import FUSE_MODES
 from onnxmerge.search import CANDIDATE_CALIBRATION, DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 from onnxmerge.search.front import beats, choose, pareto
 from onnxmerge.search.trial import Setup, Trial, correct, run_trial, setting_text

@@ -65,9 +65,8 @@ from onnxmerge.model.runtime import run_batch
 from onnxmerge.model.saving import weights_apart
 from onnxmerge.model.timing import time_models
 from onnxmerge.pipeline import checks
-from onnxmerge.pipeline.manager import FUSE_MODES, FusePass, PassResult
+from onnxmerge.pipeline.manager import FusePass, PassResult
 
-MODES = FUSE_MODES
 BUDGET_S = 0.3  # the whole model both ways, interleaved
 MIN_ROUNDS = 20
 # the fused layers add their products in another order (onnxruntime blocks a grouped convolution

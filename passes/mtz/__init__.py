@@ -14,9 +14,9 @@ from typing import Any
 from onnxmerge.errors import OnnxMergeError
 from onnxmerge.passes import common
 from onnxmerge.passes.mtz._zipped import ZippedNet
-from onnxmerge.passes.mtz.fuse_runs import MODES as FUSE_MODES
 from onnxmerge.passes.mtz.fuse_runs import FuseRunsPass
 from onnxmerge.passes.mtz.zip_neurons import ZipNeuronsPass, parse_counts
+from onnxmerge.pipeline.manager import FUSE_MODES
 from onnxmerge.pipeline.method import Knob, Method, Option, count, number, positive
 
 

@@ -40,9 +40,8 @@ from onnx.utils import Extractor
 from onnxmerge.errors import MergeError
 from onnxmerge.model.timing import time_models
 from onnxmerge.pipeline import checks
-from onnxmerge.pipeline.manager import FUSE_MODES, FusePass, PassResult
+from onnxmerge.pipeline.manager import FusePass, PassResult
 
-MODES = FUSE_MODES
 BUDGET_S = 0.2  # per layer, both forms together
 # a fused layer adds its products in another order than its runs (onnxruntime blocks the longer sums
 # otherwise): float rounding, which compounds over depth (1.1e-5 relative on EfficientNet-B0's 52
