@@ -620,6 +620,18 @@ void efc_sample_registers(const EFCLayer& L, const float* table, int64_t o0, flo
 }
 #endif
 
+// Phase 2 of one sample as work items: blocks of whole 64s of outputs, each set to the bias, then
+// `lookups(o0, o1)` adds the table entries of outputs [o0, o1).
+template <typename Fn>
+void efc_output_blocks(const EFCLayer& L, const float* bias, float* y, const Parallel& parallel, const Fn& lookups) {
+  const int64_t out = L.s.out, oblock = ceil_div(block_size(out, 32, 64), 64) * 64;
+  parallel.run(static_cast<size_t>(ceil_div(out, oblock)), [&](size_t item) {
+    const int64_t o0 = static_cast<int64_t>(item) * oblock, o1 = std::min(out, o0 + oblock);
+    for (int64_t o = o0; o < o1; ++o) y[o] = bias ? bias[o] : 0.0f;
+    lookups(o0, o1);
+  });
+}
+
 // ---- integer tables (EFCParams::table_bits 16 / 8): EConv's arithmetic on one pixel (a 1x1 kernel):
 // segment v's entries rint(T / s_v), s_v a power of two from EFCLayer::seg_bound and the sample's
 // max |x_v| (segment_scales); y[o] = b[o] + sum_v s_v * entry, added in segment order. The product of
@@ -705,17 +717,14 @@ void efc_integer_sample(const EFCLayer& L, const Code* codes, const float* x, co
   segment_scales<T>(L.seg_bound, s.d, s.r, x, 1, w.scale.data(), w.inv.data());
   for (int64_t v = 0; v < s.V; ++v)
     for (int64_t q = 0; q < L.Cp; q += VEC) put(w.entries.data() + v * L.Cp + q, load(w.table.data() + v * L.Cp + q), w.inv[v]);
-  const int64_t oblock = ceil_div(block_size(s.out, 32, 64), 64) * 64;
-  parallel.run(static_cast<size_t>(ceil_div(s.out, oblock)), [&](size_t item) {
-    const int64_t o0 = static_cast<int64_t>(item) * oblock, o1 = std::min(s.out, o0 + oblock);
-    for (int64_t o = o0; o < o1; ++o) y[o] = bias ? bias[o] : 0.0f;
+  efc_output_blocks(L, bias, y, parallel, [&](int64_t o0, int64_t o1) {
     int64_t o = o0;
 #if defined(__AVX2__)
     if constexpr (std::is_same_v<T, int8_t>)
       if (!L.codes_blocks.empty())
         for (; o + 32 <= o1; o += 32) efc_integer_shuffles(L, w.entries.data(), w.scale.data(), o, y);
 #endif
-    efc_integer_scalar(L, codes, w.entries.data(), w.scale.data(), o, o1, y);  // (the last outputs, fewer than 32)
+    efc_integer_scalar(L, codes, w.entries.data(), w.scale.data(), o, o1, y);  // (after shuffles: fewer than 32)
   });
 }
 
@@ -723,12 +732,8 @@ void efc_integer_sample(const EFCLayer& L, const Code* codes, const float* x, co
 template <typename Code>
 void efc_sample(const EFCLayer& L, const Code* codes, const float* x, const float* bias, float* y, float* table,
                 const Parallel& parallel) {
-  const EFCParams& s = L.s;
   efc_sample_tables(L, x, table, parallel);
-  const int64_t oblock = ceil_div(block_size(s.out, 32, 64), 64) * 64;
-  parallel.run(static_cast<size_t>(ceil_div(s.out, oblock)), [&](size_t item) {
-    const int64_t o0 = static_cast<int64_t>(item) * oblock, o1 = std::min(s.out, o0 + oblock);
-    for (int64_t o = o0; o < o1; ++o) y[o] = bias ? bias[o] : 0.0f;
+  efc_output_blocks(L, bias, y, parallel, [&](int64_t o0, int64_t o1) {
 #if defined(__AVX512F__)
     if (!L.codes_vo.empty()) {
       int64_t o = o0;
