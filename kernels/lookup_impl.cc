@@ -53,7 +53,9 @@ inline vec load(const float* p) {
   return v;
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-inline vec splat(float s) { return vec{} + s; }
+typedef int32_t lanes __attribute__((vector_size(VEC * sizeof(int32_t))));
+// s in every lane: one broadcast (vec{} + s is an add then a broadcast: 0 + s is not s for s = -0)
+inline vec splat(float s) { return __builtin_shuffle(vec{s}, lanes{}); }
 
 // Block sizes from this CPU's caches (cache_sizes(), read at run time), in the proportions measured
 // best on Zen 4 (32 KiB L1d, 1 MiB L2): EFC at batch 1 keeps a block of scalar tables in half of L1d
@@ -186,6 +188,38 @@ inline void put(T* p, vec a, float inv) {
   }
 }
 
+// put for 4 vectors at p (4 * VEC entries). On AVX2 the integer entries of the 4 are rounded by the
+// conversion instruction (round to nearest even, the default rounding mode: numpy's rint), narrowed
+// together by saturating packs and clamped below at -Q once: 4 converts, 3 packs, a permute and a
+// clamp per 32 int8 entries, where put's rounding and clamps took 11 instructions per 8 entries, more
+// than the table's multiply-adds at r = 8 (the table phase of a 64-channel 3x3 layer was half of its
+// int8 run on Zen 3). Same entries: |a * inv| <= Q by the scale's bound (EConvLayer::seg_bound), so
+// the packs' saturation above never binds; a NaN entry (a non-finite input, whose outputs are NaN
+// through the scale) stores -Q here, -Q - 1 in put.
+template <typename T>
+inline void put4(T* p, const vec (&a)[4], float inv) {
+#if defined(__AVX2__) && ONNXMERGE_VEC == 8
+  if constexpr (!std::is_same_v<T, float>) {
+    const __m256 s = _mm256_set1_ps(inv);
+    __m256i i[4];
+    for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(reinterpret_cast<__m256>(a[j]), s));
+    // packs work within 128-bit lanes: [a0 lo, a1 lo, a0 hi, a1 hi] as 16-bit, so a permute restores order
+    const __m256i h01 = _mm256_packs_epi32(i[0], i[1]), h23 = _mm256_packs_epi32(i[2], i[3]);
+    if constexpr (sizeof(T) == 1) {
+      const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(h01, h23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_max_epi8(b, _mm256_set1_epi8(-127)));
+    } else {
+      const __m256i floor = _mm256_set1_epi16(-32767);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_max_epi16(_mm256_permute4x64_epi64(h01, 0xD8), floor));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 2 * VEC),
+                          _mm256_max_epi16(_mm256_permute4x64_epi64(h23, 0xD8), floor));
+    }
+    return;
+  }
+#endif
+  for (int j = 0; j < 4; ++j) put(p + j * VEC, a[j], inv);
+}
+
 // Phase 1 for CB codewords at once: T[c][q] for the codewords whose weights start at w (r apart)
 // and planes at t (plane apart). A block of CB codewords by 4 vectors of positions: each input
 // vector loaded feeds CB multiply-adds, where one codeword at a time loaded an input vector per
@@ -210,7 +244,7 @@ void econv_tables_block(const float* x, int64_t chan, const float* w, int64_t r,
       }
     }
     for (int cb = 0; cb < CB; ++cb)
-      for (int j = 0; j < 4; ++j) put(t + cb * plane + q + j * VEC, a[cb][j], inv);
+      put4(t + cb * plane + q, a[cb], inv);
   }
   for (; q < span; q += VEC) {
     vec a[CB];
@@ -223,9 +257,12 @@ void econv_tables_block(const float* x, int64_t chan, const float* w, int64_t r,
   }
 }
 
-// codewords per block of phase 1: CB x 4 sums and 4 inputs in the registers: 4 with AVX-512's 32 vector
-// registers, 2 where AVX2 has 16 (NEON's 32 would hold 4 too: not measured, so 2 as elsewhere)
-constexpr int kTableCodewords = VEC == 16 ? 4 : 2;
+// codewords per block of phase 1: CB x 4 sums in the registers, the inputs read by the multiply-adds
+// from L1: 4 with AVX-512's 32 vector registers; 3 with AVX2's 16 (12 sums: on Zen 3 the 8 sums of 2
+// codewords left the two FMA pipes waiting on their 4-cycle latency; 3 took the table phase of a
+// 64-channel 3x3 layer from 52 to 46% of its int8 run, a C++ timing harness); 2 elsewhere (NEON's 32
+// registers would hold 4: not measured)
+constexpr int kTableCodewords = VEC == 16 ? 4 : VEC == 8 ? 3 : 2;
 
 // Phase 1 for segment v, codewords [c0, c1): T[c][q] = sum_k codebook[v][c][k] * xp[v*r + k][first + q]
 // for q < span (a multiple of VEC), where xp is the padded input [d][chan] and t is codeword 0's plane;
@@ -238,8 +275,10 @@ void econv_tables(const EConvLayer& L, const EConvPlan& P, const float* xp, int6
   const float* x = xp + v * s.r * chan + first;
   const float* w = L.codebook.data() + v * s.C * s.r;
   int64_t c = c0;
-  for (; c + kTableCodewords <= c1; c += kTableCodewords)
+  // whole blocks, but two pairs rather than a block of 3 and a single codeword
+  for (; c + kTableCodewords <= c1 && (kTableCodewords != 3 || c1 - c != 4); c += kTableCodewords)
     econv_tables_block<T, kTableCodewords>(x, chan, w + c * s.r, s.r, depth, span, inv, t + c * P.plane, P.plane);
+  for (; c + 2 <= c1; c += 2) econv_tables_block<T, 2>(x, chan, w + c * s.r, s.r, depth, span, inv, t + c * P.plane, P.plane);
   for (; c < c1; ++c) econv_tables_block<T, 1>(x, chan, w + c * s.r, s.r, depth, span, inv, t + c * P.plane, P.plane);
 }
 
@@ -339,15 +378,28 @@ template <typename T>
 void segment_scales(const std::vector<float>& seg_bound, int64_t d, int64_t r, const float* x, int64_t HW,
                     float* scale, float* inv) {
   for (int64_t v = 0; v < static_cast<int64_t>(seg_bound.size()); ++v) {
+    // the segment's channels are one run of x: its largest magnitude, and whether every value is finite
+    // (a NaN fails a <= max finite, and max drops it: its own flag), VEC at a time (scalar, this pass
+    // took an eighth of a 64-channel 3x3 layer's int8 run on Zen 3)
+    const float* xv = x + std::min(d, v * r) * HW;
+    const int64_t n = (std::min(d, (v + 1) * r) - std::min(d, v * r)) * HW;
+    const vec most = splat(std::numeric_limits<float>::max());
+    vec m = splat(0.0f);
+    lanes bad = {};
+    int64_t i = 0;
+    for (; i + VEC <= n; i += VEC) {
+      const vec a = reinterpret_cast<vec>(reinterpret_cast<lanes>(load(xv + i)) & std::numeric_limits<int32_t>::max());
+      bad |= !(a <= most);
+      m = m < a ? a : m;
+    }
     float xmax = 0.0f;
-    bool finite = true;  // std::max drops a NaN: its own flag
-    const int64_t c1 = std::min(d, (v + 1) * r);
-    for (int64_t ch = v * r; ch < c1; ++ch)
-      for (int64_t i = 0; i < HW; ++i) {
-        const float a = std::abs(x[ch * HW + i]);
-        finite = finite && std::isfinite(a);
-        xmax = std::max(xmax, a);
-      }
+    bool finite = true;
+    for (int j = 0; j < VEC; ++j) xmax = std::max(xmax, m[j]), finite = finite && bad[j] == 0;
+    for (; i < n; ++i) {
+      const float a = std::abs(xv[i]);
+      finite = finite && std::isfinite(a);
+      xmax = std::max(xmax, a);
+    }
     const float bound = seg_bound[v] * xmax;
     if (!finite || !std::isfinite(bound)) {
       scale[v] = std::numeric_limits<float>::quiet_NaN(), inv[v] = 0.0f;
