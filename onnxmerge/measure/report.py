@@ -198,9 +198,13 @@ def format_report(report: dict) -> str:
         out += ["", f"--emit auto: each native node against its dense layer on this machine (median us per run, "
                     f"quartiles; batch {timed[0]['batch']}, {timed[0]['threads']} thread(s)); kept: the form written "
                     "(a layer faster alone returns to dense while the whole model runs slower than its portable form)"]
-        out.append(_table(["layer", "op", "native us", "dense us", "native/dense", "kept"], [
-            [r["layer"], r["op"], _us(r["native_s"], r["native_quartiles_s"]), _us(r["dense_s"], r["dense_quartiles_s"]),
-             f"{r['native_s'] / r['dense_s']:.2f}", r.get("kept", r["faster"])] for r in timed]))
+        floats = any("fp32_tables_s" in r for r in timed)  # integer tables, also timed as float ones
+        out.append(_table(["layer", "op", "native us", *(["fp32 tables us"] if floats else []), "dense us",
+                           "native/dense", "kept"], [
+            [r["layer"], r["op"], _us(r["native_s"], r["native_quartiles_s"]),
+             *([_us(r["fp32_tables_s"], r["fp32_tables_quartiles_s"]) if "fp32_tables_s" in r else "-"] if floats else []),
+             _us(r["dense_s"], r["dense_quartiles_s"]), f"{r['native_s'] / r['dense_s']:.2f}", r.get("kept", r["faster"])]
+            for r in timed]))
     for w in (report.get("fidelity") or {}).get("emit_auto_model", []):
         out.append(f"- --emit auto: the whole model with {w['native_layers']} native layer(s) ran {w['ratio']:.2f}x "
                    f"its portable form's speed [{w['ratio_q1']:.2f}-{w['ratio_q3']:.2f}] (batch {w['batch']})")

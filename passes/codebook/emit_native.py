@@ -97,8 +97,9 @@ class EmitNativePass(Pass):
         to_dense = {r["layer"]: (f"timed slower than dense here ({1e6 * r['native_s']:.0f} vs "
                                  f"{1e6 * r['dense_s']:.0f} us at batch {self.batch}, {self.threads} thread(s))")
                     for r in rows if r["faster"] == "dense"}
-        if to_dense:
-            native, kept = to_native(portable, skip=to_dense, table_bits=self.table_bits)
+        floats = {r["layer"] for r in rows if r["faster"] == emit_auto.FLOAT_TABLES}
+        if to_dense or floats:
+            native, kept = to_native(portable, skip=to_dense, table_bits=self.table_bits, float_tables=floats)
         wholes = state.info.fidelity["emit_auto_model"] = []
         while native_nodes := [n.name for n in native.graph.node if n.domain == DOMAIN]:
             whole = emit_auto.time_model(native, portable, self.batch, self.threads)
@@ -107,14 +108,14 @@ class EmitNativePass(Pass):
                 break
             why = (f"the model with its {len(native_nodes)} native layer(s), this one among them, ran "
                    f"{whole['ratio']:.2f}x the portable form's speed (batch {whole['batch']}, {self.threads} thread(s))")
-            still = [r for r in rows if r["kept"] == "native"]
+            still = [r for r in rows if r["kept"] in ("native", emit_auto.FLOAT_TABLES)]
             if still:  # the layout conversions cost about the same per node: the least saving goes first
-                least = min(still, key=lambda r: r["dense_s"] - r["native_s"])
+                least = min(still, key=lambda r: r["dense_s"] - emit_auto.kept_s(r))
                 least["kept"] = "dense (model slower)"
                 to_dense[least["layer"]] = f"faster alone, but {why}"
             else:  # only nodes of unknown input size (untimed) are left
                 to_dense.update((name, f"not timed alone, and {why}") for name in native_nodes)
-            native, kept = to_native(portable, skip=to_dense, table_bits=self.table_bits)
+            native, kept = to_native(portable, skip=to_dense, table_bits=self.table_bits, float_tables=floats)
         return native, kept
 
 
@@ -126,8 +127,8 @@ TABLE_BITS = {"fp32": 32, "int16": 16, "int8": 8}
 EFC_TABLE_BITS = (8,)
 
 
-def to_native(model: onnx.ModelProto, skip: dict[str, str] | None = None,
-              table_bits: int = 32) -> tuple[onnx.ModelProto, list[str]]:
+def to_native(model: onnx.ModelProto, skip: dict[str, str] | None = None, table_bits: int = 32,
+              float_tables: set[str] = frozenset()) -> tuple[onnx.ModelProto, list[str]]:
     """Replace the codebook layers of the portable form by EConv / EFC nodes where that pays.
 
     Returns the model and the layers left in the portable form, with the reason: what the kernels
@@ -137,19 +138,21 @@ def to_native(model: onnx.ModelProto, skip: dict[str, str] | None = None,
     (eq. 9's tables cost V*C*r per input pixel, e.g. a first convolution with one input channel and
     r = 1): such a layer keeps its dense Conv / Gemm, which onnxruntime runs faster, and the same
     compressed file. `skip`: further layers to keep portable (name -> reason). `table_bits` 16 / 8:
-    EConv nodes store their tables as integers, and EFC nodes where EFC_TABLE_BITS has it."""
+    EConv nodes store their tables as integers, and EFC nodes where EFC_TABLE_BITS has it, but for
+    the layers named in `float_tables` (--emit auto timed them faster with float tables)."""
     skip = dict(skip or {})
-    candidate, kept = _to_native(model, skip, table_bits)
+    candidate, kept = _to_native(model, skip, table_bits, float_tables)
     dense, lookup = node_macs(model), node_macs(candidate)
     slower = {}
     for node in candidate.graph.node:
         ops, macs = lookup.get(node.name), dense.get(node.name)
         if node.domain == DOMAIN and ops is not None and macs is not None and ops >= macs:
             slower[node.name] = f"the lookup takes at least the dense layer's operations ({ops:,} vs {macs:,} per sample)"
-    return _to_native(model, {**skip, **slower}, table_bits) if slower else (candidate, kept)
+    return _to_native(model, {**skip, **slower}, table_bits, float_tables) if slower else (candidate, kept)
 
 
-def _to_native(model: onnx.ModelProto, skip: dict[str, str], table_bits: int) -> tuple[onnx.ModelProto, list[str]]:
+def _to_native(model: onnx.ModelProto, skip: dict[str, str], table_bits: int,
+               float_tables: set[str]) -> tuple[onnx.ModelProto, list[str]]:
     """to_native without the cost rule: every supported layer but those in `skip` (name -> reason)."""
     graph = shaped_graph(model)
     kept = []
@@ -183,7 +186,7 @@ def _to_native(model: onnx.ModelProto, skip: dict[str, str], table_bits: int) ->
                 kept.append(f"{node.name}: input features unknown")
                 continue
             attrs, op = {"in_features": depth}, "EFC"
-        if table_bits != 32 and (op == "EConv" or table_bits in EFC_TABLE_BITS):
+        if table_bits != 32 and (op == "EConv" or table_bits in EFC_TABLE_BITS) and node.name not in float_tables:
             attrs["table_bits"] = table_bits
         node.inputs.clear()
         node.outputs.clear()

@@ -72,6 +72,46 @@ def test_the_model_holds_exactly_the_nodes_that_ran_faster(monkeypatch, portable
     assert any(n.startswith("--emit auto: no native node ran faster") for n in notes) == (not faster)
 
 
+@needs_kernels
+def test_integer_tables_are_timed_as_float_tables_too_and_kept_so_where_that_is_fastest(monkeypatch):
+    """--table-precision int8: each node with integer tables is also timed with float tables (the same
+    node without table_bits, computing the portable form's numbers); a layer whose fastest form that is
+    keeps float tables, the others their int8 ones."""
+    params = {**PARAMS, "emit": "auto", "table_precision": "int8"}
+    native, _ = to_native(merge(PAIR, method="codebook", params=PARAMS, progress=False).model, table_bits=8)
+    rows = emit_auto.time_layers(native, batch=2, threads=1, budget_s=0.01)
+    integer = {n.name for n in native.graph.node if any(a.name == "table_bits" for a in n.attribute)}
+    assert integer and {r["layer"] for r in rows if "fp32_tables_s" in r} == integer
+    for r in rows:
+        forms = {"native": r["native_s"], "dense": r["dense_s"], emit_auto.FLOAT_TABLES: r.get("fp32_tables_s", np.inf)}
+        assert r["faster"] == min(forms, key=forms.get)
+    node = next(n for n in shaped_graph(native).nodes if n.name in integer)
+    x = np.random.default_rng(1).standard_normal([2, *node.inputs[0].shape[1:]]).astype(np.float32)
+    alone, floats = emit_auto._alone(node, native, 2), emit_auto._alone(node, native, 2, float_tables=True)
+    want = session(to_portable(alone)).run(None, {"x": x})[0]
+    got = session(floats, native=True).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.abs(session(alone, native=True).run(None, {"x": x})[0] - want).max() > 1e-4 * np.abs(want).max()
+
+    real = emit_auto.time_layers
+
+    def decided(native, batch, threads, **kw):  # the real rows; float tables fastest for the first integer node
+        rows = real(native, batch, threads, budget_s=0.001)
+        first = next(r["layer"] for r in rows if "fp32_tables_s" in r)
+        for r in rows:
+            r["faster"] = emit_auto.FLOAT_TABLES if r["layer"] == first else "native"
+        return rows
+
+    monkeypatch.setattr(emit_auto, "time_layers", decided)
+    monkeypatch.setattr(emit_auto, "time_model", _whole_model_faster)
+    result = merge(PAIR, method="codebook", params=params, progress=False)
+    rows = result.info.fidelity["emit_auto"]
+    first = next(r["layer"] for r in rows if r["faster"] == emit_auto.FLOAT_TABLES)
+    bits = {n.name: [a.i for a in n.attribute if a.name == "table_bits"] for n in result.model.graph.node
+            if n.domain == DOMAIN}
+    assert bits.pop(first) == [] and bits and all(b == [8] for name, b in bits.items() if name in integer)
+
+
 def _whole_model_faster(model, portable, batch, threads, **kw):
     return {"native_layers": sum(n.domain == DOMAIN for n in model.graph.node), "batch": batch, "threads": threads,
             "ratio": 1.5, "ratio_q1": 1.4, "ratio_q3": 1.6}
@@ -120,17 +160,19 @@ def test_without_kernels_auto_writes_the_portable_form(monkeypatch, portable):
 
 
 @needs_kernels
-def test_the_report_lists_both_timings_and_the_choice_per_layer(tmp_path, capsys):
+def test_the_report_lists_the_timings_and_the_choice_per_layer(tmp_path, capsys):
     from onnxmerge.cli import main
 
     argv = [*map(str, PAIR), "-o", str(tmp_path / "m.onnx"), "--method", "codebook", "--preset", "light",
-            "--emit", "auto", "--target-batch", "2", "--no-latency"]
+            "--emit", "auto", "--target-batch", "2", "--table-precision", "int8", "--no-latency"]
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     head = next(line for line in out.splitlines() if line.startswith("--emit auto: each native node"))
     assert "batch 2, 1 thread(s)" in head
+    # integer tables: each node timed in three forms
+    assert any(line.split()[2:6] == ["native", "us", "fp32", "tables"] for line in out.splitlines() if line.strip())
     rows = [line for line in out.splitlines() if line.strip().startswith(("fashion_lenet/", "digits_lenet/"))
-            and line.rstrip().endswith((" native", " dense", " dense (model slower)"))]
+            and line.rstrip().endswith((" native", " dense", " dense (model slower)", emit_auto.FLOAT_TABLES))]
     assert len(rows) >= 4
     # the whole model is timed while any layer is native alone
     wholes = [line for line in out.splitlines() if line.startswith("- --emit auto: the whole model with ")]
