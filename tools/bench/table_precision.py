@@ -7,11 +7,13 @@ The pair (tools/train_models.py --group bench: spoken digits + Fashion-MNIST at 
 with the codebook method at a preset and calibrated once (train splits, the paper's learning rate);
 the calibrated portable model is then written in the native form three times, its EConv and EFC
 tables in each precision (emit_native.to_native: every layer the operation count lets through, as
-`--emit native`). Each is evaluated by the kernels on the test splits, and timed against the two
+`--emit native`), and twice more as `--emit auto --table-precision int8` writes it for batch 1 and for
+batch 32 (each layer int8, fp32-table native or dense, whichever ran fastest at that batch).
+Each is evaluated by the kernels on the test splits, and timed against the two
 originals (one after another in separate sessions) and against the fp32 native model, interleaved
 in one process, one thread, at batch 1 and 32 (onnxmerge.model.timing.compare_latency).
 
-    python tools/bench/table_precision.py                 # ~6 min, writes BENCHMARKS.md
+    python tools/bench/table_precision.py                 # ~8 min, writes BENCHMARKS.md
     python tools/bench/table_precision.py --steps 300 --no-write
 """
 
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     tuned = calibrate(merged.model, merged.info, models, calib, CalibrationConfig(steps=args.steps, lr=args.lr,
                                                                                   batch_size=64), progress=False)
     natives = {prec: to_native(tuned.model, table_bits=TABLE_BITS[prec])[0] for prec in PRECISIONS}
+    for batch in BATCHES:  # what `--emit auto --target-batch B --table-precision int8` writes: each layer's form timed
+        natives[f"int8, --emit auto at b={batch}"] = emitted_auto(tuned.model, batch)
     rows = {}
     for prec, model in natives.items():
         ev = evaluate(model, merged.info, test, models, progress=False)
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         cands = {"originals": candidate(originals, batch)}
         cands |= {prec: candidate([make_session(model, 1)], batch) for prec, model in natives.items()}
         res = compare_latency(cands, "originals", budget_s=args.budget, progress=False)
-        for prec in PRECISIONS:
+        for prec in natives:
             rows[prec][batch] = {"vs_originals": res[prec]["ratio"], "q": (res[prec]["ratio_q1"], res[prec]["ratio_q3"]),
                                  "vs_fp32": res["fp32"]["median_ms"] / res[prec]["median_ms"],
                                  "ms": res[prec]["median_ms"]}
@@ -92,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
              "on random inputs (numpy reference of the integer arithmetic)",
              "- speed: one thread, interleaved in one process; vs originals = the two originals' median (one after "
              "another, separate sessions) / this model's median, [quartiles of the per-round paired ratios]; "
-             "vs fp32 = the fp32 native model's median / this one's", "",
+             "vs fp32 = the fp32 native model's median / this one's",
+             "- --emit auto at b=B: the int8 model as `--emit auto --target-batch B` writes it (each layer timed at "
+             "batch B as int8 native, fp32-table native and dense, the fastest kept, then the whole model checked: "
+             "passes/codebook/emit_auto.py); "
+             + "; ".join(f"at b={b}: {forms}" for b, forms in auto_forms.items()), "",
              "| tables | " + " | ".join(f"{t} accuracy (change)" for t in TASKS) + " | rounding | "
              + " | ".join(f"b={b} vs originals | b={b} vs fp32" for b in BATCHES) + " |",
              "|---|" + "---|" * (len(TASKS) + 1 + 2 * len(BATCHES))]
@@ -108,6 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     publish(cpu_section("table_precision", machine), body, write=not args.no_write)
     return 0
 
+
+def emitted_auto(portable, batch: int):
+    """The native model `--emit auto --target-batch batch --table-precision int8` writes from the
+    calibrated portable model (EmitNativePass itself, on a state holding just what it reads)."""
+    from types import SimpleNamespace
+
+    from onnxmerge.passes.codebook.emit_native import EmitNativePass
+
+    state = SimpleNamespace(model=portable, info=SimpleNamespace(fidelity={}), params={"emit": "auto"},
+                            portable_fallback=False, warnings=[])
+    result = EmitNativePass(auto=True, batch=batch, table_precision="int8").call(state).state
+    kept = [r.get("kept", r["faster"]) for r in state.info.fidelity.get("emit_auto", [])]
+    auto_forms[batch] = ", ".join(f"{kept.count(k)} {k}" for k in sorted(set(kept))) or "no layer timed"
+    return result.model
+
+
+auto_forms: dict[int, str] = {}  # batch -> how many layers --emit auto kept in each form
 
 if __name__ == "__main__":
     sys.exit(main())
