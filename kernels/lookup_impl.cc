@@ -767,8 +767,13 @@ void efc_integer_sample(const EFCLayer& L, const Code* codes, const float* x, co
   const EFCParams& s = L.s;
   efc_sample_tables(L, x, w.table.data(), parallel);
   segment_scales<T>(L.seg_bound, s.d, s.r, x, 1, w.scale.data(), w.inv.data());
-  for (int64_t v = 0; v < s.V; ++v)
-    for (int64_t q = 0; q < L.Cp; q += VEC) put(w.entries.data() + v * L.Cp + q, load(w.table.data() + v * L.Cp + q), w.inv[v]);
+  for (int64_t v = 0; v < s.V; ++v) {
+    const float* t = w.table.data() + v * L.Cp;
+    T* e = w.entries.data() + v * L.Cp;
+    int64_t q = 0;
+    for (; q + 4 * VEC <= L.Cp; q += 4 * VEC) put4(e + q, {load(t + q), load(t + q + VEC), load(t + q + 2 * VEC), load(t + q + 3 * VEC)}, w.inv[v]);
+    for (; q < L.Cp; q += VEC) put(e + q, load(t + q), w.inv[v]);
+  }
   efc_output_blocks(L, bias, y, parallel, [&](int64_t o0, int64_t o1) {
     int64_t o = o0;
 #if defined(__AVX2__)
