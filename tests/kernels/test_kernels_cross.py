@@ -87,7 +87,8 @@ def expected_choice(op: str, y_shape: tuple, isas: list[str], x_shape: tuple = (
     waste = [-wo % VEC[i] for i in isas]
     rows = isas[waste.index(min(waste))]
     wp = x_shape[-1] + attrs["pads"][1] + attrs["pads"][3]
-    flat = attrs["strides"] == [1, 1] and -(-ho * wp // 16) * 16 < ho * (wo + -wo % VEC[rows])
+    best = VEC[isas[0]]
+    flat = attrs["strides"] == [1, 1] and -(-ho * wp // best) * best < ho * (wo + -wo % VEC[rows])
     return isas[0] if flat else rows
 
 
