@@ -53,9 +53,9 @@ inline vec load(const float* p) {
   return v;
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-typedef int32_t lanes __attribute__((vector_size(VEC * sizeof(int32_t))));
+typedef int32_t ivec __attribute__((vector_size(VEC * sizeof(int32_t))));
 // s in every lane: one broadcast (vec{} + s is an add then a broadcast: 0 + s is not s for s = -0)
-inline vec splat(float s) { return __builtin_shuffle(vec{s}, lanes{}); }
+inline vec splat(float s) { return __builtin_shuffle(vec{s}, ivec{}); }
 
 // Block sizes from this CPU's caches (cache_sizes(), read at run time), in the proportions measured
 // best on Zen 4 (32 KiB L1d, 1 MiB L2): EFC at batch 1 keeps a block of scalar tables in half of L1d
@@ -82,7 +82,6 @@ template <typename T>
 struct Entries {
   typedef T type __attribute__((vector_size(VEC * sizeof(T))));
 };
-typedef int32_t ivec __attribute__((vector_size(VEC * sizeof(int32_t))));
 
 // 32-bit integers to T entries at p, and T entries at p to 32-bit integers: a widening load and a
 // narrowing store of the instruction set (the vector extensions' conversions between element sizes
@@ -206,7 +205,8 @@ inline void put4(T* p, const vec (&a)[4], float inv) {
     // packs work within 128-bit lanes: [a0 lo, a1 lo, a0 hi, a1 hi] as 16-bit, so a permute restores order
     const __m256i h01 = _mm256_packs_epi32(i[0], i[1]), h23 = _mm256_packs_epi32(i[2], i[3]);
     if constexpr (sizeof(T) == 1) {
-      const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(h01, h23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      const __m256i b =
+          _mm256_permutevar8x32_epi32(_mm256_packs_epi16(h01, h23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_max_epi8(b, _mm256_set1_epi8(-127)));
     } else {
       const __m256i floor = _mm256_set1_epi16(-32767);
@@ -278,7 +278,8 @@ void econv_tables(const EConvLayer& L, const EConvPlan& P, const float* xp, int6
   // whole blocks, but two pairs rather than a block of 3 and a single codeword
   for (; c + kTableCodewords <= c1 && (kTableCodewords != 3 || c1 - c != 4); c += kTableCodewords)
     econv_tables_block<T, kTableCodewords>(x, chan, w + c * s.r, s.r, depth, span, inv, t + c * P.plane, P.plane);
-  for (; c + 2 <= c1; c += 2) econv_tables_block<T, 2>(x, chan, w + c * s.r, s.r, depth, span, inv, t + c * P.plane, P.plane);
+  for (; c + 2 <= c1; c += 2)
+    econv_tables_block<T, 2>(x, chan, w + c * s.r, s.r, depth, span, inv, t + c * P.plane, P.plane);
   for (; c < c1; ++c) econv_tables_block<T, 1>(x, chan, w + c * s.r, s.r, depth, span, inv, t + c * P.plane, P.plane);
 }
 
@@ -385,10 +386,10 @@ void segment_scales(const std::vector<float>& seg_bound, int64_t d, int64_t r, c
     const int64_t n = (std::min(d, (v + 1) * r) - std::min(d, v * r)) * HW;
     const vec most = splat(std::numeric_limits<float>::max());
     vec m = splat(0.0f);
-    lanes bad = {};
+    ivec bad = {};
     int64_t i = 0;
     for (; i + VEC <= n; i += VEC) {
-      const vec a = reinterpret_cast<vec>(reinterpret_cast<lanes>(load(xv + i)) & std::numeric_limits<int32_t>::max());
+      const vec a = reinterpret_cast<vec>(reinterpret_cast<ivec>(load(xv + i)) & std::numeric_limits<int32_t>::max());
       bad |= !(a <= most);
       m = m < a ? a : m;
     }
@@ -771,7 +772,8 @@ void efc_integer_sample(const EFCLayer& L, const Code* codes, const float* x, co
     const float* t = w.table.data() + v * L.Cp;
     T* e = w.entries.data() + v * L.Cp;
     int64_t q = 0;
-    for (; q + 4 * VEC <= L.Cp; q += 4 * VEC) put4(e + q, {load(t + q), load(t + q + VEC), load(t + q + 2 * VEC), load(t + q + 3 * VEC)}, w.inv[v]);
+    for (; q + 4 * VEC <= L.Cp; q += 4 * VEC)
+      put4(e + q, {load(t + q), load(t + q + VEC), load(t + q + 2 * VEC), load(t + q + 3 * VEC)}, w.inv[v]);
     for (; q < L.Cp; q += VEC) put(e + q, load(t + q), w.inv[v]);
   }
   efc_output_blocks(L, bias, y, parallel, [&](int64_t o0, int64_t o1) {

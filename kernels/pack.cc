@@ -248,9 +248,9 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
   // padded grid (EConvPlan::flat; 18 outputs in rows of 20 rather than 24 or 32, but 16 outputs in
   // rows of 16 rather than 20), counted in the vectors of the set a flat plan runs (`isa`: 4 x 4 outputs
   // of a 3x3 kernel are 24 entries in 3 AVX2 vectors, where 4 rows take 4; rounded to AVX-512's 16 the
-  // rule kept rows, and the 512-channel layer took 580 us in int8, 464 us flat on Zen 3). Else columns are stored split by phase (column mod stride), so every
-  // kernel offset reads its output row as one contiguous run: offset j starts at column (j*dw)/sw of
-  // phase (j*dw)%sw. Rows are as wide as the widest such run, in whole vectors of any instruction set.
+  // rule kept rows, and the 512-channel layer took 580 us in int8, 464 us flat on Zen 3). Else columns
+  // are stored split by phase (column mod stride), so every kernel offset reads its output row as one
+  // contiguous run: offset j starts at column (j*dw)/sw of phase (j*dw)%sw. Rows are as wide as the widest such run, in whole vectors of any instruction set.
   const IsaKernels& rows_isa = isa_forced ? *isa : fullest_vectors(*isa, P.Wo);
   P.flat = s.sh == 1 && s.sw == 1 && round_up(P.Ho * Wp, isa->vec) < P.Ho * round_up(P.Wo, rows_isa.vec);
   const int64_t first_max = (s.kw - 1) * s.dw / s.sw;
