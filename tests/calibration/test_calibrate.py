@@ -155,19 +155,21 @@ def test_torchrun_two_processes_match_one(packed, tmp_path):
     assert worst <= 1e-5, worst
 
 
-def _full_data():
+@pytest.fixture(scope="module")
+def full(packed):
+    """The full train and test splits, and the pack model's test accuracy (evaluated once for the tests below)."""
     if shared_data_dir() is None:
         pytest.skip("../shared/data not found: full-dataset calibration test skipped")
     calib = {"mnist": load_named("mnist", "train"), "fashion": load_named("fashion-mnist", "train")}
     test = {"mnist": load_named("mnist", "test"), "fashion": load_named("fashion-mnist", "test")}
-    return calib, test
-
-
-def test_calibrating_pack_keeps_accuracy_on_full_test_sets(packed):
-    """Acceptance: calibrating a pack model (nothing shared) moves no task's accuracy by more than 0.1 points."""
-    calib, test = _full_data()
     result, _ = packed
-    before = evaluate(result.model, result.info, test, progress=False)
+    return calib, test, evaluate(result.model, result.info, test, progress=False)
+
+
+def test_calibrating_pack_keeps_accuracy_on_full_test_sets(packed, full):
+    """Acceptance: calibrating a pack model (nothing shared) moves no task's accuracy by more than 0.1 points."""
+    calib, test, before = full
+    result, _ = packed
     out = calibrate(result.model, result.info, dict(zip(NAMES, PAIR)), calib, CalibrationConfig(), progress=False)
     after = evaluate(out.model, result.info, test, progress=False)
     for task in NAMES:
@@ -175,12 +177,11 @@ def test_calibrating_pack_keeps_accuracy_on_full_test_sets(packed):
 
 
 @pytest.mark.parametrize("labels,tolerance", [(True, 0.01), (False, 0.02)], ids=["labels", "label-free"])
-def test_recovery_from_weight_noise(packed, labels, tolerance):
+def test_recovery_from_weight_noise(packed, full, labels, tolerance):
     """Acceptance: noise costs >= 10 points; <= 500 steps bring each task back within 1 point
     (labels) or 2 points (label-free) of the original."""
-    calib, test = _full_data()
+    calib, test, original = full
     result, _ = packed
-    original = evaluate(result.model, result.info, test, progress=False)
     noisy = perturb(result.model, sigma=0.5, seed=0)
     hurt = evaluate(noisy, result.info, test, progress=False)
     assert all(original[t]["accuracy"] - hurt[t]["accuracy"] >= 0.10 for t in NAMES), (original, hurt)
