@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     tuned = calibrate(merged.model, merged.info, models, calib, CalibrationConfig(steps=args.steps, lr=args.lr,
                                                                                   batch_size=64), progress=False)
     natives = {prec: to_native(tuned.model, table_bits=TABLE_BITS[prec])[0] for prec in PRECISIONS}
+    auto_forms = {}  # batch -> how many layers --emit auto kept in each form
     for batch in BATCHES:  # what `--emit auto --target-batch B --table-precision int8` writes: each layer's form timed
-        natives[f"int8, --emit auto at b={batch}"] = emitted_auto(tuned.model, batch)
+        natives[f"int8, --emit auto at b={batch}"], auto_forms[batch] = emitted_auto(tuned.model, batch)
     rows = {}
     for prec, model in natives.items():
         ev = evaluate(model, merged.info, test, models, progress=False)
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def emitted_auto(portable, batch: int):
     """The native model `--emit auto --target-batch batch --table-precision int8` writes from the
-    calibrated portable model (EmitNativePass itself, on a state holding just what it reads)."""
+    calibrated portable model (EmitNativePass itself, on a state holding just what it reads), and how
+    many layers it kept in each form."""
     from types import SimpleNamespace
 
     from onnxmerge.passes.codebook.emit_native import EmitNativePass
@@ -128,11 +130,7 @@ def emitted_auto(portable, batch: int):
                             portable_fallback=False, warnings=[])
     result = EmitNativePass(auto=True, batch=batch, table_precision="int8").call(state).state
     kept = [r.get("kept", r["faster"]) for r in state.info.fidelity.get("emit_auto", [])]
-    auto_forms[batch] = ", ".join(f"{kept.count(k)} {k}" for k in sorted(set(kept))) or "no layer timed"
-    return result.model
-
-
-auto_forms: dict[int, str] = {}  # batch -> how many layers --emit auto kept in each form
+    return result.model, ", ".join(f"{kept.count(k)} {k}" for k in sorted(set(kept))) or "no layer timed"
 
 if __name__ == "__main__":
     sys.exit(main())
