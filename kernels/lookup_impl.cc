@@ -490,7 +490,9 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
           const int32_t* off = P.offsets.data() + (o * s.V + g0) * taps;
           const float b = bias ? bias[o] : 0.0f;
           if (P.flat) {  // the tile's outputs as one run: "rows" of kVecs vectors, then what is left
-            const int64_t nv = ceil_div((a1 - a0) * P.row, VEC), step = kRows<T> * kVecs;
+            // in whole rows of kVecs vectors where that stays within the plan's rounding to kMaxVec
+            const int64_t run = ceil_div((a1 - a0) * P.row, VEC), step = kRows<T> * kVecs;
+            const int64_t nv = kVecs * VEC <= kMaxVec ? ceil_div(run, kVecs) * kVecs : run;
             float* yo = out + o * P.out_plane + a0 * P.row;
             for (int64_t cv = 0; cv < nv; cv += step) {
               const int64_t left = std::min(step, nv - cv), rows = left / kVecs, rest = left % kVecs;

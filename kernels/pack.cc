@@ -53,8 +53,6 @@ int64_t env_bytes(const char* name) {
   const char* v = std::getenv(name);
   return v ? parse_size(v) : 0;
 }
-constexpr int64_t kMaxVec = 16;  // the widest vector of any instruction set, in floats
-
 void fail(const std::string& what) { throw std::invalid_argument(what); }
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -244,15 +242,19 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
   if (P.Ho <= 0 || P.Wo <= 0) fail("EConv: the kernel does not fit the padded input");
   P.Hp = H + s.pt + s.pb;
   const int64_t Wp = W + s.pl + s.pr;
-  // Stride 1, where it loads fewer table entries than whole-vector rows: rows as padded, outputs on the
-  // padded grid (EConvPlan::flat; 18 outputs in rows of 20 rather than 24 or 32, but 16 outputs in
-  // rows of 16 rather than 20), counted in the vectors of the set a flat plan runs (`isa`: 4 x 4 outputs
-  // of a 3x3 kernel are 24 entries in 3 AVX2 vectors, where 4 rows take 4; rounded to AVX-512's 16 the
-  // rule kept rows, and the 512-channel layer took 580 us in int8, 464 us flat on Zen 3). Else columns
+  // Stride 1, unless whole-vector rows waste nothing (Wo a multiple of the widest vector): rows as
+  // padded, outputs on the padded grid (EConvPlan::flat). Rows of Wo outputs not a multiple of 16 pay
+  // twice: lanes past Wo in every lookup, and tables built as wide as the last kernel offset's first
+  // column + Wo rounded up to 16 (a 4 x 4 output of a 5 x 5 kernel: rows of 20 entries for 8 padded
+  // columns). Flat ran as fast or faster at every such size of C++ timings on Zen 3 (AVX2; 4 x 4
+  // to 24 x 24 outputs, 8 to 512 channels, 1 x 1 to 5 x 5 kernels, int8 and fp32 tables: 512 channels
+  // of a 5 x 5 kernel at 4 x 4 1.43 -> 0.92 ms in int8, 256 at 5 x 5 0.51 -> 0.31 ms), rows at 16 and
+  // 32 columns (8 channels of a 5 x 5 kernel at 32 x 32 in int8: 29 us rows, 49 us flat). Else columns
   // are stored split by phase (column mod stride), so every kernel offset reads its output row as one
-  // contiguous run: offset j starts at column (j*dw)/sw of phase (j*dw)%sw. Rows are as wide as the widest such run, in whole vectors of any instruction set.
+  // contiguous run: offset j starts at column (j*dw)/sw of phase (j*dw)%sw. Rows are as wide as the
+  // widest such run, in whole vectors of any instruction set.
   const IsaKernels& rows_isa = isa_forced ? *isa : fullest_vectors(*isa, P.Wo);
-  P.flat = s.sh == 1 && s.sw == 1 && round_up(P.Ho * Wp, isa->vec) < P.Ho * round_up(P.Wo, rows_isa.vec);
+  P.flat = s.sh == 1 && s.sw == 1 && P.Wo % kMaxVec != 0;
   const int64_t first_max = (s.kw - 1) * s.dw / s.sw;
   P.width = P.flat ? Wp : std::max((Wp + s.sw - 1) / s.sw, first_max + round_up(P.Wo, kMaxVec));
   P.row = s.sw * P.width;

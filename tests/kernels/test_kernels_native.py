@@ -107,11 +107,13 @@ def test_bad_inputs_are_reported_not_read_out_of_bounds():
 
 def large_configs():
     """Layers big enough for every code path: EConv whose tables need several row tiles and segment
-    groups (kernels/pack.cc), outputs wider than two vectors, both strides; EFC at batch 1 (register
-    tables on AVX-512 for C <= 64, scalar otherwise), 5 and 40 (one and several sample tiles)."""
+    groups (kernels/pack.cc), outputs wider than two vectors, both strides, stride 1 flat and in rows
+    (32 outputs wide: EConvPlan::flat); EFC at batch 1 (register tables on AVX-512 for C <= 64,
+    scalar otherwise), 5 and 40 (one and several sample tiles)."""
     rng = np.random.default_rng(7)
     out = []
-    for d, p, hw, k, stride, n_codes, n in [(24, 12, 40, 3, 1, 256, 2), (16, 5, 37, 5, 2, 64, 1), (9, 7, 21, 3, 1, 300, 3)]:
+    for d, p, hw, k, stride, n_codes, n in [(24, 12, 40, 3, 1, 256, 2), (16, 5, 37, 5, 2, 64, 1), (9, 7, 21, 3, 1, 300, 3),
+                                                 (8, 6, 32, 3, 1, 64, 2)]:
         codebook, codes = random_layer(rng, d, (p, k, k))
         codebook = rng.standard_normal((codebook.shape[0], n_codes, codebook.shape[2])).astype(np.float32)
         codes = rng.integers(0, n_codes, codes.shape).astype(np.uint16 if n_codes > 256 else np.uint8)
