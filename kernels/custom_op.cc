@@ -43,8 +43,11 @@ OrtStatusPtr guarded(F&& fn) {
   }
 }
 
-void expect(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument(what);
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument(what); }
+
+// (a message as a C string: run-time checks build no std::string unless they fail)
+void expect(bool ok, const char* what) {
+  if (!ok) fail(what);
 }
 
 std::vector<int64_t> ints(const Ort::ConstKernelInfo& info, const char* name, std::vector<int64_t> fallback) {
@@ -130,9 +133,9 @@ struct LookupKernel {
                                                                 const char* unit, const char* attribute) {
     Ort::ConstValue x = ctx.GetInput(0);
     auto xs = shape(x);
-    expect(xs.size() == rank, op + ": input must be " + layout);
-    expect(xs[1] == depth, op + ": input has " + std::to_string(xs[1]) + " " + unit + ", " + attribute + " is " +
-                               std::to_string(depth));
+    if (xs.size() != rank) fail(op + ": input must be " + layout);
+    if (xs[1] != depth)
+      fail(op + ": input has " + std::to_string(xs[1]) + " " + unit + ", " + attribute + " is " + std::to_string(depth));
     return {x, xs};
   }
 
@@ -141,7 +144,7 @@ struct LookupKernel {
     Ort::ConstValue b = ctx.GetInput(3);
     if (!b) return nullptr;
     const auto s = shape(b);
-    expect(s.size() == 1 && s[0] == channels, std::string(op) + ": bias must be 1-D with one value per output channel");
+    if (s.size() != 1 || s[0] != channels) fail(std::string(op) + ": bias must be 1-D with one value per output channel");
     return b.GetTensorData<float>();
   }
 };
