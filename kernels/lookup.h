@@ -47,11 +47,11 @@ struct EConvParams {
 
 struct IsaKernels;
 
-// Where each (output channel, segment, kernel offset) reads its table plane, for one input size.
-// the widest vector of any instruction set, in floats: table planes and flat runs of outputs are
-// rounded up to it, so a run may be computed in whole vectors of any set
+// The widest vector of any instruction set, in floats: table planes and flat runs of outputs are
+// rounded up to it, so a run may be computed in whole vectors of any set.
 constexpr int64_t kMaxVec = 16;
 
+// Where each (output channel, segment, kernel offset) reads its table plane, for one input size.
 struct EConvPlan {
   int64_t H = 0, W = 0, Ho = 0, Wo = 0, Hp = 0;
   // Stride 1 (`flat`): outputs are computed on the padded grid, row after row as one run of vectors

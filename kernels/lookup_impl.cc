@@ -473,8 +473,9 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
   for (int64_t a0 = 0; a0 < P.Ho; a0 += P.tile_rows) {
     const int64_t a1 = std::min(P.Ho, a0 + P.tile_rows);
     const int64_t first = a0 * s.sh * P.row;
-    // flat: the tile's run of outputs, rounded up to whole vectors, reads past its last input row's start
-    const int64_t reach = P.flat ? (s.kw - 1) * s.dw + VEC : 0;
+    // flat: the tile's run of outputs, rounded up to whole rows of vectors (at most kMaxVec entries),
+    // reads past its last input row's start
+    const int64_t reach = P.flat ? (s.kw - 1) * s.dw + kMaxVec : 0;
     const int64_t span = ceil_div(((a1 - 1 - a0) * s.sh + (s.kh - 1) * s.dh + 1) * P.row + reach, VEC) * VEC;
     for (int64_t g0 = 0; g0 < s.V; g0 += P.group) {
       const int64_t g1 = std::min(s.V, g0 + P.group);

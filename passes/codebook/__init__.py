@@ -80,10 +80,10 @@ METHOD = Method(
                                parse=positive("target-batch")),
         "target_threads": Option(1, "--emit auto: the intra-op threads the merged model is deployed with",
                                  parse=positive("target-threads")),
-        "table_precision": Option("fp32", "native EConv nodes' lookup tables: fp32, or int16 / int8 entries with a "
-                                  "power-of-two scale per sample and segment (a quarter of the bytes for int8, "
-                                  "faster lookups, a rounding whose accuracy cost the evaluation measures; EFC "
-                                  "tables stay fp32; the portable form computes fp32 tables)",
+        "table_precision": Option("fp32", "native EConv nodes' lookup tables (with int8 EFC's too): fp32, or int16 / "
+                                  "int8 entries with a power-of-two scale per sample and segment (a quarter of the "
+                                  "bytes for int8, faster lookups, a rounding whose accuracy cost the evaluation "
+                                  "measures; the portable form computes fp32 tables)",
                                   choices=tuple(TABLE_BITS)),
         "kmeans_init": Option(3, "k-means initialisations per segment (the lowest error is kept)",
                               parse=positive("kmeans-init")),
