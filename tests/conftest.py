@@ -101,6 +101,24 @@ def isa_params() -> list:
             for isa in build.isas()]
 
 
+@pytest.fixture(scope="session")
+def aarch64_library(tmp_path_factory) -> Path:
+    """`python kernels/build.py --target aarch64 -o DIR`, once a session (a cross-compile of the whole
+    library takes seconds): the custom-op library a board loads, which tests/kernels/test_kernels_cross.py
+    checks and tests/test_deploy.py deploys."""
+    import subprocess
+    import sys
+
+    from onnxmerge.kernels import build
+
+    require_aarch64("headers")
+    out = tmp_path_factory.mktemp("aarch64-library")
+    done = subprocess.run([sys.executable, str(Path(build.__file__)), "--target", "aarch64", "-o", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return out / build.LIBRARY_NAME
+
+
 def require_aarch64(*needs: str, missing: tuple[str, ...] = ()) -> None:
     """Skip, saying what this machine lacks for an aarch64 check, or fail where ONNXMERGE_REQUIRE_CROSS
     is set (CI, which installs the tools). The cross compiler is always needed; `needs` adds "qemu"

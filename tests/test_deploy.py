@@ -165,8 +165,16 @@ def test_a_model_of_integer_tables_deploys_as_it_is_and_its_portable_form_says_w
     assert any("computes fp32 lookup tables" in note for note in portable.notes)
 
 
-def test_the_aarch64_folder_carries_an_aarch64_library(merged, tmp_path):
+def test_the_aarch64_folder_carries_an_aarch64_library(merged, tmp_path, aarch64_library, monkeypatch):
+    """The library deploy cross-compiles (kernel_build.build for aarch64) is conftest's, built once a
+    session by kernels/build.py's command line, which calls the same build."""
     require_aarch64("headers", "kernels")
+
+    def built(out, target):
+        assert target == "aarch64"
+        return Path(shutil.copy2(aarch64_library, Path(out) / kernel_build.LIBRARY_NAME))
+
+    monkeypatch.setattr(kernel_build, "build", built)
     deployment = deploy(merged["native"], tmp_path / "board", arch="aarch64")
     library = tmp_path / "board" / "libonnxmerge_kernels.so"
     assert library.read_bytes()[18] == 183  # ELF e_machine: EM_AARCH64

@@ -2,8 +2,6 @@
 
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
@@ -41,20 +39,24 @@ def test_readme_starts_with_the_two_commands():
     assert "README.md" in ci  # CI runs these very lines
 
 
-def test_readme_cli_examples_run_in_order(tmp_path):
-    """Each `onnxmerge ...` block, in order, in one folder (eval reads what merge wrote)."""
+def test_readme_cli_examples_run_in_order(tmp_path, monkeypatch, capsys):
+    """Each `onnxmerge ...` block, in order, in one folder (eval reads what merge wrote), through the
+    command line's main in this process (`python -m onnxmerge` and the console script run the same
+    main: tests/test_cli_errors.py; a process each cost 3 s of imports)."""
+    from onnxmerge.cli import main
+
     commands = cli_examples()
     assert [shlex.split(c)[1] for c in commands][:1] != ["demo"] and len(commands) >= 3
-    cwd = workdir(tmp_path)
+    monkeypatch.chdir(workdir(tmp_path))
     for command in commands:
-        argv = shlex.split(command)
-        if argv[1] not in ("inspect", "eval", "deploy"):
+        argv = shlex.split(command)[1:]
+        if argv[0] not in ("inspect", "eval", "deploy"):
             argv += ["--latency-budget", "0.05", "-q"]  # the figures are not the point here
         if "--max-loss" in argv:
             argv += ["--time-budget", "15"]  # the search's first trials (tests/search has the rest)
-        done = subprocess.run([sys.executable, "-m", *argv], cwd=cwd, capture_output=True, text=True)
-        assert done.returncode == 0, (command, done.stderr)
-        assert done.stdout.strip(), command
+        code, out = main(argv), capsys.readouterr()
+        assert code == 0, (command, out.err)
+        assert out.out.strip(), command
     assert (tmp_path / "merged.onnx").exists() and (tmp_path / "report.json").exists()
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,11 +149,7 @@ def test_the_program_refuses_a_bad_layer_in_one_line(host_program, tmp_path):
     assert done.stderr.count("\n") == 1 and "x.f32: expected" in done.stderr
 
 
-def test_the_aarch64_library_cross_compiles(tmp_path):
-    """`python kernels/build.py --target aarch64`: the custom-op library a board loads."""
-    require_aarch64("headers")
-    done = subprocess.run([sys.executable, str(Path(kernel_build.__file__)), "--target", "aarch64", "-o",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    library = tmp_path / kernel_build.LIBRARY_NAME
-    assert library.read_bytes()[18] == 183 and b"onnxmerge_kernels_isas" in library.read_bytes()
+def test_the_aarch64_library_cross_compiles(aarch64_library):
+    """`python kernels/build.py --target aarch64` (conftest's aarch64_library): the custom-op library a
+    board loads."""
+    assert aarch64_library.read_bytes()[18] == 183 and b"onnxmerge_kernels_isas" in aarch64_library.read_bytes()

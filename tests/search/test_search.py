@@ -318,12 +318,12 @@ def _one_input_command(tmp_path, *extra) -> list[str]:
     argv = [str(MODELS / f"{m}.onnx") for m in tasks.values()] + ["-o", str(tmp_path / "m.onnx"), "--names",
                                                                    ",".join(tasks)]
     argv += [f"--calib={t}={MODELS / f'{t}_eval.npz'}" for t in tasks]
-    return argv + ["--max-loss", "3", "--steps", "10", "--no-latency", "--time-budget", "30", "-q", *extra]
+    return argv + ["--max-loss", "3", "--steps", "10", "--no-latency", "--time-budget", "15", "-q", *extra]
 
 
 def test_jobs_search_methods_in_two_processes(tmp_path, capsys):
     """--jobs 2: codebook, mtz and zipper bisected by two worker processes (each starts its first method
-    at once; the third may find the 30 s spent); the parent gathers their trials and chooses."""
+    at once; the third may find the 15 s spent); the parent gathers their trials and chooses."""
     assert main([*_one_input_command(tmp_path, "--jobs", "2")]) == 0, capsys.readouterr().err
     table = json.loads((tmp_path / "m_search.json").read_text())
     measured = {t["method"] for t in table["trials"] if t["status"] == "ok"}
