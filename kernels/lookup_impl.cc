@@ -283,20 +283,33 @@ void econv_tables(const EConvLayer& L, const EConvPlan& P, const float* xp, int6
   for (; c < c1; ++c) econv_tables_block<T, 1>(x, chan, w + c * s.r, s.r, depth, span, inv, t + c * P.plane, P.plane);
 }
 
+// How segment v's integer sums join the float sums of the lookups (segment_runs): its own scale, and
+// for int8 sums in 16 bits the run of segments it is summed with: the run's scale (2^ of the least
+// exponent of its segments' scales), the left shift that takes v's sums to it, and whether the run
+// ends at v.
+struct SegmentRun {
+  float scale = 1.0f, run_scale = 1.0f;
+  int shift = 0;
+  bool last = true;
+};
+
 // Phase 2 for RB output rows of K vectors: y[rb][.] (+)= sum over the group's segments and kernel
 // offsets of the table row each code picks. t points at the group's tables, shifted to the first
 // output row and column; a segment's offsets (code plane + kernel offset) are at off[v * taps ..].
 // Integer entries are summed per segment as integers (exact: 16-bit for int8 on x86 where the
 // segment's offsets allow, ONNXMERGE_SUM16, else 32-bit) and added to the float sums scaled by the
-// segment's scale (a power of two: exact), in segment order.
+// segment's scale (a power of two: exact), in segment order; int8 sums in 16 bits go on together over
+// a run of segments (segment_runs), each shifted to the run's least scale, and join the float sums
+// once a run (or the group) ends.
 template <typename T, int RB, int K>
 void econv_lookup(float* y, int64_t ystride, bool init, float bias, const T* t, int64_t rowstep, int64_t segs,
-                  int64_t seg_stride, const int32_t* off, int64_t taps, const float* scale) {
+                  int64_t seg_stride, const int32_t* off, int64_t taps, const SegmentRun* seg) {
   vec acc[RB][K];
   for (int rb = 0; rb < RB; ++rb)
     for (int k = 0; k < K; ++k) acc[rb][k] = init ? splat(bias) : load(y + rb * ystride + k * VEC);
 #ifdef ONNXMERGE_SUM16
   const bool sum16 = std::is_same_v<T, int8_t> && K == 2 && taps <= kSum16Taps;
+  svec run[RB] = {};
 #endif
   for (int64_t v = 0; v < segs; ++v) {
     const T* tv = t + v * seg_stride;
@@ -309,17 +322,31 @@ void econv_lookup(float* y, int64_t ystride, bool init, float bias, const T* t, 
       }
 #ifdef ONNXMERGE_SUM16
     } else if (std::is_same_v<T, int8_t> && sum16) {  // K == 2: one 16-bit vector covers both float vectors
-      svec sum[RB] = {};
-      for (int64_t i = 0; i < taps; ++i) {
-        const int8_t* src = reinterpret_cast<const int8_t*>(tv + ov[i]);
-        for (int rb = 0; rb < RB; ++rb) sum[rb] += load_entries16(src + rb * rowstep);
+      // the run's sums so far (run): a segment at the run's scale adds straight into them, another
+      // (shifted left by the difference of the scales' exponents) through its own sums
+      const int shift = seg[v].shift;
+      if (shift == 0) {
+        for (int64_t i = 0; i < taps; ++i) {
+          const int8_t* src = reinterpret_cast<const int8_t*>(tv + ov[i]);
+          for (int rb = 0; rb < RB; ++rb) run[rb] += load_entries16(src + rb * rowstep);
+        }
+      } else {
+        svec sum[RB] = {};
+        for (int64_t i = 0; i < taps; ++i) {
+          const int8_t* src = reinterpret_cast<const int8_t*>(tv + ov[i]);
+          for (int rb = 0; rb < RB; ++rb) sum[rb] += load_entries16(src + rb * rowstep);
+        }
+        for (int rb = 0; rb < RB; ++rb) run[rb] += sum[rb] << shift;
       }
-      const vec sv = splat(scale[v]);
-      for (int rb = 0; rb < RB; ++rb) {
-        ivec first, last;
-        widen16(sum[rb], first, last);
-        acc[rb][0] += __builtin_convertvector(first, vec) * sv;
-        acc[rb][K - 1] += __builtin_convertvector(last, vec) * sv;
+      if (seg[v].last || v == segs - 1) {
+        const vec sv = splat(seg[v].run_scale);
+        for (int rb = 0; rb < RB; ++rb) {
+          ivec first, last;
+          widen16(run[rb], first, last);
+          acc[rb][0] += __builtin_convertvector(first, vec) * sv;
+          acc[rb][K - 1] += __builtin_convertvector(last, vec) * sv;
+          run[rb] = svec{};
+        }
       }
 #endif
     } else {
@@ -329,7 +356,7 @@ void econv_lookup(float* y, int64_t ystride, bool init, float bias, const T* t, 
         for (int rb = 0; rb < RB; ++rb)
           for (int k = 0; k < K; ++k) sum[rb][k] += load_entries(src + rb * rowstep + k * VEC);
       }
-      const vec sv = splat(scale[v]);
+      const vec sv = splat(seg[v].scale);
       for (int rb = 0; rb < RB; ++rb)
         for (int k = 0; k < K; ++k) acc[rb][k] += __builtin_convertvector(sum[rb][k], vec) * sv;
     }
@@ -357,7 +384,7 @@ constexpr int kVecs = 2;
 
 template <typename T>
 using LookupFn = void (*)(float*, int64_t, bool, float, const T*, int64_t, int64_t, int64_t, const int32_t*, int64_t,
-                          const float*);
+                          const SegmentRun*);
 
 template <typename T, int... R>
 constexpr auto lookup_table(std::integer_sequence<int, R...>) {
@@ -369,6 +396,24 @@ template <typename T>
 LookupFn<T> econv_lookup_fn(int64_t rows, int64_t vecs) {
   static constexpr auto table = lookup_table<T>(std::make_integer_sequence<int, kRows<T>>());
   return table[rows - 1][vecs - 1];
+}
+
+// The exponent of a nonzero finite float's highest bit (std::ilogb), from its bits where it is normal:
+// these ran per segment and sample, and std::ilogb / std::frexp / std::ldexp are calls into libm.
+inline int exponent_of(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const int field = static_cast<int>((bits >> 23) & 0xFF);
+  return field != 0 ? field - 127 : std::ilogb(f);
+}
+
+// 2^e (std::ldexp(1.0f, e)), built from its bits where it is a normal float
+inline float power_of_two(int e) {
+  if (e < -126 || e > 127) return std::ldexp(1.0f, e);
+  const uint32_t bits = static_cast<uint32_t>(e + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
 }
 
 // The scale of each segment's integer entries for one sample (EConvLayer::seg_bound): s[v] = 2^e and
@@ -407,10 +452,58 @@ void segment_scales(const std::vector<float>& seg_bound, int64_t d, int64_t r, c
     } else if (bound == 0.0f) {
       scale[v] = 0.0f, inv[v] = 0.0f;
     } else {
-      int e = 0;
-      std::frexp(bound / static_cast<float>(std::numeric_limits<T>::max()), &e);
-      scale[v] = std::ldexp(1.0f, e), inv[v] = std::ldexp(1.0f, -e);
+      // 2^e just above bound / Q: std::frexp's exponent (that of its highest bit, plus one; 0 for 0)
+      const float q = bound / static_cast<float>(std::numeric_limits<T>::max());
+      const int e = q == 0.0f ? 0 : exponent_of(q) + 1;
+      scale[v] = power_of_two(e), inv[v] = power_of_two(-e);
     }
+  }
+}
+
+// Runs of segments whose int8 sums in 16 bits go on together (econv_lookup), for one sample. A
+// segment's sum over `taps` kernel offsets is within taps * 127 (its entries are, put / put4: where
+// they are not, its input was not finite and its scale NaN); shifted left to the run's least scale's
+// exponent, the run's sums stay within int16 while sum_v taps * 127 * 2^shift_v <= 32767. Each run is
+// summed exactly, as integers, and joins the float sums once, where each segment did, rounded each
+// time: the outputs differ from segment-by-segment sums by the rounding of the float additions only.
+// For 3x3 layers a run is up to 28 segments of one scale, for 1x1 ones 258: the conversion of each
+// segment's sums to float, scaled, cost as much as its lookups at few kernel offsets. A segment of
+// scale 0 (its entries all zero) joins its neighbours' run unshifted; one of scale NaN (an input not
+// finite) is a run of its own, so that its NaN reaches the outputs.
+void segment_runs(const float* scale, int64_t V, int64_t taps, SegmentRun* runs) {
+  const int64_t limit = std::numeric_limits<int16_t>::max(), one = 127 * taps;
+  constexpr int kNone = std::numeric_limits<int>::max();  // no segment of nonzero scale in the run yet
+  constexpr int kFar = 15;  // a shift beyond 8 never fits (127 << 9 > 32767): no need to compute it
+  for (int64_t v = 0; v < V;) {
+    int64_t end = v;
+    int least = kNone;
+    int64_t total = 0;  // the run's bound, in units of 2^least
+    if (std::isnan(scale[v])) {
+      end = v + 1;
+    } else {
+      for (; end < V && !std::isnan(scale[end]); ++end) {
+        if (scale[end] == 0.0f) continue;
+        const int e = exponent_of(scale[end]);
+        if (least == kNone) {  // a first segment always starts the run
+          least = e, total = one;
+          continue;
+        }
+        const int low = std::min(least, e);
+        if (least - low > kFar || e - low > kFar) break;
+        const int64_t t = (total << (least - low)) + (one << (e - low));
+        if (t > limit) break;
+        total = t, least = low;
+      }
+    }
+    for (int64_t u = v; u < end; ++u) {
+      SegmentRun& run = runs[u];
+      const bool plain = scale[u] == 0.0f || std::isnan(scale[u]);
+      run.scale = scale[u];
+      run.run_scale = std::isnan(scale[u]) ? scale[u] : least == kNone ? 0.0f : power_of_two(least);
+      run.shift = plain ? 0 : exponent_of(scale[u]) - least;
+      run.last = u == end - 1;
+    }
+    v = end;
   }
 }
 
@@ -422,6 +515,7 @@ struct EConvScratch {
   std::vector<float> xp;       // [d][Hp * row]; the pads stay zero for every sample of the plan
   std::vector<T> tables;       // [group][C][plane]
   std::vector<float> scale, inv;
+  std::vector<SegmentRun> runs;  // how each segment's integer sums join the float sums (segment_runs)
   std::vector<float> padded;   // flat: [p][out_plane]; else [p][Ho][nvec * VEC], or empty
 
   // xp: flat, the last channel's tables read up to (kw - 1) * dw + 2 vectors past its last row
@@ -430,6 +524,7 @@ struct EConvScratch {
         tables(static_cast<size_t>(P.group * L.s.C * P.plane)),
         scale(static_cast<size_t>(L.s.V), 1.0f),
         inv(static_cast<size_t>(L.s.V), 1.0f),
+        runs(static_cast<size_t>(L.s.V)),
         padded(P.flat ? static_cast<size_t>(L.s.p * P.out_plane)
                : P.Wo % VEC == 0 ? 0 : static_cast<size_t>(L.s.p * P.Ho * ceil_div(P.Wo, VEC) * VEC)) {}
 };
@@ -452,7 +547,10 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
   const int64_t cblocks = ceil_div(s.C, cblock);
   const int64_t oblock = block_size(s.p, 32);
 
-  if constexpr (!std::is_same_v<T, float>) segment_scales<T>(L.seg_bound, s.d, s.r, x, HW, w.scale.data(), w.inv.data());
+  if constexpr (!std::is_same_v<T, float>) {
+    segment_scales<T>(L.seg_bound, s.d, s.r, x, HW, w.scale.data(), w.inv.data());
+    segment_runs(w.scale.data(), s.V, taps, w.runs.data());
+  }
   // the sample on the padded grid, columns split by phase (lookup.h, EConvPlan)
   for (int64_t ch = 0; ch < s.d; ++ch) {
     const float* src = x + ch * HW;
@@ -499,11 +597,11 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
               const int64_t left = std::min(step, nv - cv), rows = left / kVecs, rest = left % kVecs;
               if (rows > 0)
                 econv_lookup_fn<T>(rows, kVecs)(yo + cv * VEC, kVecs * VEC, g0 == 0, b, w.tables.data() + cv * VEC,
-                                                kVecs * VEC, g1 - g0, seg_stride, off, taps, w.scale.data() + g0);
+                                                kVecs * VEC, g1 - g0, seg_stride, off, taps, w.runs.data() + g0);
               if (rest > 0) {
                 const int64_t c = cv + rows * kVecs;
                 econv_lookup_fn<T>(1, rest)(yo + c * VEC, 0, g0 == 0, b, w.tables.data() + c * VEC, 0, g1 - g0,
-                                            seg_stride, off, taps, w.scale.data() + g0);
+                                            seg_stride, off, taps, w.runs.data() + g0);
               }
             }
             continue;
@@ -514,7 +612,7 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
               const int64_t vecs = std::min<int64_t>(kVecs, nvec - cv);
               econv_lookup_fn<T>(rows, vecs)(out + (o * P.Ho + a) * ystride + cv * VEC, ystride, g0 == 0, b,
                                              w.tables.data() + (a - a0) * s.sh * P.row + cv * VEC, s.sh * P.row,
-                                             g1 - g0, seg_stride, off, taps, w.scale.data() + g0);
+                                             g1 - g0, seg_stride, off, taps, w.runs.data() + g0);
             }
           }
         }
@@ -722,7 +820,7 @@ void efc_integer_scalar(const EFCLayer& L, const Code* codes, const T* table, co
 // [o0, o0 + 32): a segment's table is up to four 16-byte registers (EFCLayer::Cp / 16), and vpshufb
 // looks 32 codes up in one of them at once (by the code's low 4 bits; bits 4 and 5 choose the
 // register, by blends): a lookup is a shuffle, not a load. Codes in blocks of 32 outputs
-// (EFCLayer::codes_blocks); the entries widen to floats, eight at a time.
+// (EFCLayer::codes_blocks).
 inline __m256i efc_shuffle(const int8_t* t, __m256i code, int64_t Cp) {
   const auto row = [&](int64_t i) {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16 * i)));
@@ -737,17 +835,28 @@ inline __m256i efc_shuffle(const int8_t* t, __m256i code, int64_t Cp) {
   return _mm256_blendv_epi8(e, f, _mm256_slli_epi16(code, 2));  // bit 5 to bit 7
 }
 
-void efc_integer_shuffles(const EFCLayer& L, const int8_t* table, const float* scale, int64_t o0, float* y) {
+// The 32 outputs from o0: each segment's entries widened to 16 bits and summed over its run of
+// segments (segment_runs: one kernel offset a segment), which joins the float sums at its end; each
+// segment's entries converted to float and scaled took 12 instructions of its ~20.
+void efc_integer_shuffles(const EFCLayer& L, const int8_t* table, const SegmentRun* seg, int64_t o0, float* y) {
   const EFCParams& s = L.s;
   __m256 acc[4];
   for (int q = 0; q < 4; ++q) acc[q] = _mm256_loadu_ps(y + o0 + 8 * q);
+  __m256i run[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // outputs 0-15 and 16-31
   const uint8_t* codes = L.codes_blocks.data() + o0 * s.V;  // block o0 / 32 (EFCLayer::codes_blocks)
   for (int64_t v = 0; v < s.V; ++v, codes += 32) {
     const __m256i e = efc_shuffle(table + v * L.Cp, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)), L.Cp);
-    const __m256 sv = _mm256_set1_ps(scale[v]);
-    const __m128i lo = _mm256_castsi256_si128(e), hi = _mm256_extracti128_si256(e, 1);
-    const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[q])), sv, acc[q]);
+    const __m128i count = _mm_cvtsi32_si128(seg[v].shift);
+    run[0] = _mm256_add_epi16(run[0], _mm256_sll_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(e)), count));
+    run[1] = _mm256_add_epi16(run[1], _mm256_sll_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(e, 1)), count));
+    if (seg[v].last) {
+      const __m256 sv = _mm256_set1_ps(seg[v].run_scale);
+      for (int q = 0; q < 4; ++q) {
+        const __m128i part = q % 2 ? _mm256_extracti128_si256(run[q / 2], 1) : _mm256_castsi256_si128(run[q / 2]);
+        acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part)), sv, acc[q]);
+      }
+      run[0] = run[1] = _mm256_setzero_si256();
+    }
   }
   for (int q = 0; q < 4; ++q) _mm256_storeu_ps(y + o0 + 8 * q, acc[q]);
 }
@@ -757,10 +866,11 @@ void efc_integer_shuffles(const EFCLayer& L, const int8_t* table, const float* s
 template <typename T>
 struct EFCIntegerScratch {
   std::vector<float> table, scale, inv;
+  std::vector<SegmentRun> runs;  // (int8 shuffles: segment_runs)
   std::vector<T> entries;
   explicit EFCIntegerScratch(const EFCLayer& L)
       : table(static_cast<size_t>(L.s.V * L.Cp)), scale(static_cast<size_t>(L.s.V)),
-        inv(static_cast<size_t>(L.s.V)), entries(static_cast<size_t>(L.s.V * L.Cp)) {}
+        inv(static_cast<size_t>(L.s.V)), runs(static_cast<size_t>(L.s.V)), entries(static_cast<size_t>(L.s.V * L.Cp)) {}
 };
 
 // One sample with integer tables: float tables, the segments' scales, the entries, then the lookups
@@ -771,6 +881,7 @@ void efc_integer_sample(const EFCLayer& L, const Code* codes, const float* x, co
   const EFCParams& s = L.s;
   efc_sample_tables(L, x, w.table.data(), parallel);
   segment_scales<T>(L.seg_bound, s.d, s.r, x, 1, w.scale.data(), w.inv.data());
+  segment_runs(w.scale.data(), s.V, 1, w.runs.data());
   for (int64_t v = 0; v < s.V; ++v) {
     const float* t = w.table.data() + v * L.Cp;
     T* e = w.entries.data() + v * L.Cp;
@@ -784,7 +895,7 @@ void efc_integer_sample(const EFCLayer& L, const Code* codes, const float* x, co
 #if defined(__AVX2__)
     if constexpr (std::is_same_v<T, int8_t>)
       if (!L.codes_blocks.empty())
-        for (; o + 32 <= o1; o += 32) efc_integer_shuffles(L, w.entries.data(), w.scale.data(), o, y);
+        for (; o + 32 <= o1; o += 32) efc_integer_shuffles(L, w.entries.data(), w.runs.data(), o, y);
 #endif
     efc_integer_scalar(L, codes, w.entries.data(), w.scale.data(), o, o1, y);  // (after shuffles: fewer than 32)
   });

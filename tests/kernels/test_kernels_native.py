@@ -209,7 +209,8 @@ def test_every_instruction_set_matches_the_reference(isa, monkeypatch):
 @pytest.mark.parametrize("isa", isa_params())
 def test_integer_tables_match_their_reference_on_every_instruction_set(isa, bits, monkeypatch):
     """`table_bits` 16 / 8: the same quantised arithmetic as the numpy reference, rounded as `isa`
-    computes its tables (fused multiply-adds or not): equal to TOL (in practice bit for bit)."""
+    computes its tables (fused multiply-adds or not): equal to TOL (int16 tables in practice bit for
+    bit; int8 ones differ by the order of the float additions: runs of segments join them at once)."""
     monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
     cases = [("EConv", econv_config(seed, bits)) for seed in range(30)] + [("EFC", efc_config(seed, bits)) for seed in range(30)]
     for op, (x, codebook, codes, bias, attrs) in cases:
@@ -235,6 +236,36 @@ def test_int8_sums_that_would_leave_int16_are_exact(isa, k, monkeypatch):
     got = native_session(one_node("EConv", x.ndim, codebook, codes, None, **attrs)).run(None, {"X": x})[0]
     want = reference("EConv", x, codebook, codes, None, attrs, isa)
     assert rel(got, want) <= TOL, (isa, k)
+
+
+@pytest.mark.parametrize("op, k", [("EConv", 1), ("EConv", 3), ("EFC", 1)])
+@pytest.mark.parametrize("isa", isa_params())
+def test_int8_runs_of_segments_of_other_scales_stay_exact(isa, op, k, monkeypatch):
+    """int8 sums go on in 16 bits over a run of segments, each shifted to the run's least scale
+    (kernels/lookup_impl.cc segment_runs; EConv's lookups and EFC's shuffles, 32 outputs at once):
+    segments whose inputs are 1 to 2^7 times as large (shifts of 0 to 7), one all zero (scale 0), and
+    one positive codeword picked everywhere, so that every entry is near +127 and a run kept past its
+    bound (taps * 127 * 2^shift summed within 32,767) would wrap."""
+    monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
+    rng = np.random.default_rng(k)
+    d, p, r, n_codes = 96, 5 if op == "EConv" else 40, 4, 8
+    n_seg = d // r
+    codebook = rng.standard_normal((n_seg, n_codes, r)).astype(np.float32)
+    codebook[:, 5] = np.abs(codebook[:, 5]) + 1.0
+    magnitude = np.repeat(2.0 ** np.array([(v * 3) % 8 for v in range(n_seg)], np.float32), r)
+    magnitude[7 * r:8 * r] = 0.0
+    if op == "EConv":
+        codes = np.full((n_seg, p, k, k), 5, np.uint8)
+        x = rng.uniform(0.9, 1.0, (2, d, 20, 37)).astype(np.float32) * magnitude[None, :, None, None]
+        attrs = dict(in_channels=d, kernel_shape=[k, k], strides=[1, 1], pads=[k // 2] * 4, dilations=[1, 1],
+                     table_bits=8)
+    else:
+        codes = np.full((n_seg, p), 5, np.uint8)
+        x = rng.uniform(0.9, 1.0, (2, d)).astype(np.float32) * magnitude
+        attrs = dict(in_features=d, table_bits=8)
+    got = native_session(one_node(op, x.ndim, codebook, codes, None, **attrs)).run(None, {"X": x})[0]
+    want = reference(op, x, codebook, codes, None, attrs, isa)
+    assert rel(got, want) <= TOL, (isa, op, k)
 
 
 def test_integer_tables_turn_a_nan_input_into_nan_outputs_as_the_reference_does():

@@ -12,6 +12,10 @@ ratios; auto is "not slower" when that ratio is at least 1 or its upper quartile
 
     python tools/bench/emit_auto.py                  # ~5 min, writes BENCHMARKS.md
     python tools/bench/emit_auto.py --budget 0.3 --no-write
+
+`--table-precision int16|int8`: the auto models' lookup tables in integers (section
+`emit_auto_<precision>:<cpu>`); auto then chooses per layer between integer tables, float tables and
+dense (passes/codebook/emit_auto.py), and the portable form it is timed against is the same.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", default=",".join(PAIRS), help="which of: " + ", ".join(PAIRS))
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per cell (at least)")
     p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    p.add_argument("--table-precision", default="fp32", choices=["fp32", "int16", "int8"],
+                   help="the auto models' lookup tables (default fp32)")
     args = p.parse_args(argv)
 
     from onnxmerge import kernels
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             portable = merge(files, method="codebook", params={"preset": preset}, progress=False).model
             for batch in BATCHES:
                 auto = merge(files, method="codebook", progress=False,
-                             params={"preset": preset, "emit": "auto", "target_batch": batch, "target_threads": 1})
+                             params={"preset": preset, "emit": "auto", "target_batch": batch, "target_threads": 1,
+                                     "table_precision": args.table_precision})
                 timed = auto.info.fidelity.get("emit_auto", [])
                 cands = {"portable": candidate([make_session(portable, 1)], batch),
                          "auto": candidate([make_session(auto.model, 1)], batch),
@@ -83,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['ratio']:.2f} [{row['q1']:.2f}-{row['q3']:.2f}]  auto {row['auto_vs_originals']:.2f}x, "
                       f"portable {row['portable_vs_originals']:.2f}x vs originals", flush=True)
     machine = machine_info()
-    lines = [f"## `--emit auto`: the native form only where it is faster, against the portable form: {cpu_label(machine)}",
+    tables = "" if args.table_precision == "fp32" else f", tables in {args.table_precision}"
+    lines = [f"## `--emit auto`: the native form only where it is faster, against the portable form{tables}: "
+             f"{cpu_label(machine)}",
              *cpu_header("emit_auto", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores; kernels' instruction set "
              f"{kernels.isa()} (of {', '.join(kernels.isas())})",
@@ -103,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         lines += ["", f"Not run (models missing): {', '.join(missing)}."]
     body = "\n".join(lines) + "\n"
-    publish(cpu_section("emit_auto", machine), body, write=not args.no_write)
+    name = "emit_auto" if args.table_precision == "fp32" else f"emit_auto_{args.table_precision}"
+    publish(cpu_section(name, machine), body, write=not args.no_write)
     return 0
 
 
