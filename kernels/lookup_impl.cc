@@ -582,13 +582,20 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
     // reads past its last input row's start
     const int64_t reach = P.flat ? (s.kw - 1) * s.dw + kMaxVec : 0;
     const int64_t span = ceil_div(((a1 - 1 - a0) * s.sh + (s.kh - 1) * s.dh + 1) * P.row + reach, VEC) * VEC;
+    // A plan of one tile builds tables only over the vectors that hold input rows: the padding rows
+    // above and below (and the reach past them) are zeros in every channel, so their entries are 0,
+    // as the tables were made and as no tile ever writes them (512 channels 3x3 at 4x4: a 6x6 padded
+    // grid and its reach, 56 entries a plane, of which 32 cover the input rows).
+    const bool one_tile = a0 == 0 && a1 == P.Ho;
+    const int64_t q0 = one_tile ? s.pt * P.row / VEC * VEC : 0;
+    const int64_t q1 = one_tile ? std::min(span, ceil_div((s.pt + P.H) * P.row, VEC) * VEC) : span;
     for (int64_t g0 = 0; g0 < s.V; g0 += P.group) {
       const int64_t g1 = std::min(s.V, g0 + P.group);
       parallel.run(static_cast<size_t>((g1 - g0) * cblocks), [&](size_t item) {
         const int64_t v = g0 + static_cast<int64_t>(item) / cblocks;
         const int64_t c0 = (static_cast<int64_t>(item) % cblocks) * cblock;
-        econv_tables(L, P, w.xp.data(), chan, v, c0, std::min(s.C, c0 + cblock), first, span, w.inv[v],
-                     w.tables.data() + (v - g0) * seg_stride);
+        econv_tables(L, P, w.xp.data(), chan, v, c0, std::min(s.C, c0 + cblock), first + q0, q1 - q0, w.inv[v],
+                     w.tables.data() + (v - g0) * seg_stride + q0);
       });
       parallel.run(static_cast<size_t>(ceil_div(s.p, oblock)), [&](size_t item) {
         const int64_t o0 = static_cast<int64_t>(item) * oblock;
