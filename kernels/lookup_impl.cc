@@ -296,14 +296,6 @@ struct SegmentRun {
   int16_t pair = 1;
 };
 
-// Phase 2 for RB output rows of K vectors: y[rb][.] (+)= sum over the group's segments and kernel
-// offsets of the table row each code picks. t points at the group's tables, shifted to the first
-// output row and column; a segment's offsets (code plane + kernel offset) are at off[v * taps ..].
-// Integer entries are summed per segment as integers (exact: 16-bit for int8 on x86 where the
-// segment's offsets allow, ONNXMERGE_SUM16, else 32-bit) and added to the float sums scaled by the
-// segment's scale (a power of two: exact), in segment order; int8 sums in 16 bits go on together over
-// a run of segments (segment_runs), each shifted to the run's least scale, and join the float sums
-// once a run (or the group) ends.
 #ifdef ONNXMERGE_SUM16
 // econv_lookup for int8 entries summed in 16 bits (K == 2: one 16-bit vector covers both float
 // vectors of a row): the run's sums so far (run) in registers, a segment at the run's scale added
@@ -344,12 +336,21 @@ void econv_lookup_sum16(float* y, int64_t ystride, bool init, float bias, const 
 }
 #endif
 
+// Phase 2 for RB output rows of K vectors: y[rb][.] (+)= sum over the group's segments and kernel
+// offsets of the table row each code picks. t points at the group's tables, shifted to the first
+// output row and column; a segment's offsets (code plane + kernel offset) are at off[v * taps ..].
+// Integer entries are summed per segment as integers (exact: 16-bit for int8 on x86 where the
+// segment's offsets allow, ONNXMERGE_SUM16, else 32-bit) and added to the float sums scaled by the
+// segment's scale (a power of two: exact), in segment order; int8 sums in 16 bits go on together over
+// a run of segments (segment_runs), each shifted to the run's least scale, and join the float sums
+// once a run (or the group) ends.
 template <typename T, int RB, int K>
 void econv_lookup(float* y, int64_t ystride, bool init, float bias, const T* t, int64_t rowstep, int64_t segs,
                   int64_t seg_stride, const int32_t* off, int64_t taps, const SegmentRun* seg) {
 #ifdef ONNXMERGE_SUM16
   if constexpr (std::is_same_v<T, int8_t> && K == 2)
-    if (taps <= kSum16Taps) return econv_lookup_sum16<RB>(y, ystride, init, bias, t, rowstep, segs, seg_stride, off, taps, seg);
+    if (taps <= kSum16Taps)
+      return econv_lookup_sum16<RB>(y, ystride, init, bias, t, rowstep, segs, seg_stride, off, taps, seg);
 #endif
   vec acc[RB][K];
   for (int rb = 0; rb < RB; ++rb)
@@ -363,7 +364,6 @@ void econv_lookup(float* y, int64_t ystride, bool init, float bias, const T* t, 
         for (int rb = 0; rb < RB; ++rb)
           for (int k = 0; k < K; ++k) acc[rb][k] += load(src + rb * rowstep + k * VEC);
       }
-
     } else {
       ivec sum[RB][K] = {};
       for (int64_t i = 0; i < taps; ++i) {
@@ -477,17 +477,17 @@ void segment_scales(const std::vector<float>& seg_bound, int64_t d, int64_t r, c
   }
 }
 
-// Runs of segments whose int8 sums in 16 bits go on together (econv_lookup, efc_integer_shuffles),
-// for one sample. A
-// segment's sum over `taps` kernel offsets is within taps * 127 (its entries are, put / put4: where
-// they are not, its input was not finite and its scale NaN); shifted left to the run's least scale's
-// exponent, the run's sums stay within int16 while sum_v taps * 127 * 2^shift_v <= 32767. Each run is
-// summed exactly, as integers, and joins the float sums once, where each segment did, rounded each
-// time: the outputs differ from segment-by-segment sums by the rounding of the float additions only.
-// Shifts are at most 7 (kFar). For 3x3 layers a run is up to 28 segments of one scale, for 1x1 ones 258: the conversion of each
-// segment's sums to float, scaled, cost as much as its lookups at few kernel offsets. A segment of
-// scale 0 (its entries all zero) joins its neighbours' run unshifted; one of scale NaN (an input not
-// finite) is a run of its own, so that its NaN reaches the outputs.
+// Runs of segments whose int8 sums in 16 bits go on together (econv_lookup_sum16,
+// efc_integer_shuffles), for one sample. A segment's sum over `taps` kernel offsets is within
+// taps * 127 (its entries are, put / put4: where they are not, its input was not finite and its scale
+// NaN); shifted left to the run's least scale's exponent (by at most 7, kFar), the run's sums stay
+// within int16 while sum_v taps * 127 * 2^shift_v <= 32767. Each run is summed exactly, as integers,
+// and joins the float sums once, where each segment did, rounded each time: the outputs differ from
+// segment-by-segment sums by the rounding of the float additions only. For 3x3 layers a run is up to
+// 28 segments of one scale, for 1x1 ones 258: the conversion of each segment's sums to float, scaled,
+// cost as much as its lookups at few kernel offsets. A segment of scale 0 (its entries all zero)
+// joins its neighbours' run unshifted; one of scale NaN (an input not finite) is a run of its own,
+// so that its NaN reaches the outputs.
 void segment_runs(const float* scale, int64_t V, int64_t taps, SegmentRun* runs) {
   const int64_t limit = std::numeric_limits<int16_t>::max(), one = 127 * taps;
   constexpr int kNone = std::numeric_limits<int>::max();  // no segment of nonzero scale in the run yet
