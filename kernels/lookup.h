@@ -51,6 +51,14 @@ struct IsaKernels;
 // rounded up to it, so a run may be computed in whole vectors of any set.
 constexpr int64_t kMaxVec = 16;
 
+// What a layer's runs work in (lookup_impl.cc's scratch sets: padded input, tables, outputs), kept
+// from run to run, one set per sample run at once: allocating and zeroing them each run cost more than
+// small layers' lookups. A pool holds sets of one type (its layer's table precision fixes it).
+struct ScratchPool {
+  std::mutex lock;
+  std::vector<std::shared_ptr<void>> sets;
+};
+
 // Where each (output channel, segment, kernel offset) reads its table plane, for one input size.
 struct EConvPlan {
   int64_t H = 0, W = 0, Ho = 0, Wo = 0, Hp = 0;
@@ -70,11 +78,7 @@ struct EConvPlan {
   int64_t group = 0;          // segments whose tables are built together
   std::vector<int32_t> offsets;  // [p][V][kh*kw]: code * plane + the kernel offset's row / phase / column
   const IsaKernels* isa = nullptr;  // the instruction set this input size runs (see EConvLayer::plan)
-  // What a sample works in (padded input, tables, outputs: lookup_impl.cc's EConvScratch of `isa`),
-  // kept from run to run, one set per sample run at once: allocating and zeroing them each run cost
-  // more than small layers' lookups. Guarded by scratch_lock.
-  mutable std::mutex scratch_lock;
-  mutable std::vector<std::shared_ptr<void>> scratch;
+  mutable ScratchPool scratch;  // lookup_impl.cc's EConvScratch of `isa`
 };
 
 struct EConvLayer {
@@ -129,6 +133,7 @@ struct EFCLayer {
   // rows of [V][out] are a page apart at out = 4096, and reading 32 bytes of each thrashed the TLB
   std::vector<uint8_t> codes_blocks;
   std::vector<float> seg_bound;     // integer tables: as EConvLayer::seg_bound
+  mutable ScratchPool scratch;      // integer tables at any batch, float ones below 4 samples
 };
 
 // Check shapes and code indices and repack for the instruction set `isa` (see choose_isa);

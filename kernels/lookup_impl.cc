@@ -657,24 +657,24 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
       std::memcpy(y + oa * P.Wo, w.padded.data() + oa * ystride, sizeof(float) * static_cast<size_t>(P.Wo));
 }
 
-// A scratch set of the plan's pool (EConvPlan::scratch), or a new one; given back with give_scratch.
-template <typename T>
-std::shared_ptr<EConvScratch<T>> take_scratch(const EConvLayer& L, const EConvPlan& P) {
+// A scratch set of `pool`, or a new one S(args...); given back with give_scratch.
+template <typename S, typename... Args>
+std::shared_ptr<S> take_scratch(ScratchPool& pool, const Args&... args) {
   {
-    std::lock_guard<std::mutex> guard(P.scratch_lock);
-    if (!P.scratch.empty()) {
-      auto w = std::static_pointer_cast<EConvScratch<T>>(P.scratch.back());
-      P.scratch.pop_back();
+    std::lock_guard<std::mutex> guard(pool.lock);
+    if (!pool.sets.empty()) {
+      auto w = std::static_pointer_cast<S>(pool.sets.back());
+      pool.sets.pop_back();
       return w;
     }
   }
-  return std::make_shared<EConvScratch<T>>(L, P);
+  return std::make_shared<S>(args...);
 }
 
-template <typename T>
-void give_scratch(const EConvPlan& P, std::shared_ptr<EConvScratch<T>> w) {
-  std::lock_guard<std::mutex> guard(P.scratch_lock);
-  P.scratch.push_back(std::move(w));
+template <typename S>
+void give_scratch(ScratchPool& pool, std::shared_ptr<S> w) {
+  std::lock_guard<std::mutex> guard(pool.lock);
+  pool.sets.push_back(std::move(w));
 }
 
 // One sample: its work spread over the threads. Several: the samples spread over the threads, each
@@ -685,15 +685,15 @@ void econv_entries(const EConvLayer& L, const EConvPlan& P, int64_t N, const flo
                    const Parallel& parallel) {
   const int64_t in = L.s.d * P.H * P.W, out = L.s.p * P.Ho * P.Wo;
   if (N == 1) {
-    auto w = take_scratch<T>(L, P);
+    auto w = take_scratch<EConvScratch<T>>(P.scratch, L, P);
     econv_sample(L, P, x, bias, y, *w, parallel);
-    give_scratch<T>(P, std::move(w));
+    give_scratch(P.scratch, std::move(w));
     return;
   }
   parallel.run(static_cast<size_t>(N), [&](size_t n) {
-    auto w = take_scratch<T>(L, P);
+    auto w = take_scratch<EConvScratch<T>>(P.scratch, L, P);
     econv_sample(L, P, x + static_cast<int64_t>(n) * in, bias, y + static_cast<int64_t>(n) * out, *w, Parallel());
-    give_scratch<T>(P, std::move(w));
+    give_scratch(P.scratch, std::move(w));
   });
 }
 
@@ -1052,16 +1052,18 @@ void efc_codes(const EFCLayer& L, const Code* codes, int64_t N, const float* x, 
   const EFCParams& s = L.s;
   // integer tables: sample by sample at every batch size (the scales are per sample and segment)
   const auto integer = [&](auto entry) {
-    EFCIntegerScratch<decltype(entry)> w(L);
-    for (int64_t n = 0; n < N; ++n) efc_integer_sample(L, codes, x + n * s.d, bias, y + n * s.out, w, parallel);
+    auto w = take_scratch<EFCIntegerScratch<decltype(entry)>>(L.scratch, L);
+    for (int64_t n = 0; n < N; ++n) efc_integer_sample(L, codes, x + n * s.d, bias, y + n * s.out, *w, parallel);
+    give_scratch(L.scratch, std::move(w));
   };
   if (s.table_bits == 8) return integer(int8_t{});
   if (s.table_bits == 16) return integer(int16_t{});
   // Up to a few samples, one at a time (a vector of samples would be mostly padding); then tiles of
   // one or two vectors of samples.
   if (N < 4) {
-    std::vector<float> table(static_cast<size_t>(s.V * L.Cp));
-    for (int64_t n = 0; n < N; ++n) efc_sample(L, codes, x + n * s.d, bias, y + n * s.out, table.data(), parallel);
+    auto table = take_scratch<std::vector<float>>(L.scratch, static_cast<size_t>(s.V * L.Cp));
+    for (int64_t n = 0; n < N; ++n) efc_sample(L, codes, x + n * s.d, bias, y + n * s.out, table->data(), parallel);
+    give_scratch(L.scratch, std::move(table));
     return;
   }
   for (int64_t n0 = 0; n0 < N; n0 += 2 * VEC) {
