@@ -159,10 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the model as merged; refused in one line where its operators cannot go there")
     p.add_argument("--verify", action="store_true", help="check invariants and exactness after every pass")
     p.add_argument("--dump-dir", metavar="DIR", help="save the model after each pass that changed it")
-    p.add_argument("--fuse-branches", choices=FUSE_MODES, default="on",
+    p.add_argument("--fuse-branches", choices=FUSE_MODES,
                    help="run the tasks' parallel layers of one shape as one grouped layer (the same outputs to float "
-                        "rounding): on (default), off, or auto = where the whole model runs faster so (timed here, "
-                        "batch 1, one thread)")
+                        "rounding): on (default; with --max-loss and --objective latency: auto), off, or auto = "
+                        "where the whole model runs faster so, 3x3 and 5x5 convolutions grouped too where faster "
+                        "still (timed here, batch 1, one thread)")
     _method_args(p)
     p.add_argument("--validation", action="append", default=[], metavar="TASK=PATH",
                    help="labelled held-out data per task for a method's choices (see --tolerance), data the models were not trained on "
@@ -332,7 +333,7 @@ def cmd_merge(args) -> int:
                    verify_passes=args.verify, dump_dir=args.dump_dir, progress=not args.quiet, data=data,
                    calib=calib, calibration=config, validation=validation, params=_method_params(args),
                    checkpoint=checkpoint, portable_fallback=True, target_opset=args.target_opset,
-                   fuse_branches=args.fuse_branches)
+                   fuse_branches=args.fuse_branches or "on")
     for warning in result.state.warnings:
         print(f"onnxmerge: warning: {warning}", file=sys.stderr)
     # a merged input's tasks are compared with its sub-models, as the merge compared them
@@ -441,7 +442,7 @@ def _sweep(args, names, data, calib, config) -> int:
         raise UsageError(f"--keep {args.keep}: give layer counts like 2,4") from None
     rows = sweep(method, args.inputs, names, calib, data, steps_per_layer=args.steps_per_layer,
                  calibration=config, params=params, latency_budget_s=args.latency_budget,
-                 up_to=args.sweep_to, progress=not args.quiet, fuse_branches=args.fuse_branches)
+                 up_to=args.sweep_to, progress=not args.quiet, fuse_branches=args.fuse_branches or "on")
     written = write_sweep(rows, args.output, keep)
     print(sweep_markdown([{k: v for k, v in r.items() if k != "model"} for r in rows]))
     print("wrote " + ", ".join(str(p) for p in written))

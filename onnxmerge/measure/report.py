@@ -220,11 +220,7 @@ def format_report(report: dict) -> str:
             for r in fuse["layers"]]))
     branches = (report.get("fidelity") or {}).get("fuse_branches")
     if branches:
-        timing = (f": fused ran {branches['ratio']:.2f}x the unfused model's speed [{branches['ratio_q1']:.2f}-"
-                  f"{branches['ratio_q3']:.2f}] (batch {branches['batch']}, one thread)" if "ratio" in branches else "")
-        out += ["", f"--fuse-branches {branches['mode']}: the tasks' parallel layers as one grouped layer would save "
-                    f"{branches['fused_nodes']} node(s){timing}; "
-                    + ("fused" if branches["kept"] else "left unfused (not faster in three of four rounds)")]
+        out += ["", _fuse_branches_line(branches)]
     notes = (report.get("fidelity") or {}).get("notes")
     if notes:
         out += ["", "Notes"] + [f"  - {n}" for n in notes]
@@ -273,6 +269,22 @@ def format_report(report: dict) -> str:
                    f"logical cores, onnxruntime {m['onnxruntime']}; "
                    f"budget {lat['budget_s_per_cell']} s per row")
     return "\n".join(out) + "\n"
+
+
+def _fuse_branches_line(record: dict) -> str:
+    """What `--fuse-branches` did (passes/common/fuse_branches.py's record): the nodes saved, and under
+    auto each form's timing against the form before it."""
+    from onnxmerge.passes.common.fuse_branches import KERNELS
+
+    head = f"--fuse-branches {record['mode']}: the tasks' parallel layers as one grouped layer"
+    if "timed" not in record:  # (an older record has no kernels: the depthwise and 1x1 rule)
+        return f"{head} would save {record['fused_nodes']} node(s), {KERNELS[record.get('kernels') or '1x1']} grouped; fused"
+    timed = "; ".join(
+        f"{KERNELS[t['kernels']]} grouped ({t['fused_nodes']} node(s) saved) ran {t['ratio']:.2f}x "
+        f"[{t['ratio_q1']:.2f}-{t['ratio_q3']:.2f}] the speed of the "
+        + ("unfused model" if t["against"] == "unfused" else f"model with {KERNELS[t['against']]} grouped")
+        + (", kept" if t["kept"] else ", not kept (not faster in three of four rounds)") for t in record["timed"])
+    return f"{head}, timed here (batch {record['batch']}, one thread): {timed}"
 
 
 def format_latency_rows(rows: list[dict], merged_label: str = "merged") -> str:

@@ -79,14 +79,15 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
            max_loss: float = DEFAULT_MAX_LOSS, objective: str = "size", time_budget_s: float = DEFAULT_TIME_BUDGET_S,
            methods: list[str] | None = None, params: dict | None = None, calibration: CalibrationConfig | None = None,
            latency_budget_s: float = 0.3, measure_latency: bool = True, jobs: int = 1, progress: bool = True,
-           log=None, fuse_branches: str = "on") -> SearchResult:
+           log=None, fuse_branches: str | None = None) -> SearchResult:
     """Search `methods` (default: every method with a search knob) for the model with the lowest
     `objective` cost whose every task loses at most `max_loss` points on held-out data. `params`:
     fixed parameters of the searched methods (not the knob's). `calibration`: how each candidate
     that is over the budget as merged is calibrated (default CANDIDATE_CALIBRATION: 2000 steps,
     patience 5, a third of a plain merge's budget). `log(line)`: where each trial's line goes
     (default: printed above the progress bar). `fuse_branches`: as api.merge's, for each candidate
-    (fused after its calibration; its latency measured fused).
+    (fused after its calibration; its latency measured fused); default auto under objective latency
+    (the candidates are timed anyway: each is fused as it runs fastest here), else on.
 
     Methods are independent: `jobs` > 1 bisects up to that many methods at once in worker processes
     (each then prunes against the baseline and its own finds only); under torchrun each process
@@ -99,6 +100,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         raise UsageError(f"--time-budget {time_budget_s}: give seconds (> 0)")
     if not jobs >= 1:
         raise UsageError(f"--jobs {jobs}: give a number of processes (>= 1)")
+    fuse_branches = fuse_branches or ("auto" if objective == "latency" else "on")
     if fuse_branches not in FUSE_MODES:
         raise UsageError(f"--fuse-branches {fuse_branches}: choose from {', '.join(FUSE_MODES)}")
     if not calib:

@@ -161,7 +161,8 @@ def run_trial(setup: Setup, method: str, params: dict, max_loss: float, beats=No
         record_calibration(trial.info, setup.calibration, calibrated)
         _measure(trial, setup)
     if record is not None and record["kept"]:  # calibrated: its new weights fused the same way (checked)
-        trial.model, again = fuse.apply(trial.model, "on") if trial.calibrated else (fused, record)
+        trial.model, again = (fuse.apply(trial.model, "on", record["kernels"]) if trial.calibrated
+                              else (fused, record))
         record["rel_diff"] = again["rel_diff"]
     trial.seconds = time.perf_counter() - start
     return trial

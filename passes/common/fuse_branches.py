@@ -16,10 +16,13 @@ channel axis (part i of the fused tensor F is the task's tensor p_i, c_i channel
   per group (c_i / g_i and C_i / g_i: the same layer shape in every task): one convolution of
   group sum_i g_i, weight Concat_i W_i along the output axis, reads F (ONNX Conv's group j reads
   input channels [j*c/g, (j+1)*c/g) and writes output channels [j*C/g, (j+1)*C/g), so the tasks'
-  groups follow each other in order). Only depthwise (one channel per group) and 1x1
-  convolutions are fused so: with 3x3 and 5x5 convolutions of group 2 as well, the budget suite's
-  LeNet, VGG and ResNet pairs packed ran 0.6-0.9x as fast as unfused (measured while this pass
-  was written, Intel Xeon; not kept in BENCHMARKS.md);                                           (H2)
+  groups follow each other in order). By default (`kernels="1x1"`) only depthwise (one channel per
+  group) and 1x1 convolutions are fused so: with 3x3 and 5x5 convolutions of group 2 as well, the
+  budget suite's LeNet, VGG and ResNet pairs packed ran 0.6-0.9x as fast as unfused on an Intel
+  Xeon (measured while this pass was written), while on an AMD EPYC (Zen 3) the VGG pair's chosen
+  model ran 1.06x as fast and the ResNet pair's 0.81x (onnxruntime runs a grouped convolution in
+  its blocked layout only where each group's channels fill its blocks); `kernels="any"` fuses them
+  too, and `auto` times that form on the machine;                                                (H2)
 - per-channel operators (BatchNormalization with its parameters concatenated, Clip with equal
   bounds, activations, pooling) applied to F are the per-task operator on each part;             (H3)
 - elementwise Add / Mul / Sub / Div of two fused tensors with the same parts is the per-task
@@ -42,10 +45,12 @@ it was (the ResNet pair's zipper share 2, whose one fused convolution a shortcut
 ran 0.93x as fast fused: measured while this pass was written, as H2's figure).
 
 Measured on the budget suite's pairs of one architecture (BENCHMARKS.md, `fuse_branches:<cpu>`), so
-`--fuse-branches on` is the default. The speed of a grouped layer against k separate ones depends on
-the machine and onnxruntime's kernels, so `auto` times the whole model both ways here (batch 1, one
-thread, paired rounds: onnxmerge.model.timing.time_models) and keeps the fused model only where it
-was faster in at least three of four rounds; the report says which. Its choice follows the
+`--fuse-branches on` (depthwise and 1x1 convolutions grouped) is the default. The speed of a grouped
+layer against k separate ones depends on the machine and onnxruntime's kernels, so `auto` times the
+whole model here (batch 1, one thread, paired rounds: onnxmerge.model.timing.time_models), form by
+form: the model fused as `on` fuses it against the unfused one, then, where grouping every kernel
+size fuses more, that model against the one kept so far; a form is kept only where it was faster
+than the one before in at least three of four rounds; the report says which. Its choice follows the
 machine's timings, so the same flags can then give other bytes (`on` and `off` are deterministic).
 """
 
@@ -99,36 +104,62 @@ class FuseBranchesPass(FusePass):
         return PassResult(state, modified)
 
 
-def apply(model: onnx.ModelProto, mode: str) -> tuple[onnx.ModelProto, dict | None]:
-    """`model` fused as `mode` says, and the record of it (None: nothing to fuse, or mode off):
-    {mode, fused_nodes, kept, and with auto the timing: batch, ratio (unfused median / fused median),
-    ratio_q1, ratio_q3}."""
+KERNELS = {"1x1": "depthwise and 1x1 convolutions", "any": "convolutions of every kernel size"}  # (H2)
+
+
+def apply(model: onnx.ModelProto, mode: str, kernels: str = "1x1") -> tuple[onnx.ModelProto, dict | None]:
+    """`model` fused as `mode` says (on: its convolutions grouped as `kernels` says), and the record of
+    it (None: nothing to fuse, or mode off): {mode, kernels (of the form kept; None: unfused),
+    fused_nodes, rel_diff, kept, and with auto the batch and `timed`, per form tried in order:
+    kernels, fused_nodes, against (the form it was timed against: "unfused" or a `kernels`), ratio
+    (that form's median / this one's), ratio_q1, ratio_q3, kept}."""
     if mode == "off" or weights_apart(model):
         # a big model's weights, held apart from its graph (onnxruntime would not fold a Concat of
         # them): big layers, whose nodes' fixed cost that fusing saves is negligible
         return model, None
-    fused, removed = fuse_branches(model)
-    if not removed:
+    forms = {k: _checked(model, k) for k in (KERNELS if mode == "auto" else (kernels,))}
+    forms = {k: f for k, f in forms.items() if f is not None}
+    if mode == "auto" and len(forms) == 2 and forms["any"][1] <= forms["1x1"][1]:
+        del forms["any"]  # no convolution of another kernel size fused: the same model
+    if not forms:
         return model, None
+    if mode != "auto":
+        (k, (fused, removed, diff)), = forms.items()
+        return fused, {"mode": mode, "kernels": k, "fused_nodes": removed, "rel_diff": diff, "kept": True}
+    native = any(n.domain == DOMAIN for n in model.graph.node)
+    batch = run_batch(model, 1)
+    record = {"mode": mode, "kernels": None, "fused_nodes": max(f[1] for f in forms.values()),
+              "rel_diff": max(f[2] for f in forms.values()), "kept": False, "batch": batch, "timed": []}
+    chosen, name = model, "unfused"
+    for k, (fused, removed, _) in forms.items():
+        t = time_models({k: fused, name: chosen}, name, batch, 1, BUDGET_S, MIN_ROUNDS, native=native)[k]
+        faster = t["ratio_q1"] > 1  # faster in at least three of four paired rounds
+        record["timed"].append({"kernels": k, "fused_nodes": removed, "against": name, "ratio": t["ratio"],
+                                "ratio_q1": t["ratio_q1"], "ratio_q3": t["ratio_q3"], "kept": faster})
+        if faster:
+            chosen, name = fused, k
+            record.update(kernels=k, fused_nodes=removed, kept=True)
+    return chosen, record
+
+
+def _checked(model: onnx.ModelProto, kernels: str) -> tuple[onnx.ModelProto, int, float] | None:
+    """`model` fused with its convolutions grouped as `kernels` says, the nodes fused away and the
+    outputs' relative difference to the unfused model's; None where nothing fuses or the model's own
+    outputs are not finite (the check before writing names them)."""
+    fused, removed = fuse_branches(model, kernels=kernels)
+    if not removed:
+        return None
     try:
         diff = checks.output_difference(fused, model)
     except Exception as e:  # onnxruntime's own exception types: the fused model does not load or run
         raise MergeError(f"fusing the tasks' parallel layers gave a model onnxruntime cannot run ({first_line(e)}): "
                          "this is a bug (give --fuse-branches off to go on without it)") from None
-    if np.isnan(diff):  # the model's own outputs are not finite: the check before writing names them
-        return model, None
+    if np.isnan(diff):
+        return None
     if not diff <= ROUNDING_TOL:
         raise MergeError(f"fusing the tasks' parallel layers changed the outputs by {diff:.2e} relative: "
                          "this is a bug (give --fuse-branches off to go on without it)")
-    record = {"mode": mode, "fused_nodes": removed, "rel_diff": diff, "kept": True}
-    if mode == "auto":
-        native = any(n.domain == DOMAIN for n in model.graph.node)
-        batch = run_batch(model, 1)
-        t = time_models({"fused": fused, "plain": model}, "plain", batch, 1, BUDGET_S, MIN_ROUNDS,
-                        native=native)["fused"]
-        record.update(batch=batch, ratio=t["ratio"], ratio_q1=t["ratio_q1"], ratio_q3=t["ratio_q3"],
-                      kept=t["ratio_q1"] > 1)  # faster in at least three of four paired rounds
-    return (fused if record["kept"] else model), record
+    return fused, removed, diff
 
 
 @dataclass
@@ -147,9 +178,11 @@ class _Bundle:
 FOLDED_AT_RUN = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "Identity"}
 
 
-def fuse_branches(model: onnx.ModelProto, _skip: frozenset = frozenset()) -> tuple[onnx.ModelProto, int]:
-    """The model with its tasks' parallel layers fused (H1-H5), and the number of nodes it fused away
-    (0: nothing to fuse; the model is returned as it was). A fused region (the chains that start at
+def fuse_branches(model: onnx.ModelProto, kernels: str = "1x1",
+                  _skip: frozenset = frozenset()) -> tuple[onnx.ModelProto, int]:
+    """The model with its tasks' parallel layers fused (H1-H5; `kernels`: which convolutions H2 groups,
+    a key of KERNELS), and the number of nodes it fused away (0: nothing to fuse; the model is
+    returned as it was). A fused region (the chains that start at
     one H1 node, joined where H4 reads two of them) that saves no more run-time nodes than the Splits
     it needs (FOLDED_AT_RUN saves none) is left as it was (`_skip`: the H1 nodes of such regions, for
     the second pass that leaves them)."""
@@ -172,7 +205,7 @@ def fuse_branches(model: onnx.ModelProto, _skip: frozenset = frozenset()) -> tup
     for node in list(graph.nodes):
         if id(node) in done:
             continue
-        group = (_seed(node, done) if node.name not in _skip else None) or _follow(node, bundles, done)
+        group = (_seed(node, done) if node.name not in _skip else None) or _follow(node, bundles, done, kernels)
         if not group:
             continue
         nodes, fused_node, bundle = group
@@ -219,7 +252,7 @@ def fuse_branches(model: onnx.ModelProto, _skip: frozenset = frozenset()) -> tup
         totals[root(region)] = totals.get(root(region), 0) + n
     idle = frozenset(name for r in seeds if totals[root(r)] <= 0 for name in seeds[r])
     if idle:
-        return fuse_branches(model, _skip | idle)
+        return fuse_branches(model, kernels, _skip | idle)
     fused = export_with_domain(graph, model, native=any(n.domain == DOMAIN for n in model.graph.node))
     del fused.graph.value_info[:]  # the shapes inferred here: what later passes infer is theirs
     return fused, removed
@@ -240,7 +273,7 @@ def _seed(node: gs.Node, done: set[int]) -> tuple | None:
     return _fused_conv(siblings, x, dict(node.attrs), [_shape(n.inputs[1])[0] for n in siblings])
 
 
-def _follow(node: gs.Node, bundles: dict, done: set[int]) -> tuple | None:
+def _follow(node: gs.Node, bundles: dict, done: set[int], kernels: str) -> tuple | None:
     """(H2-H5): `node` and the nodes at the same place in the other tasks' branches, if every tensor
     they read is a part of one bundle (at their part index) or a constant they share in value, and
     they compute the same operator; None otherwise."""
@@ -293,12 +326,13 @@ def _follow(node: gs.Node, bundles: dict, done: set[int]) -> tuple | None:
             return None
         return _fused(nodes, "Flatten", [bundle.fused], dict(node.attrs), [int(np.prod(s)) for s in shapes])
     if node.op == "Conv":
-        return _grouped_conv(nodes, bundle)
+        return _grouped_conv(nodes, bundle, kernels)
     return None
 
 
-def _grouped_conv(nodes: list[gs.Node], bundle: _Bundle) -> tuple | None:
-    """(H2): one convolution of group sum g_i where every task's layer has the same channels per group."""
+def _grouped_conv(nodes: list[gs.Node], bundle: _Bundle, kernels: str) -> tuple | None:
+    """(H2): one convolution of group sum g_i where every task's layer has the same channels per group
+    (with `kernels` "1x1": only depthwise and 1x1 convolutions)."""
     first = nodes[0]
     other_attrs = {k: v for k, v in first.attrs.items() if k != "group"}
     shapes = [_shape(n.inputs[1]) for n in nodes]
@@ -309,7 +343,7 @@ def _grouped_conv(nodes: list[gs.Node], bundle: _Bundle) -> tuple | None:
     if len(per_group) != 1 or any({k: v for k, v in n.attrs.items() if k != "group"} != other_attrs
                                   for n in nodes):
         return None
-    if not (shapes[0][0] == groups[0] and shapes[0][1] == 1) and any(d != 1 for d in shapes[0][2:]):
+    if kernels == "1x1" and not (shapes[0][0] == groups[0] and shapes[0][1] == 1) and any(d != 1 for d in shapes[0][2:]):
         return None  # neither depthwise nor 1x1: see the module docstring (H2)
     return _fused_conv(nodes, bundle.fused, {**other_attrs, "group": sum(groups)}, [s[0] for s in shapes])
 

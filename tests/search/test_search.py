@@ -522,3 +522,20 @@ def test_a_search_calibrates_each_candidate_on_a_smaller_budget_than_a_plain_mer
     monkeypatch.setattr(search_run, "bisect_method", bisect_method)
     _search_examples(methods=["codebook"], max_loss=1.0)
     assert seen == [candidate]
+
+
+@pytest.mark.parametrize("objective, given, used", [("latency", None, "auto"), ("size", None, "on"),
+                                                    ("latency", "off", "off"), ("size", "auto", "auto")])
+def test_candidates_are_fused_as_timed_under_objective_latency(fake_trials, monkeypatch, objective, given, used):
+    """Under --objective latency each candidate is timed anyway: by default its branches are fused
+    as they ran fastest here (--fuse-branches auto); else as a merge fuses them (on), or as given."""
+    seen = set()
+    real = search_run.run_trial
+
+    def spy(setup, *args, **kwargs):
+        seen.add(setup.fuse_branches)
+        return real(setup, *args, **kwargs)
+
+    monkeypatch.setattr(search_run, "run_trial", spy)
+    _search_examples(methods=["zipper"], max_loss=1.0, objective=objective, fuse_branches=given)
+    assert seen == {used}

@@ -100,13 +100,20 @@ def test_branches_of_one_shape_fuse_into_one_chain(tasks):
     assert groups == [tasks, 4 * tasks]  # (H2): the 1x1 convs of group 1 each, the depthwise ones of 4
 
 
-def test_only_depthwise_and_1x1_convolutions_fuse_into_groups():
-    """A 3x3 convolution of group 1 per task stays per task (as a grouped one it ran slower: module
-    docstring); what fuses before it still does, and a Split gives it its task's input."""
+def test_only_depthwise_and_1x1_convolutions_fuse_into_groups_unless_every_kernel_is_asked_for():
+    """A 3x3 convolution of group 1 per task stays per task by default (as a grouped one it ran slower
+    on one CPU: module docstring); what fuses before it still does, and a Split gives it its task's
+    input. With kernels="any" it is one convolution of group 2, and the chain fuses to the heads."""
     model = branches([4, 4], kernel=3)
     fused, removed = fuse_branches(model)
     check_same(fused, model)
     assert ops(fused).count("Conv") == 1 + 2 + 2 and removed == 5 - 1  # conv1, BN, Clip, depthwise, Relu
+    wide, removed = fuse_branches(model, kernels="any")
+    check_same(wide, model)
+    assert ops(wide).count("Conv") == 1 + 3 and removed == 11 - 1
+    groups = sorted(helper.get_attribute_value(a) for n in wide.graph.node if n.op_type == "Conv"
+                    for a in n.attribute if a.name == "group")
+    assert groups == [2, 8]  # (H2): the 3x3 convs of group 1 each, the depthwise ones of 4
 
 
 def test_a_region_that_saves_no_node_at_run_time_is_left_as_it_was(monkeypatch):
@@ -182,10 +189,39 @@ def test_apply_records_and_auto_keeps_the_fused_form_only_when_it_ran_faster():
     model = branches([4, 4])
     assert apply(model, "off") == (model, None)
     fused, record = apply(model, "on")
-    assert record["kept"] and record["fused_nodes"] == 10 and "ratio" not in record and record["rel_diff"] <= 1e-5
+    assert record["kept"] and record["fused_nodes"] == 10 and "timed" not in record and record["rel_diff"] <= 1e-5
+    assert record["kernels"] == "1x1"
     kept, record = apply(model, "auto")  # which form it keeps follows this machine's timing
-    assert {"ratio", "ratio_q1", "ratio_q3", "batch"} <= set(record) and record["batch"] == 1
-    assert (len(ops(kept)) < len(ops(model))) == record["kept"]
+    (timed,) = record["timed"]  # grouping every kernel fuses nothing more here: one form timed
+    assert timed["kernels"] == "1x1" and timed["against"] == "unfused" and record["batch"] == 1
+    assert {"ratio", "ratio_q1", "ratio_q3"} <= set(timed)
+    assert (len(ops(kept)) < len(ops(model))) == record["kept"] == timed["kept"]
+
+
+@pytest.mark.parametrize("faster", [(False, False), (False, True), (True, False), (True, True)])
+def test_auto_times_each_form_against_the_one_kept_before_it(monkeypatch, faster):
+    """The 1x1 rule's model against the unfused one, then every kernel's against whichever was kept:
+    a form is kept where its paired rounds' lower quartile is above 1 (timings stubbed)."""
+    model = branches([4, 4], kernel=3)
+    against = []
+
+    def timed(models, baseline, *args, **kwargs):
+        (form,) = set(models) - {baseline}
+        against.append((form, baseline))
+        q1 = 1.1 if faster[("1x1", "any").index(form)] else 0.9
+        return {form: {"ratio": q1 + 0.05, "ratio_q1": q1, "ratio_q3": q1 + 0.1}}
+
+    monkeypatch.setattr(fuse_module, "time_models", timed)
+    kept, record = apply(model, "auto")
+    first = "1x1" if faster[0] else "unfused"
+    assert against == [("1x1", "unfused"), ("any", first)]
+    assert [t["kept"] for t in record["timed"]] == list(faster) and record["kept"] == any(faster)
+    want = "any" if faster[1] else "1x1" if faster[0] else None
+    assert record["kernels"] == want
+    expected = fuse_branches(model, kernels=want)[0] if want else model
+    assert ops(kept) == ops(expected)
+    if want:
+        check_same(kept, model)
 
 
 def test_merge_fuses_last_and_reports_it(tmp_path):
@@ -237,6 +273,30 @@ def test_a_merge_and_a_search_candidate_are_calibrated_unfused_then_fused(monkey
     assert trial.calibrated and not fused_nodes(before) and fused_nodes(trial.model)
     assert trial.info.fidelity["fuse_branches"]["kept"]
     check_same(trial.model, after.model)
+
+
+def test_a_calibrated_search_candidate_is_fused_as_auto_chose(monkeypatch):
+    """auto's choice (here every kernel grouped: timings stubbed) is what the calibrated candidate is
+    fused with: the LeNets' 5x5 convolutions, which the 1x1 rule leaves per task, grouped."""
+    from onnxmerge.calibration.calibrate import CalibrationConfig
+    from onnxmerge.data import load_dataset
+    from onnxmerge.search import trial as trial_module
+
+    monkeypatch.setattr(fuse_module, "time_models", lambda models, baseline, *a, **k: {
+        form: {"ratio": 1.2, "ratio_q1": 1.1 if form == "any" else 0.9, "ratio_q3": 1.3} for form in models})
+    pair = [str(shipped(MODELS / "lenet_mnist.onnx")), str(shipped(MODELS / "lenet_fashion.onnx"))]
+    names = ["mnist", "fashion"]
+    calib = {n: load_dataset(shipped(MODELS / f"{n}_eval.npz")).take(64) for n in names}
+    config = CalibrationConfig(steps=3, batch_size=16)
+    base = merge(pair, method="pack", names=names, fuse_branches="off")
+    setup = trial_module.Setup(pair, names, calib, calib, dict(zip(names, pair)),
+                               trial_module.correct(base.model, base.info, calib), 0, config, 0.1, False, "auto")
+    trial = trial_module.run_trial(setup, "pack", {}, max_loss=-1)  # nothing is within -1: calibrated
+    assert trial.calibrated and trial.info.fidelity["fuse_branches"]["kernels"] == "any"
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute}
+             for n in trial.model.graph.node if n.op_type == "Conv"]
+    # the second convolution of each LeNet (5x5, group 1, reading its task's part): one of group 2
+    assert [a["group"] for a in attrs if list(a["kernel_shape"]) == [5, 5]] == [1, 2]
 
 
 def test_the_command_line_flag_and_the_report(tmp_path, capsys):
