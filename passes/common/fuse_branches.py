@@ -20,7 +20,7 @@ channel axis (part i of the fused tensor F is the task's tensor p_i, c_i channel
   group) and 1x1 convolutions are fused so: with 3x3 and 5x5 convolutions of group 2 as well, the
   budget suite's LeNet, VGG and ResNet pairs packed ran 0.6-0.9x as fast as unfused on an Intel
   Xeon (measured while this pass was written), while on an AMD EPYC (Zen 3) the VGG pair's chosen
-  model ran 1.06x as fast and the ResNet pair's 0.81x (onnxruntime runs a grouped convolution in
+  model ran 1.07x as fast and the ResNet pair's 0.81x (onnxruntime runs a grouped convolution in
   its blocked layout only where each group's channels fill its blocks); `kernels="any"` fuses them
   too, and `auto` times that form on the machine;                                                (H2)
 - per-channel operators (BatchNormalization with its parameters concatenated, Clip with equal
@@ -112,11 +112,13 @@ def apply(model: onnx.ModelProto, mode: str, kernels: str = "1x1") -> tuple[onnx
     it (None: nothing to fuse, or mode off): {mode, kernels (of the form kept; None: unfused),
     fused_nodes, rel_diff, kept, and with auto the batch and `timed`, per form tried in order:
     kernels, fused_nodes, against (the form it was timed against: "unfused" or a `kernels`), ratio
-    (that form's median / this one's), ratio_q1, ratio_q3, kept}."""
+    (the median time of the form it was timed against / this one's), ratio_q1, ratio_q3, kept}."""
     if mode == "off" or weights_apart(model):
         # a big model's weights, held apart from its graph (onnxruntime would not fold a Concat of
         # them): big layers, whose nodes' fixed cost that fusing saves is negligible
         return model, None
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels {kernels!r}: one of {', '.join(KERNELS)}")
     forms = {k: _checked(model, k) for k in (KERNELS if mode == "auto" else (kernels,))}
     forms = {k: f for k, f in forms.items() if f is not None}
     if mode == "auto" and len(forms) == 2 and forms["any"][1] <= forms["1x1"][1]:

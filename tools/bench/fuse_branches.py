@@ -5,11 +5,12 @@ written into BENCHMARKS.md, one section per CPU (`fuse_branches:<cpu>`): each CP
 For each same-architecture pair of the budget suite (MNIST + Fashion-MNIST models of
 tools/train_models.py --group budget, trained when missing), merged with pack (nothing shared) and
 zipper sharing its first 1 and 2 layers (weight matching, no REPAIR, no calibration: timing only),
-each written `--fuse-branches off` and `on`. Then, interleaved in one process on one thread
+each written `--fuse-branches off` and `on`, and with every convolution grouped (`any`: the form
+`--fuse-branches auto` times after `on`'s, passes/common/fuse_branches.py). Then, interleaved in one process on one thread
 (onnxmerge.model.timing.compare_latency), at batch 1 and 32: the merged models and the two originals
 one after another in separate sessions; speed-up = the originals' median / the model's, with the
 quartiles of the per-round paired ratios. What `--fuse-branches auto` decides on a machine is the
-on/off comparison of its own model at batch 1.
+comparison of its own model's forms at batch 1.
 
     python tools/bench/fuse_branches.py                 # ~3 min, writes BENCHMARKS.md
     python tools/bench/fuse_branches.py --pairs mobilenet --no-write
@@ -29,6 +30,7 @@ ARCHS = ("lenet", "vgg", "resnet", "mobilenet")
 SETTINGS = (("pack", {}), ("zipper", {"share": 1, "match": "weights", "repair": "off"}),
             ("zipper", {"share": 2, "match": "weights", "repair": "off"}))
 BATCHES = (1, 32)
+FORMS = ("off", "on", "any")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnxmerge.measure.latency import machine_info
     from onnxmerge.model.runtime import session
     from onnxmerge.model.timing import candidate, compare_latency
+    from onnxmerge.passes.common.fuse_branches import apply
 
     archs = args.pairs.split(",")
     paths = train_models.ensure_budget_models([f"{a}_{d}" for a in archs for d in ("mnist", "fashion")])
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         for method, params in SETTINGS:
             models = {form: merge(files, method=method, names=["mnist", "fashion"], params=params,
                                   fuse_branches=form).model for form in ("off", "on")}
+            models["any"] = apply(models["off"], "on", "any")[0]
             nodes = {form: sum(n.op_type not in ("Concat", "Pad") for n in m.graph.node) for form, m in models.items()}
             row = {"arch": arch, "setting": method + (f" share={params['share']}" if params else ""), "nodes": nodes}
             for batch in BATCHES:
@@ -66,20 +70,23 @@ def main(argv: list[str] | None = None) -> int:
                               for form in models}
             rows.append(row)
             print(f"{arch:9s} {row['setting']:16s} " + "  ".join(
-                f"b{b} off {row[b]['off'][0]:.2f}x on {row[b]['on'][0]:.2f}x" for b in BATCHES), flush=True)
+                f"b{b} " + " ".join(f"{form} {row[b][form][0]:.2f}x" for form in models) for b in BATCHES), flush=True)
     machine = machine_info()
     cell = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"  # noqa: E731
     lines = [f"## `--fuse-branches`: the tasks' parallel layers as grouped layers, against the originals: {cpu_label(machine)}",
              *cpu_header("fuse_branches", argv),
              f"- machine: {machine['cpu']}, {machine['usable_cores']} cores",
              "- models: the budget suite's MNIST and Fashion-MNIST models of one architecture (independently trained); "
-             "pack, and zipper at share 1 and 2 (weight matching, no REPAIR, no calibration: timing only)",
+             "pack, and zipper at share 1 and 2 (weight matching, no REPAIR, no calibration: timing only); "
+             "off / on: `--fuse-branches off` / `on` (depthwise and 1x1 convolutions grouped); any: every "
+             "convolution grouped (the form `auto` times after on's)",
              "- speed-up: the two originals one after another in separate sessions over the merged model, one thread, "
              "interleaved in one process [quartiles of the per-round paired ratios]; nodes: the merged graph's "
              "computing nodes (the Concat / Pad nodes that build a fused weight are folded when the session is created)",
-             "", "| pair | merge | b=1 off | b=1 on | b=32 off | b=32 on | nodes off / on |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['arch']} | {r['setting']} | {cell(r[1]['off'])} | {cell(r[1]['on'])} | {cell(r[32]['off'])} | "
-              f"{cell(r[32]['on'])} | {r['nodes']['off']} / {r['nodes']['on']} |" for r in rows]
+             "", "| pair | merge | b=1 off | b=1 on | b=1 any | b=32 off | b=32 on | b=32 any | nodes off / on / any |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arch']} | {r['setting']} | " + " | ".join(cell(r[b][f]) for b in BATCHES for f in FORMS)
+              + f" | {' / '.join(str(r['nodes'][f]) for f in FORMS)} |" for r in rows]
     publish(cpu_section("fuse_branches", machine), "\n".join(lines) + "\n", write=not args.no_write)
     return 0
 
