@@ -19,10 +19,10 @@ channel axis (part i of the fused tensor F is the task's tensor p_i, c_i channel
   groups follow each other in order). By default (`kernels="1x1"`) only depthwise (one channel per
   group) and 1x1 convolutions are fused so: with 3x3 and 5x5 convolutions of group 2 as well, the
   budget suite's LeNet, VGG and ResNet pairs packed ran 0.6-0.9x as fast as unfused on an Intel
-  Xeon (measured while this pass was written), while on an AMD EPYC (Zen 3) the VGG pair's chosen
-  model ran 1.07x as fast and the ResNet pair's 0.81x (onnxruntime runs a grouped convolution in
-  its blocked layout only where each group's channels fill its blocks); `kernels="any"` fuses them
-  too, and `auto` times that form on the machine;                                                (H2)
+  Xeon (measured while this pass was written), while on an AMD EPYC (Zen 3) the VGG and ResNet
+  pairs zipped at 2 layers ran faster so and the LeNet and ResNet pairs packed slower (BENCHMARKS.md,
+  `fuse_branches:<cpu>`, column any); `kernels="any"` fuses them too, and `auto` times that form on
+  the machine;                                                                                   (H2)
 - per-channel operators (BatchNormalization with its parameters concatenated, Clip with equal
   bounds, activations, pooling) applied to F are the per-task operator on each part;             (H3)
 - elementwise Add / Mul / Sub / Div of two fused tensors with the same parts is the per-task
