@@ -11,7 +11,14 @@ channel axis (part i of the fused tensor F is the task's tensor p_i, c_i channel
 
       Conv(x, Concat_i W_i, Concat_i b_i) = Concat_i Conv(x, W_i, b_i)                         (H1)
 
-  (a convolution's output channels are independent of each other);
+  (a convolution's output channels are independent of each other); and k depthwise convolutions
+  (group g = the channels of x, the same kernel and multiplier) reading one tensor x, as one of
+  group k*g reading x's channels repeated once per task (one Concat node at run time):
+
+      Conv(Concat_i x, Concat_i W_i, Concat_i b_i, group k*g) = Concat_i Conv(x, W_i, b_i, group g)  (H1')
+
+  (the fused convolution's group j, of task i = j div g, reads channel j - i*g of x, as the task's
+  own group j - i*g does);
 - k convolutions of group g_i reading the parts p_i of F, with the same input and output channels
   per group (c_i / g_i and C_i / g_i: the same layer shape in every task): one convolution of
   group sum_i g_i, weight Concat_i W_i along the output axis, reads F (ONNX Conv's group j reads
@@ -173,6 +180,7 @@ class _Bundle:
     parts: list[gs.Variable]
     sizes: list[int]
     region: str = ""  # the name of the H1 node that the fused chain it belongs to starts from
+    added: int = 0  # nodes the fused one needs at run time beyond itself (H1': the input's Concat)
 
 
 # operators onnxruntime fuses into the convolution before them (Conv+BatchNorm, Conv+activation
@@ -218,7 +226,8 @@ def fuse_branches(model: onnx.ModelProto, kernels: str = "1x1",
         for other in read[1:]:
             if other != bundle.region:
                 joined[other] = bundle.region
-        saved[bundle.region] = saved.get(bundle.region, 0) + (len(nodes) - 1) * (fused_node.op not in FOLDED_AT_RUN)
+        saved[bundle.region] = (saved.get(bundle.region, 0) - bundle.added
+                                + (len(nodes) - 1) * (fused_node.op not in FOLDED_AT_RUN))
         graph.nodes.extend(_built(fused_node, known))
         for n in nodes:
             done.add(id(n))
@@ -261,18 +270,30 @@ def fuse_branches(model: onnx.ModelProto, kernels: str = "1x1",
 
 
 def _seed(node: gs.Node, done: set[int]) -> tuple | None:
-    """(H1): the group-1 convolutions of one shape (but their output channels) that read the same
-    tensor as `node`, with `node` first; None if there is no other."""
-    if node.op != "Conv" or node.attrs.get("group", 1) != 1 or _shape(node.inputs[1]) is None:
+    """(H1, H1'): the group-1 convolutions of one shape (but their output channels), or the depthwise
+    convolutions of one shape, that read the same tensor as `node`, with `node` first; None if there
+    is no other."""
+    w = _shape(node.inputs[1]) if node.op == "Conv" else None
+    group = node.attrs.get("group", 1)
+    depthwise = w is not None and group > 1 and w[1] == 1 and w[0] % group == 0
+    if w is None or (group != 1 and not depthwise):
         return None
     x = node.inputs[0]
     siblings = [n for n in x.outputs if n.op == "Conv" and id(n) not in done and n.inputs[0] is x
                 and n.attrs == node.attrs and _shape(n.inputs[1]) is not None
-                and _shape(n.inputs[1])[1:] == _shape(node.inputs[1])[1:] and len(n.outputs) == 1]
+                and _shape(n.inputs[1])[0 if depthwise else 1:] == w[0 if depthwise else 1:] and len(n.outputs) == 1]
     if node not in siblings or len(siblings) < 2:
         return None
     siblings.sort(key=lambda n: n is not node)  # node first, the others in graph order
-    return _fused_conv(siblings, x, dict(node.attrs), [_shape(n.inputs[1])[0] for n in siblings])
+    if not depthwise:
+        return _fused_conv(siblings, x, dict(node.attrs), [_shape(n.inputs[1])[0] for n in siblings])
+    copies = gs.Variable(f"{node.name}_input_per_task", dtype=x.dtype)
+    gs.Node("Concat", name=f"{node.name}_input_per_task", inputs=[x] * len(siblings), outputs=[copies],
+            attrs={"axis": 1})
+    nodes, fused, bundle = _fused_conv(siblings, copies, {**node.attrs, "group": group * len(siblings)},
+                                       [w[0]] * len(siblings))
+    bundle.added = 1
+    return nodes, fused, bundle
 
 
 def _follow(node: gs.Node, bundles: dict, done: set[int], kernels: str) -> tuple | None:

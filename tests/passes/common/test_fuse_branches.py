@@ -116,6 +116,48 @@ def test_only_depthwise_and_1x1_convolutions_fuse_into_groups_unless_every_kerne
     assert groups == [2, 8]  # (H2): the 3x3 convs of group 1 each, the depthwise ones of 4
 
 
+def depthwise_first(multipliers, seed=0) -> onnx.ModelProto:
+    """input (N,1,8,8) -> a shared 3x3 conv (4 channels) and Relu -> per task i: a depthwise 3x3 conv
+    of multiplier multipliers[i] reading the shared tensor, Relu, a 1x1 conv to 3 channels, global
+    average pool, Flatten (zipper's MobileNet merge shares up to a depthwise layer so)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["input", "stem_w"], ["stem"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["stem"], ["x"], name="stem_relu")]
+    inits, outputs = [init("stem_w", rng.standard_normal((4, 1, 3, 3)))], []
+    for i, m in enumerate(multipliers):
+        t = f"t{i}/"
+        nodes += [helper.make_node("Conv", ["x", t + "wd", t + "bd"], [t + "d"], name=t + "dw", group=4, pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [t + "d"], [t + "dr"], name=t + "dw_relu"),
+                  helper.make_node("Conv", [t + "dr", t + "wp"], [t + "p"], name=t + "pw"),
+                  helper.make_node("GlobalAveragePool", [t + "p"], [t + "pool"], name=t + "pool"),
+                  helper.make_node("Flatten", [t + "pool"], [t + "logits"], name=t + "flatten")]
+        inits += [init(t + "wd", rng.standard_normal((4 * m, 1, 3, 3))), init(t + "bd", rng.standard_normal(4 * m)),
+                  init(t + "wp", rng.standard_normal((3, 4 * m, 1, 1)))]
+        outputs.append(helper.make_tensor_value_info(t + "logits", TensorProto.FLOAT, ["N", 3]))
+    return make_model(nodes, inits, outputs=outputs)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise_convolutions_reading_one_tensor_fuse_on_its_channels_repeated(multiplier):
+    """(H1'): one depthwise conv of group 2 x 4 reads the shared tensor's channels once per task (a
+    Concat), and the chain after it fuses as after H1."""
+    model = depthwise_first([multiplier, multiplier])
+    fused, removed = fuse_branches(model)
+    check_same(fused, model)
+    assert ops(fused) == ["Conv", "Relu", "Conv", "Relu", "Conv", "GlobalAveragePool", "Flatten", "Split"]
+    assert removed == 5 - 1  # dw, Relu, pw, pool, Flatten of task 1; one Split (the Concat: not counted)
+    concat = next(n for n in fused.graph.node if n.op_type == "Concat" and "x" in n.input)
+    assert list(concat.input) == ["x", "x"]
+    dw = next(n for n in fused.graph.node if n.op_type == "Conv" and n.input[0] == concat.output[0])
+    assert {a.name: helper.get_attribute_value(a) for a in dw.attribute}["group"] == 8
+
+
+def test_depthwise_convolutions_of_other_multipliers_stay_per_task():
+    model = depthwise_first([1, 2])
+    fused, removed = fuse_branches(model)
+    assert removed == 0 and fused is model
+
+
 def test_a_region_that_saves_no_node_at_run_time_is_left_as_it_was(monkeypatch):
     """Per task a conv and its Relu (which onnxruntime fuses into the conv anyway), then a 3x3 conv
     that stays per task: fusing would save one node and cost a Split."""
