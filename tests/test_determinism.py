@@ -47,8 +47,8 @@ def argv_for(case: str, tmp_path: Path) -> list:
         return [shipped(FASHION), shipped(DIGITS)]
     if case == "codebook":
         return [shipped(FASHION), shipped(DIGITS), "--method", "codebook", "--preset", "light", "--kmeans-init", "2"]
-    if case == "calibration":
-        return [shipped(FASHION), shipped(DIGITS), "--steps", "4", "--batch-size", "8",
+    if case == "calibration":  # pack, calibrated once (--method auto with labelled --calib would search)
+        return [shipped(FASHION), shipped(DIGITS), "--method", "pack", "--steps", "4", "--batch-size", "8",
                 "--calib", f"fashion_lenet={subset(EXAMPLES / 'fashion_calib.npz', tmp_path, 64)}",
                 "--calib", f"digits_lenet={subset(EXAMPLES / 'digits_calib.npz', tmp_path, 64)}"]
     if case == "zipper":

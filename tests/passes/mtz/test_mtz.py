@@ -232,7 +232,7 @@ def test_mtz_needs_calibration_data_and_same_architectures():
 def test_cli_merges_with_mtz(tmp_path):
     out = tmp_path / "m.onnx"
     args = [sys.executable, "-m", "onnxmerge", *paths(LENETS), "-o", str(out), "--method", "mtz",
-            "--names", "mnist,fashion", "--share-ratio", "0.5", "--hessian-samples", "32",
+            "--names", "mnist,fashion", "--share-ratio", "0.5", "--hessian-samples", "32", "--no-latency",
             "--calib", f"mnist={shipped(MODELS / 'mnist_eval.npz')}", "--calib", f"fashion={shipped(MODELS / 'fashion_eval.npz')}"]
     done = subprocess.run(args, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
