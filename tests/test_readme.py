@@ -53,7 +53,7 @@ def test_readme_cli_examples_run_in_order(tmp_path, monkeypatch, capsys):
         if argv[0] not in ("inspect", "eval", "deploy"):
             argv += ["--latency-budget", "0.05", "-q"]  # the figures are not the point here
         if "--max-loss" in argv:
-            argv += ["--time-budget", "15"]  # the search's first trials (tests/search has the rest)
+            argv += ["--time-budget", "8"]  # the search's first trials (tests/search has the rest)
         code, out = main(argv), capsys.readouterr()
         assert code == 0, (command, out.err)
         assert out.out.strip(), command
