@@ -46,7 +46,13 @@ def example_models() -> list[str]:
 def start(argv: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the machine is shared: one thread per process
     return subprocess.Popen([sys.executable, "-m", "onnxmerge", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
+
+
+def sigint_default() -> None:
+    """In the child, SIGINT's default action, as in a terminal: a shell that starts the tests in the
+    background ignores SIGINT, the child inherits that, and an ignored SIGINT is (rightly) not acted on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt_when_training(proc: subprocess.Popen, checkpoint: Path, sig: int) -> tuple[int, str]:

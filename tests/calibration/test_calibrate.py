@@ -277,8 +277,13 @@ def test_resume_with_early_stopping_equals_uninterrupted(packed, tmp_path, monke
 
     monkeypatch.setattr(cal._EarlyStopping, "evaluate", evaluate_then_interrupt)
     ckpt = cal.Checkpoint(tmp_path / "c.ckpt", every=1000)
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(noisy, result.info, teachers, calib, config, progress=False, checkpoint=ckpt.validate())
+    # Ctrl-C's handler, as in a terminal (a shell that starts the tests in the background ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            calibrate(noisy, result.info, teachers, calib, config, progress=False, checkpoint=ckpt.validate())
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(cal._EarlyStopping, "evaluate", real)
     resumed = calibrate(noisy, result.info, teachers, calib, config, progress=False,
                         checkpoint=cal.Checkpoint(tmp_path / "c.ckpt", every=1000, resume=True).validate())
