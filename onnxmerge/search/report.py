@@ -10,7 +10,7 @@ from pathlib import Path
 from onnxmerge.model.saving import write_bytes_atomic, write_text_atomic
 from onnxmerge.search import OBJECTIVES
 from onnxmerge.search.run import SearchResult
-from onnxmerge.search.trial import CONFIDENCE_Z, Trial
+from onnxmerge.search.trial import CONFIDENCE_Z, LONGER, NEAR_Z, Trial
 
 
 def why(result: SearchResult) -> str:
@@ -53,7 +53,8 @@ def markdown(result: SearchResult) -> str:
     lines = ["Originals on the held-out data: " + ", ".join(f"{t} {100 * a:.2f}%" for t, a in result.original_accuracy.items())
              + f"; budget {result.max_loss:g} point(s) per task; objective {result.objective}. A change is shown "
              f"with its standard error (paired, per sample); a model is within the budget when every task's "
-             f"loss plus {CONFIDENCE_Z:g} standard error(s) is.", "",
+             f"loss plus {CONFIDENCE_Z:g} standard error(s) is. Calibrated \"longer\": a near miss (over the budget "
+             f"by less than {NEAR_Z:g} standard error(s)) calibrated again from its merge with {LONGER} times the steps.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, t in enumerate(result.trials, 1):
         setting = t.setting
@@ -64,7 +65,7 @@ def markdown(result: SearchResult) -> str:
         cells = [str(k), t.method, setting, f"{_ratio(result, t):.2f}x",
                  f"{t.speedup:.2f}x" if t.speedup else "-", f"{t.macs:,}",
                  *[f"{100 * t.accuracy[task]:.2f}% ({-t.loss[task]:+.2f} ± {t.error.get(task, 0):.2f})" for task in tasks],
-                 "yes" if t.calibrated else "no", "yes" if t.within(result.max_loss) else "no", front,
+                 ("longer" if t.longer else "yes") if t.calibrated else "no", "yes" if t.within(result.max_loss) else "no", front,
                  f"{t.seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", why(result) + "."]

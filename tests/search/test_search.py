@@ -85,10 +85,12 @@ def test_latency_ties_within_the_measurement_s_spread_go_to_the_smaller_model():
 @pytest.fixture
 def fake_trials(monkeypatch):
     """run_trial replaced by a model of a method whose loss grows with its knob k (loss = k - 2
-    points, within a budget of 1 up to k = 3) and whose size falls with it; records each call."""
-    calls = []
+    points, within a budget of 1 up to k = 3) and whose size falls with it; records each call (and
+    `calls.fits`, the last trial's test of whether a near miss's longer calibration fits the budget)."""
+    calls = type("Calls", (list,), {"fits": None})()
 
-    def fake_run_trial(setup, method, params, max_loss, beats=None, warm_start=None, same=None):
+    def fake_run_trial(setup, method, params, max_loss, beats=None, warm_start=None, same=None, fits=None):
+        calls.fits = fits
         calls.append((method, dict(params), warm_start))
         k = params.get("k", 0)
         t = Trial(method, dict(params), bytes=1000 - 100 * k, speedup=1.0 + k / 10,
@@ -378,7 +380,7 @@ def fake_compositions(fake_trials, monkeypatch):
         lambda n: [{"j": j} for j in range(1, 9)], "j")}))
     fake, offset = search_run.run_trial, {"zipper": 0.0}
 
-    def run_trial(setup, method, params, max_loss, beats=None, warm_start=None, same=None):
+    def run_trial(setup, method, params, max_loss, beats=None, warm_start=None, same=None, fits=None):
         t = fake(setup, method, {k: v for k, v in params.items() if k != "j"}, max_loss, None, warm_start)
         fake_trials[-1] = (method, dict(params), warm_start)
         j = params.get("j", 0)
@@ -539,3 +541,83 @@ def test_candidates_are_fused_as_timed_under_objective_latency(fake_trials, monk
     monkeypatch.setattr(search_run, "run_trial", spy)
     _search_examples(methods=["zipper"], max_loss=1.0, objective=objective, fuse_branches=given)
     assert seen == {used}
+
+
+@pytest.fixture
+def scripted_trial(monkeypatch):
+    """run_trial with its merge, calibration and measurement replaced: each calibration returns a model
+    named for its start and its steps, and the losses measured after it are popped from `losses` (as
+    (loss, standard error) of task a); returns (calls, losses, setup)."""
+    from onnxmerge.search import trial as trial_mod
+    from onnxmerge.model.contract import MergedInfo
+
+    calls, losses = [], []
+    merged = type("R", (), {"model": "merged", "info": MergedInfo(version="1", method="zipper", params={"share": 2}, tasks=[]),
+                            "state": type("S", (), {"tasks": []})()})()
+    monkeypatch.setattr(trial_mod, "merge", lambda *a, **k: merged)
+    monkeypatch.setattr(trial_mod, "parameter_bytes", lambda m: 100)
+    monkeypatch.setattr(trial_mod, "count_macs", lambda m: 10)
+
+    def calibrate(model, info, teachers, calib, config, progress=True):
+        calls.append((model, config.steps, config.patience))
+        return type("C", (), {"model": f"{model}+{config.steps}"})()
+
+    def measure(trial, setup):
+        if trial.calibrated:
+            trial.loss["a"], trial.error["a"] = losses.pop(0)
+        else:
+            trial.loss["a"], trial.error["a"] = 3.0, 0.2  # as merged: far over
+
+    monkeypatch.setattr(trial_mod, "calibrate", calibrate)
+    monkeypatch.setattr(trial_mod, "record_calibration", lambda info, config, result: None)
+    monkeypatch.setattr(trial_mod, "_measure", measure)
+    setup = trial_mod.Setup([], ["a"], {}, {}, {}, {}, 1000, CalibrationConfig(steps=2000, patience=5), 0.1,
+                            measure_latency=False, fuse_branches="off")
+    return calls, losses, setup
+
+
+@pytest.mark.parametrize("first, fits, longer", [
+    ((1.15, 0.2), True, True),  # over (1.35 > 1) but 0.95 <= 1: a near miss, calibrated again
+    ((1.25, 0.2), True, False),  # 1.05 > 1: not near
+    ((1.15, 0.2), False, False),  # near, but the longer run would not fit the time budget
+    ((1.15, 0.2), None, False),  # no time budget given: never
+    ((0.7, 0.2), True, False),  # within after the first calibration
+])
+def test_a_near_miss_is_calibrated_again_from_its_merge_with_three_times_the_steps(scripted_trial, first, fits,
+                                                                                     longer):
+    from onnxmerge.search.trial import run_trial
+
+    calls, losses, setup = scripted_trial
+    losses += [first, (0.6, 0.2)]
+    asked = []
+    test = None if fits is None else (lambda seconds: asked.append(seconds) or fits)
+    t = run_trial(setup, "zipper", {"share": 2}, 1.0, fits=test)
+    assert t.near(1.0) == (first[0] - first[1] <= 1.0)
+    if longer:  # from the merge, not from the first calibration's weights; its outcome is the trial's
+        assert calls == [("merged", 2000, 5), ("merged", 6000, 10)]
+        assert t.model == "merged+6000" and t.loss["a"] == 0.6 and t.within(1.0) and t.longer > 0
+        assert t.seconds >= t.longer
+    else:
+        assert calls == [("merged", 2000, 5)] and t.model == "merged+2000" and t.longer == 0
+        assert t.loss["a"] == first[0]
+    # asked only for a near miss over the budget, with the time of three first calibrations
+    assert len(asked) == (fits is not None and first == (1.15, 0.2))
+    assert all(s >= 0 for s in asked)
+
+
+def test_a_near_miss_s_longer_calibration_must_fit_before_the_deadline_and_the_time_kept(fake_trials, monkeypatch):
+    """The bisection's test: a longer calibration fits where it ends before the deadline less the time
+    kept for the methods still to run (here codebook's: one trial of the longest so far, 1.25 x 100 s)."""
+    _trials_lasting(monkeypatch, {"zipper": 100.0, "pack": 1.0})
+    answers = []
+    real = search_run.run_trial
+
+    def spy(*args, **kwargs):
+        if args[1] == "zipper" and any(t == "zipper" for t, _, _ in fake_trials):  # after zipper's first
+            answers.append([kwargs["fits"](s) for s in (0.0, 400.0, 480.0, 700.0)])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_run, "run_trial", spy)
+    _search_examples(methods=["zipper", "codebook"], max_loss=1.0, objective="latency", time_budget_s=600,
+                     measure_latency=False)
+    assert answers and answers[0] == [True, True, False, False]
