@@ -187,8 +187,8 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     # under --objective latency, once never ran: README "Time kept")
     pending = list(mine)  # methods whose bisection has not started
 
-    def kept() -> tuple[float, list[str]]:  # (a near miss's longer calibration is not a trial's usual time)
-        return len(pending) * KEPT_SPREAD * max(t.seconds - t.longer for t in trials), pending
+    def kept() -> tuple[float, list[str]]:
+        return len(pending) * KEPT_SPREAD * max(t.usual_seconds for t in trials), pending
 
     def compose(comp) -> None:
         """Bisect composition `comp`'s knob on its first method's best setting within the budget."""
@@ -216,7 +216,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
             notes.append(f"{comp.name} started from {start_from.label} as the search "
                          f"{'calibrated' if start_from.calibrated else 'merged'} it")
         found_notes, best, _ = bisect_method(setup, comp.name, ladder, max_loss, objective, best, deadline,
-                                             on_trial=record, guess=max(t.seconds - t.longer for t in trials), start=warm,
+                                             on_trial=record, guess=max(t.usual_seconds for t in trials), start=warm,
                                              kept=kept, first_kept=False)
         notes.extend(found_notes)
 
@@ -237,7 +237,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         for job in work:  # each method prunes against what the methods before it found
             pending.remove(job[1])
             found_notes, best, applies = bisect_method(*job[:5], best, deadline, on_trial=record, prune=job[7],
-                                                       guess=max(t.seconds - t.longer for t in trials), kept=kept)
+                                                       guess=max(t.usual_seconds for t in trials), kept=kept)
             notes += found_notes
             if not applies:
                 refused.add(job[1])
@@ -283,7 +283,7 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
         # a trial started now must end within the budget: this method's longest trial so far is the guess
         # (calibration, which dominates, runs to the same step budget each time); before its first, the
         # longest of the methods before it (a method's first trial once ran 48 s past a 600 s budget)
-        ran = [t.seconds - t.longer for t in tried if t.measured]
+        ran = [t.usual_seconds for t in tried if t.measured]
         now = time.time()
         keep, later = kept() if kept and (tried or not first_kept) else (0.0, [])
         # the time kept for later methods is judged by the longest trial of any method: a method's own may

@@ -40,8 +40,9 @@ CONFIDENCE_Z = 1.0
 # twice the patience (the search's default 2000 / 5 becomes a plain merge's 6000 / 10). Why: on the
 # budget suite's LeNet tuning pair zipped at 2 layers, 2000 steps left Fashion-MNIST 0.94 +- 0.21 points
 # down (over the budget), 6000 steps 0.66 +- 0.20 (within; tools/bench/calibration_budget.py has the
-# same effect on the other tuning pairs), and continuing the 2000-step weights for 4000 more did not
-# help (1.35 -> 1.88). Only near misses: a longer run costs about three trials' calibration.
+# same effect on the other tuning pairs), and continuing from the 2000-step weights for 4000 more steps
+# did not help (tried on a merge of the pair matched by weights: 1.35 -> 1.88 points). Only near
+# misses: a longer run costs about three trials' calibration.
 NEAR_Z = 1.0
 LONGER = 3
 
@@ -86,6 +87,11 @@ class Trial:
     @property
     def label(self) -> str:
         return self.method if self.setting == "-" else f"{self.method} {self.setting}"
+
+    @property
+    def usual_seconds(self) -> float:
+        """Its seconds but for a near miss's longer calibration: what a next trial is taken to last."""
+        return self.seconds - self.longer
 
     @property
     def measured(self) -> bool:

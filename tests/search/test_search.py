@@ -621,3 +621,23 @@ def test_a_near_miss_s_longer_calibration_must_fit_before_the_deadline_and_the_t
     _search_examples(methods=["zipper", "codebook"], max_loss=1.0, objective="latency", time_budget_s=600,
                      measure_latency=False)
     assert answers and answers[0] == [True, True, False, False]
+
+
+def test_a_near_miss_s_longer_calibration_is_not_taken_for_a_trial_s_usual_length(fake_trials, monkeypatch):
+    """zipper's trials last 350 s, 300 of them a near miss's longer calibration: the next trial is
+    taken to last 50 s (a longer calibration runs only where it fits), so zipper bisects on, where
+    350 s trials stop it after one (test_every_later_method_is_kept_the_time_of_one_trial)."""
+    real = search_run.run_trial
+
+    def longer(*args, **kwargs):
+        trial = real(*args, **kwargs)
+        if trial.method == "zipper":
+            trial.seconds, trial.longer = 350.0, 300.0
+        return trial
+
+    monkeypatch.setattr(search_run, "run_trial", longer)
+    result = _search_examples(methods=["zipper", "codebook"], max_loss=1.0, objective="latency", time_budget_s=600,
+                              measure_latency=False)
+    tried = [m for m, _, _ in fake_trials]
+    assert tried.count("zipper") >= 3 and "codebook" in tried, tried
+    assert result.chosen.params == {"k": 3}
