@@ -22,8 +22,9 @@ data per task. The search:
   pruning below has a strong model to compare with early;
 - abandons early: a setting whose size (or latency), known before calibration, cannot beat the best
   model found so far is not calibrated; a model already within the budget before calibration is not
-  calibrated either; a near miss (calibrated, over the budget by less than one standard error) is
-  calibrated once more from its merge with three times the steps, where the time budget allows;
+  calibrated either; a near miss (calibrated, over the budget by less than one standard error) where
+  a method's bisection ends is calibrated once more from its merge with three times the steps, where
+  the time budget allows, and the bisection goes on above it if it is then within;
 - keeps for every method still to run the time of one trial (the longest so far), so that a slow
   method tried early cannot leave the later ones untried;
 - starts no trial that would end after the time budget (or in the time kept), going by the method's

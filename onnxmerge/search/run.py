@@ -25,7 +25,7 @@ from onnxmerge.pipeline.checks import validate_output
 from onnxmerge.pipeline.manager import FUSE_MODES
 from onnxmerge.search import CANDIDATE_CALIBRATION, DEFAULT_MAX_LOSS, DEFAULT_TIME_BUDGET_S, OBJECTIVES
 from onnxmerge.search.front import beats, choose, pareto
-from onnxmerge.search.trial import Setup, Trial, correct, run_trial, setting_text
+from onnxmerge.search.trial import LONGER, Setup, Trial, calibrate_longer, correct, run_trial, setting_text
 
 HELD_OUT_FRACTION, HELD_OUT_MAX = 0.2, 2000  # of --calib, per task, when no --validation is given
 HELD_OUT_SEED = 0
@@ -276,52 +276,85 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
     the methods after this one; no trial starts that could end in it, but for this method's first
     with `first_kept` (a method's first trial is what the methods before it kept for it). A setting
     that the merge rounds to one tried before (Trial.effective) is not measured again: that trial's
-    outcome steers the bisection."""
+    outcome steers the bisection. Where the bisection ends on a near miss (Trial.near), it is
+    calibrated longer (trial.calibrate_longer) if that fits the budget and the time kept, and the
+    bisection goes on above it if it is then within the budget."""
     method, notes, tried, applies = METHODS[name], [], [], True
     lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
-    while hi - lo > 1:
-        # a trial started now must end within the budget: this method's longest trial so far is the guess
-        # (calibration, which dominates, runs to the same step budget each time); before its first, the
-        # longest of the methods before it (a method's first trial once ran 48 s past a 600 s budget)
-        ran = [t.usual_seconds for t in tried if t.measured]
-        now = time.time()
-        keep, later = kept() if kept and (tried or not first_kept) else (0.0, [])
-        # the time kept for later methods is judged by the longest trial of any method: a method's own may
-        # all have been quick (kept as merged) until one is calibrated (on the ResNet tuning pair a
-        # composition's 49 s trials were followed by one of 113 s, and codebook's kept time was gone)
-        spent = ("time budget spent" if now + max(ran, default=guess) > deadline else
-                 f"time budget spent but for a trial of each of {', '.join(later)}"
-                 if keep and now + max([*ran, guess]) > deadline - keep else None)
-        if spent:
-            notes.append(f"{spent}: {name} settings {', '.join(setting_text(p) for p in ladder[lo + 1:hi])} not tried")
-            break
-        mid = (lo + hi) // 2
-        try:
-            worth = (lambda t: beats(t, best, objective)) if prune else None
-            # a composition's every setting from its fixed start; a sweep's from its last within the budget
-            start_here = warm if start is None and method.sweep and method.sweep in ladder[mid] else start
-            trial = run_trial(setup, name, ladder[mid], max_loss, worth, start_here,
-                              same=lambda eff: next((t for t in tried if t.measured and t.effective == eff), None),
-                              fits=lambda seconds: time.time() + seconds <= deadline - (kept()[0] if kept else 0.0))
-        except (MergeError, UsageError) as e:
-            if not tried:  # its first trial: the method does not apply to these models
-                notes.append(f"{name} does not apply: {e}")
-                applies = False
-                break
-            trial = Trial(name, ladder[mid], status=f"failed: {e}")
-        tried.append(trial)
-        on_trial(trial)
-        outcome = trial.same_as or trial  # a setting the merge rounded to one tried before: that one's outcome
-        if outcome.status.startswith("skipped") or outcome.within(max_loss):
-            lo = mid  # only more aggressive settings can do better
-            if outcome.within(max_loss):
-                warm = outcome.model
-                best = choose([best, outcome], max_loss, objective)
-        else:
-            hi = mid
+    outcomes = {}  # ladder index -> the trial whose outcome steers the bisection there
+
+    def forget() -> None:  # the models no later step needs (a near miss's merge: only at the frontier)
         for t in tried:
             if t is not best and t.model is not warm:
                 t.model = None
+            if t is not outcomes.get(hi):
+                t.merged = t.teachers = None
+
+    while True:
+        stopped = False
+        while hi - lo > 1:
+            # a trial started now must end within the budget: this method's longest trial so far is the guess
+            # (calibration, which dominates, runs to the same step budget each time); before its first, the
+            # longest of the methods before it (a method's first trial once ran 48 s past a 600 s budget)
+            ran = [t.usual_seconds for t in tried if t.measured]
+            now = time.time()
+            keep, later = kept() if kept and (tried or not first_kept) else (0.0, [])
+            # the time kept for later methods is judged by the longest trial of any method: a method's own may
+            # all have been quick (kept as merged) until one is calibrated (on the ResNet tuning pair a
+            # composition's 49 s trials were followed by one of 113 s, and codebook's kept time was gone)
+            spent = ("time budget spent" if now + max(ran, default=guess) > deadline else
+                     f"time budget spent but for a trial of each of {', '.join(later)}"
+                     if keep and now + max([*ran, guess]) > deadline - keep else None)
+            if spent:
+                notes.append(f"{spent}: {name} settings {', '.join(setting_text(p) for p in ladder[lo + 1:hi])} "
+                             "not tried")
+                stopped = True
+                break
+            mid = (lo + hi) // 2
+            try:
+                worth = (lambda t: beats(t, best, objective)) if prune else None
+                # a composition's every setting from its fixed start; a sweep's from its last within the budget
+                start_here = warm if start is None and method.sweep and method.sweep in ladder[mid] else start
+                trial = run_trial(setup, name, ladder[mid], max_loss, worth, start_here, same=lambda eff: next(
+                    (t for t in reversed(tried) if t.measured and t.effective == eff), None))
+            except (MergeError, UsageError) as e:
+                if not tried:  # its first trial: the method does not apply to these models
+                    notes.append(f"{name} does not apply: {e}")
+                    applies, stopped = False, True
+                    break
+                trial = Trial(name, ladder[mid], status=f"failed: {e}")
+            tried.append(trial)
+            on_trial(trial)
+            outcome = outcomes[mid] = trial.same_as or trial  # a setting the merge rounded to one tried before
+            if outcome.status.startswith("skipped") or outcome.within(max_loss):
+                lo = mid  # only more aggressive settings can do better
+                if outcome.within(max_loss):
+                    warm = outcome.model
+                    best = choose([best, outcome], max_loss, objective)
+            else:
+                hi = mid
+            forget()
+        # the bisection ends on a near miss (the least aggressive setting over the budget, by less than a
+        # standard error): calibrated longer where that fits, and bisected on above it if then within
+        near = outcomes.get(hi)
+        if stopped or near is None or near.merged is None:
+            break
+        if time.time() + LONGER * near.calibration_seconds > deadline - (kept()[0] if kept else 0.0):
+            notes.append(f"time budget spent: {near.label}, a near miss, not calibrated longer")
+            break
+        trial = calibrate_longer(near, setup)
+        tried.append(trial)
+        on_trial(trial)
+        near.merged = near.teachers = None
+        if not trial.within(max_loss):
+            break
+        outcomes[hi], lo, warm = trial, hi, trial.model
+        best = choose([best, trial], max_loss, objective)
+        hi = min((i for i, t in outcomes.items() if i > lo and not (t.status.startswith("skipped")
+                                                                   or t.within(max_loss))), default=len(ladder))
+        forget()
+    for t in tried:
+        t.merged = t.teachers = None
     return notes, best, applies
 
 

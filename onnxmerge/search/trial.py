@@ -7,13 +7,15 @@ A trial measures, in this order, what each later step needs, so that it can stop
 2. its latency (one thread, batch 1, against the originals one after another in the same process);
 3. its accuracy on the held-out validation data; a model already within the budget is kept as it is;
 4. otherwise calibration (onnxmerge.calibration.calibrate) on the calibration part of the data, and
-   its accuracy again;
-5. a near miss (over the budget, but by less than NEAR_Z standard errors) is calibrated once more,
-   from its merge, with LONGER times the steps and twice the patience, where the time budget allows.
+   its accuracy again; a near miss (over the budget, but by less than NEAR_Z standard errors) then
+   keeps its merged model: where the bisection ends on it (the least aggressive setting over the
+   budget), it is calibrated once more from its merge with LONGER times the steps and twice the
+   patience (calibrate_longer), a trial of its own.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -36,13 +38,14 @@ from onnxmerge.passes.common import fuse_branches as fuse
 # measured loss alone overshoots the budget on unseen data about half the time it sits near it
 CONFIDENCE_Z = 1.0
 # a calibrated candidate whose loss minus NEAR_Z standard errors is within the budget (the measurement
-# cannot tell it from one that is) is calibrated again from its merge, with LONGER times the steps and
-# twice the patience (the search's default 2000 / 5 becomes a plain merge's 6000 / 10). Why: on the
+# cannot tell it from one that is) may be calibrated again from its merge, with LONGER times the steps
+# and twice the patience (the search's default 2000 / 5 becomes a plain merge's 6000 / 10). Why: on the
 # budget suite's LeNet tuning pair zipped at 2 layers, 2000 steps left Fashion-MNIST 0.94 +- 0.21 points
 # down (over the budget), 6000 steps 0.66 +- 0.20 (within; tools/bench/calibration_budget.py has the
 # same effect on the other tuning pairs), and continuing from the 2000-step weights for 4000 more steps
-# did not help (tried on a merge of the pair matched by weights: 1.35 -> 1.88 points). Only near
-# misses: a longer run costs about three trials' calibration.
+# did not help (tried on a merge of the pair matched by weights: 1.35 -> 1.88 points). Only a near
+# miss where the bisection ends (onnxmerge.search.run.bisect_method): a longer run costs about three
+# trials' calibration, and done at once it took the time of the settings still to bisect.
 NEAR_Z = 1.0
 LONGER = 3
 
@@ -70,13 +73,17 @@ class Trial:
     error: dict[str, float] = field(default_factory=dict)  # standard error of each loss (points)
     calibrated: bool = False
     seconds: float = 0.0
-    longer: float = 0.0  # seconds of the longer calibration of a near miss (0: none ran); part of `seconds`
+    calibration_seconds: float = 0.0
+    longer: float = 0.0  # a near miss calibrated longer (calibrate_longer): its seconds, all of `seconds`
     model: onnx.ModelProto | None = field(default=None, repr=False)
     info: MergedInfo | None = field(default=None, repr=False)
     # the knob's values the merge recorded (a method may round a setting up: zipper's cut moves to a
     # residual block's end), and the earlier trial of the same model, where there was one
     effective: dict[str, Any] = field(default_factory=dict)
     same_as: Trial | None = field(default=None, repr=False)
+    # a near miss's model as merged and its teachers, kept while it may be calibrated longer
+    merged: onnx.ModelProto | None = field(default=None, repr=False)
+    teachers: dict | None = field(default=None, repr=False)
 
     @property
     def setting(self) -> str:
@@ -90,7 +97,8 @@ class Trial:
 
     @property
     def usual_seconds(self) -> float:
-        """Its seconds but for a near miss's longer calibration: what a next trial is taken to last."""
+        """What a next trial is taken to last after this one: its seconds (0 for a near miss calibrated
+        longer, which runs only where it fits)."""
         return self.seconds - self.longer
 
     @property
@@ -118,7 +126,7 @@ class Trial:
                 "bytes": self.bytes, "macs": self.macs, "speedup": self.speedup,
                 "speedup_quartiles": self.speedup_quartiles, "accuracy": self.accuracy,
                 "loss_points": self.loss, "loss_standard_error": self.error, "calibrated": self.calibrated,
-                "calibration_steps": self.info.params.get("calibration", {}).get("steps") if self.info else None,
+                "calibration_steps": self.info.params["calibration"]["steps"] if self.calibrated and self.info else None,
                 "seconds": round(self.seconds, 1), "longer_calibration_seconds": round(self.longer, 1),
                 "effective_params": self.effective}
 
@@ -150,13 +158,12 @@ def longer_calibration(config: CalibrationConfig) -> CalibrationConfig:
 
 
 def run_trial(setup: Setup, method: str, params: dict, max_loss: float, beats=None,
-              warm_start: onnx.ModelProto | None = None, same=None, fits=None) -> Trial:
+              warm_start: onnx.ModelProto | None = None, same=None) -> Trial:
     """Merge, measure and if needed calibrate one candidate. `beats(trial)`: whether its size or
     latency, measured before calibration, could still improve on the best model found; a trial
     that could not is returned as skipped without calibrating it. `same(effective)`: the earlier
     trial whose merge recorded the same knob values, if any; this one is then not measured again.
-    `fits(seconds)`: whether a longer calibration of a near miss, taken to last `seconds`, fits the
-    time budget (None: none is run)."""
+    A near miss keeps its merged model (`Trial.merged`) for calibrate_longer."""
     start = time.perf_counter()
     trial = Trial(method, dict(params))
     result = merge(setup.inputs, method=method, names=setup.names, params=params, warm_start=warm_start,
@@ -191,19 +198,34 @@ def run_trial(setup: Setup, method: str, params: dict, max_loss: float, beats=No
     if not trial.within(max_loss) and setup.calibration.steps > 0:
         merged, began = trial.model, time.perf_counter()
         _calibrate(trial, setup, teachers, setup.calibration)
-        # a near miss: calibrated again from its merge, taken to last LONGER times as long (the steps)
-        longer = longer_calibration(setup.calibration)
-        if (not trial.within(max_loss) and trial.near(max_loss) and fits is not None
-                and fits(LONGER * (time.perf_counter() - began))):
-            began, trial.model = time.perf_counter(), merged
-            _calibrate(trial, setup, teachers, longer)
-            trial.longer = time.perf_counter() - began
-    if record is not None and record["kept"]:  # calibrated: its new weights fused the same way (checked)
-        trial.model, again = (fuse.apply(trial.model, "on", record["kernels"]) if trial.calibrated
-                              else (fused, record))
-        record["rel_diff"] = again["rel_diff"]
+        trial.calibration_seconds = time.perf_counter() - began
+        if not trial.within(max_loss) and trial.near(max_loss):
+            trial.merged, trial.teachers = merged, teachers
+    if record is not None and record["kept"]:
+        trial.model = _fused(trial, record) if trial.calibrated else fused
     trial.seconds = time.perf_counter() - start
     return trial
+
+
+def calibrate_longer(near: Trial, setup: Setup) -> Trial:
+    """A near miss calibrated again from its merge with longer_calibration(setup.calibration): a new
+    trial of the same setting (its `longer` the seconds this took, all of its `seconds`)."""
+    start = time.perf_counter()
+    trial = dataclasses.replace(near, model=near.merged, info=copy.deepcopy(near.info), accuracy={}, loss={},
+                                error={}, merged=None, teachers=None, same_as=None)
+    _calibrate(trial, setup, near.teachers, longer_calibration(setup.calibration))
+    record = trial.info.fidelity.get("fuse_branches")
+    if record is not None and record["kept"]:
+        trial.model = _fused(trial, record)
+    trial.seconds = trial.longer = time.perf_counter() - start
+    return trial
+
+
+def _fused(trial: Trial, record: dict) -> onnx.ModelProto:
+    """A calibrated model's new weights fused as its merge's were timed (checked: record's rel_diff)."""
+    fused, again = fuse.apply(trial.model, "on", record["kernels"])
+    record["rel_diff"] = again["rel_diff"]
+    return fused
 
 
 def _calibrate(trial: Trial, setup: Setup, teachers: dict, config: CalibrationConfig) -> None:
