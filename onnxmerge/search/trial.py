@@ -73,7 +73,7 @@ class Trial:
     error: dict[str, float] = field(default_factory=dict)  # standard error of each loss (points)
     calibrated: bool = False
     seconds: float = 0.0
-    calibration_seconds: float = 0.0
+    calibration_seconds: float = 0.0  # its calibration (a longer one is taken to last LONGER times this)
     longer: float = 0.0  # a near miss calibrated longer (calibrate_longer): its seconds, all of `seconds`
     model: onnx.ModelProto | None = field(default=None, repr=False)
     info: MergedInfo | None = field(default=None, repr=False)
