@@ -345,7 +345,6 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
         trial = calibrate_longer(near, setup)
         tried.append(trial)
         on_trial(trial)
-        near.merged = near.teachers = None
         if not trial.within(max_loss):
             break
         outcomes[hi], lo, warm = trial, hi, trial.model

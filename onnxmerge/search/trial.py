@@ -111,13 +111,15 @@ class Trial:
 
     def near(self, max_loss: float) -> bool:
         """Whether every task's loss, less NEAR_Z standard errors, is within `max_loss`."""
-        return self.measured and all(loss - NEAR_Z * self.error.get(t, 0.0) <= max_loss + 1e-9
-                                     for t, loss in self.loss.items())
+        return self._within(max_loss, -NEAR_Z)
 
     def within(self, max_loss: float) -> bool:
         """Whether every task's loss, plus CONFIDENCE_Z standard errors, is within `max_loss` (a hair
         of slack: a budget of 0 accepts a model equal to the originals to float rounding)."""
-        return self.measured and all(loss + CONFIDENCE_Z * self.error.get(t, 0.0) <= max_loss + 1e-9
+        return self._within(max_loss, CONFIDENCE_Z)
+
+    def _within(self, max_loss: float, z: float) -> bool:
+        return self.measured and all(loss + z * self.error.get(t, 0.0) <= max_loss + 1e-9
                                      for t, loss in self.loss.items())
 
     def row(self) -> dict[str, Any]:
