@@ -187,15 +187,16 @@ inline void put(T* p, vec a, float inv) {
   }
 }
 
-// put for 4 vectors at p (4 * VEC entries). On AVX2 and AVX-512 the integer entries of the 4 are rounded by the
-// conversion instruction (round to nearest even, the default rounding mode: numpy's rint), narrowed
-// together by saturating packs and clamped below at -Q once: 4 converts, 3 packs, a permute and a
-// clamp per 4 vectors of int8 entries, where put's rounding and clamps took 11 instructions per vector, more
-// than the table's multiply-adds at r = 8 (the table phase of a 64-channel 3x3 layer was half of its
-// int8 run on Zen 3). Same entries: |a * inv| <= Q by the scale's bound (EConvLayer::seg_bound), so
-// the packs' saturation above never binds; a NaN entry (a non-finite input, whose outputs are NaN
-// through the scale) stores -Q here, -Q - 1 in put. AVX-512 (Intel Xeon, int8 light): 64 channels 3x3
-// at 32x32 238 -> 216 us, 512 channels 1x1 at 13x13 453 -> 373 us.
+// put for 4 vectors at p (4 * VEC entries). On AVX2 and AVX-512 the integer entries of the 4 are
+// rounded by the conversion instruction (round to nearest even, the default rounding mode: numpy's
+// rint), narrowed together by saturating packs and clamped below at -Q once: 4 converts, 3 packs, a
+// permute and a clamp per 4 vectors of int8 entries, where put's rounding and clamps took 11
+// instructions per vector, more than the table's multiply-adds at r = 8 (the table phase of a
+// 64-channel 3x3 layer was half of its int8 run on Zen 3; with AVX-512 on an Intel Xeon, int8 light,
+// 64 channels 3x3 at 32x32 ran 238 -> 216 us, 512 channels 1x1 at 13x13 453 -> 373 us). Same entries:
+// |a * inv| <= Q by the scale's bound (EConvLayer::seg_bound), so the packs' saturation above never
+// binds; a NaN entry (a non-finite input, whose outputs are NaN through the scale) stores -Q here,
+// -Q - 1 in put.
 template <typename T>
 inline void put4(T* p, const vec (&a)[4], float inv) {
 #if defined(__AVX2__) && ONNXMERGE_VEC == 8
