@@ -273,17 +273,29 @@ def format_report(report: dict) -> str:
 
 def _fuse_branches_line(record: dict) -> str:
     """What `--fuse-branches` did (passes/common/fuse_branches.py's record): the nodes saved, and under
-    auto each form's timing against the form before it."""
+    auto each form's timing against the form before it (the grouping rules, then the layers written
+    block-diagonal one by one)."""
     from onnxmerge.passes.common.fuse_branches import KERNELS
 
     head = f"--fuse-branches {record['mode']}: the tasks' parallel layers as one grouped layer"
+    dense = record.get("dense") or []
     if "timed" not in record:  # (an older record has no kernels: the depthwise and 1x1 rule)
-        return f"{head} would save {record['fused_nodes']} node(s), {KERNELS[record.get('kernels') or '1x1']} grouped; fused"
-    timed = "; ".join(
-        f"{KERNELS[t['kernels']]} grouped ({t['fused_nodes']} node(s) saved) ran {t['ratio']:.2f}x "
-        f"[{t['ratio_q1']:.2f}-{t['ratio_q3']:.2f}] the speed of the "
-        + ("unfused model" if t["against"] == "unfused" else f"model with {KERNELS[t['against']]} grouped")
-        + (", kept" if t["kept"] else ", not kept (not faster in three of four rounds)") for t in record["timed"])
+        return (f"{head} would save {record['fused_nodes']} node(s), {KERNELS[record.get('kernels') or '1x1']} grouped"
+                + (f", {len(dense)} layer(s) block-diagonal" if dense else "") + "; fused")
+
+    def form(t: dict) -> str:
+        if t.get("dense"):
+            return f"{t['dense']} block-diagonal ({t['added_macs']:,} multiplications more)"
+        return f"{KERNELS[t['kernels']]} grouped ({t['fused_nodes']} node(s) saved)"
+
+    def against(t: dict) -> str:
+        if t["against"] == "unfused":
+            return "the unfused model"
+        return "the model before it" if t["against"] not in KERNELS else f"the model with {KERNELS[t['against']]} grouped"
+
+    timed = "; ".join(f"{form(t)} ran {t['ratio']:.2f}x [{t['ratio_q1']:.2f}-{t['ratio_q3']:.2f}] the speed of "
+                      + against(t) + (", kept" if t["kept"] else ", not kept (not faster in three of four rounds)")
+                      for t in record["timed"])
     return f"{head}, timed here (batch {record['batch']}, one thread): {timed}"
 
 

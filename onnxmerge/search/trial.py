@@ -225,7 +225,7 @@ def calibrate_longer(near: Trial, setup: Setup) -> Trial:
 
 def _fused(trial: Trial, record: dict) -> onnx.ModelProto:
     """A calibrated model's new weights fused as its merge's were timed (checked: record's rel_diff)."""
-    fused, again = fuse.apply(trial.model, "on", record["kernels"])
+    fused, again = fuse.apply(trial.model, "on", record["kernels"], tuple(record.get("dense", ())))
     record["rel_diff"] = again["rel_diff"]
     return fused
 

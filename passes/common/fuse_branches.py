@@ -36,6 +36,21 @@ channel axis (part i of the fused tensor F is the task's tensor p_i, c_i channel
   operator on each pair of parts (residual shortcuts, x * sigmoid(x));                           (H4)
 - Flatten of F is the concatenation of the parts' Flatten (the channel axis is the outermost axis
   it flattens).                                                                                  (H5)
+- k layers reading the parts p_i of F where each has one group (Gemm y_i = p_i B_i + c_i: the
+  tasks' heads; Conv of group 1), as one layer of group 1 whose weight is block-diagonal: task i's
+  weight in the rows of its outputs and the columns of its own part, zeros elsewhere:
+
+      [p_1 ... p_k] diag(B_1, ..., B_k) + [c_1 ... c_k] = [p_1 B_1 + c_1 ... p_k B_k + c_k]         (H6)
+
+  (a Conv's the same along its input-channel axis). It does k times the layer's multiplications
+  (the zeros), for one node instead of k and a layout onnxruntime's blocked (NCHWc) convolutions
+  take: they refuse a grouped convolution whose channels per group are not a multiple of their
+  block (8, or 16 with AVX-512), and fall back to a plain one between two reorders of the tensor
+  (the budget suite's narrow MobileNet, its 8-channel pointwise layers fused by H2: 1.39x -> 1.48x
+  the originals' speed written so on an Intel Xeon with AVX-512, 1.25x with its wider pointwise
+  layers written so as well; measured on two randomly initialised models while this was written).
+  Whether it pays depends on the layer, the CPU and onnxruntime, so only `auto` writes it, layer
+  by layer where the whole model ran faster so (below).
 
 Where a fused tensor's parts are read by anything else (a layer of other shapes, a graph output), one
 Split gives back the tasks' tensors under their own names. Every output keeps each product and sum
@@ -57,8 +72,12 @@ layer against k separate ones depends on the machine and onnxruntime's kernels, 
 whole model here (batch 1, one thread, paired rounds: onnxmerge.model.timing.time_models), form by
 form: the model fused as `on` fuses it against the unfused one, then, where grouping every kernel
 size fuses more, that model against the one kept so far; a form is kept only where it was faster
-than the one before in at least three of four rounds; the report says which. Its choice follows the
-machine's timings, so the same flags can then give other bytes (`on` and `off` are deterministic).
+than the one before in at least three of four rounds. Then, on the form kept, each layer H6 can write
+block-diagonal (at most DENSE_TRIES, those that add the fewest multiplications first) is timed so
+against the model kept so far and kept on the same rule. The report says which. Its choice follows
+the machine's timings, so the same flags can then give other bytes (`on` and `off` are
+deterministic; `on` writes H6's layers block-diagonal only where it is given their names, as a
+search replays auto's choice on a calibrated model).
 """
 
 from __future__ import annotations
@@ -84,6 +103,7 @@ MIN_ROUNDS = 20
 # the fused layers add their products in another order (onnxruntime blocks a grouped convolution
 # otherwise): float rounding; a wrong weight differs by the size of the outputs themselves
 ROUNDING_TOL = 1e-4
+DENSE_TRIES = 8  # H6 layers timed at most, one whole-model timing each: bounds the time auto takes
 
 CHANNEL_WISE = {  # (H3): operators that act on each channel alone, with no inputs beyond the tensor
     "Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Softplus", "Gelu",
@@ -114,48 +134,76 @@ class FuseBranchesPass(FusePass):
 KERNELS = {"1x1": "depthwise and 1x1 convolutions", "any": "convolutions of every kernel size"}  # (H2)
 
 
-def apply(model: onnx.ModelProto, mode: str, kernels: str = "1x1") -> tuple[onnx.ModelProto, dict | None]:
-    """`model` fused as `mode` says (on: its convolutions grouped as `kernels` says), and the record of
-    it (None: nothing to fuse, or mode off): {mode, kernels (of the form kept; None: unfused),
-    fused_nodes, rel_diff, kept, and with auto the batch and `timed`, per form tried in order:
-    kernels, fused_nodes, against (the form it was timed against: "unfused" or a `kernels`), ratio
-    (the median time of the form it was timed against / this one's), ratio_q1, ratio_q3, kept}."""
+def apply(model: onnx.ModelProto, mode: str, kernels: str = "1x1",
+          dense: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict | None]:
+    """`model` fused as `mode` says (on: its convolutions grouped as `kernels` says, and the layers
+    named in `dense` written block-diagonal, H6), and the record of it (None: nothing to fuse, or
+    mode off): {mode, kernels (of the form kept; None: unfused), dense (the names of the H6 layers
+    kept), fused_nodes, rel_diff, kept, and with auto the batch and `timed`, per form tried in order:
+    kernels, dense (the H6 layer it adds, or None), added_macs (H6's zeros, at batch 1),
+    fused_nodes, against (the form it was timed against: "unfused", a `kernels`, or the H6 layer
+    added before it), ratio (the median time of the form it was timed against / this one's),
+    ratio_q1, ratio_q3, kept}."""
     if mode == "off" or weights_apart(model):
         # a big model's weights, held apart from its graph (onnxruntime would not fold a Concat of
         # them): big layers, whose nodes' fixed cost that fusing saves is negligible
         return model, None
     if kernels not in KERNELS:
         raise ValueError(f"kernels {kernels!r}: one of {', '.join(KERNELS)}")
-    forms = {k: _checked(model, k) for k in (KERNELS if mode == "auto" else (kernels,))}
+    forms = {k: _checked(model, k, tuple(dense)) for k in (KERNELS if mode == "auto" else (kernels,))}
     forms = {k: f for k, f in forms.items() if f is not None}
     if mode == "auto" and len(forms) == 2 and forms["any"][1] <= forms["1x1"][1]:
         del forms["any"]  # no convolution of another kernel size fused: the same model
     if not forms:
         return model, None
     if mode != "auto":
-        (k, (fused, removed, diff)), = forms.items()
-        return fused, {"mode": mode, "kernels": k, "fused_nodes": removed, "rel_diff": diff, "kept": True}
+        (k, (fused, removed, diff, _)), = forms.items()
+        return fused, {"mode": mode, "kernels": k, "dense": list(dense), "fused_nodes": removed, "rel_diff": diff,
+                       "kept": True}
     native = any(n.domain == DOMAIN for n in model.graph.node)
     batch = run_batch(model, 1)
-    record = {"mode": mode, "kernels": None, "fused_nodes": max(f[1] for f in forms.values()),
+    record = {"mode": mode, "kernels": None, "dense": [], "fused_nodes": max(f[1] for f in forms.values()),
               "rel_diff": max(f[2] for f in forms.values()), "kept": False, "batch": batch, "timed": []}
-    chosen, name = model, "unfused"
-    for k, (fused, removed, _) in forms.items():
-        t = time_models({k: fused, name: chosen}, name, batch, 1, BUDGET_S, MIN_ROUNDS, native=native)[k]
+    chosen, name, candidates = model, "unfused", {}
+
+    def timed(label: str, form: onnx.ModelProto, **entry) -> bool:
+        """`form` (named `label`: a kernels rule, or the H6 layer it adds) against the model kept so far."""
+        t = time_models({label: form, name: chosen}, name, batch, 1, BUDGET_S, MIN_ROUNDS, native=native)[label]
         faster = t["ratio_q1"] > 1  # faster in at least three of four paired rounds
-        record["timed"].append({"kernels": k, "fused_nodes": removed, "against": name, "ratio": t["ratio"],
-                                "ratio_q1": t["ratio_q1"], "ratio_q3": t["ratio_q3"], "kept": faster})
-        if faster:
-            chosen, name = fused, k
-            record.update(kernels=k, fused_nodes=removed, kept=True)
+        record["timed"].append({**entry, "against": name, "ratio": t["ratio"], "ratio_q1": t["ratio_q1"],
+                                "ratio_q3": t["ratio_q3"], "kept": faster})
+        return faster
+
+    for k, (fused, removed, diff, eligible) in forms.items():
+        if timed(k, fused, kernels=k, dense=None, added_macs=0, fused_nodes=removed):
+            chosen, name, candidates = fused, k, eligible
+            record.update(kernels=k, fused_nodes=removed, rel_diff=diff, kept=True)
+    # H6, layer by layer on the form kept: the cheapest first, each kept where the model ran faster so
+    tried: set[str] = set()
+    while record["kept"] and len(tried) < DENSE_TRIES:
+        left = {n: macs for n, macs in candidates.items() if n not in tried}
+        if not left:
+            break
+        layer = min(left, key=left.get)
+        tried.add(layer)
+        form = _checked(model, record["kernels"], (*record["dense"], layer))
+        if form is None:
+            continue
+        fused, removed, diff, eligible = form
+        if timed(layer, fused, kernels=record["kernels"], dense=layer, added_macs=left[layer], fused_nodes=removed):
+            chosen, name, candidates = fused, layer, eligible
+            record.update(fused_nodes=removed, rel_diff=diff, dense=[*record["dense"], layer])
     return chosen, record
 
 
-def _checked(model: onnx.ModelProto, kernels: str) -> tuple[onnx.ModelProto, int, float] | None:
-    """`model` fused with its convolutions grouped as `kernels` says, the nodes fused away and the
-    outputs' relative difference to the unfused model's; None where nothing fuses or the model's own
-    outputs are not finite (the check before writing names them)."""
-    fused, removed = fuse_branches(model, kernels=kernels)
+def _checked(model: onnx.ModelProto, kernels: str, dense: tuple[str, ...] = ()) -> tuple | None:
+    """`model` fused with its convolutions grouped as `kernels` says and the H6 layers named in `dense`
+    block-diagonal, the nodes fused away, the outputs' relative difference to the unfused model's,
+    and the H6 layers it could write so besides (name -> the multiplications it would add); None
+    where nothing fuses or the model's own outputs are not finite (the check before writing names
+    them)."""
+    eligible: dict[str, int] = {}
+    fused, removed = fuse_branches(model, kernels=kernels, dense=frozenset(dense), eligible=eligible)
     if not removed:
         return None
     try:
@@ -168,7 +216,7 @@ def _checked(model: onnx.ModelProto, kernels: str) -> tuple[onnx.ModelProto, int
     if not diff <= ROUNDING_TOL:
         raise MergeError(f"fusing the tasks' parallel layers changed the outputs by {diff:.2e} relative: "
                          "this is a bug (give --fuse-branches off to go on without it)")
-    return fused, removed, diff
+    return fused, removed, diff, eligible
 
 
 @dataclass
@@ -188,11 +236,13 @@ class _Bundle:
 FOLDED_AT_RUN = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "Identity"}
 
 
-def fuse_branches(model: onnx.ModelProto, kernels: str = "1x1",
-                  _skip: frozenset = frozenset()) -> tuple[onnx.ModelProto, int]:
+def fuse_branches(model: onnx.ModelProto, kernels: str = "1x1", dense: frozenset = frozenset(),
+                  eligible: dict[str, int] | None = None, _skip: frozenset = frozenset()) -> tuple[onnx.ModelProto, int]:
     """The model with its tasks' parallel layers fused (H1-H5; `kernels`: which convolutions H2 groups,
-    a key of KERNELS), and the number of nodes it fused away (0: nothing to fuse; the model is
-    returned as it was). A fused region (the chains that start at
+    a key of KERNELS; `dense`: the names of the layers written block-diagonal, H6, each the first
+    task's node of its group), and the number of nodes it fused away (0: nothing to fuse; the model
+    is returned as it was). `eligible` (where given) is filled with the other layers H6 could write
+    so: name -> the multiplications it would add at batch 1. A fused region (the chains that start at
     one H1 node, joined where H4 reads two of them) that saves no more run-time nodes than the Splits
     it needs (FOLDED_AT_RUN saves none) is left as it was (`_skip`: the H1 nodes of such regions, for
     the second pass that leaves them)."""
@@ -215,7 +265,8 @@ def fuse_branches(model: onnx.ModelProto, kernels: str = "1x1",
     for node in list(graph.nodes):
         if id(node) in done:
             continue
-        group = (_seed(node, done) if node.name not in _skip else None) or _follow(node, bundles, done, kernels)
+        group = ((_seed(node, done) if node.name not in _skip else None)
+                 or _follow(node, bundles, done, kernels, dense, eligible, opset))
         if not group:
             continue
         nodes, fused_node, bundle = group
@@ -263,7 +314,9 @@ def fuse_branches(model: onnx.ModelProto, kernels: str = "1x1",
         totals[root(region)] = totals.get(root(region), 0) + n
     idle = frozenset(name for r in seeds if totals[root(r)] <= 0 for name in seeds[r])
     if idle:
-        return fuse_branches(model, kernels, _skip | idle)
+        if eligible is not None:
+            eligible.clear()  # what the pass without those regions finds
+        return fuse_branches(model, kernels, dense, eligible, _skip | idle)
     fused = export_with_domain(graph, model, native=any(n.domain == DOMAIN for n in model.graph.node))
     del fused.graph.value_info[:]  # the shapes inferred here: what later passes infer is theirs
     return fused, removed
@@ -296,8 +349,9 @@ def _seed(node: gs.Node, done: set[int]) -> tuple | None:
     return nodes, fused, bundle
 
 
-def _follow(node: gs.Node, bundles: dict, done: set[int], kernels: str) -> tuple | None:
-    """(H2-H5): `node` and the nodes at the same place in the other tasks' branches, if every tensor
+def _follow(node: gs.Node, bundles: dict, done: set[int], kernels: str, dense: frozenset,
+            eligible: dict | None, opset: int) -> tuple | None:
+    """(H2-H6): `node` and the nodes at the same place in the other tasks' branches, if every tensor
     they read is a part of one bundle (at their part index) or a constant they share in value, and
     they compute the same operator; None otherwise."""
     if not node.inputs or node.inputs[0].name not in bundles or len(node.outputs) != 1:
@@ -349,13 +403,17 @@ def _follow(node: gs.Node, bundles: dict, done: set[int], kernels: str) -> tuple
             return None
         return _fused(nodes, "Flatten", [bundle.fused], dict(node.attrs), [int(np.prod(s)) for s in shapes])
     if node.op == "Conv":
-        return _grouped_conv(nodes, bundle, kernels)
+        return _grouped_conv(nodes, bundle, kernels, dense, eligible, opset)
+    if node.op == "Gemm":
+        return _block_gemm(nodes, bundle, dense, eligible, opset)
     return None
 
 
-def _grouped_conv(nodes: list[gs.Node], bundle: _Bundle, kernels: str) -> tuple | None:
+def _grouped_conv(nodes: list[gs.Node], bundle: _Bundle, kernels: str, dense: frozenset, eligible: dict | None,
+                  opset: int) -> tuple | None:
     """(H2): one convolution of group sum g_i where every task's layer has the same channels per group
-    (with `kernels` "1x1": only depthwise and 1x1 convolutions)."""
+    (with `kernels` "1x1": only depthwise and 1x1 convolutions); (H6) one of group 1 where each
+    task's layer has one group and the layer is named in `dense`."""
     first = nodes[0]
     other_attrs = {k: v for k, v in first.attrs.items() if k != "group"}
     shapes = [_shape(n.inputs[1]) for n in nodes]
@@ -368,19 +426,84 @@ def _grouped_conv(nodes: list[gs.Node], bundle: _Bundle, kernels: str) -> tuple 
         return None
     if kernels == "1x1" and not (shapes[0][0] == groups[0] and shapes[0][1] == 1) and any(d != 1 for d in shapes[0][2:]):
         return None  # neither depthwise nor 1x1: see the module docstring (H2)
+    out = _shape(first.outputs[0], batch=False)
+    if set(groups) == {1} and out is not None:  # (H6): each output reads the other tasks' channels as zeros
+        if first.name in dense:
+            return _fused_conv(nodes, bundle.fused, {**other_attrs, "group": 1}, [s[0] for s in shapes],
+                               block=(bundle.sizes, opset))
+        if eligible is not None:
+            total = sum(bundle.sizes)
+            eligible[first.name] = sum(s[0] * (total - c) for s, c in zip(shapes, bundle.sizes)) * int(
+                np.prod(shapes[0][2:])) * int(np.prod(out[1:]))
     return _fused_conv(nodes, bundle.fused, {**other_attrs, "group": sum(groups)}, [s[0] for s in shapes])
 
 
-def _fused_conv(nodes: list[gs.Node], source, attrs: dict, out_channels: list[int]) -> tuple:
+def _block_gemm(nodes: list[gs.Node], bundle: _Bundle, dense: frozenset, eligible: dict | None,
+                opset: int) -> tuple | None:
+    """(H6): the tasks' Gemm layers (the same attributes, A not transposed, a 1-D bias or none) as one
+    whose weight is block-diagonal, where the first is named in `dense`."""
+    first = nodes[0]
+    shapes = [_shape(n.inputs[1]) for n in nodes]
+    if (first.attrs.get("transA", 0) or any(s is None or len(s) != 2 for s in shapes)
+            or any(_has_bias(n) and (_shape(n.inputs[2]) is None or len(_shape(n.inputs[2])) != 1) for n in nodes)):
+        return None
+    trans = first.attrs.get("transB", 0)
+    widths = [s[0] if trans else s[1] for s in shapes]
+    if first.name not in dense:
+        if eligible is not None:
+            eligible[first.name] = sum(w * (sum(bundle.sizes) - k) for w, k in zip(widths, bundle.sizes))
+        return None
+    name = first.name
+    inputs = [bundle.fused, _block_diagonal([n.inputs[1] for n in nodes], bundle.sizes, 1 if trans else 0,
+                                            name + "_fused_W", opset)]
+    if any(_has_bias(n) for n in nodes):
+        inputs.append(_biases(nodes, widths, name))
+    return _fused(nodes, "Gemm", inputs, dict(first.attrs), widths)
+
+
+def _fused_conv(nodes: list[gs.Node], source, attrs: dict, out_channels: list[int],
+                block: tuple[list[int], int] | None = None) -> tuple:
     """One Conv reading `source`, its weight (and bias, where a task's layer has one) the tasks'
-    concatenated along the output axis."""
+    concatenated along the output axis; with `block` (the parts' input channels, the opset) each
+    weight padded with zeros over the other tasks' input channels first (H6)."""
     name = nodes[0].name
-    inputs = [source, _concat([n.inputs[1] for n in nodes], name + "_fused_W")]
-    if any(_has_bias(n) for n in nodes):  # a task's layer without one adds zeros (a small constant)
-        inputs.append(_concat([n.inputs[2] if _has_bias(n) else gs.Constant(
-            n.name + "_zero_B", np.zeros(c, np.dtype(n.outputs[0].dtype or np.float32)))
-            for n, c in zip(nodes, out_channels)], name + "_fused_B"))
+    weights = [n.inputs[1] for n in nodes]
+    if block:
+        sizes, opset = block
+        inputs = [source, _block_diagonal(weights, sizes, 1, name + "_fused_W", opset)]
+    else:
+        inputs = [source, _concat(weights, name + "_fused_W")]
+    if any(_has_bias(n) for n in nodes):
+        inputs.append(_biases(nodes, out_channels, name))
     return _fused(nodes, "Conv", inputs, attrs, out_channels)
+
+
+def _biases(nodes: list[gs.Node], widths: list[int], name: str) -> gs.Variable:
+    """The tasks' biases concatenated; a task's layer without one adds zeros (a small constant)."""
+    return _concat([n.inputs[2] if _has_bias(n) else gs.Constant(
+        n.name + "_zero_B", np.zeros(c, np.dtype(n.outputs[0].dtype or np.float32)))
+        for n, c in zip(nodes, widths)], name + "_fused_B")
+
+
+def _block_diagonal(weights: list, sizes: list[int], axis: int, name: str, opset: int) -> gs.Variable:
+    """(H6) The tasks' weights, each padded with zeros along its input `axis` to the others' `sizes`
+    (Pad nodes), concatenated along the other axis (0 or 1): one block-diagonal weight, which
+    onnxruntime builds once, when it creates the session; the tasks' weights stay under their names."""
+    padded = []
+    for i, w in enumerate(weights):
+        rank = len(_shape(w))
+        before, after = [0] * rank, [0] * rank
+        before[axis], after[axis] = sum(sizes[:i]), sum(sizes[i + 1:])
+        out = gs.Variable(f"{name}_{i}", dtype=w.dtype)
+        if opset >= 11:
+            gs.Node("Pad", name=f"{name}_{i}_pad", inputs=[w, gs.Constant(f"{name}_{i}_pads", np.array(
+                before + after, np.int64))], outputs=[out])
+        else:
+            gs.Node("Pad", name=f"{name}_{i}_pad", inputs=[w], outputs=[out], attrs={"pads": before + after})
+        padded.append(out)
+    out = gs.Variable(name, dtype=weights[0].dtype)
+    gs.Node("Concat", name=name + "_concat", inputs=padded, outputs=[out], attrs={"axis": 1 - axis})
+    return out
 
 
 def _fused(nodes: list[gs.Node], op: str, inputs: list, attrs: dict, sizes: list[int]) -> tuple:

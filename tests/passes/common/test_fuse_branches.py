@@ -116,7 +116,7 @@ def test_only_depthwise_and_1x1_convolutions_fuse_into_groups_unless_every_kerne
     assert groups == [2, 8]  # (H2): the 3x3 convs of group 1 each, the depthwise ones of 4
 
 
-def depthwise_first(multipliers, seed=0) -> onnx.ModelProto:
+def depthwise_first(multipliers, seed=0, opset=17) -> onnx.ModelProto:
     """input (N,1,8,8) -> a shared 3x3 conv (4 channels) and Relu -> per task i: a depthwise 3x3 conv
     of multiplier multipliers[i] reading the shared tensor, Relu, a 1x1 conv to 3 channels, global
     average pool, Flatten (zipper's MobileNet merge shares up to a depthwise layer so)."""
@@ -134,7 +134,7 @@ def depthwise_first(multipliers, seed=0) -> onnx.ModelProto:
         inits += [init(t + "wd", rng.standard_normal((4 * m, 1, 3, 3))), init(t + "bd", rng.standard_normal(4 * m)),
                   init(t + "wp", rng.standard_normal((3, 4 * m, 1, 1)))]
         outputs.append(helper.make_tensor_value_info(t + "logits", TensorProto.FLOAT, ["N", 3]))
-    return make_model(nodes, inits, outputs=outputs)
+    return make_model(nodes, inits, opset=opset, outputs=outputs)
 
 
 @pytest.mark.parametrize("multiplier", [1, 2])
@@ -227,6 +227,73 @@ def test_a_model_with_one_branch_is_left_as_it_was():
     assert removed == 0 and fused is model
 
 
+@pytest.mark.parametrize("opset", [17, 11])
+def test_layers_of_one_group_per_task_written_block_diagonal_compute_the_same(opset):
+    """(H6): the heads (Gemm) and the 1x1 convs of group 1 reading the tasks' parts, as one layer whose
+    weight is block-diagonal (Pad nodes, folded by onnxruntime); eligible says what each would add."""
+    model = branches([4, 4], opset=opset)
+    eligible = {}
+    fused, removed = fuse_branches(model, eligible=eligible)
+    # pw: 4 outputs x 4 other-task channels x 8x8 pixels, per task; fc: 3 outputs x 64 other-task features
+    assert eligible == {"t0/pw": 2 * 4 * 4 * 64, "t0/fc": 2 * 3 * 64}
+    dense, removed_dense = fuse_branches(model, dense=frozenset(eligible))
+    check_same(dense, model)
+    assert removed_dense == removed + 1  # one Gemm, not two; the Split moves after it
+    assert ops(dense).count("Gemm") == 1 and ops(dense).count("Split") == 1
+    pw = next(n for n in dense.graph.node if n.name == "t0/pw_fused")
+    assert {a.name: helper.get_attribute_value(a) for a in pw.attribute}.get("group", 1) == 1
+    assert ops(dense).count("Pad") == 4  # each task's weight padded to the other's channels (folded)
+
+
+def test_block_diagonal_before_opset_11_pads_by_attribute():
+    model = depthwise_first([1, 1], opset=10)
+    eligible = {}
+    fuse_branches(model, eligible=eligible)
+    assert eligible == {"t0/pw": 2 * 3 * 4 * 64}
+    dense, _ = fuse_branches(model, dense=frozenset(eligible))
+    check_same(dense, model)
+    pads = [n for n in dense.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 2 and all(len(n.input) == 1 and n.attribute[0].name == "pads" for n in pads)
+
+
+@pytest.mark.parametrize("keep", [(True, True, True), (True, False, True), (True, True, False), (False, True, True)])
+def test_auto_writes_layers_block_diagonal_one_by_one_where_the_model_ran_faster(monkeypatch, keep):
+    """After the grouping rules, each H6 layer (the cheapest first) is timed against the model kept
+    so far and kept where faster (timings stubbed); `on` with the layers' names replays the choice."""
+    model = branches([4, 4])
+    decisions = iter(keep)
+    calls = []
+
+    def timed(models, baseline, *args, **kwargs):
+        (form,) = set(models) - {baseline}
+        calls.append((form, baseline))
+        q1 = 1.1 if next(decisions) else 0.9
+        return {form: {"ratio": q1 + 0.05, "ratio_q1": q1, "ratio_q3": q1 + 0.1}}
+
+    monkeypatch.setattr(fuse_module, "time_models", timed)
+    kept, record = apply(model, "auto")
+    if not keep[0]:  # nothing grouped: nothing to write block-diagonal
+        assert calls == [("1x1", "unfused")] and kept is model
+        return
+    after_fc = "t0/fc" if keep[1] else "1x1"
+    assert calls == [("1x1", "unfused"), ("t0/fc", "1x1"), ("t0/pw", after_fc)]
+    want = [layer for layer, k in zip(("t0/fc", "t0/pw"), keep[1:]) if k]
+    assert record["dense"] == want and [t["added_macs"] for t in record["timed"][1:]] == [384, 2048]
+    assert ops(kept) == ops(fuse_branches(model, dense=frozenset(want))[0])
+    replay, again = apply(model, "on", record["kernels"], tuple(record["dense"]))
+    assert ops(replay) == ops(kept) and again["dense"] == want
+    check_same(kept, model)
+    from onnxmerge.measure.report import _fuse_branches_line
+
+    line = _fuse_branches_line(record)
+    assert "depthwise and 1x1 convolutions grouped (10 node(s) saved) ran 1.15x [1.10-1.20] the speed of the unfused model, kept" in line
+    verdict = lambda k: "kept" if k else "not kept (not faster in three of four rounds)"  # noqa: E731
+    assert f"t0/fc block-diagonal (384 multiplications more) ran {1.15 if keep[1] else 0.95:.2f}x" in line
+    assert f"the speed of the model with depthwise and 1x1 convolutions grouped, {verdict(keep[1])}" in line
+    assert "t0/pw block-diagonal (2,048 multiplications more)" in line
+    assert line.endswith(f"the speed of the {'model before it' if keep[1] else 'model with depthwise and 1x1 convolutions grouped'}, {verdict(keep[2])}")
+
+
 def test_apply_records_and_auto_keeps_the_fused_form_only_when_it_ran_faster():
     model = branches([4, 4])
     assert apply(model, "off") == (model, None)
@@ -234,10 +301,13 @@ def test_apply_records_and_auto_keeps_the_fused_form_only_when_it_ran_faster():
     assert record["kept"] and record["fused_nodes"] == 10 and "timed" not in record and record["rel_diff"] <= 1e-5
     assert record["kernels"] == "1x1"
     kept, record = apply(model, "auto")  # which form it keeps follows this machine's timing
-    (timed,) = record["timed"]  # grouping every kernel fuses nothing more here: one form timed
+    timed, *dense = record["timed"]  # grouping every kernel fuses nothing more here: one rule timed
     assert timed["kernels"] == "1x1" and timed["against"] == "unfused" and record["batch"] == 1
     assert {"ratio", "ratio_q1", "ratio_q3"} <= set(timed)
     assert (len(ops(kept)) < len(ops(model))) == record["kept"] == timed["kept"]
+    # then, on a fused form, the layers H6 can write block-diagonal (the heads, the 1x1 convs)
+    assert [t["dense"] for t in dense] == (["t0/fc", "t0/pw"] if record["kept"] else [])
+    assert record["dense"] == [t["dense"] for t in dense if t["kept"]]
 
 
 @pytest.mark.parametrize("faster", [(False, False), (False, True), (True, False), (True, True)])
@@ -250,14 +320,15 @@ def test_auto_times_each_form_against_the_one_kept_before_it(monkeypatch, faster
     def timed(models, baseline, *args, **kwargs):
         (form,) = set(models) - {baseline}
         against.append((form, baseline))
-        q1 = 1.1 if faster[("1x1", "any").index(form)] else 0.9
+        q1 = 1.1 if form in ("1x1", "any") and faster[("1x1", "any").index(form)] else 0.9  # no H6 layer faster
         return {form: {"ratio": q1 + 0.05, "ratio_q1": q1, "ratio_q3": q1 + 0.1}}
 
     monkeypatch.setattr(fuse_module, "time_models", timed)
     kept, record = apply(model, "auto")
     first = "1x1" if faster[0] else "unfused"
-    assert against == [("1x1", "unfused"), ("any", first)]
-    assert [t["kept"] for t in record["timed"]] == list(faster) and record["kept"] == any(faster)
+    assert against[:2] == [("1x1", "unfused"), ("any", first)]
+    assert [t["kept"] for t in record["timed"][:2]] == list(faster) and record["kept"] == any(faster)
+    assert not record["dense"] and all(t["dense"] and not t["kept"] for t in record["timed"][2:])
     want = "any" if faster[1] else "1x1" if faster[0] else None
     assert record["kernels"] == want
     expected = fuse_branches(model, kernels=want)[0] if want else model
@@ -324,8 +395,9 @@ def test_a_calibrated_search_candidate_is_fused_as_auto_chose(monkeypatch):
     from onnxmerge.data import load_dataset
     from onnxmerge.search import trial as trial_module
 
-    monkeypatch.setattr(fuse_module, "time_models", lambda models, baseline, *a, **k: {
-        form: {"ratio": 1.2, "ratio_q1": 1.1 if form == "any" else 0.9, "ratio_q3": 1.3} for form in models})
+    monkeypatch.setattr(fuse_module, "time_models", lambda models, baseline, *a, **k: {  # the Gemms: H6
+        form: {"ratio": 1.2, "ratio_q1": 1.1 if form == "any" or "Gemm" in form else 0.9, "ratio_q3": 1.3}
+        for form in models})
     pair = [str(shipped(MODELS / "lenet_mnist.onnx")), str(shipped(MODELS / "lenet_fashion.onnx"))]
     names = ["mnist", "fashion"]
     calib = {n: load_dataset(shipped(MODELS / f"{n}_eval.npz")).take(64) for n in names}
@@ -339,6 +411,9 @@ def test_a_calibrated_search_candidate_is_fused_as_auto_chose(monkeypatch):
              for n in trial.model.graph.node if n.op_type == "Conv"]
     # the second convolution of each LeNet (5x5, group 1, reading its task's part): one of group 2
     assert [a["group"] for a in attrs if list(a["kernel_shape"]) == [5, 5]] == [1, 2]
+    # and its three fully connected layers per task, each one block-diagonal layer (H6)
+    assert len(trial.info.fidelity["fuse_branches"]["dense"]) == 3
+    assert [n.op_type for n in trial.model.graph.node].count("Gemm") == 3
 
 
 def test_the_command_line_flag_and_the_report(tmp_path, capsys):
