@@ -5,8 +5,9 @@ written into BENCHMARKS.md, one section per CPU (`fuse_branches:<cpu>`): each CP
 For each same-architecture pair of the budget suite (MNIST + Fashion-MNIST models of
 tools/train_models.py --group budget, trained when missing), merged with pack (nothing shared) and
 zipper sharing its first 1 and 2 layers (weight matching, no REPAIR, no calibration: timing only),
-each written `--fuse-branches off` and `on`, and with every convolution grouped (`any`: the form
-`--fuse-branches auto` times after `on`'s, passes/common/fuse_branches.py). Then, interleaved in one process on one thread
+each written `--fuse-branches off` and `on`, with every convolution grouped (`any`: the form
+`--fuse-branches auto` times after `on`'s, passes/common/fuse_branches.py), and as `--fuse-branches
+auto` chose here (its grouping rule, then the layers it wrote block-diagonal, H6). Then, interleaved in one process on one thread
 (onnxmerge.model.timing.compare_latency), at batch 1 and 32: the merged models and the two originals
 one after another in separate sessions; speed-up = the originals' median / the model's, with the
 quartiles of the per-round paired ratios. What `--fuse-branches auto` decides on a machine is the
@@ -30,7 +31,7 @@ ARCHS = ("lenet", "vgg", "resnet", "mobilenet")
 SETTINGS = (("pack", {}), ("zipper", {"share": 1, "match": "weights", "repair": "off"}),
             ("zipper", {"share": 2, "match": "weights", "repair": "off"}))
 BATCHES = (1, 32)
-FORMS = ("off", "on", "any")
+FORMS = ("off", "on", "any", "auto")
 
 
 def run_time_nodes(model) -> int:
@@ -69,11 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         files = [str(paths[f"{arch}_{d}"]) for d in ("mnist", "fashion")]
         originals = [session(f, threads=1, optimize=True) for f in files]
         for method, params in SETTINGS:
-            models = {form: merge(files, method=method, names=["mnist", "fashion"], params=params,
-                                  fuse_branches=form).model for form in ("off", "on")}
+            merged = {form: merge(files, method=method, names=["mnist", "fashion"], params=params, fuse_branches=form)
+                      for form in ("off", "on", "auto")}
+            models = {form: merged[form].model for form in ("off", "on")}
             models["any"] = apply(models["off"], "on", "any")[0]
+            models["auto"] = merged["auto"].model
+            chose = merged["auto"].info.fidelity.get("fuse_branches") or {}
             nodes = {form: run_time_nodes(m) for form, m in models.items()}
-            row = {"arch": arch, "setting": method + (f" share={params['share']}" if params else ""), "nodes": nodes}
+            row = {"arch": arch, "setting": method + (f" share={params['share']}" if params else ""), "nodes": nodes,
+                   "auto": (chose.get("kernels") or "off") + (f" + {len(chose['dense'])} block-diagonal"
+                                                              if chose.get("dense") else "")}
             for batch in BATCHES:
                 cands = {"originals": candidate(originals, batch)}
                 cands |= {form: candidate([session(m, threads=1, optimize=True)], batch) for form, m in models.items()}
@@ -91,14 +97,16 @@ def main(argv: list[str] | None = None) -> int:
              "- models: the budget suite's MNIST and Fashion-MNIST models of one architecture (independently trained); "
              "pack, and zipper at share 1 and 2 (weight matching, no REPAIR, no calibration: timing only); "
              "off / on: `--fuse-branches off` / `on` (depthwise and 1x1 convolutions grouped); any: every "
-             "convolution grouped (the form `auto` times after on's)",
+             "convolution grouped (the form `auto` times after on's); auto: as `--fuse-branches auto` chose in "
+             "this run (column auto chose: its grouping rule, 1x1 or any, and the layers it wrote block-diagonal)",
              "- speed-up: the two originals one after another in separate sessions over the merged model, one thread, "
              "interleaved in one process [quartiles of the per-round paired ratios]; nodes: the nodes onnxruntime "
              "runs (not those it folds when it creates the session, such as the Concat that builds a fused weight)",
-             "", "| pair | merge | b=1 off | b=1 on | b=1 any | b=32 off | b=32 on | b=32 any | nodes off / on / any |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "| pair | merge | " + " | ".join(f"b={b} {f}" for b in BATCHES for f in FORMS)
+             + f" | nodes {' / '.join(FORMS)} | auto chose |",
+             "|---|---|" + "---|" * (len(BATCHES) * len(FORMS) + 2)]
     lines += [f"| {r['arch']} | {r['setting']} | " + " | ".join(cell(r[b][f]) for b in BATCHES for f in FORMS)
-              + f" | {' / '.join(str(r['nodes'][f]) for f in FORMS)} |" for r in rows]
+              + f" | {' / '.join(str(r['nodes'][f]) for f in FORMS)} | {r['auto']} |" for r in rows]
     publish(cpu_section("fuse_branches", machine), "\n".join(lines) + "\n", write=not args.no_write)
     return 0
 
