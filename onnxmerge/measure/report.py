@@ -274,7 +274,7 @@ def format_report(report: dict) -> str:
 def _fuse_branches_line(record: dict) -> str:
     """What `--fuse-branches` did (passes/common/fuse_branches.py's record): the nodes saved, and under
     auto each form's timing against the form before it (the grouping rules, then the layers written
-    block-diagonal one by one)."""
+    block-diagonal, H6, or reading their input computed per task, H1'', one by one)."""
     from onnxmerge.passes.common.fuse_branches import KERNELS
 
     head = f"--fuse-branches {record['mode']}: the tasks' parallel layers as one grouped layer"
@@ -285,7 +285,8 @@ def _fuse_branches_line(record: dict) -> str:
 
     def form(t: dict) -> str:
         if t.get("dense"):
-            return f"{t['dense']} block-diagonal ({t['added_macs']:,} multiplications more)"
+            how = ("on its input computed once per task" if t.get("rewrite") == "H1''" else "block-diagonal")
+            return f"{t['dense']} {how} ({t['added_macs']:,} multiplications more)"
         return f"{KERNELS[t['kernels']]} grouped ({t['fused_nodes']} node(s) saved)"
 
     def against(t: dict) -> str:

@@ -19,6 +19,17 @@ channel axis (part i of the fused tensor F is the task's tensor p_i, c_i channel
 
   (the fused convolution's group j, of task i = j div g, reads channel j - i*g of x, as the task's
   own group j - i*g does);
+  or (H1'') on x computed k times over by its producer, a convolution of group 1 and the per-channel
+  operators after it, whose weights, biases and BatchNorm parameters are repeated k times along
+  the output axis, where x is read by nothing else (zipper's shared layers end so):
+
+      Conv(Concat_i x) -> Conv(z, Concat_i W_p) for x = Conv(z, W_p)                            (H1'')
+
+  (per-channel operators after it the same). It does k times the producer's multiplications, and
+  saves the Concat and, in onnxruntime's blocked (NCHWc) layout, which Concat leaves, the two
+  reorders of x around it (the budget suite's narrow MobileNet zipped at one layer: 1.33x -> 1.50x
+  the originals' speed on an Intel Xeon, two randomly initialised models, while this was written);
+  like H6 below, only `auto` writes it, where the whole model ran faster so;
 - k convolutions of group g_i reading the parts p_i of F, with the same input and output channels
   per group (c_i / g_i and C_i / g_i: the same layer shape in every task): one convolution of
   group sum_i g_i, weight Concat_i W_i along the output axis, reads F (ONNX Conv's group j reads
@@ -73,11 +84,11 @@ whole model here (batch 1, one thread, paired rounds: onnxmerge.model.timing.tim
 form: the model fused as `on` fuses it against the unfused one, then, where grouping every kernel
 size fuses more, that model against the one kept so far; a form is kept only where it was faster
 than the one before in at least three of four rounds. Then, on the form kept, each layer H6 can write
-block-diagonal (at most DENSE_TRIES, those that add the fewest multiplications first) is timed so
-against the model kept so far and kept on the same rule. The report says which. Its choice follows
+block-diagonal, and each H1' convolution H1'' can rewrite (at most DENSE_TRIES, those that add the
+fewest multiplications first), is timed so against the model kept so far and kept on the same rule. The report says which. Its choice follows
 the machine's timings, so the same flags can then give other bytes (`on` and `off` are
-deterministic; `on` writes H6's layers block-diagonal only where it is given their names, as a
-search replays auto's choice on a calibrated model).
+deterministic; `on` writes H1'' and H6 only where it is given the layers' names, as a search
+replays auto's choice on a calibrated model).
 """
 
 from __future__ import annotations
@@ -103,7 +114,7 @@ MIN_ROUNDS = 20
 # the fused layers add their products in another order (onnxruntime blocks a grouped convolution
 # otherwise): float rounding; a wrong weight differs by the size of the outputs themselves
 ROUNDING_TOL = 1e-4
-DENSE_TRIES = 8  # H6 layers timed at most, one whole-model timing each: bounds the time auto takes
+DENSE_TRIES = 8  # H1'' and H6 layers timed at most, one whole-model timing each: bounds auto's time
 
 CHANNEL_WISE = {  # (H3): operators that act on each channel alone, with no inputs beyond the tensor
     "Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Softplus", "Gelu",
@@ -140,7 +151,8 @@ def apply(model: onnx.ModelProto, mode: str, kernels: str = "1x1",
     named in `dense` written block-diagonal, H6), and the record of it (None: nothing to fuse, or
     mode off): {mode, kernels (of the form kept; None: unfused), dense (the names of the H6 layers
     kept), fused_nodes, rel_diff, kept, and with auto the batch and `timed`, per form tried in order:
-    kernels, dense (the H6 layer it adds, or None), added_macs (H6's zeros, at batch 1),
+    kernels, dense (the H1'' or H6 layer it adds, or None), rewrite ("H1''", "H6" or None),
+    added_macs (the multiplications H1'' or H6 adds, at batch 1),
     fused_nodes, against (the form it was timed against: "unfused", a `kernels`, or the H6 layer
     added before it), ratio (the median time of the form it was timed against / this one's),
     ratio_q1, ratio_q3, kept}."""
@@ -175,7 +187,7 @@ def apply(model: onnx.ModelProto, mode: str, kernels: str = "1x1",
         return faster
 
     for k, (fused, removed, diff, eligible) in forms.items():
-        if timed(k, fused, kernels=k, dense=None, added_macs=0, fused_nodes=removed):
+        if timed(k, fused, kernels=k, dense=None, rewrite=None, added_macs=0, fused_nodes=removed):
             chosen, name, candidates = fused, k, eligible
             record.update(kernels=k, fused_nodes=removed, rel_diff=diff, kept=True)
     # H6, layer by layer on the form kept: the cheapest first, each kept where the model ran faster so
@@ -190,10 +202,19 @@ def apply(model: onnx.ModelProto, mode: str, kernels: str = "1x1",
         if form is None:
             continue
         fused, removed, diff, eligible = form
-        if timed(layer, fused, kernels=record["kernels"], dense=layer, added_macs=left[layer], fused_nodes=removed):
+        if timed(layer, fused, kernels=record["kernels"], dense=layer, rewrite=_rewrite(model, layer),
+                 added_macs=left[layer], fused_nodes=removed):
             chosen, name, candidates = fused, layer, eligible
             record.update(fused_nodes=removed, rel_diff=diff, dense=[*record["dense"], layer])
     return chosen, record
+
+
+def _rewrite(model: onnx.ModelProto, layer: str) -> str:
+    """Which rewrite `dense` names `layer` for: H1'' (a depthwise convolution, the first of those
+    reading one tensor) or H6."""
+    node = next(n for n in model.graph.node if n.name == layer)
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return "H1''" if node.op_type == "Conv" and group > 1 else "H6"
 
 
 def _checked(model: onnx.ModelProto, kernels: str, dense: tuple[str, ...] = ()) -> tuple | None:
@@ -265,7 +286,7 @@ def fuse_branches(model: onnx.ModelProto, kernels: str = "1x1", dense: frozenset
     for node in list(graph.nodes):
         if id(node) in done:
             continue
-        group = ((_seed(node, done) if node.name not in _skip else None)
+        group = ((_seed(node, done, dense, eligible) if node.name not in _skip else None)
                  or _follow(node, bundles, done, kernels, dense, eligible, opset))
         if not group:
             continue
@@ -322,10 +343,13 @@ def fuse_branches(model: onnx.ModelProto, kernels: str = "1x1", dense: frozenset
     return fused, removed
 
 
-def _seed(node: gs.Node, done: set[int]) -> tuple | None:
+def _seed(node: gs.Node, done: set[int], dense: frozenset = frozenset(), eligible: dict | None = None) -> tuple | None:
     """(H1, H1'): the group-1 convolutions of one shape (but their output channels), or the depthwise
     convolutions of one shape, that read the same tensor as `node`, with `node` first; None if there
-    is no other."""
+    is no other. (H1'') Where `node` is named in `dense`, the depthwise ones read the tensor's
+    channels repeated as computed by its producer (a convolution of group 1 and the per-channel
+    operators after it) with its weights repeated, instead of a Concat; `eligible` gets the
+    multiplications that adds where it could."""
     w = _shape(node.inputs[1]) if node.op == "Conv" else None
     group = node.attrs.get("group", 1)
     depthwise = w is not None and group > 1 and w[1] == 1 and w[0] % group == 0
@@ -340,13 +364,64 @@ def _seed(node: gs.Node, done: set[int]) -> tuple | None:
     siblings.sort(key=lambda n: n is not node)  # node first, the others in graph order
     if not depthwise:
         return _fused_conv(siblings, x, dict(node.attrs), [_shape(n.inputs[1])[0] for n in siblings])
-    copies = gs.Variable(f"{node.name}_input_per_task", dtype=x.dtype)
-    gs.Node("Concat", name=f"{node.name}_input_per_task", inputs=[x] * len(siblings), outputs=[copies],
-            attrs={"axis": 1})
-    nodes, fused, bundle = _fused_conv(siblings, copies, {**node.attrs, "group": group * len(siblings)},
-                                       [w[0]] * len(siblings))
-    bundle.added = 1
+    k = len(siblings)
+    chain = _producer_chain(x, siblings)
+    if chain is not None and node.name in dense:
+        copies = _repeated(chain, k, node.name)
+    else:
+        if chain is not None and eligible is not None:
+            eligible[node.name] = chain[0][1] * (k - 1)
+        copies = gs.Variable(f"{node.name}_input_per_task", dtype=x.dtype)
+        gs.Node("Concat", name=f"{node.name}_input_per_task", inputs=[x] * k, outputs=[copies], attrs={"axis": 1})
+    nodes, fused, bundle = _fused_conv(siblings, copies, {**node.attrs, "group": group * k}, [w[0]] * k)
+    bundle.added = int(chain is None or node.name not in dense)  # the Concat; H1'' adds no node
     return nodes, fused, bundle
+
+
+# (H1'') per-channel operators whose other inputs are per-channel parameters (repeated with the
+# channels) or bounds (shared): the producer chain of a tensor that depthwise siblings read
+REPEATABLE = (CHANNEL_WISE - {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool"}) | {
+    "BatchNormalization", "Clip"}
+
+
+def _producer_chain(x, readers: list[gs.Node]) -> list | None:
+    """[(the convolution of group 1 that computes `x`, its multiplications at batch 1), then the
+    per-channel operators after it, in order], where each tensor from it to `x` is read by the next
+    alone and `x` by `readers` alone (so that the chain as it was is left unread, and goes); None
+    otherwise."""
+    ops, t, after = [], x, readers
+    while len(t.inputs) == 1 and {id(n) for n in t.outputs} == {id(n) for n in after}:
+        producer = t.inputs[0]
+        if producer.op == "Conv":
+            w, out = _shape(producer.inputs[1]), _shape(producer.outputs[0], batch=False)
+            if producer.attrs.get("group", 1) != 1 or w is None or out is None:
+                return None
+            return [(producer, int(np.prod(w)) * int(np.prod(out[1:])))] + ops[::-1]
+        if producer.op not in REPEATABLE or len(producer.outputs) != 1:
+            return None
+        ops.append(producer)
+        t, after = producer.inputs[0], [producer]
+    return None
+
+
+def _repeated(chain: list, k: int, name: str) -> gs.Variable:
+    """(H1'') The chain's output with its channels repeated k times: its convolution's weight and bias,
+    and each BatchNormalization's parameters, repeated along the channel axis (Concat nodes, folded
+    by onnxruntime); bounds and attributes as they were."""
+    (conv, _), *ops = chain
+    inputs = [conv.inputs[0], _concat([conv.inputs[1]] * k, f"{name}_producer_W")]
+    if _has_bias(conv):
+        inputs.append(_concat([conv.inputs[2]] * k, f"{name}_producer_B"))
+    out = gs.Variable(f"{name}_producer", dtype=conv.outputs[0].dtype)
+    gs.Node("Conv", name=f"{name}_producer", inputs=inputs, outputs=[out], attrs=dict(conv.attrs))
+    for i, op in enumerate(ops):
+        extra = op.inputs[1:]
+        if op.op == "BatchNormalization":
+            extra = [_concat([p] * k, f"{name}_producer_{i}_{j}") for j, p in enumerate(extra)]
+        nxt = gs.Variable(f"{name}_producer_{i}", dtype=op.outputs[0].dtype)
+        gs.Node(op.op, name=f"{name}_producer_{i}", inputs=[out, *extra], outputs=[nxt], attrs=dict(op.attrs))
+        out = nxt
+    return out
 
 
 def _follow(node: gs.Node, bundles: dict, done: set[int], kernels: str, dense: frozenset,

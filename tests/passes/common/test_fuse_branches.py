@@ -116,14 +116,19 @@ def test_only_depthwise_and_1x1_convolutions_fuse_into_groups_unless_every_kerne
     assert groups == [2, 8]  # (H2): the 3x3 convs of group 1 each, the depthwise ones of 4
 
 
-def depthwise_first(multipliers, seed=0, opset=17) -> onnx.ModelProto:
-    """input (N,1,8,8) -> a shared 3x3 conv (4 channels) and Relu -> per task i: a depthwise 3x3 conv
+def depthwise_first(multipliers, seed=0, opset=17, bn=False) -> onnx.ModelProto:
+    """input (N,1,8,8) -> a shared 3x3 conv (4 channels), BatchNorm (where `bn`) and Relu -> per task
+    i: a depthwise 3x3 conv
     of multiplier multipliers[i] reading the shared tensor, Relu, a 1x1 conv to 3 channels, global
     average pool, Flatten (zipper's MobileNet merge shares up to a depthwise layer so)."""
     rng = np.random.default_rng(seed)
     nodes = [helper.make_node("Conv", ["input", "stem_w"], ["stem"], name="stem", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["stem"], ["x"], name="stem_relu")]
     inits, outputs = [init("stem_w", rng.standard_normal((4, 1, 3, 3)))], []
+    if bn:
+        nodes[1:1] = [helper.make_node("BatchNormalization", ["stem", "g", "b", "m", "v"], ["stem_bn"], name="stem_bn")]
+        nodes[2].input[0] = "stem_bn"
+        inits += [init(n, rng.uniform(0.5, 1.5, 4)) for n in ("g", "b", "m", "v")]
     for i, m in enumerate(multipliers):
         t = f"t{i}/"
         nodes += [helper.make_node("Conv", ["x", t + "wd", t + "bd"], [t + "d"], name=t + "dw", group=4, pads=[1, 1, 1, 1]),
@@ -150,6 +155,46 @@ def test_depthwise_convolutions_reading_one_tensor_fuse_on_its_channels_repeated
     assert list(concat.input) == ["x", "x"]
     dw = next(n for n in fused.graph.node if n.op_type == "Conv" and n.input[0] == concat.output[0])
     assert {a.name: helper.get_attribute_value(a) for a in dw.attribute}["group"] == 8
+
+
+@pytest.mark.parametrize("multiplier,bn", [(1, False), (2, False), (1, True)])
+def test_depthwise_convolutions_can_read_the_shared_tensor_computed_once_per_task(multiplier, bn):
+    """(H1''): named in `dense`, the depthwise convs read the shared conv (its BatchNorm) and its Relu
+    computed with their weights repeated (one conv of 2 x 4 channels), not a Concat; the shared conv
+    as it was goes."""
+    model = depthwise_first([multiplier, multiplier], bn=bn)
+    fused, removed = fuse_branches(model, dense=frozenset({"t0/dw"}))
+    check_same(fused, model)
+    assert ops(fused) == ["Conv", *["BatchNormalization"] * bn, "Relu", "Conv", "Relu", "Conv", "GlobalAveragePool",
+                          "Flatten", "Split"]
+    assert removed == 5 - 1 and not any(n.op_type == "Concat" and "x" in n.input for n in fused.graph.node)
+    stem = next(n for n in fused.graph.node if n.op_type == "Conv" and n.input[0] == "input")
+    assert stem.name == "t0/dw_producer" and [c for n in fused.graph.node if n.output[0] == stem.input[1]
+                                             for c in n.input] == ["stem_w", "stem_w"]
+
+
+def test_auto_tries_the_shared_tensor_computed_per_task_and_the_report_says_so(monkeypatch):
+    from onnxmerge.measure.report import _fuse_branches_line
+
+    monkeypatch.setattr(fuse_module, "time_models", lambda models, baseline, *a, **k: {
+        form: {"ratio": 1.2, "ratio_q1": 1.1, "ratio_q3": 1.3} for form in models})
+    model = depthwise_first([1, 1])
+    kept, record = apply(model, "auto")
+    assert [(t["dense"], t["rewrite"]) for t in record["timed"]] == [(None, None), ("t0/pw", "H6"), ("t0/dw", "H1''")]
+    assert record["dense"] == ["t0/pw", "t0/dw"] and "Concat" not in [n.op_type for n in kept.graph.node
+                                                                       if "x" in n.input]
+    check_same(kept, model)
+    assert "t0/dw on its input computed once per task (2,304 multiplications more) ran 1.20x" in _fuse_branches_line(record)
+
+
+def test_a_shared_tensor_read_by_more_than_the_depthwise_convolutions_is_not_computed_twice():
+    model = depthwise_first([1, 1])
+    extra = helper.make_node("GlobalAveragePool", ["x"], ["x_pool"], name="x_pool")
+    model.graph.node.append(extra)
+    model.graph.output.append(helper.make_tensor_value_info("x_pool", TensorProto.FLOAT, ["N", 4, 1, 1]))
+    eligible = {}
+    fuse_branches(model, eligible=eligible)
+    assert "t0/dw" not in eligible and "t0/pw" in eligible
 
 
 def test_depthwise_convolutions_of_other_multipliers_stay_per_task():
@@ -249,8 +294,9 @@ def test_block_diagonal_before_opset_11_pads_by_attribute():
     model = depthwise_first([1, 1], opset=10)
     eligible = {}
     fuse_branches(model, eligible=eligible)
-    assert eligible == {"t0/pw": 2 * 3 * 4 * 64}
-    dense, _ = fuse_branches(model, dense=frozenset(eligible))
+    # the 1x1 convs (H6), and the depthwise ones on the shared conv computed twice (H1''): 4 x 3x3 x 8x8
+    assert eligible == {"t0/pw": 2 * 3 * 4 * 64, "t0/dw": 4 * 9 * 64}
+    dense, _ = fuse_branches(model, dense=frozenset({"t0/pw"}))
     check_same(dense, model)
     pads = [n for n in dense.graph.node if n.op_type == "Pad"]
     assert len(pads) == 2 and all(len(n.input) == 1 and n.attribute[0].name == "pads" for n in pads)
@@ -279,6 +325,7 @@ def test_auto_writes_layers_block_diagonal_one_by_one_where_the_model_ran_faster
     assert calls == [("1x1", "unfused"), ("t0/fc", "1x1"), ("t0/pw", after_fc)]
     want = [layer for layer, k in zip(("t0/fc", "t0/pw"), keep[1:]) if k]
     assert record["dense"] == want and [t["added_macs"] for t in record["timed"][1:]] == [384, 2048]
+    assert [t["rewrite"] for t in record["timed"]] == [None, "H6", "H6"]
     assert ops(kept) == ops(fuse_branches(model, dense=frozenset(want))[0])
     replay, again = apply(model, "on", record["kernels"], tuple(record["dense"]))
     assert ops(replay) == ops(kept) and again["dense"] == want
