@@ -7,7 +7,8 @@ tools/train_models.py --group budget, trained when missing), merged with pack (n
 zipper sharing its first 1 and 2 layers (weight matching, no REPAIR, no calibration: timing only),
 each written `--fuse-branches off` and `on`, with every convolution grouped (`any`: the form
 `--fuse-branches auto` times after `on`'s, passes/common/fuse_branches.py), and as `--fuse-branches
-auto` chose here (its grouping rule, then the layers it wrote block-diagonal, H6). Then, interleaved in one process on one thread
+auto` chose here (its grouping rule, then the layers it wrote block-diagonal, H6, or on their input
+computed per task, H1''). Then, interleaved in one process on one thread
 (onnxmerge.model.timing.compare_latency), at batch 1 and 32: the merged models and the two originals
 one after another in separate sessions; speed-up = the originals' median / the model's, with the
 quartiles of the per-round paired ratios. What `--fuse-branches auto` decides on a machine is the
@@ -78,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             chose = merged["auto"].info.fidelity.get("fuse_branches") or {}
             nodes = {form: run_time_nodes(m) for form, m in models.items()}
             row = {"arch": arch, "setting": method + (f" share={params['share']}" if params else ""), "nodes": nodes,
-                   "auto": (chose.get("kernels") or "off") + (f" + {len(chose['dense'])} block-diagonal"
-                                                              if chose.get("dense") else "")}
+                   "auto": (chose.get("kernels") or "off") + "".join(
+                       f" + {n} {what}" for rewrite, what in (("H6", "block-diagonal (H6)"),
+                                                              ("H1''", "input per task (H1'')"))
+                       if (n := sum(t["kept"] and t.get("rewrite") == rewrite for t in chose.get("timed", ()))))}
             for batch in BATCHES:
                 cands = {"originals": candidate(originals, batch)}
                 cands |= {form: candidate([session(m, threads=1, optimize=True)], batch) for form, m in models.items()}
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
              "pack, and zipper at share 1 and 2 (weight matching, no REPAIR, no calibration: timing only); "
              "off / on: `--fuse-branches off` / `on` (depthwise and 1x1 convolutions grouped); any: every "
              "convolution grouped (the form `auto` times after on's); auto: as `--fuse-branches auto` chose in "
-             "this run (column auto chose: its grouping rule, 1x1 or any, and the layers it wrote block-diagonal)",
+             "this run (column auto chose: its grouping rule, 1x1 or any, and the layers it wrote block-diagonal, H6, "
+             "or reading their input computed once per task, H1'')",
              "- speed-up: the two originals one after another in separate sessions over the merged model, one thread, "
              "interleaved in one process [quartiles of the per-round paired ratios]; nodes: the nodes onnxruntime "
              "runs (not those it folds when it creates the session, such as the Concat that builds a fused weight)",
