@@ -52,6 +52,20 @@ class SearchResult:
         return pareto(self.trials, objective or self.objective)
 
 
+@dataclass
+class Paused:
+    """A bisection stopped to keep time for the methods after it: the settings it had left (between
+    its last within the budget and its first over it), its start and warm start, whether it prunes,
+    and the note that said so."""
+
+    name: str
+    ladder: list[dict]
+    start: object
+    warm: object
+    prune: bool
+    note: str
+
+
 def split_validation(calib: dict, validation: dict | None, seed: int = HELD_OUT_SEED) -> tuple[dict, dict, dict]:
     """(calibration data, validation data, where each task's validation data came from): `validation`
     where given, else a held-out part of `calib` (a fifth, at most HELD_OUT_MAX samples)."""
@@ -186,6 +200,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
     # leave that, so a slow method tried first cannot leave a later one untried (codebook, tried last
     # under --objective latency, once never ran: README "Time kept")
     pending = list(mine)  # methods whose bisection has not started
+    paused: list[Paused] = []  # bisections stopped for that time, gone on with at the end
 
     def kept() -> tuple[float, list[str]]:
         return len(pending) * KEPT_SPREAD * max(t.usual_seconds for t in trials), pending
@@ -217,7 +232,7 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
                          f"{'calibrated' if start_from.calibrated else 'merged'} it")
         found_notes, best, _ = bisect_method(setup, comp.name, ladder, max_loss, objective, best, deadline,
                                              on_trial=record, guess=max(t.usual_seconds for t in trials), start=warm,
-                                             kept=kept, first_kept=False)
+                                             kept=kept, first_kept=False, paused=paused)
         notes.extend(found_notes)
 
     # a composition runs where its first method was searched (under torchrun: by this process)
@@ -237,7 +252,8 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
         for job in work:  # each method prunes against what the methods before it found
             pending.remove(job[1])
             found_notes, best, applies = bisect_method(*job[:5], best, deadline, on_trial=record, prune=job[7],
-                                                       guess=max(t.usual_seconds for t in trials), kept=kept)
+                                                       guess=max(t.usual_seconds for t in trials), kept=kept,
+                                                       paused=paused)
             notes += found_notes
             if not applies:
                 refused.add(job[1])
@@ -246,6 +262,15 @@ def search(inputs: list, names: list[str] | None, calib: dict, *, validation: di
             for comp in composed_here:
                 if comp.composes[0] == job[1]:
                     compose(comp)
+        # the time kept for the methods after a paused bisection, where they did not use it, goes back
+        # to it, in the order they paused (the VGG report pair once ended at 403 s of 600 with its
+        # composition's least aggressive setting untried: README "Time kept")
+        for p in paused:
+            notes.remove(p.note)
+            found_notes, best, _ = bisect_method(setup, p.name, p.ladder, max_loss, objective, best, deadline,
+                                                 on_trial=record, prune=p.prune, start=p.start, warm_from=p.warm,
+                                                 guess=max(t.usual_seconds for t in trials))
+            notes.extend(found_notes)
     if world > 1:
         trials, notes = _gather(trials, notes, rank, world)
     bar.n = min(int(time.perf_counter() - start), bar.total)
@@ -264,7 +289,8 @@ def _strength(method, objective: str) -> int:
 
 def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, objective: str, best: Trial,
                   deadline: float, on_trial, prune: bool = True, guess: float = 0.0,
-                  start=None, kept=None, first_kept: bool = True) -> tuple[list[str], Trial, bool]:
+                  start=None, kept=None, first_kept: bool = True, paused: list | None = None,
+                  warm_from=None) -> tuple[list[str], Trial, bool]:
     """Bisect one method's ladder for its most aggressive setting within the budget; `best`: the best
     model within the budget found before (with `prune`, settings that cannot beat it are not calibrated);
     `on_trial(trial)` receives each trial; `guess`: the seconds a trial is taken to last before this
@@ -278,9 +304,11 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
     that the merge rounds to one tried before (Trial.effective) is not measured again: that trial's
     outcome steers the bisection. Where the bisection ends on a near miss (Trial.near), it is
     calibrated longer (trial.calibrate_longer) if that fits the budget and the time kept, and the
-    bisection goes on above it if it is then within the budget."""
+    bisection goes on above it if it is then within the budget. Where it stops for the time kept
+    (not for the deadline), `paused` (if given) gets a Paused to go on from once the methods after it
+    are done; `warm_from`: the warm start a paused bisection had (a sweep's last model within the budget)."""
     method, notes, tried, applies = METHODS[name], [], [], True
-    lo, hi, warm = -1, len(ladder), None  # lo: within the budget (or not worth trying); hi: over it
+    lo, hi, warm = -1, len(ladder), warm_from  # lo: within the budget (or not worth trying); hi: over it
     outcomes = {}  # ladder index -> the trial whose outcome steers the bisection there
 
     def forget() -> None:  # the models no later step needs (a near miss's merge: only at the frontier)
@@ -308,6 +336,8 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
             if spent:
                 notes.append(f"{spent}: {name} settings {', '.join(setting_text(p) for p in ladder[lo + 1:hi])} "
                              "not tried")
+                if paused is not None and later:
+                    paused.append(Paused(name, ladder[lo + 1:hi], start, warm, prune, notes[-1]))
                 stopped = True
                 break
             mid = (lo + hi) // 2
