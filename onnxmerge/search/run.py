@@ -330,13 +330,14 @@ def bisect_method(setup: Setup, name: str, ladder: list[dict], max_loss: float, 
             # the time kept for later methods is judged by the longest trial of any method: a method's own may
             # all have been quick (kept as merged) until one is calibrated (on the ResNet tuning pair a
             # composition's 49 s trials were followed by one of 113 s, and codebook's kept time was gone)
-            spent = ("time budget spent" if now + max(ran, default=guess) > deadline else
+            past = now + max(ran, default=guess) > deadline
+            spent = ("time budget spent" if past else
                      f"time budget spent but for a trial of each of {', '.join(later)}"
                      if keep and now + max([*ran, guess]) > deadline - keep else None)
             if spent:
                 notes.append(f"{spent}: {name} settings {', '.join(setting_text(p) for p in ladder[lo + 1:hi])} "
                              "not tried")
-                if paused is not None and later:
+                if paused is not None and not past:  # stopped for the time kept: it may get it back
                     paused.append(Paused(name, ladder[lo + 1:hi], start, warm, prune, notes[-1]))
                 stopped = True
                 break
