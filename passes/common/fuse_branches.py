@@ -27,8 +27,9 @@ channel axis (part i of the fused tensor F is the task's tensor p_i, c_i channel
 
   (per-channel operators after it the same). It does k times the producer's multiplications, and
   saves the Concat and, in onnxruntime's blocked (NCHWc) layout, which Concat leaves, the two
-  reorders of x around it (the budget suite's narrow MobileNet zipped at one layer: 1.33x -> 1.50x
-  the originals' speed on an Intel Xeon, two randomly initialised models, while this was written);
+  reorders of x around it (the budget suite's MobileNet pair zipped at one layer, with two H6
+  layers: 1.24x -> 1.52x the originals' speed at batch 1 on an Intel Xeon, BENCHMARKS.md
+  `fuse_branches:<cpu>`, `on` against `auto`);
   like H6 below, only `auto` writes it, where the whole model ran faster so;
 - k convolutions of group g_i reading the parts p_i of F, with the same input and output channels
   per group (c_i / g_i and C_i / g_i: the same layer shape in every task): one convolution of
@@ -366,7 +367,8 @@ def _seed(node: gs.Node, done: set[int], dense: frozenset = frozenset(), eligibl
         return _fused_conv(siblings, x, dict(node.attrs), [_shape(n.inputs[1])[0] for n in siblings])
     k = len(siblings)
     chain = _producer_chain(x, siblings)
-    if chain is not None and node.name in dense:
+    repeat = chain is not None and node.name in dense
+    if repeat:
         copies = _repeated(chain, k, node.name)
     else:
         if chain is not None and eligible is not None:
@@ -374,7 +376,7 @@ def _seed(node: gs.Node, done: set[int], dense: frozenset = frozenset(), eligibl
         copies = gs.Variable(f"{node.name}_input_per_task", dtype=x.dtype)
         gs.Node("Concat", name=f"{node.name}_input_per_task", inputs=[x] * k, outputs=[copies], attrs={"axis": 1})
     nodes, fused, bundle = _fused_conv(siblings, copies, {**node.attrs, "group": group * k}, [w[0]] * k)
-    bundle.added = int(chain is None or node.name not in dense)  # the Concat; H1'' adds no node
+    bundle.added = int(not repeat)  # the Concat; H1'' adds no node
     return nodes, fused, bundle
 
 

@@ -71,12 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         files = [str(paths[f"{arch}_{d}"]) for d in ("mnist", "fashion")]
         originals = [session(f, threads=1, optimize=True) for f in files]
         for method, params in SETTINGS:
-            merged = {form: merge(files, method=method, names=["mnist", "fashion"], params=params, fuse_branches=form)
-                      for form in ("off", "on", "auto")}
-            models = {form: merged[form].model for form in ("off", "on")}
+            models = {form: merge(files, method=method, names=["mnist", "fashion"], params=params,
+                                  fuse_branches=form).model for form in ("off", "on")}
             models["any"] = apply(models["off"], "on", "any")[0]
-            models["auto"] = merged["auto"].model
-            chose = merged["auto"].info.fidelity.get("fuse_branches") or {}
+            models["auto"], chose = apply(models["off"], "auto")  # as merge's last pass writes it
+            chose = chose or {}
             nodes = {form: run_time_nodes(m) for form, m in models.items()}
             row = {"arch": arch, "setting": method + (f" share={params['share']}" if params else ""), "nodes": nodes,
                    "auto": (chose.get("kernels") or "off") + "".join(
