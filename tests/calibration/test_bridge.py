@@ -197,6 +197,50 @@ def test_op_matches_onnxruntime(case):
     assert_matches_ort(model, feeds)
 
 
+@pytest.mark.parametrize("case", ["clip_both", "clip_max_only"])
+@pytest.mark.parametrize("bounds_trained", [False, True])
+def test_clip_values_and_gradients(case, bounds_trained):
+    """Fixed bounds (as calibration holds ReLU6's) run as numbers, trained ones as tensors: the same
+    values as onnxruntime either way, and the gradient of numpy's clip (1 strictly inside the bounds,
+    0 outside); trained bounds get the gradient of the entries they clip."""
+    op, shape, inits, extra, attrs = CASES[case]
+    model, feeds = one_op(op, shape, inits, extra, **attrs)
+    module = OnnxModule(model, trainable=lambda name: bounds_trained)
+    assert_matches_ort(model, feeds, module)
+    x = torch.from_numpy(feeds["x"]).requires_grad_()
+    weights = f32(*shape, seed=2)
+    (module({"x": x})["y"] * torch.from_numpy(weights)).sum().backward()
+    lo, hi = inits.get("lo", -np.inf), inits.get("hi", np.inf)
+    inside = (feeds["x"] > lo) & (feeds["x"] < hi)
+    np.testing.assert_array_equal(x.grad.numpy(), np.where(inside, weights, 0))
+    for name, bound in (("lo", feeds["x"] < lo), ("hi", feeds["x"] > hi)):
+        if name in inits:
+            grad = module.parameter(name).grad
+            assert (grad is None) if not bounds_trained else np.isclose(grad.item(), weights[bound].sum())
+
+
+def test_convolutions_run_channels_last_with_the_same_values():
+    """2-D convolutions switch a CPU tensor to channels-last (faster in oneDNN): the values of a conv
+    -> relu -> conv chain match onnxruntime, and its input's gradient that of the same chain in
+    PyTorch on contiguous tensors."""
+    w1, w2 = f32(8, 3, 3, 3, seed=3), f32(4, 4, 3, 3, seed=4)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", group=2, strides=[2, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model, x = finish(graph), f32(2, 3, 9, 9, seed=1)
+    module = OnnxModule(model)
+    assert_matches_ort(model, {"x": x}, module)
+    got = torch.from_numpy(x).requires_grad_()
+    module({"x": got})["y"].sum().backward()
+    ref = torch.from_numpy(x).requires_grad_()
+    F.conv2d(F.relu(F.conv2d(ref, torch.from_numpy(w1), padding=1)), torch.from_numpy(w2),
+             stride=2, groups=2).sum().backward()
+    np.testing.assert_allclose(got.grad.numpy(), ref.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_small_graph_of_remaining_ops_matches_onnxruntime():
     """Gather of a codebook by an integer buffer, Dropout, Identity, Constant, Shape in one graph."""
     codebook, codes = f32(8, 4), i64(np.random.default_rng(0).integers(0, 8, (3, 5)))
