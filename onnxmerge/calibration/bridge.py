@@ -197,8 +197,8 @@ def _clip(node, inputs, attrs):
     x, lo, hi = (inputs + [None, None])[:3]
     if lo is None and hi is None:
         return x
-    if any(b is not None and b.requires_grad for b in (lo, hi)):
-        return torch.clamp(x, lo, hi)
+    if x.device.type != "cpu" or any(b is not None and b.requires_grad for b in (lo, hi)):
+        return torch.clamp(x, lo, hi)  # (on a GPU, reading the bounds as numbers would wait for it)
     # fixed bounds (ReLU6's 0 and 6: calibration never trains them) as numbers, both in hardtanh:
     # its backward is one vectorised kernel, where clamp's with tensor bounds builds masks with
     # comparisons and wheres (a third of a MobileNet's training step on a CPU)
