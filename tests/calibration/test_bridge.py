@@ -234,7 +234,9 @@ def test_convolutions_run_channels_last_with_the_same_values():
     module = OnnxModule(model)
     assert_matches_ort(model, {"x": x}, module)
     got = torch.from_numpy(x).requires_grad_()
-    module({"x": got})["y"].sum().backward()
+    out = module({"x": got}, ["h", "y"])
+    assert out["h"].is_contiguous(memory_format=torch.channels_last)
+    out["y"].sum().backward()
     ref = torch.from_numpy(x).requires_grad_()
     F.conv2d(F.relu(F.conv2d(ref, torch.from_numpy(w1), padding=1)), torch.from_numpy(w2),
              stride=2, groups=2).sum().backward()
