@@ -201,11 +201,13 @@ def _clip(node, inputs, attrs):
         return x
     if x.device.type != "cpu" or any(b is not None and b.requires_grad for b in (lo, hi)):
         return torch.clamp(x, lo, hi)  # (on a GPU, reading the bounds as numbers would wait for it)
-    # fixed bounds (ReLU6's 0 and 6: calibration never trains them) as numbers, both in hardtanh:
-    # its backward is one vectorised kernel, where clamp's with tensor bounds builds masks with
-    # comparisons and wheres (a third of a MobileNet's training step on a CPU)
-    lo, hi = (None if b is None else b.item() for b in (lo, hi))
-    return F.hardtanh(x, lo, hi) if lo is not None and hi is not None and lo <= hi else torch.clamp(x, lo, hi)
+    # fixed bounds (ReLU6's 0 and 6: calibration never trains them) as numbers (a missing one
+    # infinite) in hardtanh: its backward is one vectorised kernel, where clamp's builds masks with
+    # comparisons and wheres (a third of a MobileNet's training step on a CPU); hardtanh refuses
+    # lo > hi, where clamp gives hi everywhere
+    lo = -math.inf if lo is None else lo.item()
+    hi = math.inf if hi is None else hi.item()
+    return F.hardtanh(x, lo, hi) if lo <= hi else torch.clamp(x, lo, hi)
 
 
 @register_op("Reshape")
