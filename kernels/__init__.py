@@ -18,6 +18,9 @@ from onnxmerge.errors import MergeError
 
 DOMAIN = "ai.onnxmerge"
 ISA_VARIABLE = "ONNXMERGE_KERNEL_ISA"  # forces an instruction set when a session creates its kernels
+# forces the order of EConv's lookups of float tables, "channels" or "rows" (kernels/lookup.h,
+# EConvPlan::channels), for tests and timings; chosen by the cache sizes where it is not set
+ORDER_VARIABLE = "ONNXMERGE_ECONV_ORDER"
 LIBRARY = Path(__file__).with_name("libonnxmerge_kernels.so")
 
 

@@ -76,6 +76,12 @@ struct EConvPlan {
   int64_t tile_in_rows = 0;   // padded input rows a tile reads
   int64_t plane = 0;          // entries per table plane (one codeword): tile_in_rows * row, rounded up to 16
   int64_t group = 0;          // segments whose tables are built together
+  // Float tables, kernels of several offsets, where one segment's tables over the input rows that a
+  // run of 2 * kMaxVec outputs reads fit L1: the lookups run segment by segment (a few at a time,
+  // `channel_segments`, what fits half of L1) for every output channel, a run of positions after
+  // another, rather than each output channel over all of a group's segments (econv_sample)
+  bool channels = false;
+  int64_t channel_segments = 1;
   std::vector<int32_t> offsets;  // [p][V][kh*kw]: code * plane + the kernel offset's row / phase / column
   const IsaKernels* isa = nullptr;  // the instruction set this input size runs (see EConvLayer::plan)
   mutable ScratchPool scratch;  // lookup_impl.cc's EConvScratch of `isa`

@@ -12,7 +12,10 @@
 //   2. lookups: each output adds, per segment and kernel offset, the table entries its code picks
 //      (eq. 9). For EConv that is a whole table row, shifted: contiguous vector adds, accumulated in
 //      registers over all segments and kernel offsets before one store (at stride 1 over a tile's
-//      outputs on the padded grid, row after row: EConvPlan::flat).
+//      outputs on the padded grid, row after row: EConvPlan::flat); or, for float tables whose
+//      segment fits L1 over a few rows (EConvPlan::channels), over a few segments for 8 output
+//      channels at a time, every channel before the next few segments, so that the table rows
+//      loaded stay in L1 from one channel to the next.
 // Tables are built for groups of segments (and tiles of rows or samples) that fit a core's L2 cache;
 // the items of each phase are spread over onnxruntime's intra-op threads (Parallel), or, for an
 // EConv of several samples, the samples. EConv's tables may be int16 / int8 (EConvParams::table_bits):
@@ -402,6 +405,55 @@ void econv_lookup(float* y, int64_t ystride, bool init, float bias, const T* t, 
     for (int k = 0; k < K; ++k) store(y + rb * ystride + k * VEC, acc[rb][k]);
 }
 
+// Phase 2 for float tables, OB output channels at once over one run of K vectors of positions:
+// y[ob][.] (+)= sum over `segs` segments and the kernel offsets of the table run each channel's code
+// picks. Channel ob's outputs are at y + ob * ychan, its offsets at off + ob * ochan (+ v * taps).
+// econv_lookup's rows share one offset per load; here each load has its own, but the caller runs a
+// few segments for every output channel before the next (econv_sample), so the table entries the
+// loads read, those of a few segments over a few output rows, stay in L1 from one channel to the
+// next, where a channel's rows over all segments of a group read a group's tables out of L2.
+template <int OB, int K>
+void econv_lookup_channels(float* y, int64_t ychan, bool init, const float* bias, const float* t, int64_t segs,
+                           int64_t seg_stride, const int32_t* off, int64_t ochan, int64_t taps) {
+  vec acc[OB][K];
+  for (int ob = 0; ob < OB; ++ob)
+    for (int k = 0; k < K; ++k) acc[ob][k] = init ? splat(bias ? bias[ob] : 0.0f) : load(y + ob * ychan + k * VEC);
+  for (int64_t v = 0; v < segs; ++v) {
+    const float* tv = t + v * seg_stride;
+    const int32_t* ov = off + v * taps;
+    for (int64_t i = 0; i < taps; ++i)
+      for (int ob = 0; ob < OB; ++ob) {
+        const float* src = tv + ov[ob * ochan + i];
+        for (int k = 0; k < K; ++k) acc[ob][k] += load(src + k * VEC);
+      }
+  }
+  for (int ob = 0; ob < OB; ++ob)
+    for (int k = 0; k < K; ++k) store(y + ob * ychan + k * VEC, acc[ob][k]);
+}
+
+// output channels per call of econv_lookup_channels and vectors of positions per run: 16 sums in
+// AVX-512's registers, 8 in AVX2's (the loads' addresses and the channels' offsets take the rest); 6
+// channels of 4 vectors were faster on some 64-512-channel layers and slower on others (Intel Xeon,
+// AVX-512), and read more table rows per run
+constexpr int kChannels = VEC == 16 ? 8 : 4, kRunVecs = 2;
+// at most this many work items for the runs of a tile: a few runs each (econv_sample)
+constexpr int64_t kRunItems = 8;
+using ChannelsFn = void (*)(float*, int64_t, bool, const float*, const float*, int64_t, int64_t, const int32_t*,
+                            int64_t, int64_t);
+template <int OB, int... K>
+constexpr std::array<ChannelsFn, kRunVecs> channels_row(std::integer_sequence<int, K...>) {
+  return {{econv_lookup_channels<OB, K + 1>...}};
+}
+template <int... B>
+constexpr auto channels_table(std::integer_sequence<int, B...>) {
+  return std::array<std::array<ChannelsFn, kRunVecs>, sizeof...(B)>{
+      {channels_row<B + 1>(std::make_integer_sequence<int, kRunVecs>())...}};
+}
+ChannelsFn econv_channels_fn(int64_t channels, int64_t vecs) {
+  static constexpr auto table = channels_table(std::make_integer_sequence<int, kChannels>());
+  return table[channels - 1][vecs - 1];
+}
+
 // output rows accumulated together (independent add chains sharing each offset load) and vectors per
 // row: as many accumulators as the registers hold (32 with AVX-512, 16 otherwise); integer tables
 // need as many again for the per-segment sums, so half the rows, except int8 summed in 16 bits: one
@@ -633,6 +685,42 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
         econv_tables(L, P, w.xp.data(), chan, v, c0, std::min(s.C, c0 + cblock), first + q0, q1 - q0, w.inv[v],
                      w.tables.data() + (v - g0) * seg_stride + q0);
       });
+      if constexpr (std::is_same_v<T, float>) if (P.channels) {
+        const int64_t few = std::min(P.channel_segments, g1 - g0);
+        const int64_t ochan = s.V * taps;
+        // the lookups of segments [v0, v1) for run i of kRunVecs vectors of positions, every output
+        // channel: the tile's outputs as one run (EConvPlan::flat), else each output row's
+        const int64_t per_row = P.flat ? ceil_div(ceil_div((a1 - a0) * P.row, VEC), kRunVecs) : ceil_div(nvec, kRunVecs);
+        const int64_t runs = P.flat ? per_row : (a1 - a0) * per_row;
+        const auto lookups = [&](int64_t i, int64_t v0, int64_t v1) {
+          float* y0;
+          const float* t0;
+          int64_t ychan, vecs;
+          if (P.flat) {
+            const int64_t cv = i * kRunVecs;
+            y0 = out + a0 * P.row + cv * VEC, ychan = P.out_plane, t0 = w.tables.data() + cv * VEC;
+            vecs = std::min<int64_t>(kRunVecs, ceil_div((a1 - a0) * P.row, VEC) - cv);
+          } else {
+            const int64_t a = a0 + i / per_row, cv = (i % per_row) * kRunVecs;
+            y0 = out + a * ystride + cv * VEC, ychan = P.Ho * ystride;
+            t0 = w.tables.data() + (a - a0) * s.sh * P.row + cv * VEC, vecs = std::min<int64_t>(kRunVecs, nvec - cv);
+          }
+          for (int64_t o = 0; o < s.p; o += kChannels)
+            econv_channels_fn(std::min<int64_t>(kChannels, s.p - o), vecs)(
+                y0 + o * ychan, ychan, v0 == 0, bias ? bias + o : nullptr, t0 + (v0 - g0) * seg_stride, v1 - v0,
+                seg_stride, P.offsets.data() + o * ochan + v0 * taps, ochan, taps);
+        };
+        // a few runs per item, at most kRunItems items: within one the runs of a few segments go one
+        // after another, so the tables they read slide along in L1 (a run reads mostly what the one
+        // before it read)
+        const int64_t chunk = ceil_div(runs, kRunItems);
+        parallel.run(static_cast<size_t>(ceil_div(runs, chunk)), [&](size_t item) {
+          const int64_t i0 = static_cast<int64_t>(item) * chunk, i1 = std::min(runs, i0 + chunk);
+          for (int64_t v0 = g0; v0 < g1; v0 += few)
+            for (int64_t i = i0; i < i1; ++i) lookups(i, v0, std::min(g1, v0 + few));
+        });
+        continue;
+      }
       parallel.run(static_cast<size_t>(ceil_div(s.p, oblock)), [&](size_t item) {
         const int64_t o0 = static_cast<int64_t>(item) * oblock;
         for (int64_t o = o0; o < std::min(s.p, o0 + oblock); ++o) {

@@ -55,6 +55,16 @@ int64_t env_bytes(const char* name) {
 }
 void fail(const std::string& what) { throw std::invalid_argument(what); }
 
+// ONNXMERGE_ECONV_ORDER forces the order of float tables' lookups (EConvPlan::channels): "channels"
+// or "rows" ("" where it is not set), for tests and timings
+std::string econv_order() {
+  const char* v = std::getenv("ONNXMERGE_ECONV_ORDER");
+  const std::string order = v ? v : "";
+  if (!order.empty() && order != "channels" && order != "rows")
+    fail("ONNXMERGE_ECONV_ORDER must be channels or rows, not '" + order + "'");
+  return order;
+}
+
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 void check_codebook(int64_t Vc, int64_t C, int64_t r, int64_t V, int64_t d, const char* op) {
@@ -273,6 +283,13 @@ std::shared_ptr<const EConvPlan> EConvLayer::plan(int64_t H, int64_t W) const {
   P.group = std::clamp<int64_t>(table_budget_bytes() / (s.C * P.plane * entry_bytes), 1, s.V);
   if (s.C * P.plane >= std::numeric_limits<int32_t>::max()) fail("EConv: a segment's tables are too large");
   const int64_t taps = s.kh * s.kw;
+  // a run of the lookups reads kw - 1 entries past its own at stride 1, else a row's phases, and
+  // kh - 1 rows below (EConvPlan::channels)
+  const int64_t window = 2 * kMaxVec + (s.kh - 1) * s.dh * P.row + (s.sw == 1 ? (s.kw - 1) * s.dw : P.row);
+  const int64_t segment_bytes = s.C * window * entry_bytes, l1 = cache_sizes().l1d;
+  const std::string order = econv_order();
+  P.channels = s.table_bits == 32 && (order.empty() ? taps > 1 && segment_bytes <= l1 : order == "channels");
+  P.channel_segments = std::max<int64_t>(1, l1 / 2 / segment_bytes);
   P.offsets.resize(codes.size());
   for (int64_t ov = 0; ov < s.p * s.V; ++ov)
     for (int64_t i = 0; i < s.kh; ++i)

@@ -24,6 +24,8 @@ from onnxmerge import kernels
 from onnxmerge.graph.ops import is_native, to_portable
 from random_layers import TOL, econv_config, efc_config, random_layer, reference, rel
 
+ORDER_VARIABLE, ORDERS = kernels.ORDER_VARIABLE, ("channels", "rows")
+
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=kernels.unavailable_reason() or "built")
 
 
@@ -184,10 +186,12 @@ def test_the_library_sizes_its_tables_by_this_cpu_s_caches():
         assert got["source"] in ("sysconf", "defaults") and got["l1d_bytes"] > 0 and got["l2_bytes"] > 0
 
 
-def test_small_caches_give_other_blocks_and_the_same_numbers():
+@pytest.mark.parametrize("order", ORDERS)
+def test_small_caches_give_other_blocks_and_the_same_numbers(order):
     """The block sizes follow the caches: with a 4 KiB L1d and a 64 KiB L2 (forced), tables are built
-    in many small blocks, and every instruction set still matches the reference."""
-    env = {**os.environ, "ONNXMERGE_L1D_BYTES": "4096", "ONNXMERGE_L2_BYTES": "65536"}
+    in many small blocks (several tiles and segment groups; with the lookups in channel order, one
+    segment at a time for every channel), and every instruction set still matches the reference."""
+    env = {**os.environ, "ONNXMERGE_L1D_BYTES": "4096", "ONNXMERGE_L2_BYTES": "65536", ORDER_VARIABLE: order}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                            "every_instruction_set or sizes_its_tables or benchmark_layer_shapes", "-rs"],
                           env=env, capture_output=True, text=True, timeout=600)
@@ -196,9 +200,13 @@ def test_small_caches_give_other_blocks_and_the_same_numbers():
     assert " passed" in done.stdout and all("this CPU does not run" in line for line in skips), done.stdout[-2000:]
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("isa", isa_params())
-def test_every_instruction_set_matches_the_reference(isa, monkeypatch):
+def test_every_instruction_set_matches_the_reference(isa, order, monkeypatch):
+    """Each instruction set, with float tables' lookups in either order (EConvPlan::channels: forced
+    here, chosen by the cache sizes otherwise)."""
     monkeypatch.setenv(kernels.ISA_VARIABLE, isa)
+    monkeypatch.setenv(ORDER_VARIABLE, order)
     cases = large_configs() + [("EConv", *econv_config(s)) for s in range(8)] + [("EFC", *efc_config(s)) for s in range(8)]
     for op, x, codebook, codes, bias, attrs in cases:
         got = native_session(one_node(op, x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})[0]
@@ -287,6 +295,13 @@ def test_an_unknown_table_precision_is_refused(op, config):
     x, codebook, codes, bias, attrs = config(0)
     with pytest.raises(Exception, match=f"{op}: table_bits must be 32, 16 or 8, not 4"):
         native_session(one_node(op, x.ndim, codebook, codes, bias, table_bits=4, **attrs)).run(None, {"X": x})
+
+
+def test_an_unknown_lookup_order_is_refused(monkeypatch):
+    x, codebook, codes, bias, attrs = econv_config(0)
+    monkeypatch.setenv(ORDER_VARIABLE, "columns")
+    with pytest.raises(Exception, match=f"{ORDER_VARIABLE} must be channels or rows, not 'columns'"):
+        native_session(one_node("EConv", x.ndim, codebook, codes, bias, **attrs)).run(None, {"X": x})
 
 
 def test_an_unknown_instruction_set_is_refused(monkeypatch):
