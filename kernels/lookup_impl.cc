@@ -27,6 +27,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -602,16 +603,33 @@ void segment_runs(const float* scale, int64_t V, int64_t taps, SegmentRun* runs)
   }
 }
 
+// An allocator of cache-line-aligned arrays: a table plane (a multiple of 16 entries) then starts a
+// line, and so does each vector the lookups load at a kernel offset of column 0
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  static constexpr std::align_val_t kLine{64};
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kLine)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kLine); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAligned<U>&) const { return false; }
+};
+
 // What one sample's EConv works in: the padded input, a segment group's tables, the segments'
 // scales (integer tables) and, where output rows are not whole vectors or the plan is flat, padded
 // outputs.
 template <typename T>
 struct EConvScratch {
-  std::vector<float> xp;       // [d][Hp * row]; the pads stay zero for every sample of the plan
-  std::vector<T> tables;       // [group][C][plane]
+  std::vector<float, LineAligned<float>> xp;  // [d][Hp * row]; the pads stay zero for every sample of the plan
+  std::vector<T, LineAligned<T>> tables;      // [group][C][plane]
   std::vector<float> scale, inv;
   std::vector<SegmentRun> runs;  // how each segment's integer sums join the float sums (segment_runs)
-  std::vector<float> padded;   // flat: [p][out_plane]; else [p][Ho][nvec * VEC], or empty
+  std::vector<float, LineAligned<float>> padded;  // flat: [p][out_plane]; else [p][Ho][nvec * VEC], or empty
 
   // xp: flat, the last channel's tables read up to (kw - 1) * dw + 2 vectors past its last row
   EConvScratch(const EConvLayer& L, const EConvPlan& P)

@@ -9,7 +9,9 @@ table), one thread, interleaved (compare_latency). Grid: convolutions of 8 to 51
 out with kernels 1, 3 and 5 (stride 1, same padding; the spatial size shrinks with the width so that
 a sample stays under about 50 M dense MACs), fc layers 64 to 4096 wide (square), the r / C of both
 presets, batch 1 and 32. Per cell: dense and native medians, the measured ratio (dense / native, > 1:
-native faster), the theoretical ratio (dense MACs / lookup operations) and the share of it reached.
+native faster), the theoretical ratio (dense MACs / lookup operations) and the share of it reached;
+for convolutions with float tables also the native node with its lookups forced into either order
+(`ONNXMERGE_ECONV_ORDER`, kernels/lookup.h EConvPlan::channels), in the same interleaved rounds.
 Issue 19's target: at batch 1, every layer whose theoretical ratio is at least 3x reaches 60%.
 `--table-precision int16|int8`: the cells with integer tables (section `kernel_grid_<precision>:<cpu>`).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +76,20 @@ def cell_model(kind: str, width: int, k: int, r: int, c: int, rng, table_bits: i
     return model, {"X": x_shape, "Y": y_shape}
 
 
+ORDERS = ("rows", "channels")
+
+
+def planned_in(order: str, session, x_shape, variable: str):
+    """`session` (one EConv node) with its plan for `x_shape` made with the lookups in `order`: the
+    kernels read `variable` when they plan an input size, at its first run; the plan is kept."""
+    os.environ[variable] = order
+    try:
+        session.run(None, {"X": np.zeros([1, *x_shape[1:]], np.float32)})
+    finally:
+        del os.environ[variable]
+    return session
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -104,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             model, shapes = cell_model(kind, width, k, r, c, rng, bits)
             info, native, dense = layer_models(model, model.graph.node[0], shapes)
             sessions = {"dense": make_session(dense, 1), "native": make_session(native, 1)}
+            if kind == "conv" and bits == 32:
+                for order in ORDERS:
+                    sessions[order] = planned_in(order, make_session(native, 1), shapes["X"], kernels.ORDER_VARIABLE)
             for batch in BATCHES:
                 res = compare_latency({n: candidate([s], batch) for n, s in sessions.items()}, "dense",
                                       min_rounds=5 if batch > 1 else 20, warmup=2, budget_s=args.budget, progress=False)
@@ -112,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                        "x": info["x"], "theory": info["theory"], "dense_ms": res["dense"]["median_ms"],
                        "native_ms": n["median_ms"], "ratio": n["ratio"], "q1": n["ratio_q1"], "q3": n["ratio_q3"]}
                 row["reached"] = row["ratio"] / row["theory"]
+                row.update({f"{order}_ms": res[order]["median_ms"] for order in ORDERS if order in res})
                 rows.append(row)
                 print(f"{kind:4s} {width:5d} k={k} {preset:5s} b={batch:<3d} dense {row['dense_ms']:8.3f} ms native "
                       f"{row['native_ms']:8.3f} ms ratio {row['ratio']:5.2f} theory {row['theory']:5.2f} "
-                      f"reached {100 * row['reached']:4.0f}%", flush=True)
+                      f"reached {100 * row['reached']:4.0f}%" + "".join(f" {o} {row[f'{o}_ms']:8.3f} ms" for o in ORDERS
+                                                                      if f"{o}_ms" in row), flush=True)
     machine = machine_info()
     cpu = machine["cpu"]
     eligible = [r for r in rows if r["batch"] == 1 and r["theory"] >= THEORY_MIN]
@@ -130,13 +152,17 @@ def main(argv: list[str] | None = None) -> int:
              "theory = dense MACs / lookup operations; reached = ratio / theory",
              f"- issue 19 target: at batch 1 every layer of theory >= {THEORY_MIN:g}x reaches {100 * TARGET:.0f}%: "
              f"**{len(met)} of {len(eligible)}** such cells do", "",
-             "| layer | input (per sample) | preset (r/C) | batch | dense ms | native ms | ratio [q1-q3] | theory | reached |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "- rows ms / channels ms: the native node with its float tables' lookups forced into each order "
+             "(`ONNXMERGE_ECONV_ORDER`); native ms is the order the kernels chose (README, \"Native kernels\")", "",
+             "| layer | input (per sample) | preset (r/C) | batch | dense ms | native ms | ratio [q1-q3] | theory | reached "
+             "| rows ms | channels ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         layer = f"conv {r['width']} k{r['k']}" if r["kind"] == "conv" else f"fc {r['width']}"
         lines.append(f"| {layer} | {r['x']} | {r['preset']} ({r['r']}/{r['C']}) | {r['batch']} | {r['dense_ms']:.3f} | "
                      f"{r['native_ms']:.3f} | {r['ratio']:.2f} [{r['q1']:.2f}-{r['q3']:.2f}] | {r['theory']:.2f}x | "
-                     f"{100 * r['reached']:.0f}% |")
+                     f"{100 * r['reached']:.0f}% | " + " | ".join(f"{r[f'{o}_ms']:.3f}" if f"{o}_ms" in r else "-"
+                                                                  for o in ORDERS) + " |")
     body = "\n".join(lines) + "\n"
     name = "kernel_grid" if bits == 32 else f"kernel_grid_{args.table_precision}"
     publish(cpu_section(name, machine), body, write=not args.no_write and not args.quick)
