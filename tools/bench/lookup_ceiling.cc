@@ -1,6 +1,5 @@
-// The ceilings of EConv's lookups on this CPU, one thread (tools/bench/lookup_ceiling.py builds and
-// runs it): how many multiply-adds per second the vector unit does, and how many table entries per
-// second the lookups' inner loop (kernels/lookup_impl.cc, econv_lookup_channels: 8 output channels of
+// The ceiling of EConv's lookups on this CPU, one thread (tools/bench/lookup_ceiling.py builds and
+// runs it): how many table entries per second the lookups' inner loop (kernels/lookup_impl.cc, econv_lookup_channels: 8 output channels of
 // 2 vectors with AVX-512, 4 with AVX2, 9 kernel offsets, each load at its own offset) adds from tables
 // that stay in L1. Three placements of the table rows: aligned to the vector, one float past it (every
 // vector load crosses a cache line with AVX-512), and a 3x3 kernel's columns (0, 1 or 2 floats past: a
@@ -29,27 +28,8 @@ inline vec load(const float* p) {
 inline vec splat(float s) { return __builtin_shuffle(vec{s}, ivec{}); }
 
 constexpr int kChannels = VEC == 16 ? 8 : 4, kVecs = 2, kTaps = 9;
-// accumulators of the multiply-add loop: all but two of the vector registers (32 with AVX-512, 16 else)
-constexpr int kFma = VEC == 16 ? 24 : 12;
-
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// multiply-adds per second: kFma independent chains, a multiply-add each per round
-double fma_rate(float seed) {
-  vec acc[kFma];
-  for (int i = 0; i < kFma; ++i) acc[i] = splat(seed * static_cast<float>(i));
-  const vec w = splat(0.999f), b = splat(1e-4f);
-  const int64_t rounds = 20'000'000;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t r = 0; r < rounds; ++r)
-    for (int i = 0; i < kFma; ++i) acc[i] = acc[i] * w + b;
-  const double s = seconds_since(t0);
-  float sink = 0.0f;
-  for (int i = 0; i < kFma; ++i) sink += acc[i][0];
-  std::fprintf(stderr, "%g\n", sink);  // keeps the loop
-  return static_cast<double>(rounds) * kFma * VEC / s;
 }
 
 // table entries added per second by the lookups' inner loop; shift(rng) places each table row
@@ -82,12 +62,11 @@ double lookup_rate(Shift shift) {
 }
 
 int main() {
-  const double fma = fma_rate(1e-3f);
   const double aligned = lookup_rate([](std::mt19937&) { return 0; });
   const double past_one = lookup_rate([](std::mt19937&) { return 1; });
   const double columns = lookup_rate([](std::mt19937& rng) { return static_cast<int>(rng() % 3); });
-  std::printf("{\"vec\": %d, \"channels\": %d, \"fma_per_s\": %.4g, \"lookup_aligned_per_s\": %.4g, "
-              "\"lookup_past_one_per_s\": %.4g, \"lookup_3x3_columns_per_s\": %.4g}\n",
-              VEC, kChannels, fma, aligned, past_one, columns);
+  std::printf("{\"vec\": %d, \"channels\": %d, \"lookup_aligned_per_s\": %.4g, \"lookup_past_one_per_s\": %.4g, "
+              "\"lookup_3x3_columns_per_s\": %.4g}\n",
+              VEC, kChannels, aligned, past_one, columns);
   return 0;
 }
