@@ -23,9 +23,10 @@ the Python API as `onnxmerge A.onnx B.onnx -o M.onnx --max-loss 1 --calib TASK=P
   must stay within 1 point of its original there, and the row says whether the target is met.
 
 The pairs were split into a tuning half and a report half before anything was run (TUNING, REPORT below).
-Run the report half only once the search is tuned, and never tune on its figures.
+The report half was then run too often while the search changed to count as unseen; a held-out half of
+new models (HELDOUT) replaced it as the acceptance figures: run it once, and never tune on its figures.
 
-    python tools/bench/budget_search.py [--pairs tuning|report|paper|all] [--only PAIR ...]
+    python tools/bench/budget_search.py [--pairs tuning|report|heldout|paper|all] [--only PAIR ...]
                                         [--time-budget S] [--out-dir build/budget_bench] [--no-train]
                                         [--no-write] [--md FILE]
 
@@ -89,17 +90,31 @@ REPORT = {
     "lenet_fsdd+vgg_fashion": ("different", {"digits": "lenet_fsdd", "fashion": "vgg_fashion"}),
     "resnet_fsdd+mobilenet_mnist": ("different", {"digits": "resnet_fsdd", "mnist": "mobilenet_mnist"}),
 }
+# The held-out half, added 2026-12-06: the report half above was run about ten times while the search was
+# still being changed, and some of its changes were argued from those runs (README "Merging to an accuracy
+# budget" cites the VGG report pair), so it no longer measures pairs the search was not tuned on. These pairs
+# are of seven new models (tools/train_models.py, `*_h`: new seeds and recipes), drawn at random before any
+# of them was trained (random.Random(20261206): two architectures for MNIST + Fashion-MNIST pairs, then two
+# (spoken digits, other task) pairs of different architectures), and run once, with the search as it is.
+HELDOUT = {
+    "mlp_mnist_h+mlp_fashion_h": ("same", {"mnist": "mlp_mnist_h", "fashion": "mlp_fashion_h"}),
+    "lenet_mnist_h+lenet_fashion_h": ("same", {"mnist": "lenet_mnist_h", "fashion": "lenet_fashion_h"}),
+    "mobilenet_fsdd_h+mlp_fashion_h": ("different", {"digits": "mobilenet_fsdd_h", "fashion": "mlp_fashion_h"}),
+    "resnet_fsdd_h+vgg_mnist_h": ("different", {"digits": "resnet_fsdd_h", "mnist": "vgg_mnist_h"}),
+}
 # the paper's LeNet pair (NeuralMerger experiment 4.1; build/bench_models): not in either half, the project
 # has been developed on it
 PAPER = {"paper_lenet_fsdd+paper_lenet_fashion32": ("paper", {"digits": "paper_lenet_fsdd",
                                                               "fashion": "paper_lenet_fashion32"})}
-HALVES = {"tuning": TUNING, "report": REPORT, "paper": PAPER}
-PAIRS = {**TUNING, **REPORT, **PAPER}
+HALVES = {"tuning": TUNING, "report": REPORT, "heldout": HELDOUT, "paper": PAPER}
+PAIRS = {**TUNING, **REPORT, **HELDOUT, **PAPER}
 PAPER_CALIB = {"digits": (2000, 2), "fashion": (5000, 1)}  # task -> (samples, Dataset.subset seed)
 PAPER_TEST = {"digits": "digits_eval.npz", "fashion": "fashion32_eval.npz"}  # bench group: the full test splits
 
 assert not set(TUNING) & set(REPORT)
 assert not {m for _, ms in TUNING.values() for m in ms.values()} & {m for _, ms in REPORT.values() for m in ms.values()}
+assert not {m for _, ms in HELDOUT.values() for m in ms.values()} & {m for h in (TUNING, REPORT)
+                                                                  for _, ms in h.values() for m in ms.values()}
 
 
 def half_of(pair: str) -> str:
@@ -290,8 +305,11 @@ def section(rows: list[dict], argv: list[str], seconds: float, kept: dict | None
         "narrow VGG (8-32 channels, fc64), narrow MobileNet (depthwise separable), narrow ResNet, MLP (256-128); "
         "MNIST and Fashion-MNIST at 28x28, spoken digits (FSDD) at 32x32; each model its own seed and recipe",
         "- the pairs were split before any search ran on them: **tuning half** "
-        + ", ".join(f"`{p}`" for p in TUNING) + "; **report half** (never tuned on) "
-        + ", ".join(f"`{p}`" for p in REPORT) + "; and the paper's LeNet pair (NeuralMerger experiment 4.1, "
+        + ", ".join(f"`{p}`" for p in TUNING) + "; **report half** "
+        + ", ".join(f"`{p}`" for p in REPORT) + " (meant never to be tuned on, but run about ten times while the "
+        "search changed, some changes argued from those runs: no longer unseen); **held-out half** (seven new "
+        "models, pairs drawn at random, run once with the search as it is) "
+        + ", ".join(f"`{p}`" for p in HELDOUT) + "; and the paper's LeNet pair (NeuralMerger experiment 4.1, "
         "developed on: neither half)",
         "- each search: `--max-loss 1` with " + data_text() + " (column \"chosen on\": rows of earlier runs, "
         "and the paper pair, whose models trained on the whole train split, chose on a fifth of their "
@@ -305,7 +323,8 @@ def section(rows: list[dict], argv: list[str], seconds: float, kept: dict | None
         f"after the search ({LATENCY_BUDGET_S:g} s); met: within 1 point on test and the target reached",
         "",
     ]
-    for half, title in (("tuning", "Tuning half"), ("report", "Report half"), ("paper", "The paper's LeNet pair")):
+    for half, title in (("tuning", "Tuning half"), ("report", "Report half"), ("heldout", "Held-out half"),
+                        ("paper", "The paper's LeNet pair")):
         got = [p for p in HALVES[half] if p in pairs]
         missing = [p for p in HALVES[half] if p not in pairs]
         lines += [f"### {title}", ""]
@@ -325,7 +344,7 @@ def section(rows: list[dict], argv: list[str], seconds: float, kept: dict | None
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", choices=["tuning", "report", "paper", "all"], default="tuning",
+    ap.add_argument("--pairs", choices=["tuning", "report", "heldout", "paper", "all"], default="tuning",
                     help="which pairs to search (default tuning; run report only after tuning)")
     ap.add_argument("--only", nargs="+", choices=list(PAIRS), metavar="PAIR", help="only these pairs (of any half)")
     ap.add_argument("--time-budget", type=float, default=TIME_BUDGET_S,
