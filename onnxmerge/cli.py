@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="MODEL.onnx")
     p.add_argument("-o", "--output", required=True, metavar="MERGED.onnx")
     p.add_argument("--method", default="auto", choices=["auto", *METHODS],
-                   help="merging method (see 'onnxmerge methods'); auto: the budgeted search where --calib data is "
+                   help="merging method (see 'onnxmerge methods'); auto: the budgeted search where labelled --calib data is "
                         f"given (--max-loss), else {BASELINE}")
     p.add_argument("--names", help="comma-separated task names (default: the input file names)")
     p.add_argument("--separate-inputs", action="store_true", help="one input per task even when they agree")
@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     _method_args(p)
     p.add_argument("--validation", action="append", default=[], metavar="TASK=PATH",
                    help="labelled held-out data per task for a method's choices (see --tolerance), data the models were not trained on "
-                        "(default: a fifth of --calib, at most 2,000 samples, is held out); repeatable")
+                        "(default: a fifth of --calib is held out, at most 1,000 samples per task, 2,000 for --max-loss's "
+                        "search); repeatable")
     g = p.add_argument_group("merging to an accuracy budget (searches methods and their settings; needs --calib)")
     g.add_argument("--max-loss", type=float, metavar="P",
                    help="points of accuracy each task may lose on held-out data; search for the smallest (or "
