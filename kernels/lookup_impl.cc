@@ -708,20 +708,20 @@ void econv_sample(const EConvLayer& L, const EConvPlan& P, const float* x, const
         const int64_t ochan = s.V * taps;
         // the lookups of segments [v0, v1) for run i of kRunVecs vectors of positions, every output
         // channel: the tile's outputs as one run (EConvPlan::flat), else each output row's
-        const int64_t per_row = P.flat ? ceil_div(ceil_div((a1 - a0) * P.row, VEC), kRunVecs) : ceil_div(nvec, kRunVecs);
+        const int64_t row_vecs = P.flat ? ceil_div((a1 - a0) * P.row, VEC) : nvec;  // vectors of a "row"
+        const int64_t per_row = ceil_div(row_vecs, kRunVecs);
         const int64_t runs = P.flat ? per_row : (a1 - a0) * per_row;
         const auto lookups = [&](int64_t i, int64_t v0, int64_t v1) {
+          const int64_t cv = (i % per_row) * kRunVecs, vecs = std::min<int64_t>(kRunVecs, row_vecs - cv);
           float* y0;
           const float* t0;
-          int64_t ychan, vecs;
+          int64_t ychan;
           if (P.flat) {
-            const int64_t cv = i * kRunVecs;
             y0 = out + a0 * P.row + cv * VEC, ychan = P.out_plane, t0 = w.tables.data() + cv * VEC;
-            vecs = std::min<int64_t>(kRunVecs, ceil_div((a1 - a0) * P.row, VEC) - cv);
           } else {
-            const int64_t a = a0 + i / per_row, cv = (i % per_row) * kRunVecs;
+            const int64_t a = a0 + i / per_row;
             y0 = out + a * ystride + cv * VEC, ychan = P.Ho * ystride;
-            t0 = w.tables.data() + (a - a0) * s.sh * P.row + cv * VEC, vecs = std::min<int64_t>(kRunVecs, nvec - cv);
+            t0 = w.tables.data() + (a - a0) * s.sh * P.row + cv * VEC;
           }
           for (int64_t o = 0; o < s.p; o += kChannels)
             econv_channels_fn(std::min<int64_t>(kChannels, s.p - o), vecs)(

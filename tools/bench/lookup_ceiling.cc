@@ -1,7 +1,7 @@
 // The ceiling of EConv's lookups on this CPU, one thread (tools/bench/lookup_ceiling.py builds and
-// runs it): how many table entries per second the lookups' inner loop (kernels/lookup_impl.cc, econv_lookup_channels: 8 output channels of
-// 2 vectors with AVX-512, 4 with AVX2, 9 kernel offsets, each load at its own offset) adds from tables
-// that stay in L1. Three placements of the table rows: aligned to the vector, one float past it (every
+// runs it): how many table entries per second the lookups' inner loop (kernels/lookup_impl.cc,
+// econv_lookup_channels: 8 output channels of 2 vectors with AVX-512, 4 with AVX2, 9 kernel offsets,
+// each load at its own offset) adds from tables that stay in L1. Three placements of the table rows: aligned to the vector, one float past it (every
 // vector load crosses a cache line with AVX-512), and a 3x3 kernel's columns (0, 1 or 2 floats past: a
 // row read at stride 1 on the padded grid, what EConv's lookups read). Prints one JSON line.
 //
@@ -19,13 +19,11 @@
 #endif
 constexpr int VEC = ONNXMERGE_VEC;
 typedef float vec __attribute__((vector_size(VEC * sizeof(float))));
-typedef int32_t ivec __attribute__((vector_size(VEC * sizeof(int32_t))));
 inline vec load(const float* p) {
   vec v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline vec splat(float s) { return __builtin_shuffle(vec{s}, ivec{}); }
 
 constexpr int kChannels = VEC == 16 ? 8 : 4, kVecs = 2, kTaps = 9;
 double seconds_since(std::chrono::steady_clock::time_point t0) {

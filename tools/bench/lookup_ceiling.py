@@ -30,7 +30,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchmarks_md import cpu_header, cpu_label, cpu_section, publish  # noqa: E402  (tools/bench is not a package)
+from benchmarks_md import cpu_header, cpu_label, cpu_section, publish, require  # noqa: E402  (tools/bench is not a package)
 
 LAYERS = ((64, 3), (128, 3), (256, 3), (512, 5))  # grid convolutions (channels, kernel) whose dense rate is measured
 
@@ -64,9 +64,7 @@ def dense_rate(width: int, k: int, budget_s: float) -> tuple[list[int], float]:
     info, _, dense = layer_models(model, model.graph.node[0], shapes)
     res = compare_latency({"dense": candidate([make_session(dense, 1)], 1)}, "dense", min_rounds=20, warmup=3,
                           budget_s=budget_s, progress=False)
-    side = shapes["X"][-1]
-    macs = width * width * k * k * side * side
-    return info["x"], macs / (res["dense"]["median_ms"] / 1e3)
+    return info["x"], info["dense_macs"] / (res["dense"]["median_ms"] / 1e3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     from onnxmerge import kernels
     from onnxmerge.measure.latency import machine_info
 
-    isa = kernels.isas()[0] if kernels.available() else "avx2"
+    if not require("lookup_ceiling", kernels=True):  # the instruction set the kernels run here
+        return 1
+    isa = kernels.isas()[0]
     rates = loop_rates(isa)
     lookups = {"aligned": rates["lookup_aligned_per_s"], "one float past": rates["lookup_past_one_per_s"],
                "3x3 columns": rates["lookup_3x3_columns_per_s"]}
